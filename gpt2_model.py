@@ -1,0 +1,538 @@
+"""GPT-2 from scratch, with a preallocated KV cache built for speculative sampling.
+
+Reading order: GPT2Config, KVCache, the model (CausalSelfAttention, MLP, Block, GPT2), then loading
+(`GPT2.from_pretrained`, `download`) and the tokenizer (`load_tokenizer`).
+
+Module names equal the tensor names of the Hugging Face GPT-2 checkpoints (`wte`, `wpe`, `h.{i}.attn.c_attn`,
+..., `ln_f`), so loading is a short list of transposed keys plus shape checks. The LM head is tied to `wte`.
+
+The KV cache is written at explicit positions; rolling back after rejected draft tokens is `cache.crop(n)`,
+an integer assignment: nothing is copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+# name: (n_layer, n_head, n_embd); parameter counts with the tied LM head.
+PRESETS = {
+    "distilgpt2": (6, 12, 768),  # 82M
+    "gpt2": (12, 12, 768),  # 124M
+    "gpt2-medium": (24, 16, 1024),  # 355M
+    "gpt2-large": (36, 20, 1280),  # 774M
+    "gpt2-xl": (48, 25, 1600),  # 1558M
+}
+HUB_REPOS = {
+    "distilgpt2": "distilbert/distilgpt2",
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+
+    @classmethod
+    def from_name(cls, name: str) -> GPT2Config:
+        """The configuration of a preset: gpt2, gpt2-medium, gpt2-large, gpt2-xl or distilgpt2."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown GPT-2 preset {name!r}: choose one of {', '.join(PRESETS)}")
+        n_layer, n_head, n_embd = PRESETS[name]
+        return cls(n_embd=n_embd, n_layer=n_layer, n_head=n_head)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> GPT2Config:
+        """Reads a Hugging Face `config.json`; keys this model does not use are ignored."""
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read the config ({e})") from None
+        # Variants this from-scratch model does not implement must not load silently with wrong maths.
+        if raw.get("n_inner") not in (None, 4 * raw.get("n_embd", 0)):
+            raise ValueError(f"{path}: n_inner={raw['n_inner']} is not supported (only 4 * n_embd)")
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+            if raw.get(flag):
+                raise ValueError(f"{path}: {flag}=true is not supported by this GPT-2")
+        fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        return cls(**fields)
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated up to `max_len` positions.
+
+    `keys` and `values` are (n_layer, B, n_head, max_len, head_dim); positions `[0, length)` are valid.
+    """
+
+    def __init__(self, config: GPT2Config, batch_size: int, max_len: int, dtype, device):
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    def crop(self, length: int) -> None:
+        """Forgets every position from `length` on. O(1): later writes overwrite the stale entries."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop the cache to {length}: it holds {self.length} positions")
+        self.length = length
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x, kv=None, start=0, mask=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # Write the new keys/values at their absolute positions, then attend over the whole prefix.
+            cache_k, cache_v = kv  # (B, nh, max_len, hs)
+            cache_k[:, :, start : start + T] = k
+            cache_v[:, :, start : start + T] = v
+            k, v = cache_k[:, :, : start + T], cache_v[:, :, : start + T]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        # GPT-2 uses the tanh approximation of GELU; the exact one drifts from the reference logits.
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv=None, start=0, mask=None):
+        x = x + self.attn(self.ln_1(x), kv, start, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.apply(_init_weights)
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for this model, on its device and in its dtype (default: the full context)."""
+        max_len = self.config.n_positions if max_len is None else max_len
+        if not 1 <= max_len <= self.config.n_positions:
+            raise ValueError(f"max_len={max_len} must be between 1 and n_positions={self.config.n_positions}")
+        return KVCache(self.config, batch_size, max_len, self.wte.weight.dtype, self.wte.weight.device)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for the tokens `idx` (B, T).
+
+        With a cache, `idx` holds only the new tokens, at positions `cache.length ...`; their keys and values
+        are appended to the cache. Several new tokens at once are scored in one pass (draft verification).
+        """
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        limit = self.config.n_positions if cache is None else cache.max_len
+        if start + T > limit:
+            raise ValueError(f"the context is full: {start} + {T} tokens exceed the limit of {limit} positions")
+        if cache is not None and cache.keys.shape[1] != B:
+            raise ValueError(f"batch size {B} does not match the cache's {cache.keys.shape[1]}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
+        # New token i sits at position start + i and may see positions 0 .. start + i. One new token sees all.
+        mask = None
+        if cache is not None and T > 1:
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        for i, block in enumerate(self.h):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x = block(x, kv, start, mask)
+        if cache is not None:
+            cache.length = start + T
+        return F.linear(self.ln_f(x), self.wte.weight)  # tied LM head: (B, T, vocab_size)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        weights_dir: str | os.PathLike | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        download: bool = True,
+    ) -> GPT2:
+        """Loads a Hugging Face GPT-2 checkpoint folder, or a preset name from `weights_dir` (default: ./weights
+        beside this file), the Hugging Face cache, or the hub. Returns the model in eval mode."""
+        folder = find_checkpoint(name_or_path, weights_dir=weights_dir, allow_download=download)
+        if (folder / "config.json").exists():
+            config = GPT2Config.from_json(folder / "config.json")
+        elif str(name_or_path) in PRESETS:
+            config = GPT2Config.from_name(str(name_or_path))
+        else:
+            raise ValueError(f"{folder}: no config.json; add one (it says n_layer, n_head, n_embd)")
+        with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+            model = cls(config)
+        state = read_checkpoint(folder, config, dtype=dtype or torch.float32, device=device or "cpu")
+        model.load_state_dict(state, assign=True)
+        return model.eval()
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Writes `config.json` and `model.safetensors` in the hub's layout (no prefix, Conv1D [in, out])."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            k: (v.t() if _is_conv1d(k) else v).contiguous().cpu() for k, v in self.state_dict().items()
+        }
+        _write_atomically(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+        config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new"}
+        config |= asdict(self.config)
+        _write_atomically(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+
+
+def _init_weights(module):
+    # GPT-2's initialisation: N(0, 0.02) weights, zero biases (LayerNorm keeps its ones and zeros).
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear):
+        nn.init.zeros_(module.bias)
+
+
+def _is_conv1d(key: str) -> bool:
+    # The checkpoint stores these four projections as Conv1D weights, [in, out]; nn.Linear wants [out, in].
+    return re.fullmatch(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight", key) is not None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading checkpoints
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or does not match its config."""
+
+
+def find_checkpoint(name_or_path, *, weights_dir=None, allow_download=True) -> Path:
+    """The folder that holds the checkpoint: a given folder, `<weights_dir>/<preset>`, a Hugging Face cache
+    snapshot of the preset, or a fresh download into `<weights_dir>/<preset>`."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        if _checkpoint_file(path) is None:
+            raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
+        return path
+    name = str(name_or_path)
+    if name not in PRESETS:
+        raise CheckpointError(f"{name!r} is neither a checkpoint folder nor a preset ({', '.join(PRESETS)})")
+    folder = Path(weights_dir or WEIGHTS_DIR) / name
+    if _checkpoint_file(folder) is not None:
+        return folder
+    cached = _hf_cache_snapshot(name)
+    if cached is not None:
+        return cached
+    if not allow_download:
+        raise CheckpointError(
+            f"no checkpoint for {name} in {folder} and downloading is off: allow the download, or place "
+            f"config.json and model.safetensors from {_hub_url(name, '')} in that folder"
+        )
+    return download(name, weights_dir)
+
+
+def _checkpoint_file(folder: Path) -> Path | None:
+    for filename in CHECKPOINT_FILES:
+        if (folder / filename).is_file():
+            return folder / filename
+    return None
+
+
+def _hf_cache_snapshot(name: str) -> Path | None:
+    """A snapshot folder of the preset in the standard Hugging Face cache, if one holds a checkpoint."""
+    hub = os.environ.get("HF_HUB_CACHE") or Path(
+        os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
+    ) / "hub"
+    # The hub renamed gpt2 to openai-community/gpt2; older caches use the old name.
+    for repo in (HUB_REPOS[name], name):
+        for snapshot in sorted(Path(hub).glob(f"models--{repo.replace('/', '--')}/snapshots/*")):
+            if _checkpoint_file(snapshot) is not None:
+                return snapshot
+    return None
+
+
+def read_checkpoint(folder: Path, config: GPT2Config, *, dtype=torch.float32, device="cpu") -> dict:
+    """Our state dict from a checkpoint file, checked against `config`: every tensor present, shaped right.
+
+    Both layouts found in the wild load: the hub's (no prefix, with `attn.bias` mask buffers) and
+    `save_pretrained`'s (a `transformer.` prefix, no buffers). Tensors are read one at a time from a
+    memory map and converted on the way, so no second full copy of the model is built.
+    """
+    path = _checkpoint_file(folder)
+    expected = {k: tuple(v.shape) for k, v in _shape_model(config).state_dict().items()}
+    state = {}
+    try:
+        with _open_tensors(path) as tensors:
+            for raw_key in tensors.keys():
+                key = raw_key.removeprefix("transformer.")
+                if key == "lm_head.weight" or key.endswith((".attn.bias", ".attn.masked_bias")):
+                    continue  # tied to wte, and causal-mask buffers: nothing to load
+                if key not in expected:
+                    raise CheckpointError(f"{path}: unexpected tensor {raw_key!r} for {_describe(config)}")
+                t = tensors.get(raw_key)
+                t = t.t() if _is_conv1d(key) else t
+                if tuple(t.shape) != expected[key]:
+                    raise CheckpointError(
+                        f"{path}: tensor {raw_key!r} has shape {list(t.shape)}, expected {list(expected[key])} "
+                        f"for {_describe(config)}"
+                    )
+                state[key] = t.to(device=device, dtype=dtype).contiguous()
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors and torch.load report truncation and corruption in many ways
+        raise CheckpointError(f"{path}: cannot read the checkpoint, it may be truncated or corrupt ({e})") from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    return state
+
+
+def _shape_model(config: GPT2Config) -> GPT2:
+    with torch.device("meta"):
+        return GPT2(config)
+
+
+def _describe(config: GPT2Config) -> str:
+    return f"n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}, vocab={config.vocab_size}"
+
+
+class _open_tensors:
+    """A uniform `keys()` / `get(key)` view of a safetensors file (memory-mapped) or a pytorch_model.bin."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        if self.path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            self._file = safe_open(str(self.path), framework="pt")
+            self.keys, self.get = self._file.keys, self._file.get_tensor
+        else:
+            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            self.keys, self.get = state.keys, state.__getitem__
+        return self
+
+    def __exit__(self, *exc):
+        self.keys = self.get = self._file = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Downloading checkpoints
+
+
+class DownloadError(RuntimeError):
+    """A checkpoint could not be downloaded; the message says how to place the files by hand."""
+
+
+def _hub_url(name: str, filename: str) -> str:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return f"{endpoint}/{HUB_REPOS[name]}/resolve/main/{filename}"
+
+
+def download(name: str, weights_dir: str | os.PathLike | None = None, *, retries: int = 3) -> Path:
+    """Downloads `config.json` and `model.safetensors` of a preset into `<weights_dir>/<name>`; returns the folder.
+
+    Each file goes to `<file>.part` (resumed with an HTTP Range request after a cut connection), is checked
+    against the SHA-256 the hub sends for large files, and only then is renamed into place.
+    """
+    if name not in HUB_REPOS:
+        raise ValueError(f"unknown GPT-2 preset {name!r}: choose one of {', '.join(HUB_REPOS)}")
+    folder = Path(weights_dir or WEIGHTS_DIR) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for filename in ("config.json", "model.safetensors"):
+        url = _hub_url(name, filename)
+        try:
+            _fetch(url, folder / filename, retries=retries)
+        except DownloadError as e:
+            raise DownloadError(
+                f"{e}. Download it by hand from {url} and place it in {folder}, or copy a checkpoint folder "
+                f"there (config.json and model.safetensors)"
+            ) from None
+    return folder
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def _expected_sha256(url: str) -> str | None:
+    """The SHA-256 the hub announces for a large file: its `X-Linked-Etag` (or `ETag`) header.
+
+    The hub answers a large file with a redirect to a CDN; the hash is on that first answer, so redirects are
+    not followed here. Small files get a git hash (40 hex digits) instead, which is not checked.
+    """
+    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "speculative-gpt2"})
+    try:
+        response = urllib.request.build_opener(_NoRedirect).open(request, timeout=30)
+    except urllib.error.HTTPError as e:  # a 3xx answer arrives here since it is not followed
+        response = e
+    except (urllib.error.URLError, OSError, http.client.HTTPException):
+        return None  # the GET that follows reports the failure, with retries
+    for header in ("X-Linked-Etag", "ETag"):
+        value = (response.headers.get(header) or "").removeprefix("W/").strip('"')
+        if re.fullmatch(r"[0-9a-f]{64}", value):
+            return value
+    return None
+
+
+def _fetch(url: str, dest: Path, *, retries: int) -> None:
+    from tqdm.auto import tqdm
+
+    part = dest.with_name(dest.name + ".part")
+    expected = _expected_sha256(url)
+    for attempt in range(retries + 1):
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"User-Agent": "speculative-gpt2"} | ({"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as response:
+                if have and response.status != 206:
+                    have = 0  # the server ignored the Range request: start over
+                size = response.headers.get("Content-Length")
+                total = have + int(size) if size is not None else None
+                with open(part, "ab" if have else "wb") as f, tqdm(
+                    total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
+                    file=sys.stderr,
+                ) as bar:
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            if total is not None and part.stat().st_size < total:
+                raise http.client.IncompleteRead(b"", total - part.stat().st_size)
+            break
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # nothing left to fetch: the .part file is complete
+                break
+            raise DownloadError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            if attempt == retries:
+                reason = getattr(e, "reason", None) or e.__class__.__name__
+                raise DownloadError(f"downloading {url} failed after {retries + 1} tries: {reason}") from None
+            time.sleep(min(2**attempt, 10) * 0.5)  # then resume from what the .part file holds
+    if expected is not None:
+        actual = _sha256(part)
+        if actual != expected:
+            part.unlink()
+            raise DownloadError(f"{url}: SHA-256 {actual} does not match the expected {expected}; removed it")
+    os.replace(part, dest)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomically(dest: Path, write) -> None:
+    # Write beside the destination, then rename: a crash never leaves a half-written file under its real name.
+    tmp = dest.with_name(dest.name + ".tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+TOKENIZER_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+
+
+@lru_cache(maxsize=1)
+def load_tokenizer():
+    """The GPT-2 BPE tokenizer (equal to tiktoken's `gpt2`), built offline from the files in weights/."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    for filename, expected in TOKENIZER_SHA256.items():
+        if _sha256(WEIGHTS_DIR / filename) != expected:
+            raise ValueError(f"{WEIGHTS_DIR / filename}: SHA-256 differs from tiktoken's; restore it from git")
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(WEIGHTS_DIR / "vocab.bpe"), encoder_json_file=str(WEIGHTS_DIR / "encoder.json")
+    )
+    return tiktoken.Encoding(
+        name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256},
+        explicit_n_vocab=50257,
+    )
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Download GPT-2 checkpoints from the Hugging Face hub into weights/<name>/.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("names", nargs="+", choices=list(HUB_REPOS), metavar="NAME", help=", ".join(HUB_REPOS))
+    parser.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="where checkpoints go")
+    args = parser.parse_args()
+    for preset in args.names:
+        try:
+            print(download(preset, args.weights_dir))
+        except DownloadError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)

@@ -1,0 +1,139 @@
+"""`download` against a hub-like HTTP server on 127.0.0.1 that the tests start and stop."""
+
+import hashlib
+import http.server
+import threading
+
+import pytest
+import torch
+
+from gpt2_model import GPT2, DownloadError, download
+
+
+class FakeHub(http.server.ThreadingHTTPServer):
+    """Serves `/openai-community/gpt2/resolve/main/<file>` like the hub: large files answer with a redirect to
+    a CDN path and announce their SHA-256 in `X-Linked-Etag`; the CDN honours Range requests."""
+
+    daemon_threads = True
+
+    def __init__(self, files):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.files = files
+        self.announced_sha = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+        self.cut_next_get_after = None  # bytes sent before the connection is dropped, once
+        self.ranges = []
+
+    @property
+    def endpoint(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _resolve(self):
+        name = self.path.rsplit("/", 1)[-1]
+        if name not in self.server.files:
+            self.send_error(404)
+            return None
+        if "/resolve/main/" in self.path and name.endswith(".safetensors"):
+            self.send_response(302)
+            self.send_header("Location", f"/cdn/{name}")
+            self.send_header("X-Linked-Etag", f'"{self.server.announced_sha[name]}"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        return name
+
+    def do_HEAD(self):
+        name = self._resolve()
+        if name is not None:
+            self.send_response(200)
+            self.send_header("ETag", '"0123456789abcdef0123456789abcdef01234567"')  # a git hash: not checked
+            self.end_headers()
+
+    def do_GET(self):
+        name = self._resolve()
+        if name is None:
+            return
+        data = self.server.files[name]
+        range_header = self.headers.get("Range")
+        self.server.ranges.append(range_header)
+        start = int(range_header.removeprefix("bytes=").rstrip("-")) if range_header else 0
+        self.send_response(206 if range_header else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        cut = self.server.cut_next_get_after
+        if cut is not None and name.endswith(".safetensors"):
+            self.server.cut_next_get_after = None
+            self.wfile.write(data[start : start + cut])
+            self.wfile.flush()
+            self.connection.shutdown(2)  # the connection drops mid-file
+            return
+        self.wfile.write(data[start:])
+
+
+@pytest.fixture
+def hub(reference_folder, monkeypatch):
+    folder, _ = reference_folder
+    server = FakeHub({name: (folder / name).read_bytes() for name in ("config.json", "model.safetensors")})
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # never satisfied from a real cache
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_with_progress_bar_then_load(hub, tmp_path, capsys, reference_folder):
+    model = GPT2.from_pretrained("gpt2", weights_dir=tmp_path)
+    folder = tmp_path / "gpt2"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert (folder / "model.safetensors").read_bytes() == hub.files["model.safetensors"]
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "100%" in err
+    reference = reference_folder[1]
+    idx = torch.randint(0, 50257, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), reference(idx).logits, atol=1e-4, rtol=0)
+
+
+def test_resume_after_the_connection_drops(hub, tmp_path):
+    size = len(hub.files["model.safetensors"])
+    hub.cut_next_get_after = size // 3
+    download("gpt2", tmp_path)
+    assert (tmp_path / "gpt2" / "model.safetensors").read_bytes() == hub.files["model.safetensors"]
+    assert hub.ranges[-1] == f"bytes={size // 3}-"  # resumed where it stopped, not from scratch
+    assert not (tmp_path / "gpt2" / "model.safetensors.part").exists()
+
+
+def test_wrong_sha256_is_rejected_and_leaves_no_file(hub, tmp_path):
+    hub.announced_sha["model.safetensors"] = "0" * 64
+    with pytest.raises(DownloadError, match="SHA-256 .* does not match the expected 0000.*place it in"):
+        download("gpt2", tmp_path)
+    assert sorted(p.name for p in (tmp_path / "gpt2").iterdir()) == ["config.json"]
+
+
+def test_unreachable_endpoint(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    with pytest.raises(DownloadError, match=r"failed after 4 tries.*by hand from http://127\.0\.0\.1"):
+        GPT2.from_pretrained("gpt2", weights_dir=tmp_path)
+    assert not (tmp_path / "gpt2" / "model.safetensors").exists()
+    assert isinstance(DownloadError("x"), RuntimeError)
+
+
+def test_missing_file_on_the_hub(hub, tmp_path):
+    del hub.files["model.safetensors"]
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download("gpt2", tmp_path)
+    assert not (tmp_path / "gpt2" / "model.safetensors").exists()

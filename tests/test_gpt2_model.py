@@ -1,0 +1,215 @@
+"""The from-scratch GPT-2 against `transformers` on the same weights, its KV cache, and its loader's errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gpt2_model import GPT2, GPT2Config, CheckpointError, find_checkpoint
+
+TOL = 1e-4  # fp32; the measured gap is about 1e-6
+
+
+def reference_logits(model, idx):
+    with torch.no_grad():
+        return model(idx).logits
+
+
+def assert_parity(folder_or_model, reference, seed=1):
+    ours = folder_or_model if isinstance(folder_or_model, GPT2) else GPT2.from_pretrained(folder_or_model)
+    idx = torch.randint(0, 50257, (2, 23), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), reference_logits(reference, idx), atol=TOL, rtol=0)
+    return ours
+
+
+def test_parity_with_transformers_save_pretrained_layout(reference_folder):
+    folder, reference = reference_folder
+    assert next(iter(load_file(folder / "model.safetensors"))).startswith("transformer.")
+    ours = assert_parity(folder, reference)
+    assert not ours.training
+    assert ours.wte.weight.dtype == torch.float32
+
+
+def test_parity_with_hub_layout_and_mask_buffers(reference_folder, tmp_path):
+    # The hub's files: no prefix, Conv1D weights, and causal-mask buffers that must be skipped.
+    folder, reference = reference_folder
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(folder / "model.safetensors").items()}
+    for i in range(reference.config.n_layer):
+        tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 1024, 1024))
+        tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_bytes((folder / "config.json").read_bytes())
+    assert_parity(tmp_path, reference)
+
+
+def test_parity_with_pytorch_model_bin(reference_folder, tmp_path):
+    folder, reference = reference_folder
+    state = load_file(folder / "model.safetensors") | {"lm_head.weight": reference.lm_head.weight.detach()}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_bytes((folder / "config.json").read_bytes())
+    assert_parity(tmp_path, reference)
+
+
+def test_save_pretrained_round_trip_is_exact(reference_folder, tmp_path):
+    folder, reference = reference_folder
+    ours = GPT2.from_pretrained(folder)
+    ours.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    saved = load_file(tmp_path / "model.safetensors")
+    assert "h.0.attn.c_attn.weight" in saved and saved["h.0.attn.c_attn.weight"].shape == (96, 288)  # [in, out]
+    again = GPT2.from_pretrained(tmp_path)
+    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert again.config == ours.config
+    assert_parity(tmp_path, reference)
+
+
+def test_transformers_reads_our_save_pretrained(reference_folder, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    folder, reference = reference_folder
+    GPT2.from_pretrained(folder).save_pretrained(tmp_path)
+    theirs = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 50257, (1, 9))
+    torch.testing.assert_close(reference_logits(theirs, idx), reference_logits(reference, idx), atol=TOL, rtol=0)
+
+
+def test_cache_one_and_several_tokens_at_a_time_match_full_pass(reference_folder):
+    folder, reference = reference_folder
+    model = GPT2.from_pretrained(folder)
+    idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache(batch_size=2)
+        pieces = [model(idx[:, :6], cache=cache)]  # a prompt
+        pieces += [model(idx[:, t : t + 1], cache=cache) for t in range(6, 10)]  # one at a time
+        pieces += [model(idx[:, 10:15], cache=cache), model(idx[:, 15:], cache=cache)]  # verification-sized
+    assert cache.length == 20
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=TOL, rtol=0)
+    torch.testing.assert_close(full, reference_logits(reference, idx), atol=TOL, rtol=0)
+
+
+def test_crop_then_refeed_different_tokens(reference_folder):
+    model = GPT2.from_pretrained(reference_folder[0])
+    gen = torch.Generator().manual_seed(3)
+    prefix, rejected, replacement = (torch.randint(0, 50257, (1, n), generator=gen) for n in (8, 5, 4))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(prefix, cache=cache)
+        model(rejected, cache=cache)
+        cache.crop(10)  # keep the prefix and two of the five: stale entries at 10..12 must not leak
+        after_crop = model(replacement, cache=cache)
+        full = model(torch.cat([prefix, rejected[:, :2], replacement], dim=1))
+    assert cache.length == 14
+    torch.testing.assert_close(after_crop, full[:, 10:], atol=TOL, rtol=0)
+
+
+def test_context_overflow_and_bad_crop_raise():
+    model = GPT2(GPT2Config(n_positions=16, n_embd=32, n_layer=1, n_head=2, vocab_size=50))
+    cache = model.new_cache(max_len=8)
+    model(torch.zeros(1, 6, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="context is full"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    assert cache.length == 6  # the failed call changed nothing
+    with pytest.raises(ValueError, match="cannot crop the cache to 7"):
+        cache.crop(7)
+    with pytest.raises(ValueError, match="context is full"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_len"):
+        model.new_cache(max_len=17)
+
+
+def test_bfloat16_and_dtype_option(reference_folder):
+    model = GPT2.from_pretrained(reference_folder[0], dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model(torch.zeros(1, 3, dtype=torch.long)).dtype == torch.bfloat16
+
+
+def test_presets_and_config_json(tmp_path):
+    assert GPT2Config.from_name("gpt2-xl") == GPT2Config(n_layer=48, n_head=25, n_embd=1600)
+    assert GPT2Config.from_name("distilgpt2").n_layer == 6
+    with pytest.raises(ValueError, match="unknown GPT-2 preset 'gpt3'"):
+        GPT2Config.from_name("gpt3")
+    (tmp_path / "config.json").write_text(json.dumps({"n_layer": 2, "n_head": 4, "n_embd": 64, "use_cache": True}))
+    assert GPT2Config.from_json(tmp_path / "config.json") == GPT2Config(n_layer=2, n_head=4, n_embd=64)
+
+
+# Loader errors ------------------------------------------------------------------------------------------
+
+
+def rewritten_checkpoint(reference_folder, tmp_path, edit):
+    folder, _ = reference_folder
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_bytes((folder / "config.json").read_bytes())
+    return tmp_path
+
+
+def test_missing_tensor_is_named(reference_folder, tmp_path):
+    folder = rewritten_checkpoint(reference_folder, tmp_path, lambda t: t.pop("transformer.h.1.mlp.c_fc.bias"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'h\.1\.mlp\.c_fc\.bias' is missing"):
+        GPT2.from_pretrained(folder)
+
+
+def test_wrong_shape_is_named(reference_folder, tmp_path):
+    def edit(t):
+        t["transformer.wpe.weight"] = torch.zeros(512, 96)
+
+    folder = rewritten_checkpoint(reference_folder, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=r"'transformer\.wpe\.weight' has shape \[512, 96\], expected \[1024, 96\]"):
+        GPT2.from_pretrained(folder)
+
+
+def test_config_that_does_not_match_tensors(reference_folder, tmp_path):
+    folder, _ = reference_folder
+    (tmp_path / "model.safetensors").symlink_to(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"n_layer": 2}))
+    with pytest.raises(CheckpointError, match="unexpected tensor 'transformer.h.2.*n_layer=2"):
+        GPT2.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config | {"n_embd": 128}))
+    with pytest.raises(CheckpointError, match="has shape"):
+        GPT2.from_pretrained(tmp_path)
+    assert isinstance(CheckpointError("x"), ValueError)
+
+
+def test_truncated_file(reference_folder, tmp_path):
+    folder, _ = reference_folder
+    data = (folder / "model.safetensors").read_bytes()
+    for cut in (len(data) // 2, 100, 4):
+        (tmp_path / "model.safetensors").write_bytes(data[:cut])
+        (tmp_path / "config.json").write_bytes((folder / "config.json").read_bytes())
+        with pytest.raises(CheckpointError, match="model.safetensors: cannot read the checkpoint, it may be truncated"):
+            GPT2.from_pretrained(tmp_path)
+
+
+def test_missing_files_without_download(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint for gpt2 in .* downloading is off"):
+        GPT2.from_pretrained("gpt2", weights_dir=tmp_path, download=False)
+    with pytest.raises(CheckpointError, match="no model.safetensors or pytorch_model.bin"):
+        GPT2.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="neither a checkpoint folder nor a preset"):
+        GPT2.from_pretrained(tmp_path / "nowhere")
+
+
+def test_preset_found_in_hugging_face_cache(reference_folder, tmp_path, monkeypatch):
+    folder, reference = reference_folder
+    snapshot = tmp_path / "hf" / "hub" / "models--openai-community--gpt2" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_bytes((folder / name).read_bytes())
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # any network use would fail
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    empty_weights = tmp_path / "weights"
+    assert find_checkpoint("gpt2", weights_dir=empty_weights) == snapshot
+    assert_parity(GPT2.from_pretrained("gpt2", weights_dir=empty_weights), reference)
+    assert not empty_weights.exists()
