@@ -1,0 +1,444 @@
+"""Speculative sampling for GPT-2: a small draft model proposes, the large target model verifies.
+
+Chen et al. 2023, "Accelerating Large Language Model Decoding with Speculative Sampling", Algorithm 2.
+Notation of the paper, kept everywhere below: q is the TARGET model's distribution, p the DRAFT model's.
+
+Each model keeps a KV cache; a model's *pending* tokens are the committed tokens not yet in its cache.
+After a prefill of the prompt minus its last token, every round of `speculative_sample` does:
+
+  1. draft     `draft_tokens`       the draft feeds its pending tokens, then proposes x1..xK one at a time,
+                                    each sampled from its distribution p;
+  2. verify    `target(...)`        the target scores its pending token and x1..xK in ONE pass: q at K+1 places;
+  3. accept    `accept_or_resample` keep xi with probability min(1, q(xi)/p(xi)); at the first rejection emit a
+                                    sample from norm(max(0, q - p)) instead; if all K are kept, emit a bonus
+                                    token sampled from q at position K+1;
+  4. roll back `KVCache.crop`       both caches forget the rejected positions: an integer, nothing is copied.
+
+Every round emits between 1 and K+1 tokens, and the output is distributed exactly as sampling from q.
+At temperature 0 both distributions are one-hot, so the output is the target's greedy output.
+`autoregressive_sample` is the plain one-token-per-pass decoder beside it, for timing and for the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
+
+import torch
+
+from gpt2_model import GPT2, WEIGHTS_DIR, DownloadError, KVCache, load_tokenizer
+
+ORIGINS = ("draft", "resampled", "bonus", "target")
+
+
+@dataclass
+class Generation:
+    """What a sampling call produced, and how.
+
+    `tokens` are the new tokens (never the prompt); `origins[i]` says where `tokens[i]` came from: "draft" (a
+    draft token the target kept), "resampled" (drawn from norm(max(0, q - p)) at a rejection), "bonus" (drawn
+    from q after all K drafts were kept) or "target" (plain decoding). `accepted_per_round` holds how many
+    drafts each round kept. Call counts exclude the prefill; `seconds` includes it.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    origins: list[str] = field(default_factory=list)
+    accepted_per_round: list[int] = field(default_factory=list)
+    target_calls: int = 0
+    draft_calls: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    seconds: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / proposed draft tokens, or None when nothing was proposed."""
+        return self.accepted / self.proposed if self.proposed else None
+
+    @property
+    def tokens_per_target_call(self) -> float:
+        return len(self.tokens) / self.target_calls if self.target_calls else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One processing of logits for both models: the accept/reject rule is only exact on the same processed p and q.
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                    top_p: float | None = None) -> torch.Tensor:
+    """Float32 probabilities (..., V) from logits (..., V): temperature, then top-k, then top-p.
+
+    Temperature 0 gives the one-hot distribution of the argmax (no division by a tiny temperature).
+    """
+    logits = logits.float()  # compare probabilities in float32 whatever the models' dtype
+    if temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p: a token stays when the mass
+        # strictly before it is below top_p, so the token that crosses the threshold (and the first) is kept.
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of `probs` (..., V); rows need not be normalised. A one-hot row gives its token."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def _pick(probs: torch.Tensor, temperature: float, generator) -> torch.Tensor:
+    # At temperature 0 the rows are one-hot: take the argmax and leave the generator untouched.
+    return probs.argmax(-1) if temperature == 0 else sample(probs, generator)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The steps of a round
+
+
+def draft_tokens(draft: GPT2, cache: KVCache, pending: torch.Tensor, lookahead: int, process, temperature,
+                 generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1: the draft proposes `lookahead` tokens autoregressively from its pending tokens (1, n).
+
+    Returns the drafts x1..xK (K,) and their distributions p (K, V). The last draft is not fed back: it is
+    pending for the next round, if it is kept.
+    """
+    drafts, p = [], []
+    x = pending
+    for _ in range(lookahead):
+        p_i = process(draft(x, cache=cache)[0, -1])  # (V,)
+        x_i = _pick(p_i, temperature, generator)
+        drafts.append(x_i)
+        p.append(p_i)
+        x = x_i.view(1, 1)
+    return torch.stack(drafts), torch.stack(p)
+
+
+def accept_or_resample(drafts: torch.Tensor, p: torch.Tensor, q: torch.Tensor, temperature: float,
+                       generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3: how many drafts the target keeps, n (0-d), and the token that follows them.
+
+    drafts (K,), p (K, V) draft probabilities, q (K+1, V) target probabilities at the same positions plus one.
+    Keep xi with probability min(1, q(xi)/p(xi)); at the first rejection, n, the next token is sampled from
+    norm(max(0, q_n - p_n)); if all are kept (n = K) it is the bonus token, sampled from q_K.
+    Everything stays on the device: the caller reads n and the token back in one transfer.
+    """
+    K = drafts.shape[0]
+    if temperature == 0:
+        keep = drafts == q[:K].argmax(-1)  # one-hot p and q: kept iff it is the target's greedy choice
+    else:
+        rows = torch.arange(K, device=drafts.device)
+        r = torch.rand(K, generator=generator, device=drafts.device)
+        keep = r < q[rows, drafts] / p[rows, drafts]  # r < 1, so min(1, .) is implied
+    n = keep.int().cumprod(0).sum()  # length of the kept prefix
+    # A zero row appended to p makes row K of max(0, q - p) equal to q_K: the bonus needs no branch.
+    p_n = torch.cat([p, p.new_zeros(1, p.shape[1])]).index_select(0, n.view(1))[0]
+    q_n = q.index_select(0, n.view(1))[0]
+    return n, _pick(residual_distribution(q_n, p_n), temperature, generator)
+
+
+def residual_distribution(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, q - p)), unnormalised (`sample` does not need it): where a rejected draft is replaced from."""
+    residual = (q - p).clamp_min(0)
+    # Floating point can round q - p to zero everywhere when q = p; then a rejection had probability ~0
+    # and q itself is the right distribution.
+    return torch.where(residual.sum() > 0, residual, q)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The two decoders
+
+
+@torch.inference_mode()
+def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *, lookahead: int = 4,
+                       temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                       eos_token_id: int | None = None, generator: torch.Generator | None = None,
+                       on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+    """Samples `max_new_tokens` tokens from `target`, with `draft` proposing `lookahead` tokens per round.
+
+    The output is distributed exactly as `autoregressive_sample(target, ...)` with the same temperature,
+    top-k and top-p (token for token at temperature 0). `prompt` is a list of ids or a 1-D LongTensor
+    (batch size 1, as in the paper). Generation stops after `eos_token_id` if it is produced. `on_tokens` is
+    called with the tokens each round commits. Returns a `Generation`.
+    """
+    start_time = time.perf_counter()
+    check_options(max_new_tokens, temperature, top_k, top_p, lookahead)
+    prompt = _check_models_and_prompt(prompt, max_new_tokens, generator, [target, draft])
+    process = partial(logits_to_probs, temperature=temperature, top_k=top_k, top_p=top_p)
+    max_len = len(prompt) + max_new_tokens
+    target_cache, draft_cache = target.new_cache(max_len=max_len), draft.new_cache(max_len=max_len)
+    # Prefill: the prompt minus its last token, which is then pending for both models.
+    if len(prompt) > 1:
+        target(prompt[None, :-1], cache=target_cache)
+        draft(prompt[None, :-1], cache=draft_cache)
+    tokens = prompt.tolist()  # committed: prompt and new tokens
+    out = Generation()
+    while len(out.tokens) < max_new_tokens:
+        # A round emits at most K + 1 tokens: draft no more than are still needed (this also keeps every
+        # position inside the context, which _check_models_and_prompt sized for prompt + max_new_tokens).
+        K = min(lookahead, max_new_tokens - len(out.tokens) - 1)
+        pending = torch.tensor([tokens[draft_cache.length:]], device=prompt.device)  # (1, 1 or 2)
+        if K > 0:
+            drafts, p = draft_tokens(draft, draft_cache, pending, K, process, temperature, generator)
+            out.draft_calls += K
+        else:  # the last token: nothing to draft, the round is one plain target step
+            drafts, p = prompt.new_empty(0), torch.empty(0, target.config.vocab_size, device=prompt.device)
+        # Step 2, verify: the target's pending token and the K drafts in one pass give q at K + 1 positions.
+        q = process(target(torch.cat([prompt.new_tensor(tokens[-1:]), drafts])[None], cache=target_cache)[0])
+        out.target_calls += 1
+        n, next_token = accept_or_resample(drafts, p, q, temperature, generator)
+        values = torch.cat([drafts, n.view(1), next_token.view(1)]).tolist()  # the round's one host sync
+        drafted, n, next_token = values[:-2], values[-2], values[-1]
+        new = drafted[:n] + [next_token]
+        origins = ["draft"] * n + ["bonus" if n == K else "resampled"]
+        proposed = K
+        if eos_token_id is not None and eos_token_id in new:
+            end = new.index(eos_token_id) + 1  # keep the EOS, drop what follows it
+            new, origins = new[:end], origins[:end]
+            n, proposed = (end, end) if end <= n else (n, proposed)
+        tokens += new
+        out.tokens += new
+        out.origins += origins
+        out.accepted_per_round.append(n)
+        out.accepted += n
+        out.proposed += proposed
+        if on_tokens is not None:
+            on_tokens(new)
+        if new[-1] == eos_token_id:
+            break
+        # Step 4, roll back: each cache keeps the committed prefix it holds; the last token stays pending
+        # (for the draft, also the last kept draft when all were kept: it was never fed).
+        committed = len(tokens) - 1
+        target_cache.crop(min(target_cache.length, committed))
+        draft_cache.crop(min(draft_cache.length, committed))
+    out.seconds = _elapsed(start_time, prompt.device)
+    return out
+
+
+@torch.inference_mode()
+def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperature: float = 0.0,
+                          top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                          generator: torch.Generator | None = None, use_cache: bool = True,
+                          on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+    """Plain decoding: one forward pass of `model` per new token. `use_cache=False` recomputes the whole
+    sequence every step (the uncached baseline of the seed blog). Returns a `Generation`."""
+    start_time = time.perf_counter()
+    check_options(max_new_tokens, temperature, top_k, top_p)
+    prompt = _check_models_and_prompt(prompt, max_new_tokens, generator, [model])
+    cache = model.new_cache(max_len=len(prompt) + max_new_tokens) if use_cache else None
+    if use_cache and len(prompt) > 1:
+        model(prompt[None, :-1], cache=cache)  # prefill, as in speculative_sample
+    tokens = prompt.tolist()
+    out = Generation()
+    while len(out.tokens) < max_new_tokens:
+        fed = tokens[-1:] if use_cache else tokens
+        logits = model(prompt.new_tensor(fed)[None], cache=cache)[0, -1]
+        token = _pick(logits_to_probs(logits, temperature, top_k, top_p), temperature, generator).item()
+        out.target_calls += 1
+        tokens.append(token)
+        out.tokens.append(token)
+        out.origins.append("target")
+        if on_tokens is not None:
+            on_tokens([token])
+        if token == eos_token_id:
+            break
+    out.seconds = _elapsed(start_time, prompt.device)
+    return out
+
+
+def _elapsed(start_time: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels run asynchronously: stop the clock when they are done
+    return time.perf_counter() - start_time
+
+
+def check_options(max_new_tokens, temperature, top_k, top_p, lookahead=1) -> None:
+    """Raises ValueError for sampling options out of range (checked before any model is loaded or run)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1:
+        raise ValueError(f"lookahead must be an integer >= 1, got {lookahead!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or None), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p}")
+
+
+def _check_models_and_prompt(prompt, max_new_tokens, generator, models) -> torch.Tensor:
+    """Raises ValueError for models or a prompt that do not fit; returns the prompt as a 1-D LongTensor on the
+    models' device."""
+    devices = {m.wte.weight.device for m in models}
+    if len(devices) > 1:
+        raise ValueError(f"the models are on different devices ({', '.join(map(str, devices))}): move both to one")
+    vocab_sizes = {m.config.vocab_size for m in models}
+    if len(vocab_sizes) > 1:
+        raise ValueError(f"the models have different vocabulary sizes {sorted(vocab_sizes)}: they must share one")
+    device, vocab_size = devices.pop(), vocab_sizes.pop()
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 1 or prompt.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"prompt must be a 1-D tensor of token ids, got shape {list(prompt.shape)}, {prompt.dtype}")
+        prompt = prompt.tolist()
+    prompt = list(prompt)
+    if not prompt:
+        raise ValueError("prompt is empty: give at least one token id")
+    if not all(isinstance(t, int) and 0 <= t < vocab_size for t in prompt):
+        raise ValueError(f"prompt must hold token ids in [0, {vocab_size})")
+    context = min(m.config.n_positions for m in models)
+    if len(prompt) + max_new_tokens > context:
+        raise ValueError(f"prompt ({len(prompt)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"context of {context} positions: shorten one of them")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"the generator is on {generator.device} but the models are on {device}: make it there")
+    return torch.tensor(prompt, dtype=torch.long, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: naive decoding and speculative sampling side by side, as in the seed blog post.
+
+DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parse_args(argv=None):
+    parser = _ArgumentParser(
+        prog="speculative.py",
+        description="Speculative sampling (Chen et al. 2023): a small GPT-2 drafts, a large GPT-2 verifies. "
+        "Times plain decoding with the target and speculative sampling on the same prompt, and shows both texts.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue")
+    parser.add_argument("--target", default="gpt2-xl", help="target model: a preset name or a checkpoint folder")
+    parser.add_argument("--draft", default="gpt2", help="draft model: a preset name or a checkpoint folder")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
+    parser.add_argument("--lookahead", "-K", type=int, default=4, help="draft tokens proposed per round (K)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; >0 samples")
+    parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (temperature > 0)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (temperature > 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations")
+    parser.add_argument("--mode", default="both", choices=["both", "speculative", "naive"], help="what to run")
+    parser.add_argument("--no-cache-baseline", action="store_true",
+                        help="also time plain decoding without a KV cache (the seed blog's baseline; slow)")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
+    parser.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="where preset checkpoints live")
+    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
+    return parser.parse_args(argv)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available: use --device cpu")
+    return device
+
+
+def _timed(label: str, run, max_new_tokens: int) -> Generation:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=max_new_tokens, desc=label, unit="tok", file=sys.stderr, leave=False) as bar:
+        return run(on_tokens=lambda new: bar.update(len(new)))
+
+
+def main(argv=None) -> int:
+    """The command line; returns the exit status (2 for bad input, missing weights or a failed download)."""
+    args = _parse_args(argv)
+    try:
+        check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.lookahead)
+        return _run(args)
+    except (ValueError, DownloadError) as e:
+        print(f"speculative.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from gpt2_model import GPT2
+
+    device, dtype = _device(args.device), DTYPES[args.dtype]
+    enc = load_tokenizer()
+    prompt = enc.encode(args.prompt, allowed_special="all")
+    if not prompt:
+        raise ValueError("the prompt is empty: pass some text with --prompt")
+    load = dict(weights_dir=args.weights_dir, dtype=dtype, device=device, download=not args.no_download)
+    print(f"Loading target {args.target} and draft {args.draft} ({args.dtype}, {device}) ...", file=sys.stderr)
+    target = GPT2.from_pretrained(args.target, **load)
+    draft = GPT2.from_pretrained(args.draft, **load) if args.mode != "naive" else None
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   eos_token_id=None if args.ignore_eos else enc.eot_token)
+    seeded = lambda: torch.Generator(device).manual_seed(args.seed)  # noqa: E731  every run: the same seed
+    n = args.max_new_tokens
+    runs = {}  # title: (function of on_tokens, which gives a Generation)
+    if args.mode != "speculative":
+        if args.no_cache_baseline:
+            runs["Naive decoding without KV cache"] = partial(
+                autoregressive_sample, target, prompt, n, use_cache=False, generator=seeded(), **options)
+        runs["Naive decoding"] = partial(autoregressive_sample, target, prompt, n, generator=seeded(), **options)
+    if args.mode != "naive":
+        runs[f"Speculative sampling (K={args.lookahead})"] = partial(
+            speculative_sample, target, draft, prompt, n, lookahead=args.lookahead, generator=seeded(), **options)
+    # Warm-up: the first passes pay for allocations and kernel selection; keep them out of the timings.
+    warm = min(8, n)
+    autoregressive_sample(target, prompt, warm, **options | {"temperature": 0.0})
+    if draft is not None:
+        speculative_sample(target, draft, prompt, warm, lookahead=args.lookahead, **options | {"temperature": 0.0})
+    results = {}
+    for title, run in runs.items():
+        results[title] = out = _timed(title.split(" (")[0], run, n)
+        print(f"\n=== {title} ===")
+        print(f"completed in {out.seconds:.2f} s ({out.tokens_per_second:.2f} tokens/s, {len(out.tokens)} tokens)")
+        print(f"Generated: {enc.decode(prompt + out.tokens)}")
+    _print_summary(args, results, device)
+    return 0
+
+
+def _print_summary(args, results: dict[str, Generation], device) -> None:
+    naive = results.get("Naive decoding")
+    uncached = results.get("Naive decoding without KV cache")
+    spec = next((g for title, g in results.items() if title.startswith("Speculative")), None)
+    print("\n=== Summary ===")
+    if spec is not None:
+        for name, base in (("naive decoding", naive), ("naive decoding without KV cache", uncached)):
+            if base is not None:
+                print(f"speedup over {name}: {base.seconds / spec.seconds:.2f}x")
+        rate = spec.acceptance_rate
+        print(f"acceptance rate: {'n/a' if rate is None else f'{rate:.2f}'} ({spec.accepted} of {spec.proposed} drafts kept)")
+        print(f"mean tokens per target pass: {spec.tokens_per_target_call:.2f}")
+        print(f"target passes: {spec.target_calls}, draft passes: {spec.draft_calls}")
+    print(f"target: {args.target}, draft: {args.draft}, dtype: {args.dtype}, device: {device}")
+    if spec is not None and naive is not None:
+        if args.temperature == 0:
+            print(f"identical outputs: {'yes' if spec.tokens == naive.tokens else 'no'}")
+        else:
+            print("identical outputs: not expected at temperature > 0 (both are samples from the target)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

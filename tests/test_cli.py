@@ -1,0 +1,83 @@
+"""`python speculative.py` end to end in a subprocess, on tiny random checkpoints given as folders."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gpt2_model import GPT2Config
+from helpers import noisy_copy, random_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("checkpoints")
+    config = GPT2Config(n_positions=256, n_embd=32, n_layer=2, n_head=2)  # the real vocabulary: real text
+    target = random_model(config, seed=0, scale=5)
+    target.save_pretrained(folder / "target")
+    noisy_copy(target, noise=0.08, seed=1).save_pretrained(folder / "draft")
+    return folder
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "speculative.py"), *args], capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def test_end_to_end_summary(checkpoints):
+    result = run_cli("--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"),
+                     "--max-new-tokens", "24", "--prompt", "Hello, my name is", "--no-cache-baseline",
+                     "--ignore-eos", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for header in ("=== Naive decoding without KV cache ===", "=== Naive decoding ===",
+                   "=== Speculative sampling (K=4) ===", "=== Summary ==="):
+        assert header in out
+    assert out.count("Generated: Hello, my name is") == 3
+    assert "speedup over naive decoding: " in out and "speedup over naive decoding without KV cache: " in out
+    assert "acceptance rate: " in out and "mean tokens per target pass: " in out
+    assert "dtype: float32, device: cpu" in out
+    assert "identical outputs: yes" in out
+    assert "24 tokens" in out
+
+
+def test_sampling_mode_and_options(checkpoints):
+    result = run_cli("--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"),
+                     "--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "50", "--top-p", "0.9",
+                     "--mode", "speculative", "--lookahead", "3", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert "=== Speculative sampling (K=3) ===" in result.stdout and "=== Naive decoding ===" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lookahead", "0"], "lookahead must be an integer >= 1"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-p", "2"], "top_p must be in (0, 1]"),
+        (["--max-new-tokens", "x"], "invalid int value: 'x'"),
+        (["--dtype", "float8"], "invalid choice: 'float8'"),
+        (["--target", "no-such-model"], "neither a checkpoint folder nor a preset"),
+        (["--target", "gpt2-xl", "--weights-dir", "/nonexistent", "--no-download"], "downloading is off"),
+        (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], "device"),
+        (["--max-new-tokens", "2000"], "exceeds the context of"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(checkpoints, args, message, tmp_path):
+    env = os.environ | {"HF_HOME": str(tmp_path)}  # an empty Hugging Face cache
+    defaults = ["--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft")]
+    result = run_cli(*defaults, *args, env=env)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_explains():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for option in ("--target", "--draft", "--lookahead", "--no-cache-baseline", "--no-download", "(default: 4)"):
+        assert option in result.stdout
