@@ -110,12 +110,32 @@ class KVCache:
         self.length = length
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias for x (..., in), weight (out, in).
+
+    On CPU in float32, a few rows (the K + 1 rows of a verification pass) go through (weight @ x.T).T: measured
+    on a 2-core EPYC, torch 2.13, GPT-2 XL shapes, 5 rows: 3.3 vs 7.1 ms (c_attn), 39 vs 98 ms (LM head);
+    1 row: the same. Elsewhere, F.linear.
+    """
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not 1 < rows <= 16:
+        return F.linear(x, weight, bias)
+    xt = x.reshape(rows, x.shape[-1]).t()  # (in, rows)
+    y = torch.mm(weight, xt) if bias is None else torch.addmm(bias[:, None], weight, xt)  # (out, rows)
+    return y.t().reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
 
     def forward(self, x, kv=None, start=0, mask=None):
         B, T, C = x.shape
@@ -137,8 +157,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
         # GPT-2 uses the tanh approximation of GELU; the exact one drifts from the reference logits.
@@ -199,7 +219,7 @@ class GPT2(nn.Module):
             x = block(x, kv, start, mask)
         if cache is not None:
             cache.length = start + T
-        return F.linear(self.ln_f(x), self.wte.weight)  # tied LM head: (B, T, vocab_size)
+        return linear(self.ln_f(x), self.wte.weight)  # tied LM head: (B, T, vocab_size)
 
     @classmethod
     def from_pretrained(
