@@ -22,10 +22,12 @@ At temperature 0 both distributions are one-hot, so the output is the target's g
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -42,17 +44,41 @@ class Generation:
     `tokens` are the new tokens (never the prompt); `origins[i]` says where `tokens[i]` came from: "draft" (a
     draft token the target kept), "resampled" (drawn from norm(max(0, q - p)) at a rejection), "bonus" (drawn
     from q after all K drafts were kept) or "target" (plain decoding). `accepted_per_round` holds how many
-    drafts each round kept. Call counts exclude the prefill; `seconds` includes it.
+    drafts each round kept, `lookahead_per_round` how many it proposed (K). Call counts exclude the prefill;
+    `seconds` includes it.
     """
 
     tokens: list[int] = field(default_factory=list)
     origins: list[str] = field(default_factory=list)
     accepted_per_round: list[int] = field(default_factory=list)
+    lookahead_per_round: list[int] = field(default_factory=list)
     target_calls: int = 0
     draft_calls: int = 0
     proposed: int = 0
     accepted: int = 0
     seconds: float = 0.0
+
+    def commit_round(self, drafts: list[int], n: int, next_token: int, eos_token_id: int | None) -> list[int]:
+        """Records a round that kept drafts[:n] and then emitted `next_token`; returns the committed tokens.
+
+        An EOS ends the output: what follows it is dropped and not counted as proposed or accepted.
+        """
+        K = len(drafts)
+        new = drafts[:n] + [next_token]
+        origins = ["draft"] * n + ["bonus" if n == K else "resampled"]
+        proposed = K
+        if eos_token_id in new:
+            end = new.index(eos_token_id) + 1
+            new, origins = new[:end], origins[:end]
+            if end <= n:  # the EOS was a kept draft: the drafts after it were never needed
+                n = proposed = end
+        self.tokens += new
+        self.origins += origins
+        self.accepted_per_round.append(n)
+        self.lookahead_per_round.append(K)
+        self.accepted += n
+        self.proposed += proposed
+        return new
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -162,11 +188,71 @@ def residual_distribution(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Adaptive lookahead
+
+
+def expected_tokens_per_round(alpha: float, K: int) -> float:
+    """E = (1 - alpha^(K+1)) / (1 - alpha): kept drafts plus the one resampled or bonus token (Chen et al.),
+    when each draft is kept with probability alpha, independently."""
+    return K + 1.0 if alpha >= 1 else (1 - alpha ** (K + 1)) / (1 - alpha)
+
+
+class AdaptiveLookahead:
+    """Chooses K before each round to maximise expected tokens per second: E(alpha, K) / (K t_draft + t_verify(K+1)).
+
+    alpha is estimated from the rounds so far as kept / (kept + rejected), the maximum-likelihood estimate when
+    drafts are kept independently (drafts after a rejection were never tested), with counts that decay so that
+    it follows the text. t_draft (per pass) and t_verify (per number of rows) are measured as the rounds run.
+    A verification size not yet measured is assumed to cost as much as the nearest measured one: optimistic,
+    so that it gets tried, and then measured.
+    """
+
+    def __init__(self, max_lookahead: int = 12, first: int = 4, decay: float = 0.9):
+        self.max_lookahead, self.first, self.decay = max_lookahead, first, decay
+        self.kept, self.rejected = 1.0, 1.0  # a uniform prior: alpha = 0.5 until rounds say otherwise
+        self.draft_ms: float | None = None
+        self.verify_ms: dict[int, float] = {}  # rows -> ms
+
+    @property
+    def alpha(self) -> float:
+        return self.kept / (self.kept + self.rejected)
+
+    def choose(self) -> int:
+        if self.draft_ms is None:
+            return self.first
+        return max(range(1, self.max_lookahead + 1), key=self.tokens_per_ms)
+
+    def tokens_per_ms(self, K: int) -> float:
+        return expected_tokens_per_round(self.alpha, K) / (K * self.draft_ms + self._verify_ms(K + 1))
+
+    def update(self, K: int, kept: int, draft_ms: float, verify_ms: float) -> None:
+        """Learns from a round that proposed K drafts and kept `kept`, with the measured times of its steps."""
+        self.kept = self.decay * self.kept + kept
+        self.rejected = self.decay * self.rejected + (kept < K)
+        self.draft_ms = _average(self.draft_ms, draft_ms / K)
+        self.verify_ms[K + 1] = _average(self.verify_ms.get(K + 1), verify_ms)
+
+    def _verify_ms(self, rows: int) -> float:
+        if rows in self.verify_ms:
+            return self.verify_ms[rows]
+        below = [r for r in self.verify_ms if r < rows]
+        above = [r for r in self.verify_ms if r > rows]
+        if below and above:  # between two measured sizes: interpolate
+            lo, hi = max(below), min(above)
+            return self.verify_ms[lo] + (self.verify_ms[hi] - self.verify_ms[lo]) * (rows - lo) / (hi - lo)
+        return self.verify_ms[max(below) if below else min(above)]
+
+
+def _average(old: float | None, new: float, weight: float = 0.3) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The two decoders
 
 
 @torch.inference_mode()
-def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *, lookahead: int = 4,
+def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *, lookahead: int | str = 4,
                        temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                        eos_token_id: int | None = None, generator: torch.Generator | None = None,
                        on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
@@ -174,13 +260,16 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
 
     The output is distributed exactly as `autoregressive_sample(target, ...)` with the same temperature,
     top-k and top-p (token for token at temperature 0). `prompt` is a list of ids or a 1-D LongTensor
-    (batch size 1, as in the paper). Generation stops after `eos_token_id` if it is produced. `on_tokens` is
-    called with the tokens each round commits. Returns a `Generation`.
+    (batch size 1, as in the paper). `lookahead="auto"` chooses K every round (`AdaptiveLookahead`).
+    Generation stops after `eos_token_id` if it is produced. `on_tokens` is called with the tokens each
+    round commits. Returns a `Generation`.
     """
     start_time = time.perf_counter()
     check_options(max_new_tokens, temperature, top_k, top_p, lookahead)
     prompt = _check_models_and_prompt(prompt, max_new_tokens, generator, [target, draft])
+    device = prompt.device
     process = partial(logits_to_probs, temperature=temperature, top_k=top_k, top_p=top_p)
+    adaptive = AdaptiveLookahead() if lookahead == "auto" else None
     max_len = len(prompt) + max_new_tokens
     target_cache, draft_cache = target.new_cache(max_len=max_len), draft.new_cache(max_len=max_len)
     # Prefill: the prompt minus its last token, which is then pending for both models.
@@ -192,32 +281,26 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
     while len(out.tokens) < max_new_tokens:
         # A round emits at most K + 1 tokens: draft no more than are still needed (this also keeps every
         # position inside the context, which _check_models_and_prompt sized for prompt + max_new_tokens).
-        K = min(lookahead, max_new_tokens - len(out.tokens) - 1)
-        pending = torch.tensor([tokens[draft_cache.length:]], device=prompt.device)  # (1, 1 or 2)
+        K = min(adaptive.choose() if adaptive else lookahead, max_new_tokens - len(out.tokens) - 1)
+        pending = torch.tensor([tokens[draft_cache.length:]], device=device)  # (1, 1 or 2)
+        started = _clock(device)
         if K > 0:
             drafts, p = draft_tokens(draft, draft_cache, pending, K, process, temperature, generator)
             out.draft_calls += K
         else:  # the last token: nothing to draft, the round is one plain target step
-            drafts, p = prompt.new_empty(0), torch.empty(0, target.config.vocab_size, device=prompt.device)
+            drafts, p = prompt.new_empty(0), torch.empty(0, target.config.vocab_size, device=device)
+        drafted = _clock(device)
         # Step 2, verify: the target's pending token and the K drafts in one pass give q at K + 1 positions.
         q = process(target(torch.cat([prompt.new_tensor(tokens[-1:]), drafts])[None], cache=target_cache)[0])
         out.target_calls += 1
+        verified = _clock(device)
         n, next_token = accept_or_resample(drafts, p, q, temperature, generator)
         values = torch.cat([drafts, n.view(1), next_token.view(1)]).tolist()  # the round's one host sync
-        drafted, n, next_token = values[:-2], values[-2], values[-1]
-        new = drafted[:n] + [next_token]
-        origins = ["draft"] * n + ["bonus" if n == K else "resampled"]
-        proposed = K
-        if eos_token_id is not None and eos_token_id in new:
-            end = new.index(eos_token_id) + 1  # keep the EOS, drop what follows it
-            new, origins = new[:end], origins[:end]
-            n, proposed = (end, end) if end <= n else (n, proposed)
+        drafts, n, next_token = values[:-2], values[-2], values[-1]
+        if adaptive and K > 0:
+            adaptive.update(K, n, _ms(started, drafted), _ms(drafted, verified))
+        new = out.commit_round(drafts, n, next_token, eos_token_id)
         tokens += new
-        out.tokens += new
-        out.origins += origins
-        out.accepted_per_round.append(n)
-        out.accepted += n
-        out.proposed += proposed
         if on_tokens is not None:
             on_tokens(new)
         if new[-1] == eos_token_id:
@@ -227,7 +310,7 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
         committed = len(tokens) - 1
         target_cache.crop(min(target_cache.length, committed))
         draft_cache.crop(min(draft_cache.length, committed))
-    out.seconds = _elapsed(start_time, prompt.device)
+    out.seconds = _elapsed(start_time, device)
     return out
 
 
@@ -262,6 +345,19 @@ def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperatu
     return out
 
 
+def _clock(device: torch.device):
+    # CUDA runs kernels asynchronously: a recorded event is read after the round's sync, costing no extra one.
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def _ms(start, end) -> float:
+    return start.elapsed_time(end) if isinstance(start, torch.cuda.Event) else 1e3 * (end - start)
+
+
 def _elapsed(start_time: float, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # kernels run asynchronously: stop the clock when they are done
@@ -272,8 +368,8 @@ def check_options(max_new_tokens, temperature, top_k, top_p, lookahead=1) -> Non
     """Raises ValueError for sampling options out of range (checked before any model is loaded or run)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1:
-        raise ValueError(f"lookahead must be an integer >= 1, got {lookahead!r}")
+    if lookahead != "auto" and (isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1):
+        raise ValueError(f"lookahead must be an integer >= 1 or \"auto\", got {lookahead!r}")
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
@@ -317,6 +413,20 @@ DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A dtype by name; "auto" is bfloat16 where the hardware runs it natively (CUDA with bf16, CPUs with
+    AVX-512 BF16 or AMX), float32 elsewhere (without those, bf16 matrix products are emulated and slower)."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    return torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16"} else torch.float32
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the usage block
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -333,20 +443,38 @@ def _parse_args(argv=None):
     parser.add_argument("--target", default="gpt2-xl", help="target model: a preset name or a checkpoint folder")
     parser.add_argument("--draft", default="gpt2", help="draft model: a preset name or a checkpoint folder")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
-    parser.add_argument("--lookahead", "-K", type=int, default=4, help="draft tokens proposed per round (K)")
+    parser.add_argument("--lookahead", "-K", type=_lookahead, default=4,
+                        help="draft tokens proposed per round (K), or auto: chosen every round from the measured "
+                        "acceptance rate and pass costs")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; >0 samples")
     parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (temperature > 0)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (temperature > 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="weights and activations; auto: bfloat16 where the hardware runs it natively, else float32")
     parser.add_argument("--mode", default="both", choices=["both", "speculative", "naive"], help="what to run")
     parser.add_argument("--no-cache-baseline", action="store_true",
                         help="also time plain decoding without a KV cache (the seed blog's baseline; slow)")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
+    parser.add_argument("--no-stream", action="store_true",
+                        help="print each text when its run ends, with a progress bar, instead of streaming it")
+    parser.add_argument("--show-acceptance", action="store_true",
+                        help="print the speculative output coloured by origin: draft kept, resampled, bonus")
+    parser.add_argument("--color", default="auto", choices=["auto", "always", "never"],
+                        help="colours for --show-acceptance; auto: only on a terminal and when NO_COLOR is unset")
     parser.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="where preset checkpoints live")
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
     return parser.parse_args(argv)
+
+
+def _lookahead(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid lookahead {text!r}: give an integer >= 1 or auto") from None
 
 
 def _device(name: str) -> torch.device:
@@ -361,11 +489,30 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _timed(label: str, run, max_new_tokens: int) -> Generation:
+def _run_and_show(title: str, run, prompt: list[int], enc, max_new_tokens: int, stream: bool) -> Generation:
+    """Runs one decoder, streaming its text to stdout (or showing a progress bar on stderr), then its timing."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=max_new_tokens, desc=label, unit="tok", file=sys.stderr, leave=False) as bar:
-        return run(on_tokens=lambda new: bar.update(len(new)))
+    from render import TextStream
+
+    print(f"\n=== {title} ===")
+    if stream:
+        print(f"Generated: {enc.decode(prompt)}", end="", flush=True)
+        text = TextStream(enc, file=sys.stdout)  # never splits a character across rounds
+        out = run(on_tokens=text)
+        text.flush()
+        print()
+    else:
+        with tqdm(total=max_new_tokens, desc=title.split(" (")[0], unit="tok", file=sys.stderr, leave=False) as bar:
+            out = run(on_tokens=lambda new: bar.update(len(new)))
+        print(f"Generated: {enc.decode(prompt + out.tokens)}")
+    print(f"completed in {out.seconds:.2f} s ({out.tokens_per_second:.2f} tokens/s, {len(out.tokens)} tokens)")
+    return out
+
+
+def _use_color(choice: str) -> bool:
+    # auto: colour only for a terminal, and never when NO_COLOR is set (no-color.org).
+    return choice == "always" or (choice == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
 
 
 def main(argv=None) -> int:
@@ -382,13 +529,14 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     from gpt2_model import GPT2
 
-    device, dtype = _device(args.device), DTYPES[args.dtype]
+    device = _device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     enc = load_tokenizer()
     prompt = enc.encode(args.prompt, allowed_special="all")
     if not prompt:
         raise ValueError("the prompt is empty: pass some text with --prompt")
     load = dict(weights_dir=args.weights_dir, dtype=dtype, device=device, download=not args.no_download)
-    print(f"Loading target {args.target} and draft {args.draft} ({args.dtype}, {device}) ...", file=sys.stderr)
+    print(f"Loading target {args.target} and draft {args.draft} ({_name(dtype)}, {device}) ...", file=sys.stderr)
     target = GPT2.from_pretrained(args.target, **load)
     draft = GPT2.from_pretrained(args.draft, **load) if args.mode != "naive" else None
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -409,17 +557,24 @@ def _run(args) -> int:
     autoregressive_sample(target, prompt, warm, **options | {"temperature": 0.0})
     if draft is not None:
         speculative_sample(target, draft, prompt, warm, lookahead=args.lookahead, **options | {"temperature": 0.0})
-    results = {}
-    for title, run in runs.items():
-        results[title] = out = _timed(title.split(" (")[0], run, n)
-        print(f"\n=== {title} ===")
-        print(f"completed in {out.seconds:.2f} s ({out.tokens_per_second:.2f} tokens/s, {len(out.tokens)} tokens)")
-        print(f"Generated: {enc.decode(prompt + out.tokens)}")
-    _print_summary(args, results, device)
+    # Every run streams, or none does: writing to the terminal is part of what is timed.
+    results = {title: _run_and_show(title, run, prompt, enc, n, stream=not args.no_stream) for title, run in runs.items()}
+    _print_summary(args, results, device, dtype)
+    speculative = next((g for title, g in results.items() if title.startswith("Speculative")), None)
+    if args.show_acceptance and speculative is not None:
+        from render import strip_ansi, to_ansi
+
+        shown = to_ansi(speculative, enc, prompt)
+        print("\n=== Where the speculative tokens came from ===")
+        print(shown if _use_color(args.color) else strip_ansi(shown))
     return 0
 
 
-def _print_summary(args, results: dict[str, Generation], device) -> None:
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _print_summary(args, results: dict[str, Generation], device, dtype) -> None:
     naive = results.get("Naive decoding")
     uncached = results.get("Naive decoding without KV cache")
     spec = next((g for title, g in results.items() if title.startswith("Speculative")), None)
@@ -432,7 +587,9 @@ def _print_summary(args, results: dict[str, Generation], device) -> None:
         print(f"acceptance rate: {'n/a' if rate is None else f'{rate:.2f}'} ({spec.accepted} of {spec.proposed} drafts kept)")
         print(f"mean tokens per target pass: {spec.tokens_per_target_call:.2f}")
         print(f"target passes: {spec.target_calls}, draft passes: {spec.draft_calls}")
-    print(f"target: {args.target}, draft: {args.draft}, dtype: {args.dtype}, device: {device}")
+        if args.lookahead == "auto" and spec.lookahead_per_round:
+            print(f"mean K chosen per round: {sum(spec.lookahead_per_round) / len(spec.lookahead_per_round):.2f}")
+    print(f"target: {args.target}, draft: {args.draft}, dtype: {_name(dtype)}, device: {device}")
     if spec is not None and naive is not None:
         if args.temperature == 0:
             print(f"identical outputs: {'yes' if spec.tokens == naive.tokens else 'no'}")

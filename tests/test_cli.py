@@ -81,3 +81,50 @@ def test_help_explains():
     assert result.returncode == 0
     for option in ("--target", "--draft", "--lookahead", "--no-cache-baseline", "--no-download", "(default: 4)"):
         assert option in result.stdout
+
+
+def run_in_terminal(args, env):
+    """Runs the CLI with stdout on a pseudo-terminal (so that it is a tty), returns what it wrote there."""
+    import pty
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "speculative.py"), *args], stdout=follower,
+                               stderr=subprocess.DEVNULL, env=env)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the process closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    process.wait(timeout=300)
+    os.close(leader)
+    assert process.returncode == 0
+    return b"".join(chunks).decode()
+
+
+def test_color_choices(checkpoints):
+    args = ["--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"), "--max-new-tokens", "12",
+            "--mode", "speculative", "--show-acceptance"]
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    always = run_cli(*args, "--color", "always", env=env).stdout
+    assert "\x1b[32m" in always and "legend: " in always
+    assert "=== Where the speculative tokens came from ===" in always
+    piped = run_cli(*args, "--color", "auto", env=env).stdout
+    assert "\x1b[" not in piped and "legend: draft: proposed by the draft" in piped
+    assert "\x1b[" in run_in_terminal([*args, "--color", "auto"], env)  # a terminal gets colours ...
+    assert "\x1b[" not in run_in_terminal([*args, "--color", "auto"], env | {"NO_COLOR": "1"})  # ... unless NO_COLOR
+    assert "\x1b[" not in run_in_terminal([*args, "--color", "never"], env)
+
+
+def test_streamed_and_unstreamed_output_agree(checkpoints):
+    args = ["--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"), "--max-new-tokens", "16",
+            "--prompt", "日本語 and emoji 🎉:"]
+    streamed = run_cli(*args).stdout
+    unstreamed = run_cli(*args, "--no-stream").stdout
+    generated = [line for line in streamed.splitlines() if line.startswith("Generated: ")]
+    assert generated == [line for line in unstreamed.splitlines() if line.startswith("Generated: ")]
+    assert len(generated) == 2 and all("日本語 and emoji 🎉:" in line and "\ufffd" not in line for line in generated)

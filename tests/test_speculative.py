@@ -33,7 +33,7 @@ def drafts(target):
 
 
 @pytest.mark.parametrize("kind", ["itself", "unrelated", "noisy copy"])
-@pytest.mark.parametrize("lookahead", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("lookahead", [1, 2, 3, 4, 8, "auto"])
 def test_greedy_output_is_the_targets(target, drafts, kind, lookahead):
     for prompt, n in zip(PROMPTS, [40, 17, 33, 5]):
         expected = autoregressive_sample(target, prompt, n).tokens
@@ -146,6 +146,7 @@ def chi_square_p_value(counts, probs):
 
 
 SETTINGS = [
+    ("auto", dict(temperature=1.0)),
     (1, dict(temperature=1.0)),
     (2, dict(temperature=1.0)),
     (3, dict(temperature=1.0)),
@@ -159,12 +160,14 @@ def test_speculative_samples_follow_the_target_distribution(small_pair, lookahea
     target, draft = small_pair
     prompt = [3]
 
+    n = 6 if lookahead == "auto" else lookahead + 1
+
     def sampler(generator):
         # K + 1 new tokens: the first round really drafts K, and its tokens include the first two.
-        return speculative_sample(target, draft, prompt, lookahead + 1, lookahead=lookahead, generator=generator,
+        return speculative_sample(target, draft, prompt, n, lookahead=lookahead, generator=generator,
                                   **options).tokens
 
-    p_value = chi_square_p_value(first_two_counts(sampler, 8, seed=lookahead), exact_first_two(target, prompt, **options))
+    p_value = chi_square_p_value(first_two_counts(sampler, 8, seed=n), exact_first_two(target, prompt, **options))
     assert p_value > LEVEL, p_value
 
 
@@ -201,10 +204,10 @@ def test_exact_length_and_eos(target, drafts):
         assert len(speculative_sample(target, draft, PROMPTS[2], n).tokens) == n
     eos = greedy[11]
     first = greedy.index(eos)
-    for lookahead in (1, 3, 4, 8):
+    for lookahead in (1, 3, 4, 8, "auto"):
         out = speculative_sample(target, draft, PROMPTS[2], 30, lookahead=lookahead, eos_token_id=eos)
         assert out.tokens == greedy[: first + 1]  # the EOS is included, nothing after it
-        check_statistics(out, lookahead)
+        check_statistics(out)
     assert autoregressive_sample(target, PROMPTS[2], 30, eos_token_id=eos).tokens == greedy[: first + 1]
 
 
@@ -220,27 +223,28 @@ def test_same_seed_same_tokens(target, drafts):
     assert naive[0] == naive[1]
 
 
-def check_statistics(out, lookahead):
+def check_statistics(out):
     assert len(out.origins) == len(out.tokens)
     assert out.origins.count("draft") == sum(out.accepted_per_round) == out.accepted
-    assert out.target_calls == len(out.accepted_per_round)
+    assert out.target_calls == len(out.accepted_per_round) == len(out.lookahead_per_round)
     assert out.origins.count("resampled") + out.origins.count("bonus") <= out.target_calls
-    assert all(0 <= a <= lookahead for a in out.accepted_per_round)
+    assert all(0 <= a <= k for a, k in zip(out.accepted_per_round, out.lookahead_per_round))
     assert out.accepted <= out.proposed <= out.draft_calls
     assert out.seconds > 0
 
 
+@pytest.mark.parametrize("lookahead", [4, "auto"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_statistics_add_up(target, drafts, temperature):
+def test_statistics_add_up(target, drafts, temperature, lookahead):
     for kind, draft in drafts.items():
-        out = speculative_sample(target, draft, PROMPTS[1], 37, lookahead=4, temperature=temperature,
+        out = speculative_sample(target, draft, PROMPTS[1], 37, lookahead=lookahead, temperature=temperature,
                                  generator=torch.Generator().manual_seed(0))
-        check_statistics(out, 4)
+        check_statistics(out)
         # Without EOS every round ends with exactly one resampled or bonus token, a bonus when all K were kept.
         assert out.origins.count("resampled") + out.origins.count("bonus") == out.target_calls
-        assert out.proposed == out.draft_calls  # nothing dropped
-        full_rounds = sum(a == 4 for a in out.accepted_per_round)
-        assert out.origins.count("bonus") >= full_rounds
+        assert out.proposed == out.draft_calls == sum(out.lookahead_per_round)  # nothing dropped
+        full_rounds = sum(a == k for a, k in zip(out.accepted_per_round, out.lookahead_per_round))
+        assert out.origins.count("bonus") == full_rounds
         assert out.acceptance_rate == out.accepted / out.proposed
     naive = autoregressive_sample(target, PROMPTS[1], 9)
     assert naive.origins == ["target"] * 9 and naive.acceptance_rate is None and naive.target_calls == 9
@@ -264,6 +268,7 @@ def test_on_tokens_streams_each_round(target, drafts):
         (dict(prompt=torch.zeros(2, 3, dtype=torch.long)), "1-D tensor"),
         (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
         (dict(lookahead=0), "lookahead must be an integer >= 1"),
+        (dict(lookahead="fast"), "lookahead must be an integer >= 1 or \"auto\""),
         (dict(temperature=-0.1), "temperature must be >= 0"),
         (dict(top_k=0), "top_k must be >= 1"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),

@@ -1,0 +1,69 @@
+"""Simulate lookahead="auto" against every fixed K, with a measured cost model and i.i.d. acceptance.
+
+Each round proposes K drafts, keeps each with probability alpha until the first rejection, emits one more token,
+and costs K * t_draft + t_verify(K + 1). The policy under test is the real `AdaptiveLookahead`, fed the same
+observations it gets in `speculative_sample`.
+
+    python benchmarks/adaptive_lookahead.py                       # the GPT-2 XL / small fp32 costs below
+    python benchmarks/adaptive_lookahead.py --costs bench-out/bench.json
+"""
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from speculative import AdaptiveLookahead  # noqa: E402
+
+# Measured on this project's 2-core AMD EPYC, torch 2.13 CPU, random weights of the real shapes, fp32:
+# GPT-2 XL 1-row pass and (K+1)-row verification, GPT-2 small 1-row pass (ms).
+XL_SMALL_FP32 = {"target_ms": 620.0, "draft_ms": 45.0, "verify_ms": {"2": 760.0, "3": 820.0, "5": 960.0, "9": 1450.0}}
+
+
+def verify_cost(costs: dict, rows: int) -> float:
+    """t_verify(rows), interpolated linearly between measured sizes (1 row: the target's pass)."""
+    points = sorted({1: costs["target_ms"], **{int(k): v for k, v in costs["verify_ms"].items()}}.items())
+    for (r0, t0), (r1, t1) in zip(points, points[1:]):
+        if rows <= r1:
+            return t0 + (t1 - t0) * (rows - r0) / (r1 - r0)
+    (r0, t0), (r1, t1) = points[-2], points[-1]
+    return t1 + (t1 - t0) / (r1 - r0) * (rows - r1)  # beyond the last measurement: extend the last slope
+
+
+def simulate(choose, update, alpha: float, costs: dict, n_tokens: int = 3000, seed: int = 0) -> float:
+    """Tokens per second of a lookahead policy (choose() -> K, update(K, kept, draft_ms, verify_ms))."""
+    rng = random.Random(seed)
+    tokens, ms = 0, 0.0
+    while tokens < n_tokens:
+        K = choose()
+        kept = 0
+        while kept < K and rng.random() < alpha:
+            kept += 1
+        draft_ms, verify_ms = K * costs["draft_ms"], verify_cost(costs, K + 1)
+        update(K, kept, draft_ms, verify_ms)
+        tokens += kept + 1
+        ms += draft_ms + verify_ms
+    return 1e3 * tokens / ms
+
+
+def compare(alpha: float, costs: dict, max_fixed: int = 12, seed: int = 0) -> dict:
+    """Tokens/s of every fixed K and of the adaptive policy, on the same random acceptances."""
+    fixed = {K: simulate(lambda K=K: K, lambda *a: None, alpha, costs, seed=seed) for K in range(1, max_fixed + 1)}
+    policy = AdaptiveLookahead()
+    auto = simulate(policy.choose, policy.update, alpha, costs, seed=seed)
+    best = max(fixed, key=fixed.get)
+    return {"alpha": alpha, "best_K": best, "best": fixed[best], "auto": auto, "ratio": auto / fixed[best]}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--costs", help="a bench.json whose measured costs to use (default: XL/small fp32 above)")
+    args = parser.parse_args()
+    costs = json.loads(Path(args.costs).read_text())["costs"] if args.costs else XL_SMALL_FP32
+    print("| alpha | best fixed K | tokens/s (best K) | tokens/s (auto) | auto / best |")
+    print("|---:|---:|---:|---:|---:|")
+    for alpha in (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0):
+        r = compare(alpha, costs)
+        print(f"| {alpha:.2f} | {r['best_K']} | {r['best']:.3f} | {r['auto']:.3f} | {r['ratio']:.3f} |")

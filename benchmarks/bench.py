@@ -1,0 +1,380 @@
+"""Benchmark: speculative sampling beside naive decoding and Hugging Face `transformers`, in one run.
+
+Everything is measured in the same process, on the same weights, dtype and device, after a warm-up, with
+interleaved repetitions (medians reported). It prints a markdown table, writes every raw time to a JSON file
+and plots speedup against K. From the measured acceptance rate a and per-pass costs it also prints the speedup
+the algorithm predicts (Chen et al. 2023, section 3):
+
+    E = (1 - a^(K+1)) / (1 - a) tokens per round,   predicted = E * t_target / (K * t_draft + t_verify(K+1))
+
+where a is the chance that one draft is kept, estimated as kept / (kept + rejections). The table also shows
+"acceptance", kept / proposed drafts, which is lower: drafts after a rejection are proposed but never tested.
+
+    python benchmarks/bench.py --random-weights             # GPT-2 XL / small shapes, random weights
+    python benchmarks/bench.py --random-weights --quick     # a short look
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from gpt2_model import GPT2, WEIGHTS_DIR, load_tokenizer  # noqa: E402
+from random_checkpoint import write_random_checkpoint  # noqa: E402
+from speculative import (  # noqa: E402
+    DEFAULT_PROMPT, autoregressive_sample, expected_tokens_per_round, resolve_dtype, speculative_sample)
+
+SEED_TOKENS_PER_ROUND = 4.06  # the seed blog: GPT-2 XL / small, K = 4, temperature 0 (256 tokens)
+
+
+def predicted_speedup(a: float, K: int, t_draft: float, t_verify: float, t_target: float) -> float:
+    """Expected tokens per round over the round's cost, relative to one target pass per token."""
+    return expected_tokens_per_round(a, K) * t_target / (K * t_draft + t_verify)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def pass_ms(model: GPT2, prompt_len: int, rows: int, repeats: int = 5) -> float:
+    """Median ms of one cached forward pass over `rows` new tokens after a `prompt_len`-token prefix."""
+    device = model.wte.weight.device
+    cache = model.new_cache(max_len=prompt_len + rows)
+    model(torch.arange(prompt_len, device=device)[None], cache=cache)
+    x = torch.arange(rows, device=device)[None]
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        _sync(device)
+        start = time.perf_counter()
+        model(x, cache=cache)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        cache.crop(prompt_len)
+    return 1e3 * statistics.median(times[1:])
+
+
+def memory_bandwidth_gbs(device, size_bytes: int = 1 << 30) -> float:
+    """GB/s of reading one large tensor (median of 5): the ceiling for memory-bound decoding."""
+    x = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)
+    times = []
+    for _ in range(6):
+        _sync(device)
+        start = time.perf_counter()
+        x.sum()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return size_bytes / statistics.median(times[1:]) / 1e9
+
+
+def weight_bytes(model: GPT2) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="gpt2-xl", help="target: preset name or checkpoint folder (default gpt2-xl)")
+    parser.add_argument("--draft", default="gpt2", help="draft: preset name or checkpoint folder (default gpt2)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="use random checkpoints of the presets' real shapes (written once to weights/random-*); "
+                        "the drafts are then the small model (acceptance ~0) and the target itself (acceptance 1)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt (default: the seed blog's)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per run (default 64)")
+    parser.add_argument("--lookahead", type=int, nargs="+", default=[1, 2, 4, 8], help="values of K (default 1 2 4 8)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; medians (default 3)")
+    parser.add_argument("--quick", action="store_true", help="32 tokens, K in {2, 4}, 1 repetition")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bfloat16 where the hardware runs it natively, else float32 (default auto)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers rows")
+    parser.add_argument("--no-uncached", action="store_true", help="skip the (slow) uncached naive row")
+    parser.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="where checkpoints live (default weights/)")
+    parser.add_argument("--out", default=str(ROOT / "bench-out"), help="folder for bench.json and bench.png")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.max_new_tokens, args.lookahead, args.repeats = 32, [2, 4], 1
+    if args.max_new_tokens < 1 or args.repeats < 1 or min(args.lookahead) < 1:
+        parser.error("--max-new-tokens, --repeats and --lookahead must be >= 1")
+    return args
+
+
+def checkpoint_folders(args) -> tuple[Path | str, Path | str]:
+    if not args.random_weights:
+        return args.target, args.draft
+    folders = []
+    for name in (args.target, args.draft):
+        folder = Path(args.weights_dir) / f"random-{name}"
+        if not (folder / "model.safetensors").exists():
+            print(f"writing a random checkpoint of {name}'s shape to {folder} (once) ...", file=sys.stderr)
+            write_random_checkpoint(name, folder, seed=0)
+        folders.append(folder)
+    return tuple(folders)
+
+
+def run(args) -> dict:
+    from tqdm.auto import tqdm
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(args.dtype, device)
+    target_path, draft_path = checkpoint_folders(args)
+    load = dict(weights_dir=args.weights_dir, dtype=dtype, device=device)
+    target, small = GPT2.from_pretrained(target_path, **load), GPT2.from_pretrained(draft_path, **load)
+    drafts = {"small": small, "target itself": target} if args.random_weights else {"small": small}
+    prompt = load_tokenizer().encode(args.prompt)
+    n = args.max_new_tokens
+    Ks = sorted(set(args.lookahead))
+
+    # Every row is a function returning (seconds, Generation or None, tokens).
+    rows = {"naive (KV cache)": lambda: _ours(autoregressive_sample(target, prompt, n))}
+    for draft_name, draft in drafts.items():
+        for K in [*Ks, "auto"]:
+            rows[f"speculative, {draft_name}, K={K}"] = (
+                lambda draft=draft, K=K: _ours(speculative_sample(target, draft, prompt, n, lookahead=K)))
+    if not args.no_transformers:
+        rows.update(_transformers_rows(target_path, draft_path, drafts, Ks, prompt, n, dtype, device))
+    once = {}
+    if not args.no_uncached:
+        once["naive (no cache)"] = lambda: _ours(autoregressive_sample(target, prompt, n, use_cache=False))
+
+    # Warm-up: allocations, kernel selection and caches, outside the timings.
+    autoregressive_sample(target, prompt, 4)
+    speculative_sample(target, small, prompt, 4, lookahead=2)
+    raw = {name: [] for name in [*rows, *once]}
+    with tqdm(total=len(rows) * args.repeats + len(once), desc="benchmark", unit="run", file=sys.stderr) as bar:
+        for _ in range(args.repeats):  # interleaved, so that a slow spell of the machine hits every row alike
+            for name, fn in rows.items():
+                raw[name].append(fn())
+                bar.update()
+        for name, fn in once.items():
+            raw[name].append(fn())
+            bar.update()
+
+    costs = {"target_ms": pass_ms(target, len(prompt), 1), "draft_ms": pass_ms(small, len(prompt), 1),
+             "verify_ms": {str(K): pass_ms(target, len(prompt), K + 1) for K in Ks}}  # str: JSON keys
+    bandwidth = memory_bandwidth_gbs(device)
+    naive_tokens = raw["naive (KV cache)"][0]["tokens"]
+    results = {
+        "meta": {
+            "target": str(target_path), "draft": str(draft_path), "random_weights": args.random_weights,
+            "dtype": str(dtype).removeprefix("torch."), "device": str(device), "torch": torch.__version__,
+            "hardware": _hardware(device), "prompt": args.prompt, "prompt_tokens": len(prompt),
+            "max_new_tokens": n, "lookahead": Ks, "repeats": args.repeats,
+            "command": "python benchmarks/bench.py " + " ".join(sys.argv[1:]),
+        },
+        "costs": costs | {
+            "bandwidth_gbs": bandwidth,
+            "target_bytes": weight_bytes(target), "draft_bytes": weight_bytes(small),
+            "target_floor_ms": weight_bytes(target) / bandwidth / 1e6,
+            "draft_floor_ms": weight_bytes(small) / bandwidth / 1e6,
+        },
+        "runs": {name: {"seconds": [r["seconds"] for r in runs], **{k: v for k, v in runs[0].items() if k != "seconds"},
+                        "identical": runs[0]["tokens"] == naive_tokens,
+                        "first_difference": _first_difference(runs[0]["tokens"], naive_tokens)}
+                 for name, runs in raw.items()},
+    }
+    results["table"] = derive(results)
+    return results
+
+
+def _ours(out) -> dict:
+    return {"seconds": out.seconds, "tokens": out.tokens, "accepted": out.accepted, "proposed": out.proposed,
+            "rejections": out.origins.count("resampled"), "lookahead_per_round": out.lookahead_per_round,
+            "rounds": len(out.accepted_per_round) if out.draft_calls else None}
+
+
+def _transformers_rows(target_path, draft_path, drafts, Ks, prompt, n, dtype, device) -> dict:
+    """Plain `generate` and assisted generation of `transformers` on the same checkpoints."""
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    hf_target = GPT2LMHeadModel.from_pretrained(target_path, dtype=dtype).to(device).eval()
+    hf_drafts = {"small": GPT2LMHeadModel.from_pretrained(draft_path, dtype=dtype).to(device).eval()}
+    if "target itself" in drafts:
+        hf_drafts["target itself"] = hf_target
+    ids = torch.tensor([prompt], device=device)
+    fixed = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=50256)
+
+    def generate(**kwargs):
+        with torch.inference_mode():
+            _sync(device)
+            start = time.perf_counter()
+            out = hf_target.generate(ids, attention_mask=torch.ones_like(ids), **fixed, **kwargs)
+            _sync(device)
+        return {"seconds": time.perf_counter() - start, "tokens": out[0, len(prompt):].tolist(), "rounds": None}
+
+    def assisted(draft, **kwargs):
+        # Assisted generation adapts its settings on the assistant's config between calls: start each call afresh.
+        saved = copy.deepcopy(draft.generation_config)
+        try:
+            return generate(assistant_model=draft, **kwargs)
+        finally:
+            draft.generation_config = saved
+
+    rows = {"transformers generate": generate}
+    for name, draft in hf_drafts.items():
+        for K in Ks:
+            rows[f"transformers assisted, {name}, K={K}"] = lambda draft=draft, K=K: assisted(
+                draft, num_assistant_tokens=K, num_assistant_tokens_schedule="constant",
+                assistant_confidence_threshold=0.0)
+        rows[f"transformers assisted, {name}, defaults"] = lambda draft=draft: assisted(draft)
+    return rows
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+def _hardware(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def derive(results: dict) -> list[dict]:
+    """The table's rows: medians, speedups and, for speculative rows, predicted speedup and efficiency."""
+    costs, runs = results["costs"], results["runs"]
+    naive = statistics.median(runs["naive (KV cache)"]["seconds"])
+    table = []
+    for name, r in runs.items():
+        seconds = statistics.median(r["seconds"])
+        row = {"name": name, "seconds": seconds, "tokens_per_s": len(r["tokens"]) / seconds,
+               "speedup": naive / seconds, "acceptance": None, "alpha": None, "tokens_per_round": None,
+               "predicted": None, "efficiency": None, "identical": r["identical"],
+               "first_difference": r["first_difference"]}
+        if name.startswith("speculative"):
+            row["acceptance"] = r["accepted"] / r["proposed"]
+            # The paper's alpha, the chance that one draft is kept: drafts after a rejection were never tested,
+            # so kept / (kept + rejections), not kept / proposed, is its estimate (equal at 0 and 1).
+            row["alpha"] = r["accepted"] / (r["accepted"] + r["rejections"]) if r["accepted"] else 0.0
+            row["tokens_per_round"] = len(r["tokens"]) / r["rounds"]
+            K = name.rsplit("K=", 1)[1]
+            if K != "auto":
+                draft_ms = costs["target_ms"] if ", target itself," in name else costs["draft_ms"]
+                row["predicted"] = predicted_speedup(row["alpha"], int(K), draft_ms, costs["verify_ms"][K],
+                                                     costs["target_ms"])
+                row["efficiency"] = row["speedup"] / row["predicted"]
+        table.append(row)
+    return table
+
+
+def _fmt(x, digits=2):
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    meta, costs = results["meta"], results["costs"]
+    weights = "random weights of the real shapes" if meta["random_weights"] else "real checkpoints"
+    lines = [
+        f"Target {meta['target']}, draft {meta['draft']} ({weights}); {meta['dtype']} on {meta['device']} "
+        f"({meta['hardware']}), torch {meta['torch']}; {meta['max_new_tokens']} new tokens after a "
+        f"{meta['prompt_tokens']}-token prompt, greedy, median of {meta['repeats']} interleaved runs.",
+        f"Command: `{meta['command']}`",
+        "",
+        "| run | seconds | tokens/s | speedup vs naive (KV cache) | acceptance | alpha | tokens/round | predicted | efficiency | same tokens as naive |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in results["table"]:
+        same = "yes" if row["identical"] else f"no (from token {row['first_difference']})"
+        lines.append(f"| {row['name']} | {row['seconds']:.2f} | {row['tokens_per_s']:.2f} | {row['speedup']:.2f} | "
+                     f"{_fmt(row['acceptance'])} | {_fmt(row['alpha'])} | {_fmt(row['tokens_per_round'])} | "
+                     f"{_fmt(row['predicted'])} | "
+                     f"{_fmt(row['efficiency'])} | {same} |")
+    verify = ", ".join(f"K+1={int(K) + 1}: {ms:.1f} ms (v={ms / costs['target_ms']:.2f})"
+                       for K, ms in costs["verify_ms"].items())
+    lines += [
+        "",
+        f"Per pass: target {costs['target_ms']:.1f} ms/token, draft {costs['draft_ms']:.1f} ms/token "
+        f"(cost ratio {costs['draft_ms'] / costs['target_ms']:.3f}); target verification {verify}.",
+        f"Memory: bandwidth {costs['bandwidth_gbs']:.1f} GB/s; weights {costs['target_bytes'] / 1e9:.2f} GB (target), "
+        f"{costs['draft_bytes'] / 1e9:.2f} GB (draft); bandwidth floor {costs['target_floor_ms']:.1f} and "
+        f"{costs['draft_floor_ms']:.1f} ms/token.",
+    ]
+    if "4" in costs["verify_ms"]:
+        projected = projection(results)
+        lines.append(
+            f"Projection (not a measurement): with the seed blog's {SEED_TOKENS_PER_ROUND} tokens per round at K=4 "
+            f"(real GPT-2 XL / small), these costs give {projected['over_cached']:.2f}x over naive decoding with "
+            f"KV cache" + (f" and {projected['over_uncached']:.2f}x over naive decoding without it."
+                           if projected["over_uncached"] else "."))
+    return "\n".join(lines)
+
+
+def projection(results: dict) -> dict:
+    """The real pair's speedup from the measured pass costs and the seed blog's 4.06 tokens per round at K=4."""
+    costs, runs = results["costs"], results["runs"]
+    round_ms = 4 * costs["draft_ms"] + costs["verify_ms"]["4"]
+    per_token_ms = round_ms / SEED_TOKENS_PER_ROUND
+    uncached = runs.get("naive (no cache)")
+    uncached_ms = 1e3 * statistics.median(uncached["seconds"]) / len(uncached["tokens"]) if uncached else None
+    return {"round_ms": round_ms, "over_cached": costs["target_ms"] / per_token_ms,
+            "over_uncached": uncached_ms / per_token_ms if uncached_ms else None}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    table = results["table"]
+    for prefix, style in (("speculative, ", "o-"), ("transformers assisted, ", "s--")):
+        for draft in ("small", "target itself"):
+            rows = [r for r in table if r["name"].startswith(f"{prefix}{draft}, K=") and r["name"][-1].isdigit()]
+            if rows:
+                Ks = [int(r["name"].rsplit("K=", 1)[1]) for r in rows]
+                label = ("ours" if prefix.startswith("spec") else "transformers assisted") + f", draft: {draft}"
+                ax.plot(Ks, [r["speedup"] for r in rows], style, label=label)
+                if prefix.startswith("spec"):
+                    color = ax.lines[-1].get_color()
+                    ax.plot(Ks, [r["predicted"] for r in rows], ":", color=color, label=f"predicted, draft: {draft}")
+                    auto = next(r for r in table if r["name"] == f"{prefix}{draft}, K=auto")
+                    chosen = results["runs"][auto["name"]]["lookahead_per_round"]
+                    ax.plot([sum(chosen) / len(chosen)], [auto["speedup"]], "*", ms=12, color=color,
+                            label=f"ours, K=auto (at its mean K), draft: {draft}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    meta = results["meta"]
+    ax.set(xlabel="K (draft tokens per round)", ylabel="speedup over naive decoding (KV cache)",
+           title=f"{Path(meta['target']).name} / {Path(meta['draft']).name}, {meta['dtype']}, {meta['device']}")
+    ax.set_xticks(meta["lookahead"])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / "bench.png")
+    print(markdown(results))
+    print(f"\nraw times: {out / 'bench.json'}; plot: {out / 'bench.png'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

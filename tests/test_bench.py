@@ -1,0 +1,82 @@
+"""Smoke test of benchmarks/bench.py on tiny random checkpoints: every row, derived figures, the plot."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from gpt2_model import GPT2Config
+from helpers import noisy_copy, random_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    target = random_model(GPT2Config(n_positions=128, n_embd=32, n_layer=2, n_head=2), seed=0, scale=5)
+    target.save_pretrained(folder / "target")
+    noisy_copy(target, noise=0.08, seed=1).save_pretrained(folder / "draft")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--target", str(folder / "target"),
+         "--draft", str(folder / "draft"), "--max-new-tokens", "12", "--lookahead", "2", "4", "--repeats", "2",
+         "--dtype", "float32", "--out", str(folder / "out")],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    table = {}
+    for line in result.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and not line.startswith("| run ") and len(cells) == 10:
+            table[cells[0]] = cells
+    return json.loads((folder / "out" / "bench.json").read_text()), table, folder / "out", result.stdout
+
+
+def test_every_row_is_there(bench):
+    data, table, _, _ = bench
+    expected = {"naive (KV cache)", "naive (no cache)", "speculative, small, K=2", "speculative, small, K=4",
+                "speculative, small, K=auto", "transformers generate", "transformers assisted, small, K=2", "transformers assisted, small, K=4",
+                "transformers assisted, small, defaults"}
+    assert set(data["runs"]) == expected == set(table)
+    for name, run in data["runs"].items():
+        assert len(run["seconds"]) == (1 if name == "naive (no cache)" else 2)
+        assert len(run["tokens"]) == 12
+        assert run["identical"], name  # fp32 greedy: every method gives the target's tokens
+
+
+def test_derived_figures_match_the_raw_times(bench):
+    data, table, _, _ = bench
+    costs, runs = data["costs"], data["runs"]
+    naive = statistics.median(runs["naive (KV cache)"]["seconds"])
+    for name, run in runs.items():
+        seconds = statistics.median(run["seconds"])
+        assert table[name][1] == f"{seconds:.2f}"
+        assert table[name][3] == f"{naive / seconds:.2f}"
+        if name.startswith("speculative"):
+            assert table[name][4] == f"{run['accepted'] / run['proposed']:.2f}"
+            alpha = run["accepted"] / (run["accepted"] + run["rejections"]) if run["accepted"] else 0.0
+            assert table[name][5] == f"{alpha:.2f}"
+            assert table[name][6] == f"{len(run['tokens']) / len(run['lookahead_per_round']):.2f}"
+            if name.endswith("auto"):
+                continue
+            K = int(name.rsplit("K=", 1)[1])
+            E = K + 1 if alpha == 1 else (1 - alpha ** (K + 1)) / (1 - alpha)
+            predicted = E * costs["target_ms"] / (K * costs["draft_ms"] + costs["verify_ms"][str(K)])
+            assert table[name][7] == f"{predicted:.2f}"
+            assert table[name][8] == f"{naive / seconds / predicted:.2f}"
+
+
+def test_projection_and_costs_are_printed(bench):
+    data, _, _, stdout = bench
+    costs = data["costs"]
+    round_ms = 4 * costs["draft_ms"] + costs["verify_ms"]["4"]
+    assert f"give {costs['target_ms'] / (round_ms / 4.06):.2f}x over naive decoding with KV cache" in stdout
+    assert f"target {costs['target_ms']:.1f} ms/token" in stdout
+    assert costs["bandwidth_gbs"] > 0 and costs["target_bytes"] > 0
+
+
+def test_plot_is_a_png(bench):
+    _, _, out, _ = bench
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
