@@ -79,6 +79,11 @@ class GPT2Config:
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
             if raw.get(flag):
                 raise ValueError(f"{path}: {flag}=true is not supported by this GPT-2")
+        if raw.get("scale_attn_weights") is False:
+            raise ValueError(f"{path}: scale_attn_weights=false is not supported by this GPT-2")
+        if raw.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+            raise ValueError(f"{path}: activation_function={raw['activation_function']!r} is not supported "
+                             f"(only GPT-2's tanh GELU)")
         fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
         return cls(**fields)
 
@@ -337,26 +342,21 @@ def read_checkpoint(folder: Path, config: GPT2Config, *, dtype=torch.float32, de
     path = _checkpoint_file(folder)
     expected = {k: tuple(v.shape) for k, v in _shape_model(config).state_dict().items()}
     state = {}
-    try:
-        with _open_tensors(path) as tensors:
-            for raw_key in tensors.keys():
-                key = raw_key.removeprefix("transformer.")
-                if key == "lm_head.weight" or key.endswith((".attn.bias", ".attn.masked_bias")):
-                    continue  # tied to wte, and causal-mask buffers: nothing to load
-                if key not in expected:
-                    raise CheckpointError(f"{path}: unexpected tensor {raw_key!r} for {_describe(config)}")
-                t = tensors.get(raw_key)
-                t = t.t() if _is_conv1d(key) else t
-                if tuple(t.shape) != expected[key]:
-                    raise CheckpointError(
-                        f"{path}: tensor {raw_key!r} has shape {list(t.shape)}, expected {list(expected[key])} "
-                        f"for {_describe(config)}"
-                    )
-                state[key] = t.to(device=device, dtype=dtype).contiguous()
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors and torch.load report truncation and corruption in many ways
-        raise CheckpointError(f"{path}: cannot read the checkpoint, it may be truncated or corrupt ({e})") from None
+    with _TensorFile(path) as tensors:
+        for raw_key in tensors.keys():
+            key = raw_key.removeprefix("transformer.")
+            if key == "lm_head.weight" or key.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # tied to wte, and causal-mask buffers: nothing to load
+            if key not in expected:
+                raise CheckpointError(f"{path}: unexpected tensor {raw_key!r} for {_describe(config)}")
+            t = tensors.get(raw_key)
+            t = t.t() if _is_conv1d(key) else t
+            if tuple(t.shape) != expected[key]:
+                raise CheckpointError(
+                    f"{path}: tensor {raw_key!r} has shape {list(t.shape)}, expected {list(expected[key])} "
+                    f"for {_describe(config)}"
+                )
+            state[key] = t.to(device=device, dtype=dtype).contiguous()
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
@@ -372,8 +372,9 @@ def _describe(config: GPT2Config) -> str:
     return f"n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}, vocab={config.vocab_size}"
 
 
-class _open_tensors:
-    """A uniform `keys()` / `get(key)` view of a safetensors file (memory-mapped) or a pytorch_model.bin."""
+class _TensorFile:
+    """`keys()` and `get(key)` over a safetensors file (memory-mapped) or a pytorch_model.bin; a file that cannot
+    be read raises CheckpointError, whatever way safetensors or torch.load report it."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -382,15 +383,33 @@ class _open_tensors:
         if self.path.suffix == ".safetensors":
             from safetensors import safe_open
 
-            self._file = safe_open(str(self.path), framework="pt")
-            self.keys, self.get = self._file.keys, self._file.get_tensor
+            self._file = self._read(lambda: safe_open(str(self.path), framework="pt"))
+            self._keys, self._get = self._file.keys, self._file.get_tensor
         else:
-            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            self.keys, self.get = state.keys, state.__getitem__
+            try:
+                state = self._read(lambda: torch.load(self.path, map_location="cpu", weights_only=True, mmap=True))
+            except CheckpointError:  # files in torch's legacy (pre-1.6) format cannot be memory-mapped
+                state = self._read(lambda: torch.load(self.path, map_location="cpu", weights_only=True))
+            self._keys, self._get = state.keys, state.__getitem__
         return self
 
     def __exit__(self, *exc):
-        self.keys = self.get = self._file = None
+        self._keys = self._get = self._file = None
+
+    def keys(self):
+        return self._read(self._keys)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._read(lambda: self._get(key))
+
+    def _read(self, read):
+        try:
+            return read()
+        except Exception as e:  # truncation and corruption surface as many exception types
+            raise CheckpointError(
+                f"{self.path}: cannot read the checkpoint, it may be truncated or corrupt ({e}); delete it and "
+                f"download it again"
+            ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -454,44 +473,65 @@ def _expected_sha256(url: str) -> str | None:
 
 
 def _fetch(url: str, dest: Path, *, retries: int) -> None:
-    from tqdm.auto import tqdm
-
     part = dest.with_name(dest.name + ".part")
-    expected = _expected_sha256(url)
+    expected = None
     for attempt in range(retries + 1):
-        have = part.stat().st_size if part.exists() else 0
-        headers = {"User-Agent": "speculative-gpt2"} | ({"Range": f"bytes={have}-"} if have else {})
+        expected = expected or _expected_sha256(url)
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as response:
-                if have and response.status != 206:
-                    have = 0  # the server ignored the Range request: start over
-                size = response.headers.get("Content-Length")
-                total = have + int(size) if size is not None else None
-                with open(part, "ab" if have else "wb") as f, tqdm(
-                    total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
-                    file=sys.stderr,
-                ) as bar:
-                    while chunk := response.read(1 << 20):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-            if total is not None and part.stat().st_size < total:
-                raise http.client.IncompleteRead(b"", total - part.stat().st_size)
-            break
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and have:  # nothing left to fetch: the .part file is complete
+            if _download_into(url, part):
                 break
-            raise DownloadError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from None
+        except urllib.error.HTTPError as e:
+            if e.code < 500 and e.code != 429:  # a missing file or a refusal: trying again will not help
+                raise DownloadError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from None
+            error = f"HTTP {e.code} {e.reason}"
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            if attempt == retries:
-                reason = getattr(e, "reason", None) or e.__class__.__name__
-                raise DownloadError(f"downloading {url} failed after {retries + 1} tries: {reason}") from None
-            time.sleep(min(2**attempt, 10) * 0.5)  # then resume from what the .part file holds
+            error = str(getattr(e, "reason", None) or e) or e.__class__.__name__
+        if attempt == retries:
+            raise DownloadError(f"downloading {url} failed after {retries + 1} tries: {error}")
+        time.sleep(min(2**attempt, 10) * 0.5)  # then resume from what the .part file holds
     if expected is not None:
         actual = _sha256(part)
         if actual != expected:
             part.unlink()
             raise DownloadError(f"{url}: SHA-256 {actual} does not match the expected {expected}; removed it")
+    elif dest.suffix == ".safetensors":
+        print(f"warning: {url} announced no SHA-256, so the download is not verified", file=sys.stderr)
     os.replace(part, dest)
+
+
+def _download_into(url: str, part: Path) -> bool:
+    """Appends the rest of `url` to `part` (all of it if `part` is empty); True when `part` is complete."""
+    from tqdm.auto import tqdm
+
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "speculative-gpt2"} | ({"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not have:
+            raise
+        # Range not satisfiable: the .part file is complete if it has the size the server states.
+        complete = (e.headers.get("Content-Range") or "").removeprefix("bytes */") == str(have)
+        if not complete:
+            part.unlink()
+        return complete
+    with response:
+        if have and response.status != 206:
+            have = 0  # the server ignored the Range request: start over
+        size = response.headers.get("Content-Length")
+        total = have + int(size) if size is not None else None
+        with open(part, "ab" if have else "wb") as f, tqdm(
+            total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name.removesuffix(".part"),
+            file=sys.stderr,
+        ) as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave a renamed empty file
+    if total is not None and part.stat().st_size < total:
+        raise http.client.IncompleteRead(b"", total - part.stat().st_size)
+    return True
 
 
 def _sha256(path: Path) -> str:
@@ -503,10 +543,12 @@ def _sha256(path: Path) -> str:
 
 
 def _write_atomically(dest: Path, write) -> None:
-    # Write beside the destination, then rename: a crash never leaves a half-written file under its real name.
+    # Write beside the destination, sync, then rename: a crash never leaves a half-written file under its name.
     tmp = dest.with_name(dest.name + ".tmp")
     try:
         write(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

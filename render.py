@@ -16,7 +16,7 @@ import html
 import re
 from typing import IO
 
-ORIGINS = ("draft", "resampled", "bonus", "target")  # as in speculative.ORIGINS; not imported: it pulls in torch
+ORIGINS = ("draft", "resampled", "bonus", "target")  # the values of Generation.origins
 
 MEANINGS = {
     "draft": "proposed by the draft, kept by the target",

@@ -34,9 +34,6 @@ import torch
 
 from gpt2_model import GPT2, WEIGHTS_DIR, DownloadError, KVCache, load_tokenizer
 
-ORIGINS = ("draft", "resampled", "bonus", "target")
-
-
 @dataclass
 class Generation:
     """What a sampling call produced, and how.
@@ -44,8 +41,8 @@ class Generation:
     `tokens` are the new tokens (never the prompt); `origins[i]` says where `tokens[i]` came from: "draft" (a
     draft token the target kept), "resampled" (drawn from norm(max(0, q - p)) at a rejection), "bonus" (drawn
     from q after all K drafts were kept) or "target" (plain decoding). `accepted_per_round` holds how many
-    drafts each round kept, `lookahead_per_round` how many it proposed (K). Call counts exclude the prefill;
-    `seconds` includes it.
+    drafts each round kept, `lookahead_per_round` how many it proposed (K; fewer when an EOS among the kept
+    drafts ended the output). Call counts exclude the prefill; `seconds` includes it.
     """
 
     tokens: list[int] = field(default_factory=list)
@@ -65,7 +62,8 @@ class Generation:
         """
         K = len(drafts)
         new = drafts[:n] + [next_token]
-        origins = ["draft"] * n + ["bonus" if n == K else "resampled"]
+        # With no drafts (the last token of a call) the round is a plain target step.
+        origins = ["draft"] * n + ["target" if K == 0 else "bonus" if n == K else "resampled"]
         proposed = K
         if eos_token_id in new:
             end = new.index(eos_token_id) + 1
@@ -75,7 +73,7 @@ class Generation:
         self.tokens += new
         self.origins += origins
         self.accepted_per_round.append(n)
-        self.lookahead_per_round.append(K)
+        self.lookahead_per_round.append(proposed)
         self.accepted += n
         self.proposed += proposed
         return new
@@ -107,7 +105,8 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int |
     logits = logits.float()  # compare probabilities in float32 whatever the models' dtype
     if temperature == 0:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits / temperature
+    # Subtracting the maximum first keeps a tiny temperature from overflowing to inf - inf = NaN.
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth_largest = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
@@ -203,12 +202,14 @@ class AdaptiveLookahead:
     alpha is estimated from the rounds so far as kept / (kept + rejected), the maximum-likelihood estimate when
     drafts are kept independently (drafts after a rejection were never tested), with counts that decay so that
     it follows the text. t_draft (per pass) and t_verify (per number of rows) are measured as the rounds run.
-    A verification size not yet measured is assumed to cost as much as the nearest measured one: optimistic,
-    so that it gets tried, and then measured.
+    A verification size not yet measured costs the linear interpolation between measured sizes, or beyond them
+    as much as the nearest one: optimistic, so that a larger K gets tried, and then measured.
+    K depends on measured times, so with a sampling temperature the same seed need not give the same tokens;
+    each call is still an exact sample from the target.
     """
 
     def __init__(self, max_lookahead: int = 12, first: int = 4, decay: float = 0.9):
-        self.max_lookahead, self.first, self.decay = max_lookahead, first, decay
+        self.max_lookahead, self.first, self.decay = max_lookahead, min(first, max_lookahead), decay
         self.kept, self.rejected = 1.0, 1.0  # a uniform prior: alpha = 0.5 until rounds say otherwise
         self.draft_ms: float | None = None
         self.verify_ms: dict[int, float] = {}  # rows -> ms
@@ -449,7 +450,7 @@ def _parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; >0 samples")
     parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (temperature > 0)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (temperature > 0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the sampling generator")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="weights and activations; auto: bfloat16 where the hardware runs it natively, else float32")
@@ -468,6 +469,16 @@ def _parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give an integer from 0 to 2**63 - 1")
+    return seed
+
+
 def _lookahead(text: str) -> int | str:
     if text == "auto":
         return text
@@ -483,9 +494,13 @@ def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but CUDA is not available: use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -521,14 +536,12 @@ def main(argv=None) -> int:
     try:
         check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.lookahead)
         return _run(args)
-    except (ValueError, DownloadError) as e:
+    except (ValueError, DownloadError, OSError) as e:  # bad input, weights or files: one line, no traceback
         print(f"speculative.py: error: {e}", file=sys.stderr)
         return 2
 
 
 def _run(args) -> int:
-    from gpt2_model import GPT2
-
     device = _device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     enc = load_tokenizer()
@@ -539,6 +552,7 @@ def _run(args) -> int:
     print(f"Loading target {args.target} and draft {args.draft} ({_name(dtype)}, {device}) ...", file=sys.stderr)
     target = GPT2.from_pretrained(args.target, **load)
     draft = GPT2.from_pretrained(args.draft, **load) if args.mode != "naive" else None
+    _check_models_and_prompt(prompt, args.max_new_tokens, None, [m for m in (target, draft) if m is not None])
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    eos_token_id=None if args.ignore_eos else enc.eot_token)
     seeded = lambda: torch.Generator(device).manual_seed(args.seed)  # noqa: E731  every run: the same seed
@@ -581,14 +595,15 @@ def _print_summary(args, results: dict[str, Generation], device, dtype) -> None:
     print("\n=== Summary ===")
     if spec is not None:
         for name, base in (("naive decoding", naive), ("naive decoding without KV cache", uncached)):
-            if base is not None:
-                print(f"speedup over {name}: {base.seconds / spec.seconds:.2f}x")
+            if base is not None:  # tokens/s: with sampling, an EOS can end the runs at different lengths
+                print(f"speedup over {name}: {spec.tokens_per_second / base.tokens_per_second:.2f}x")
         rate = spec.acceptance_rate
         print(f"acceptance rate: {'n/a' if rate is None else f'{rate:.2f}'} ({spec.accepted} of {spec.proposed} drafts kept)")
         print(f"mean tokens per target pass: {spec.tokens_per_target_call:.2f}")
         print(f"target passes: {spec.target_calls}, draft passes: {spec.draft_calls}")
-        if args.lookahead == "auto" and spec.lookahead_per_round:
-            print(f"mean K chosen per round: {sum(spec.lookahead_per_round) / len(spec.lookahead_per_round):.2f}")
+        chosen = [k for k in spec.lookahead_per_round if k > 0]
+        if args.lookahead == "auto" and chosen:
+            print(f"mean K chosen per round: {sum(chosen) / len(chosen):.2f}")
     print(f"target: {args.target}, draft: {args.draft}, dtype: {_name(dtype)}, device: {device}")
     if spec is not None and naive is not None:
         if args.temperature == 0:

@@ -64,10 +64,13 @@ def test_sampling_mode_and_options(checkpoints):
         (["--target", "gpt2-xl", "--weights-dir", "/nonexistent", "--no-download"], "downloading is off"),
         (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], "device"),
         (["--max-new-tokens", "2000"], "exceeds the context of"),
+        (["--seed", "99999999999999999999999"], "invalid seed"),
+        (["--device", "meta"], "unknown device 'meta'"),
+        (["--target", "gpt2", "--weights-dir", "/etc/hostname/weights"], "Not a directory"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(checkpoints, args, message, tmp_path):
-    env = os.environ | {"HF_HOME": str(tmp_path)}  # an empty Hugging Face cache
+    env = os.environ | {"HF_HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9"}  # empty cache, no hub
     defaults = ["--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft")]
     result = run_cli(*defaults, *args, env=env)
     assert result.returncode == 2, result.stderr

@@ -21,6 +21,7 @@ class FakeHub(http.server.ThreadingHTTPServer):
         self.files = files
         self.announced_sha = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
         self.cut_next_get_after = None  # bytes sent before the connection is dropped, once
+        self.fail_next_gets = 0  # answer this many GETs with 503 first
         self.ranges = []
 
     @property
@@ -56,6 +57,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         name = self._resolve()
         if name is None:
+            return
+        if self.server.fail_next_gets:
+            self.server.fail_next_gets -= 1
+            self.send_error(503)
             return
         data = self.server.files[name]
         range_header = self.headers.get("Range")
@@ -137,3 +142,13 @@ def test_missing_file_on_the_hub(hub, tmp_path):
     with pytest.raises(DownloadError, match="HTTP 404"):
         download("gpt2", tmp_path)
     assert not (tmp_path / "gpt2" / "model.safetensors").exists()
+
+
+def test_server_errors_are_retried(hub, tmp_path, monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    hub.fail_next_gets = 2
+    download("gpt2", tmp_path)
+    assert (tmp_path / "gpt2" / "model.safetensors").read_bytes() == hub.files["model.safetensors"]
+    hub.fail_next_gets = 10
+    with pytest.raises(DownloadError, match="failed after 4 tries: HTTP 503"):
+        download("gpt2", tmp_path / "again")

@@ -134,6 +134,10 @@ def test_presets_and_config_json(tmp_path):
         GPT2Config.from_name("gpt3")
     (tmp_path / "config.json").write_text(json.dumps({"n_layer": 2, "n_head": 4, "n_embd": 64, "use_cache": True}))
     assert GPT2Config.from_json(tmp_path / "config.json") == GPT2Config(n_layer=2, n_head=4, n_embd=64)
+    for unsupported in ({"activation_function": "relu"}, {"scale_attn_weights": False}, {"n_inner": 100}):
+        (tmp_path / "config.json").write_text(json.dumps({"n_layer": 2, "n_head": 4, "n_embd": 64} | unsupported))
+        with pytest.raises(ValueError, match="not supported"):
+            GPT2Config.from_json(tmp_path / "config.json")
 
 
 # Loader errors ------------------------------------------------------------------------------------------
