@@ -218,11 +218,15 @@ def _transformers_rows(target_path, draft_path, drafts, Ks, prompt, n, dtype, de
             _sync(device)
         return {"seconds": time.perf_counter() - start, "tokens": out[0, len(prompt):].tolist(), "rounds": None}
 
-    def assisted(draft, **kwargs):
-        # Assisted generation adapts its settings on the assistant's config between calls: start each call afresh.
+    def assisted(draft, **settings):
+        # The candidate generator reads num_assistant_tokens & co. from the ASSISTANT's generation config (passed
+        # to generate() they would be ignored), and adapts that config between calls: set them there, and restore
+        # it after each call so that every call starts alike.
         saved = copy.deepcopy(draft.generation_config)
         try:
-            return generate(assistant_model=draft, **kwargs)
+            for key, value in settings.items():
+                setattr(draft.generation_config, key, value)
+            return generate(assistant_model=draft)
         finally:
             draft.generation_config = saved
 
