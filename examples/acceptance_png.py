@@ -49,7 +49,8 @@ def draw(prompt_text, groups, title, path, width=88):
             pieces.append((line, col, part, origin))
             col += len(part)
     rows = line + 1 + len(ORIGINS) + 2
-    fig = plt.figure(figsize=(width * 0.105, rows * 0.3))
+    # One x unit = one character: a monospace glyph is 0.6 em wide, 10 pt here, and 72 pt make an inch.
+    fig = plt.figure(figsize=((width + 2) * 0.6 * 10 / 72, rows * 0.3))
     ax = fig.add_axes([0, 0, 1, 1])
     ax.set_xlim(0, width + 2)
     ax.set_ylim(rows, 0)
@@ -84,10 +85,10 @@ if __name__ == "__main__":
         label = f"{args.target} / {args.draft}"
     else:
         target, draft = tiny_pair()
-        label = "tiny random models (real GPT-2 weights unavailable here): the text is gibberish"
+        label = "tiny random models (no real GPT-2 weights here): gibberish text"
     enc = load_tokenizer()
     prompt = enc.encode(args.prompt)
     out = speculative_sample(target, draft, prompt, args.max_new_tokens, lookahead=args.lookahead)
     prompt_text, groups = text_groups(out, enc, prompt)
-    draw(prompt_text, groups, f"speculative.py --show-acceptance, K={args.lookahead}: {label}", args.out)
+    draw(prompt_text, groups, f"K={args.lookahead}, {label}", args.out)
     print(f"wrote {args.out}: acceptance rate {out.acceptance_rate:.2f}")

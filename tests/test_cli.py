@@ -5,9 +5,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from gpt2_model import GPT2Config
 from helpers import noisy_copy, random_model
+from speculative import resolve_dtype
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +41,8 @@ def test_end_to_end_summary(checkpoints):
     assert out.count("Generated: Hello, my name is") == 3
     assert "speedup over naive decoding: " in out and "speedup over naive decoding without KV cache: " in out
     assert "acceptance rate: " in out and "mean tokens per target pass: " in out
-    assert "dtype: float32, device: cpu" in out
+    auto = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")  # the default --dtype auto
+    assert f"dtype: {auto}, device: cpu" in out
     assert "identical outputs: yes" in out
     assert "24 tokens" in out
 
@@ -62,7 +65,7 @@ def test_sampling_mode_and_options(checkpoints):
         (["--dtype", "float8"], "invalid choice: 'float8'"),
         (["--target", "no-such-model"], "neither a checkpoint folder nor a preset"),
         (["--target", "gpt2-xl", "--weights-dir", "/nonexistent", "--no-download"], "downloading is off"),
-        (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], "device"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
         (["--max-new-tokens", "2000"], "exceeds the context of"),
         (["--seed", "99999999999999999999999"], "invalid seed"),
         (["--device", "meta"], "unknown device 'meta'"),

@@ -296,3 +296,17 @@ def test_mismatched_models(target):
     meta = random_model(CONFIG, 0).to("meta")
     with pytest.raises(ValueError, match="different devices"):
         speculative_sample(target, meta, [1, 2], 4)
+
+
+# 6. dtype auto -----------------------------------------------------------------------------------------
+
+
+def test_dtype_auto_follows_the_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(speculative, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert speculative.resolve_dtype("auto", cpu) == torch.float32  # bf16 would be emulated: slower
+    monkeypatch.setattr(speculative, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert speculative.resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(speculative, "_cpu_flags", lambda: {"amx_bf16", "amx_tile"})
+    assert speculative.resolve_dtype("auto", cpu) == torch.bfloat16
+    assert speculative.resolve_dtype("float16", cpu) == torch.float16
