@@ -285,6 +285,7 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
         K = min(adaptive.choose() if adaptive else lookahead, max_new_tokens - len(out.tokens) - 1)
         pending = torch.tensor([tokens[draft_cache.length:]], device=device)  # (1, 1 or 2)
         started = _clock(device)
+        # Step 1, draft: K tokens from p, one draft pass each.
         if K > 0:
             drafts, p = draft_tokens(draft, draft_cache, pending, K, process, temperature, generator)
             out.draft_calls += K
@@ -295,6 +296,7 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
         q = process(target(torch.cat([prompt.new_tensor(tokens[-1:]), drafts])[None], cache=target_cache)[0])
         out.target_calls += 1
         verified = _clock(device)
+        # Step 3, accept or resample: n drafts kept, then one resampled (or bonus) token.
         n, next_token = accept_or_resample(drafts, p, q, temperature, generator)
         values = torch.cat([drafts, n.view(1), next_token.view(1)]).tolist()  # the round's one host sync
         drafts, n, next_token = values[:-2], values[-2], values[-1]
