@@ -480,6 +480,7 @@ def _fetch(url: str, dest: Path, *, retries: int) -> None:
         try:
             if _download_into(url, part):
                 break
+            error = "the partial file did not match the server's size; it was removed"
         except urllib.error.HTTPError as e:
             if e.code < 500 and e.code != 429:  # a missing file or a refusal: trying again will not help
                 raise DownloadError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from None

@@ -66,6 +66,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         range_header = self.headers.get("Range")
         self.server.ranges.append(range_header)
         start = int(range_header.removeprefix("bytes=").rstrip("-")) if range_header else 0
+        if start >= len(data):
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         self.send_response(206 if range_header else 200)
         self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
@@ -152,3 +158,17 @@ def test_server_errors_are_retried(hub, tmp_path, monkeypatch):
     hub.fail_next_gets = 10
     with pytest.raises(DownloadError, match="failed after 4 tries: HTTP 503"):
         download("gpt2", tmp_path / "again")
+
+
+def test_left_over_partial_files(hub, tmp_path, monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    data = hub.files["model.safetensors"]
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "model.safetensors.part").write_bytes(data)  # complete but never renamed: only verified and renamed
+    download("gpt2", tmp_path)
+    assert (folder / "model.safetensors").read_bytes() == data and hub.ranges[-1] == f"bytes={len(data)}-"
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.part").write_bytes(data + b"stale")  # longer than the file: start over
+    download("gpt2", tmp_path)
+    assert (folder / "model.safetensors").read_bytes() == data and hub.ranges[-1] is None
