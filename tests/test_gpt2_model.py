@@ -91,6 +91,39 @@ def test_cache_one_and_several_tokens_at_a_time_match_full_pass(reference_folder
     torch.testing.assert_close(full, reference_logits(reference, idx), atol=TOL, rtol=0)
 
 
+def _one_row_layout(model):
+    """True when the weights lie [in, out] in memory (GPT2.prepare_for(1) on CPU float32)."""
+    weights = [model.wte.weight] + [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    layouts = {not w.is_contiguous() and w.t().is_contiguous() for w in weights}
+    assert len(layouts) == 1, "all weights must share one layout"
+    return layouts.pop()
+
+
+def test_prepare_for_changes_the_memory_layout_not_the_model(reference_folder, tmp_path):
+    folder, reference = reference_folder
+    model = GPT2.from_pretrained(folder)
+    assert not _one_row_layout(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = torch.randint(0, 50257, (1, 20), generator=torch.Generator().manual_seed(4))
+    for rows in (1, 5, 1, 16, 17, 2):
+        assert model.prepare_for(rows) is model
+        assert _one_row_layout(model) == (rows == 1)
+        for k, v in model.state_dict().items():
+            assert v.shape == state[k].shape and torch.equal(v, state[k]), k
+        with torch.no_grad():  # 1, 2, 3 and 14 new tokens: the one-row path, the few-row path, F.linear
+            cache = model.new_cache()
+            pieces = [model(idx[:, :3], cache=cache), model(idx[:, 3:4], cache=cache), model(idx[:, 4:6], cache=cache),
+                      model(idx[:, 6:], cache=cache)]
+        torch.testing.assert_close(torch.cat(pieces, dim=1), reference_logits(reference, idx), atol=TOL, rtol=0)
+    model.prepare_for(1).save_pretrained(tmp_path)  # safetensors needs contiguous tensors: save must not care
+    assert_parity(tmp_path, reference)
+
+
+def test_prepare_for_keeps_bfloat16_in_the_usual_layout(reference_folder):
+    model = GPT2.from_pretrained(reference_folder[0], dtype=torch.bfloat16).prepare_for(1)
+    assert not _one_row_layout(model)  # [in, out] helps float32 only: bfloat16 x @ W was 10-20x slower
+
+
 def test_crop_then_refeed_different_tokens(reference_folder):
     model = GPT2.from_pretrained(reference_folder[0])
     gen = torch.Generator().manual_seed(3)
