@@ -208,13 +208,15 @@ class GPT2(nn.Module):
 
         On CPU in float32, one row (plain decoding) runs fastest as x @ W on [in, out] memory, and 2-16 rows (drafting
         after a full acceptance, verification) as (W @ x.T).T on [out, in] memory. Measured on GPT-2 XL, 2-core EPYC,
-        torch 2.13, ms per pass: 1 row 442 vs 554, 5 rows 5500 vs 760 ([in, out] vs [out, in]). Elsewhere (CUDA,
-        bfloat16) the weights stay [out, in]. A change of layout copies every weight once (GPT-2 XL: ~4 s).
+        torch 2.13, median ms per pass, [in, out] vs [out, in]: 1 row 543 vs 678, 5 rows 1663 vs 809. Elsewhere
+        (CUDA, bfloat16) the weights stay [out, in]. A change of layout copies every weight once (GPT-2 XL: 4-8 s).
         """
         one_row = rows == 1 and self.wte.weight.device.type == "cpu" and self.wte.weight.dtype == torch.float32
-        for p in [self.wte.weight] + [m.weight for m in self.modules() if isinstance(m, nn.Linear)]:
-            if p.is_contiguous() == one_row:  # [out, in] memory is the contiguous one
-                p.data = p.data.t().contiguous().t() if one_row else p.data.contiguous()
+        # Outside inference mode, so that the new weights are ordinary tensors that autograd can still use later.
+        with torch.inference_mode(False), torch.no_grad():
+            for p in [self.wte.weight] + [m.weight for m in self.modules() if isinstance(m, nn.Linear)]:
+                if p.is_contiguous() == one_row:  # [out, in] memory is the contiguous one
+                    p.data = p.data.t().contiguous().t() if one_row else p.data.contiguous()
         return self
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:

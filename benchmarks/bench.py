@@ -66,6 +66,15 @@ def pass_ms(model: GPT2, prompt_len: int, rows: int, repeats: int = 5) -> float:
     return 1e3 * statistics.median(times[1:])
 
 
+def pass_costs(target: GPT2, draft: GPT2, prompt_len: int, Ks: list[int]) -> dict:
+    """Each pass in the weight layout its decoder uses (GPT2.prepare_for): the target's one-row pass as in naive
+    decoding; the draft's, the target-as-draft's and the verification passes as in speculative sampling."""
+    return {"target_ms": pass_ms(target.prepare_for(1), prompt_len, 1),
+            "draft_ms": pass_ms(draft.prepare_for(2), prompt_len, 1),
+            "target_as_draft_ms": pass_ms(target.prepare_for(2), prompt_len, 1),
+            "verify_ms": {str(K): pass_ms(target, prompt_len, K + 1) for K in Ks}}  # str: JSON keys
+
+
 def memory_bandwidth_gbs(device, size_bytes: int = 1 << 30) -> float:
     """GB/s of reading one large tensor (median of 5): the ceiling for memory-bound decoding."""
     x = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)
@@ -155,21 +164,18 @@ def run(args) -> dict:
     autoregressive_sample(target, prompt, 4)
     speculative_sample(target, small, prompt, 4, lookahead=2)
     raw = {name: [] for name in [*rows, *once]}
+    raw_costs = []
     with tqdm(total=len(rows) * args.repeats + len(once), desc="benchmark", unit="run", file=sys.stderr) as bar:
         for _ in range(args.repeats):  # interleaved, so that a slow spell of the machine hits every row alike
             for name, fn in rows.items():
                 raw[name].append(fn())
                 bar.update()
+            raw_costs.append(pass_costs(target, small, len(prompt), Ks))  # the pass costs too
         for name, fn in once.items():
             raw[name].append(fn())
             bar.update()
-
-    # Each pass in the weight layout its decoder uses (GPT2.prepare_for): the target's one-row pass as in naive
-    # decoding; the draft's, the target-as-draft's and the verification passes as in speculative sampling.
-    costs = {"target_ms": pass_ms(target.prepare_for(1), len(prompt), 1),
-             "draft_ms": pass_ms(small.prepare_for(2), len(prompt), 1),
-             "target_as_draft_ms": pass_ms(target.prepare_for(2), len(prompt), 1),
-             "verify_ms": {str(K): pass_ms(target, len(prompt), K + 1) for K in Ks}}  # str: JSON keys
+    costs = {key: statistics.median(c[key] for c in raw_costs) for key in raw_costs[0] if key != "verify_ms"}
+    costs["verify_ms"] = {K: statistics.median(c["verify_ms"][K] for c in raw_costs) for K in raw_costs[0]["verify_ms"]}
     bandwidth = memory_bandwidth_gbs(device)
     naive_tokens = raw["naive (KV cache)"][0]["tokens"]
     results = {
@@ -180,6 +186,7 @@ def run(args) -> dict:
             "max_new_tokens": n, "lookahead": Ks, "repeats": args.repeats,
             "command": "python benchmarks/bench.py " + " ".join(sys.argv[1:]),
         },
+        "raw_costs": raw_costs,
         "costs": costs | {
             "bandwidth_gbs": bandwidth,
             "target_bytes": weight_bytes(target), "draft_bytes": weight_bytes(small),

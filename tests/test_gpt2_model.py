@@ -119,6 +119,15 @@ def test_prepare_for_changes_the_memory_layout_not_the_model(reference_folder, t
     assert_parity(tmp_path, reference)
 
 
+def test_prepare_for_inside_inference_mode_leaves_a_trainable_model():
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=11, n_positions=16))
+    with torch.inference_mode():  # as inside speculative_sample and autoregressive_sample
+        model.prepare_for(1)
+    assert _one_row_layout(model) and not any(p.is_inference() for p in model.parameters())
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    assert model.h[0].mlp.c_fc.weight.grad is not None
+
+
 def test_prepare_for_keeps_bfloat16_in_the_usual_layout(reference_folder):
     model = GPT2.from_pretrained(reference_folder[0], dtype=torch.bfloat16).prepare_for(1)
     assert not _one_row_layout(model)  # [in, out] helps float32 only: bfloat16 x @ W was 10-20x slower
