@@ -94,11 +94,14 @@ def test_cache_one_and_several_tokens_at_a_time_match_full_pass(reference_folder
 
 
 def _one_row_layout(model):
-    """True when the weights lie [in, out] in memory (GPT2.prepare_for(1) on CPU float32)."""
+    """True when the weights lie as GPT2.prepare_for(1) puts them on CPU float32: [in, out] in memory, except the
+    MLP's c_proj (in > out); False when all lie [out, in]."""
     weights = [model.wte.weight] + [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    layouts = {not w.is_contiguous() and w.t().is_contiguous() for w in weights}
-    assert len(layouts) == 1, "all weights must share one layout"
-    return layouts.pop()
+    in_out = [not w.is_contiguous() and w.t().is_contiguous() for w in weights]
+    if not any(in_out):
+        return False
+    assert in_out == [w.shape[1] <= w.shape[0] for w in weights], "a weight in the wrong layout"
+    return True
 
 
 def test_prepare_for_changes_the_memory_layout_not_the_model(reference_folder, tmp_path):
