@@ -267,7 +267,8 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
     """
     check_options(max_new_tokens, temperature, top_k, top_p, lookahead)
     prompt = _check_models_and_prompt(prompt, max_new_tokens, generator, [target, draft])
-    target.prepare_for(rows=2), draft.prepare_for(rows=2)  # verification; drafting after a full acceptance
+    target.prepare_for(rows=2)  # verification: K + 1 rows
+    draft.prepare_for(rows=2)  # 1 row, or 2 after a full acceptance
     start_time = time.perf_counter()
     device = prompt.device
     process = partial(logits_to_probs, temperature=temperature, top_k=top_k, top_p=top_p)
