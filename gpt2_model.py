@@ -212,6 +212,8 @@ class GPT2(nn.Module):
         543 vs 678, 5 rows 1663 vs 809. Elsewhere (CUDA, bfloat16) the weights stay [out, in]. A change of layout
         copies the weights once (GPT-2 XL: 4-8 s).
         """
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"rows must be an integer >= 1 (new tokens per pass), got {rows!r}")
         one_row = rows == 1 and self.wte.weight.device.type == "cpu" and self.wte.weight.dtype == torch.float32
         # Outside inference mode, so that the new weights are ordinary tensors that autograd can still use later.
         with torch.inference_mode(False), torch.no_grad():

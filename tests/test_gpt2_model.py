@@ -120,6 +120,9 @@ def test_prepare_for_changes_the_memory_layout_not_the_model(reference_folder, t
             pieces = [model(idx[:, :3], cache=cache), model(idx[:, 3:4], cache=cache), model(idx[:, 4:6], cache=cache),
                       model(idx[:, 6:], cache=cache)]
         torch.testing.assert_close(torch.cat(pieces, dim=1), reference_logits(reference, idx), atol=TOL, rtol=0)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="rows must be an integer"):
+            model.prepare_for(bad)
     model.prepare_for(1).save_pretrained(tmp_path)  # safetensors needs contiguous tensors: save must not care
     assert_parity(tmp_path, reference)
 
