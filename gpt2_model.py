@@ -1,7 +1,8 @@
-"""GPT-2 from scratch, with a preallocated KV cache built for speculative sampling.
+"""GPT-2 from scratch, with a preallocated KV cache built for speculative sampling, and reading a local checkpoint.
 
-Reading order: GPT2Config, KVCache, the model (CausalSelfAttention, MLP, Block, GPT2), then loading
-(`GPT2.from_pretrained`, `download`) and the tokenizer (`load_tokenizer`).
+Reading order: GPT2Config, KVCache, the model (CausalSelfAttention, MLP, Block, GPT2), then reading a checkpoint
+folder (`read_checkpoint`). Finding a checkpoint (presets, the Hugging Face cache) and downloading it live in
+checkpoints.py; the tokenizer in tokenizer.py.
 
 Module names equal the tensor names of the Hugging Face GPT-2 checkpoints (`wte`, `wpe`, `h.{i}.attn.c_attn`,
 ..., `ln_f`), so loading is a short list of transposed keys plus shape checks. The LM head is tied to `wte`.
@@ -12,24 +13,15 @@ an integer assignment: nothing is copied.
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import json
 import os
 import re
-import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 # name: (n_layer, n_head, n_embd); parameter counts with the tied LM head.
 PRESETS = {
@@ -38,13 +30,6 @@ PRESETS = {
     "gpt2-medium": (24, 16, 1024),  # 355M
     "gpt2-large": (36, 20, 1280),  # 774M
     "gpt2-xl": (48, 25, 1600),  # 1558M
-}
-HUB_REPOS = {
-    "distilgpt2": "distilbert/distilgpt2",
-    "gpt2": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
 }
 CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -120,14 +105,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (see `GPT2.prepare_for`).
 
     On CPU in float32, a few rows (the K + 1 rows of a verification pass) on [out, in] memory go through
-    (weight @ x.T).T: measured on a 2-core EPYC, torch 2.13, GPT-2 XL shapes, 5 rows: 3.3 vs 7.1 ms (c_attn),
-    39 vs 98 ms (LM head). Elsewhere, F.linear.
+    (weight @ x.T).T, which MKL runs 2-3x faster than F.linear's small-M path (figures: README, "Results").
+    Elsewhere, F.linear.
     """
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or x.dtype != torch.float32 or not 1 < rows <= 16 or not weight.is_contiguous():
         return F.linear(x, weight, bias)
-    # (in, rows) as a transposed view of contiguous rows: MKL runs (out, in) @ (in, rows) 3x slower when the (in, rows)
-    # operand is itself contiguous (1600x6400, 5 rows: 13.7 vs 4.5 ms), as it is for the output of a previous linear.
+    # (in, rows) as a transposed view of contiguous rows: MKL is several times slower when the (in, rows) operand is
+    # itself contiguous, as the output of a previous linear would make it.
     xt = x.reshape(rows, x.shape[-1]).contiguous().t()
     y = torch.mm(weight, xt) if bias is None else torch.addmm(bias[:, None], weight, xt)  # (out, rows)
     return y.t().reshape(*x.shape[:-1], weight.shape[0])
@@ -206,11 +191,12 @@ class GPT2(nn.Module):
     def prepare_for(self, rows: int) -> GPT2:
         """Lays out the weights in memory for passes of `rows` new tokens; values and shapes do not change.
 
-        On CPU in float32, one row (plain decoding) runs fastest as x @ W on [in, out] memory, except for the MLP's
-        c_proj, and 2-16 rows (drafting after a full acceptance, verification) as (W @ x.T).T on [out, in] memory.
-        Measured on GPT-2 XL, 2-core EPYC, torch 2.13, median ms per pass, all [in, out] vs all [out, in]: 1 row
-        543 vs 678, 5 rows 1663 vs 809. Elsewhere (CUDA, bfloat16) the weights stay [out, in]. A change of layout
-        copies the weights once (GPT-2 XL: 4-8 s).
+        The one place where a fast path changes the model, called by whoever owns it (the CLI, the benchmark, a
+        notebook), never by the samplers. On CPU in float32, one row (plain decoding) runs fastest as x @ W on
+        [in, out] memory, except for contracting layers (the MLP's c_proj), and 2-16 rows (speculative sampling:
+        drafting after a full acceptance, verification) as (W @ x.T).T on [out, in] memory, the layout a model is
+        loaded in (figures: README, "Results"). Elsewhere (CUDA, bfloat16) the weights stay [out, in]. A change of
+        layout copies the weights once (GPT-2 XL: seconds).
         """
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise ValueError(f"rows must be an integer >= 1 (new tokens per pass), got {rows!r}")
@@ -218,8 +204,8 @@ class GPT2(nn.Module):
         # Outside inference mode, so that the new weights are ordinary tensors that autograd can still use later.
         with torch.inference_mode(False), torch.no_grad():
             for p in [self.wte.weight] + [m.weight for m in self.modules() if isinstance(m, nn.Linear)]:
-                # One row: [in, out], except where the layer contracts (in > out: the MLP's c_proj), faster on [out, in]:
-                # 3.4 vs 4.0 ms on 1600x6400 (a GPT-2 XL pass: 502 vs 537 ms, medians of 4 interleaved rounds).
+                # One row: [in, out], except where the layer contracts (in > out: the MLP's c_proj), which MKL runs
+                # faster on [out, in].
                 to_in_out = one_row and p.shape[1] <= p.shape[0]
                 if p.is_contiguous() == to_in_out:  # [out, in] memory is the contiguous one
                     p.data = p.data.t().contiguous().t() if to_in_out else p.data.contiguous()
@@ -262,7 +248,10 @@ class GPT2(nn.Module):
         download: bool = True,
     ) -> GPT2:
         """Loads a Hugging Face GPT-2 checkpoint folder, or a preset name from `weights_dir` (default: ./weights
-        beside this file), the Hugging Face cache, or the hub. Returns the model in eval mode."""
+        beside this file), the Hugging Face cache, or the hub (see checkpoints.py). Returns the model in eval mode,
+        its weights [out, in] (`prepare_for` changes that)."""
+        from checkpoints import find_checkpoint
+
         folder = find_checkpoint(name_or_path, weights_dir=weights_dir, allow_download=download)
         if (folder / "config.json").exists():
             config = GPT2Config.from_json(folder / "config.json")
@@ -312,48 +301,11 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or does not match its config."""
 
 
-def find_checkpoint(name_or_path, *, weights_dir=None, allow_download=True) -> Path:
-    """The folder that holds the checkpoint: a given folder, `<weights_dir>/<preset>`, a Hugging Face cache
-    snapshot of the preset, or a fresh download into `<weights_dir>/<preset>`."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        if _checkpoint_file(path) is None:
-            raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
-        return path
-    name = str(name_or_path)
-    if name not in PRESETS:
-        raise CheckpointError(f"{name!r} is neither a checkpoint folder nor a preset ({', '.join(PRESETS)})")
-    folder = Path(weights_dir or WEIGHTS_DIR) / name
-    if _checkpoint_file(folder) is not None:
-        return folder
-    cached = _hf_cache_snapshot(name)
-    if cached is not None:
-        return cached
-    if not allow_download:
-        raise CheckpointError(
-            f"no checkpoint for {name} in {folder} and downloading is off: allow the download, or place "
-            f"config.json and model.safetensors from {_hub_url(name, '')} in that folder"
-        )
-    return download(name, weights_dir)
-
-
-def _checkpoint_file(folder: Path) -> Path | None:
+def checkpoint_file(folder: Path) -> Path | None:
+    """The checkpoint file in `folder`, or None."""
     for filename in CHECKPOINT_FILES:
         if (folder / filename).is_file():
             return folder / filename
-    return None
-
-
-def _hf_cache_snapshot(name: str) -> Path | None:
-    """A snapshot folder of the preset in the standard Hugging Face cache, if one holds a checkpoint."""
-    hub = os.environ.get("HF_HUB_CACHE") or Path(
-        os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
-    ) / "hub"
-    # The hub renamed gpt2 to openai-community/gpt2; older caches use the old name.
-    for repo in (HUB_REPOS[name], name):
-        for snapshot in sorted(Path(hub).glob(f"models--{repo.replace('/', '--')}/snapshots/*")):
-            if _checkpoint_file(snapshot) is not None:
-                return snapshot
     return None
 
 
@@ -364,7 +316,7 @@ def read_checkpoint(folder: Path, config: GPT2Config, *, dtype=torch.float32, de
     `save_pretrained`'s (a `transformer.` prefix, no buffers). Tensors are read one at a time from a
     memory map and converted on the way, so no second full copy of the model is built.
     """
-    path = _checkpoint_file(folder)
+    path = checkpoint_file(folder)
     expected = {k: tuple(v.shape) for k, v in _shape_model(config).state_dict().items()}
     state = {}
     with _TensorFile(path) as tensors:
@@ -382,7 +334,7 @@ def read_checkpoint(folder: Path, config: GPT2Config, *, dtype=torch.float32, de
                     f"for {_describe(config)}"
                 )
             # Always a copy of our own: a tensor left on the memory map would keep the whole file's pages mapped
-            # (6.7 GB of extra resident memory measured with GPT-2 XL, whose wte needs no conversion in float32).
+            # (gigabytes of resident memory with GPT-2 XL, whose wte needs no conversion in float32).
             state[key] = torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -439,137 +391,6 @@ class _TensorFile:
             ) from None
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Downloading checkpoints
-
-
-class DownloadError(RuntimeError):
-    """A checkpoint could not be downloaded; the message says how to place the files by hand."""
-
-
-def _hub_url(name: str, filename: str) -> str:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    return f"{endpoint}/{HUB_REPOS[name]}/resolve/main/{filename}"
-
-
-def download(name: str, weights_dir: str | os.PathLike | None = None, *, retries: int = 3) -> Path:
-    """Downloads `config.json` and `model.safetensors` of a preset into `<weights_dir>/<name>`; returns the folder.
-
-    Each file goes to `<file>.part` (resumed with an HTTP Range request after a cut connection), is checked
-    against the SHA-256 the hub sends for large files, and only then is renamed into place.
-    """
-    if name not in HUB_REPOS:
-        raise ValueError(f"unknown GPT-2 preset {name!r}: choose one of {', '.join(HUB_REPOS)}")
-    folder = Path(weights_dir or WEIGHTS_DIR) / name
-    folder.mkdir(parents=True, exist_ok=True)
-    for filename in ("config.json", "model.safetensors"):
-        url = _hub_url(name, filename)
-        try:
-            _fetch(url, folder / filename, retries=retries)
-        except DownloadError as e:
-            raise DownloadError(
-                f"{e}. Download it by hand from {url} and place it in {folder}, or copy a checkpoint folder "
-                f"there (config.json and model.safetensors)"
-            ) from None
-    return folder
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
-        return None
-
-
-def _expected_sha256(url: str) -> str | None:
-    """The SHA-256 the hub announces for a large file: its `X-Linked-Etag` (or `ETag`) header.
-
-    The hub answers a large file with a redirect to a CDN; the hash is on that first answer, so redirects are
-    not followed here. Small files get a git hash (40 hex digits) instead, which is not checked.
-    """
-    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "speculative-gpt2"})
-    try:
-        response = urllib.request.build_opener(_NoRedirect).open(request, timeout=30)
-    except urllib.error.HTTPError as e:  # a 3xx answer arrives here since it is not followed
-        response = e
-    except (urllib.error.URLError, OSError, http.client.HTTPException):
-        return None  # the GET that follows reports the failure, with retries
-    for header in ("X-Linked-Etag", "ETag"):
-        value = (response.headers.get(header) or "").removeprefix("W/").strip('"')
-        if re.fullmatch(r"[0-9a-f]{64}", value):
-            return value
-    return None
-
-
-def _fetch(url: str, dest: Path, *, retries: int) -> None:
-    part = dest.with_name(dest.name + ".part")
-    expected = None
-    for attempt in range(retries + 1):
-        expected = expected or _expected_sha256(url)
-        try:
-            if _download_into(url, part):
-                break
-            error = "the partial file did not match the server's size; it was removed"
-        except urllib.error.HTTPError as e:
-            if e.code < 500 and e.code != 429:  # a missing file or a refusal: trying again will not help
-                raise DownloadError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from None
-            error = f"HTTP {e.code} {e.reason}"
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            error = str(getattr(e, "reason", None) or e) or e.__class__.__name__
-        if attempt == retries:
-            raise DownloadError(f"downloading {url} failed after {retries + 1} tries: {error}")
-        time.sleep(min(2**attempt, 10) * 0.5)  # then resume from what the .part file holds
-    if expected is not None:
-        actual = _sha256(part)
-        if actual != expected:
-            part.unlink()
-            raise DownloadError(f"{url}: SHA-256 {actual} does not match the expected {expected}; removed it")
-    elif dest.suffix == ".safetensors":
-        print(f"warning: {url} announced no SHA-256, so the download is not verified", file=sys.stderr)
-    os.replace(part, dest)
-
-
-def _download_into(url: str, part: Path) -> bool:
-    """Appends the rest of `url` to `part` (all of it if `part` is empty); True when `part` is complete."""
-    from tqdm.auto import tqdm
-
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": "speculative-gpt2"} | ({"Range": f"bytes={have}-"} if have else {})
-    try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code != 416 or not have:
-            raise
-        # Range not satisfiable: the .part file is complete if it has the size the server states.
-        complete = (e.headers.get("Content-Range") or "").removeprefix("bytes */") == str(have)
-        if not complete:
-            part.unlink()
-        return complete
-    with response:
-        if have and response.status != 206:
-            have = 0  # the server ignored the Range request: start over
-        size = response.headers.get("Content-Length")
-        total = have + int(size) if size is not None else None
-        with open(part, "ab" if have else "wb") as f, tqdm(
-            total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name.removesuffix(".part"),
-            file=sys.stderr,
-        ) as bar:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave a renamed empty file
-    if total is not None and part.stat().st_size < total:
-        raise http.client.IncompleteRead(b"", total - part.stat().st_size)
-    return True
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_atomically(dest: Path, write) -> None:
     # Write beside the destination, sync, then rename: a crash never leaves a half-written file under its name.
     tmp = dest.with_name(dest.name + ".tmp")
@@ -580,49 +401,3 @@ def _write_atomically(dest: Path, write) -> None:
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Tokenizer
-
-TOKENIZER_SHA256 = {
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-}
-
-
-@lru_cache(maxsize=1)
-def load_tokenizer():
-    """The GPT-2 BPE tokenizer (equal to tiktoken's `gpt2`), built offline from the files in weights/."""
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
-
-    for filename, expected in TOKENIZER_SHA256.items():
-        if _sha256(WEIGHTS_DIR / filename) != expected:
-            raise ValueError(f"{WEIGHTS_DIR / filename}: SHA-256 differs from tiktoken's; restore it from git")
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(WEIGHTS_DIR / "vocab.bpe"), encoder_json_file=str(WEIGHTS_DIR / "encoder.json")
-    )
-    return tiktoken.Encoding(
-        name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256},
-        explicit_n_vocab=50257,
-    )
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description="Download GPT-2 checkpoints from the Hugging Face hub into weights/<name>/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("names", nargs="+", choices=list(HUB_REPOS), metavar="NAME", help=", ".join(HUB_REPOS))
-    parser.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="where checkpoints go")
-    args = parser.parse_args()
-    for preset in args.names:
-        try:
-            print(download(preset, args.weights_dir))
-        except DownloadError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)

@@ -16,16 +16,18 @@ import html
 import re
 from typing import IO
 
-ORIGINS = ("draft", "resampled", "bonus", "target")  # the values of Generation.origins
+from speculative import Origin
+
+ORIGINS = tuple(Origin)
 
 MEANINGS = {
-    "draft": "proposed by the draft, kept by the target",
-    "resampled": "a draft was rejected: drawn from norm(max(0, q - p))",
-    "bonus": "all K drafts kept: one more token drawn from q",
-    "target": "plain decoding, one target pass per token",
+    Origin.DRAFT: "proposed by the draft, kept by the target",
+    Origin.RESAMPLED: "a draft was rejected: drawn from norm(max(0, q - p))",
+    Origin.BONUS: "all K drafts kept: one more token drawn from q",
+    Origin.TARGET: "plain decoding, one target pass per token",
 }
-HTML_COLOURS = {"draft": "#b6e8b0", "resampled": "#ffbf8f", "bonus": "#a9cdf7", "target": None}  # None: uncoloured
-ANSI_COLOURS = {"draft": "\x1b[32m", "resampled": "\x1b[31m", "bonus": "\x1b[34m", "target": ""}  # foregrounds
+HTML_COLOURS = {Origin.DRAFT: "#b6e8b0", Origin.RESAMPLED: "#ffbf8f", Origin.BONUS: "#a9cdf7", Origin.TARGET: None}
+ANSI_COLOURS = {Origin.DRAFT: "\x1b[32m", Origin.RESAMPLED: "\x1b[31m", Origin.BONUS: "\x1b[34m", Origin.TARGET: ""}
 ANSI_PROMPT, ANSI_RESET = "\x1b[2m", "\x1b[0m"  # the prompt is dim
 
 # Control characters shown as their Unicode pictures in a terminal: model output must not move the cursor or
@@ -48,14 +50,14 @@ def text_groups(generation, tokenizer, prompt_tokens: list[int] | None = None) -
     decoder = _decoder()
     prompt_text = "".join(decoder.decode(tokenizer.decode_single_token_bytes(t)) for t in prompt_tokens or [])
     groups, text = [], ""
-    for token, origin in zip(generation.tokens, generation.origins, strict=True):
+    for token, origin in zip(generation.tokens, map(Origin, generation.origins), strict=True):
         text += decoder.decode(tokenizer.decode_single_token_bytes(token))
         if decoder.getstate()[0] == b"":  # no incomplete character is pending: the group ends here
             groups.append((text, origin))
             text = ""
     tail = text + decoder.decode(b"", final=True)  # non-empty only if the bytes end inside a character
     if tail and generation.tokens:
-        groups.append((tail, generation.origins[-1]))
+        groups.append((tail, Origin(generation.origins[-1])))
     else:
         prompt_text += tail
     return prompt_text, groups

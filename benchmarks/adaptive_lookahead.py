@@ -1,8 +1,8 @@
-"""Simulate lookahead="auto" against every fixed K, with a measured cost model and i.i.d. acceptance.
+"""Simulate `AdaptiveLookahead` against every fixed K, with a measured cost model and i.i.d. acceptance.
 
 Each round proposes K drafts, keeps each with probability alpha until the first rejection, emits one more token,
-and costs K * t_draft + t_verify(K + 1). The policy under test is the real `AdaptiveLookahead`, fed the same
-observations it gets in `speculative_sample`.
+and costs K * t_draft + t_verify(K + 1). The policies under test are the real ones of lookahead.py, fed the same
+`Round`s they get in `speculative_sample`.
 
     python benchmarks/adaptive_lookahead.py                       # the GPT-2 XL / small fp32 costs below
     python benchmarks/adaptive_lookahead.py --costs bench-out/bench.json
@@ -14,45 +14,40 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from speculative import AdaptiveLookahead  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from the checkout
+from lookahead import AdaptiveLookahead, FixedLookahead, LookaheadPolicy, Round, interpolate  # noqa: E402
 
-# Measured on this project's 2-core AMD EPYC (no AVX-512), torch 2.13 CPU, medians of 4 interleaved rounds (ms): GPT-2 XL
-# 1-row and (K+1)-row passes in the verification layout (GPT2.prepare_for(2)), GPT-2 small 1-row pass.
+# GPT-2 XL 1-row and (K+1)-row passes in the verification layout (GPT2.prepare_for(2)) and the GPT-2 small 1-row
+# pass, fp32, ms: medians of 4 interleaved rounds on a 2-core AMD EPYC (AVX2), torch 2.13 (README, "Results").
 XL_SMALL_FP32 = {"target_ms": 677.8, "draft_ms": 63.2, "verify_ms": {"2": 646.2, "3": 812.2, "5": 808.6, "9": 1150.2}}
 
 
 def verify_cost(costs: dict, rows: int) -> float:
-    """t_verify(rows), interpolated linearly between measured sizes (1 row: the target's pass)."""
-    points = sorted({1: costs["target_ms"], **{int(k): v for k, v in costs["verify_ms"].items()}}.items())
-    for (r0, t0), (r1, t1) in zip(points, points[1:]):
-        if rows <= r1:
-            return t0 + (t1 - t0) * (rows - r0) / (r1 - r0)
-    (r0, t0), (r1, t1) = points[-2], points[-1]
-    return t1 + (t1 - t0) / (r1 - r0) * (rows - r1)  # beyond the last measurement: extend the last slope
+    """t_verify(rows), linear between measured sizes (1 row: the target's pass), the last slope beyond them."""
+    points = {1: costs["target_ms"], **{int(k): v for k, v in costs["verify_ms"].items()}}
+    return interpolate(points, rows, extend_slope=True)
 
 
-def simulate(choose, update, alpha: float, costs: dict, n_tokens: int = 3000, seed: int = 0) -> float:
-    """Tokens per second of a lookahead policy (choose() -> K, update(K, kept, draft_ms, verify_ms))."""
+def simulate(policy: LookaheadPolicy, alpha: float, costs: dict, n_tokens: int = 3000, seed: int = 0) -> float:
+    """Tokens per second of a lookahead policy."""
     rng = random.Random(seed)
     tokens, ms = 0, 0.0
     while tokens < n_tokens:
-        K = choose()
+        K = policy.choose()
         kept = 0
         while kept < K and rng.random() < alpha:
             kept += 1
-        draft_ms, verify_ms = K * costs["draft_ms"], verify_cost(costs, K + 1)
-        update(K, kept, draft_ms, verify_ms)
+        round = Round(K, kept, K * costs["draft_ms"], verify_cost(costs, K + 1))
+        policy.update(round)
         tokens += kept + 1
-        ms += draft_ms + verify_ms
+        ms += round.draft_ms + round.verify_ms
     return 1e3 * tokens / ms
 
 
 def compare(alpha: float, costs: dict, max_fixed: int = 12, seed: int = 0) -> dict:
     """Tokens/s of every fixed K and of the adaptive policy, on the same random acceptances."""
-    fixed = {K: simulate(lambda K=K: K, lambda *a: None, alpha, costs, seed=seed) for K in range(1, max_fixed + 1)}
-    policy = AdaptiveLookahead()
-    auto = simulate(policy.choose, policy.update, alpha, costs, seed=seed)
+    fixed = {K: simulate(FixedLookahead(K), alpha, costs, seed=seed) for K in range(1, max_fixed + 1)}
+    auto = simulate(AdaptiveLookahead(), alpha, costs, seed=seed)
     best = max(fixed, key=fixed.get)
     return {"alpha": alpha, "best_K": best, "best": fixed[best], "auto": auto, "ratio": auto / fixed[best]}
 

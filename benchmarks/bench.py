@@ -19,33 +19,55 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from gpt2_model import GPT2, WEIGHTS_DIR, load_tokenizer  # noqa: E402
-from random_checkpoint import write_random_checkpoint  # noqa: E402
-from speculative import (  # noqa: E402
-    DEFAULT_PROMPT, autoregressive_sample, expected_tokens_per_round, resolve_dtype, speculative_sample)
+sys.path.insert(0, str(ROOT))  # run as a script from the checkout
+from benchmarks.random_checkpoint import write_random_checkpoint  # noqa: E402
+from checkpoints import WEIGHTS_DIR  # noqa: E402
+from cli import DEFAULT_PROMPT  # noqa: E402
+from gpt2_model import GPT2  # noqa: E402
+from hardware import dtype_name, hardware_name, resolve_device, resolve_dtype, synchronize  # noqa: E402
+from lookahead import AdaptiveLookahead, expected_tokens_per_round  # noqa: E402
+from speculative import Origin, autoregressive_sample, speculative_sample  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
-SEED_TOKENS_PER_ROUND = 4.06  # the seed blog: GPT-2 XL / small, K = 4, temperature 0 (256 tokens)
+# The toyllm blog post ("Implementing LLM Speculative Sampling in Under 100 Lines of Code"): GPT-2 XL / small,
+# K = 4, temperature 0, 256 tokens: 4.06 tokens per target pass.
+TOYLLM_TOKENS_PER_ROUND = 4.06
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: a method, and for speculative and assisted rows the draft and K (None: our
+    adaptive lookahead, or transformers' default schedule)."""
+
+    method: str  # one of METHODS
+    draft: str | None = None  # "small" or "target itself"
+    lookahead: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.draft is None:
+            return self.method
+        K = self.lookahead if self.lookahead is not None else "auto" if self.method == SPECULATIVE else None
+        return f"{self.method}, {self.draft}, " + (f"K={K}" if K is not None else "defaults")
+
+
+NAIVE, UNCACHED, SPECULATIVE = "naive (KV cache)", "naive (no cache)", "speculative"
+HF_GENERATE, HF_ASSISTED = "transformers generate", "transformers assisted"
 
 
 def predicted_speedup(a: float, K: int, t_draft: float, t_verify: float, t_target: float) -> float:
     """Expected tokens per round over the round's cost, relative to one target pass per token."""
     return expected_tokens_per_round(a, K) * t_target / (K * t_draft + t_verify)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -57,17 +79,17 @@ def pass_ms(model: GPT2, prompt_len: int, rows: int, repeats: int = 5) -> float:
     x = torch.arange(rows, device=device)[None]
     times = []
     for _ in range(repeats + 1):  # the first is a warm-up
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         model(x, cache=cache)
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
         cache.crop(prompt_len)
     return 1e3 * statistics.median(times[1:])
 
 
 def pass_costs(target: GPT2, draft: GPT2, prompt_len: int, Ks: list[int]) -> dict:
-    """Each pass in the weight layout its decoder uses (GPT2.prepare_for): the target's one-row pass as in naive
+    """Each pass in the weight layout its decoder runs in (GPT2.prepare_for): the target's one-row pass as in naive
     decoding; the draft's, the target-as-draft's and the verification passes as in speculative sampling."""
     return {"target_ms": pass_ms(target.prepare_for(1), prompt_len, 1),
             "draft_ms": pass_ms(draft.prepare_for(2), prompt_len, 1),
@@ -80,10 +102,10 @@ def memory_bandwidth_gbs(device, size_bytes: int = 1 << 30) -> float:
     x = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)
     times = []
     for _ in range(6):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         x.sum()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return size_bytes / statistics.median(times[1:]) / 1e9
 
@@ -102,7 +124,7 @@ def parse_args(argv=None):
     parser.add_argument("--random-weights", action="store_true",
                         help="use random checkpoints of the presets' real shapes (written once to weights/random-*); "
                         "the drafts are then the small model (acceptance ~0) and the target itself (acceptance 1)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt (default: the seed blog's)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt (default: the toyllm blog post's)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per run (default 64)")
     parser.add_argument("--lookahead", type=int, nargs="+", default=[1, 2, 4, 8], help="values of K (default 1 2 4 8)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; medians (default 3)")
@@ -138,7 +160,7 @@ def checkpoint_folders(args) -> tuple[Path | str, Path | str]:
 def run(args) -> dict:
     from tqdm.auto import tqdm
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     target_path, draft_path = checkpoint_folders(args)
     load = dict(weights_dir=args.weights_dir, dtype=dtype, device=device)
@@ -148,41 +170,48 @@ def run(args) -> dict:
     n = args.max_new_tokens
     Ks = sorted(set(args.lookahead))
 
-    # Every row is a function returning (seconds, Generation or None, tokens).
-    rows = {"naive (KV cache)": lambda: _ours(autoregressive_sample(target, prompt, n))}
+    # Every row is a function returning a dict: seconds, tokens and, for ours, the rounds' statistics. Our decoders
+    # run in the weight layout each is fastest in (GPT2.prepare_for), set before the row's clock starts.
+    def naive():
+        return _ours(autoregressive_sample(target.prepare_for(1), prompt, n))
+
+    def speculative(draft, K):
+        policy = AdaptiveLookahead() if K is None else K  # a fresh policy for every run
+        return _ours(speculative_sample(target.prepare_for(2), draft.prepare_for(2), prompt, n, lookahead=policy))
+
+    rows = {Row(NAIVE): naive}
     for draft_name, draft in drafts.items():
-        for K in [*Ks, "auto"]:
-            rows[f"speculative, {draft_name}, K={K}"] = (
-                lambda draft=draft, K=K: _ours(speculative_sample(target, draft, prompt, n, lookahead=K)))
+        for K in [*Ks, None]:
+            rows[Row(SPECULATIVE, draft_name, K)] = partial(speculative, draft, K)
     if not args.no_transformers:
         rows.update(_transformers_rows(target_path, draft_path, drafts, Ks, prompt, n, dtype, device))
     once = {}
     if not args.no_uncached:
-        once["naive (no cache)"] = lambda: _ours(autoregressive_sample(target, prompt, n, use_cache=False))
+        once[Row(UNCACHED)] = lambda: _ours(autoregressive_sample(target.prepare_for(2), prompt, n, use_cache=False))
 
     # Warm-up: allocations, kernel selection and caches, outside the timings.
-    autoregressive_sample(target, prompt, 4)
-    speculative_sample(target, small, prompt, 4, lookahead=2)
-    raw = {name: [] for name in [*rows, *once]}
+    autoregressive_sample(target.prepare_for(1), prompt, 4)
+    speculative_sample(target.prepare_for(2), small.prepare_for(2), prompt, 4, lookahead=2)
+    raw = {row: [] for row in [*rows, *once]}
     raw_costs = []
     with tqdm(total=len(rows) * args.repeats + len(once), desc="benchmark", unit="run", file=sys.stderr) as bar:
         for _ in range(args.repeats):  # interleaved, so that a slow spell of the machine hits every row alike
-            for name, fn in rows.items():
-                raw[name].append(fn())
+            for row, fn in rows.items():
+                raw[row].append(fn())
                 bar.update()
             raw_costs.append(pass_costs(target, small, len(prompt), Ks))  # the pass costs too
-        for name, fn in once.items():
-            raw[name].append(fn())
+        for row, fn in once.items():
+            raw[row].append(fn())
             bar.update()
     costs = {key: statistics.median(c[key] for c in raw_costs) for key in raw_costs[0] if key != "verify_ms"}
     costs["verify_ms"] = {K: statistics.median(c["verify_ms"][K] for c in raw_costs) for K in raw_costs[0]["verify_ms"]}
     bandwidth = memory_bandwidth_gbs(device)
-    naive_tokens = raw["naive (KV cache)"][0]["tokens"]
+    naive_tokens = raw[Row(NAIVE)][0]["tokens"]
     results = {
         "meta": {
             "target": str(target_path), "draft": str(draft_path), "random_weights": args.random_weights,
-            "dtype": str(dtype).removeprefix("torch."), "device": str(device), "torch": torch.__version__,
-            "hardware": _hardware(device), "prompt": args.prompt, "prompt_tokens": len(prompt),
+            "dtype": dtype_name(dtype), "device": str(device), "torch": torch.__version__,
+            "hardware": hardware_name(device), "prompt": args.prompt, "prompt_tokens": len(prompt),
             "max_new_tokens": n, "lookahead": Ks, "repeats": args.repeats,
             "command": "python benchmarks/bench.py " + " ".join(sys.argv[1:]),
         },
@@ -193,10 +222,11 @@ def run(args) -> dict:
             "target_floor_ms": weight_bytes(target) / bandwidth / 1e6,
             "draft_floor_ms": weight_bytes(small) / bandwidth / 1e6,
         },
-        "runs": {name: {"seconds": [r["seconds"] for r in runs], **{k: v for k, v in runs[0].items() if k != "seconds"},
-                        "identical": runs[0]["tokens"] == naive_tokens,
-                        "first_difference": _first_difference(runs[0]["tokens"], naive_tokens)}
-                 for name, runs in raw.items()},
+        "runs": {row.name: {**asdict(row), "seconds": [r["seconds"] for r in runs],
+                            **{k: v for k, v in runs[0].items() if k != "seconds"},
+                            "identical": runs[0]["tokens"] == naive_tokens,
+                            "first_difference": _first_difference(runs[0]["tokens"], naive_tokens)}
+                 for row, runs in raw.items()},
     }
     results["table"] = derive(results)
     return results
@@ -204,7 +234,7 @@ def run(args) -> dict:
 
 def _ours(out) -> dict:
     return {"seconds": out.seconds, "tokens": out.tokens, "accepted": out.accepted, "proposed": out.proposed,
-            "rejections": out.origins.count("resampled"), "lookahead_per_round": out.lookahead_per_round,
+            "rejections": out.origins.count(Origin.RESAMPLED), "lookahead_per_round": out.lookahead_per_round,
             "rounds": len(out.accepted_per_round) if out.draft_calls else None}
 
 
@@ -223,10 +253,10 @@ def _transformers_rows(target_path, draft_path, drafts, Ks, prompt, n, dtype, de
 
     def generate(**kwargs):
         with torch.inference_mode():
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             out = hf_target.generate(ids, attention_mask=torch.ones_like(ids), **fixed, **kwargs)
-            _sync(device)
+            synchronize(device)
         return {"seconds": time.perf_counter() - start, "tokens": out[0, len(prompt):].tolist(), "rounds": None}
 
     def assisted(draft, **settings):
@@ -241,13 +271,13 @@ def _transformers_rows(target_path, draft_path, drafts, Ks, prompt, n, dtype, de
         finally:
             draft.generation_config = saved
 
-    rows = {"transformers generate": generate}
+    rows = {Row(HF_GENERATE): generate}
     for name, draft in hf_drafts.items():
         for K in Ks:
-            rows[f"transformers assisted, {name}, K={K}"] = lambda draft=draft, K=K: assisted(
-                draft, num_assistant_tokens=K, num_assistant_tokens_schedule="constant",
-                assistant_confidence_threshold=0.0)
-        rows[f"transformers assisted, {name}, defaults"] = lambda draft=draft: assisted(draft)
+            rows[Row(HF_ASSISTED, name, K)] = partial(assisted, draft, num_assistant_tokens=K,
+                                                      num_assistant_tokens_schedule="constant",
+                                                      assistant_confidence_threshold=0.0)
+        rows[Row(HF_ASSISTED, name)] = partial(assisted, draft)
     return rows
 
 
@@ -255,21 +285,10 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
-def _hardware(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {torch.get_num_threads()} threads"
-
-
 def derive(results: dict) -> list[dict]:
     """The table's rows: medians, speedups and, for speculative rows, predicted speedup and efficiency."""
     costs, runs = results["costs"], results["runs"]
-    naive = statistics.median(runs["naive (KV cache)"]["seconds"])
+    naive = statistics.median(runs[Row(NAIVE).name]["seconds"])
     table = []
     for name, r in runs.items():
         seconds = statistics.median(r["seconds"])
@@ -277,16 +296,16 @@ def derive(results: dict) -> list[dict]:
                "speedup": naive / seconds, "acceptance": None, "alpha": None, "tokens_per_round": None,
                "predicted": None, "efficiency": None, "identical": r["identical"],
                "first_difference": r["first_difference"]}
-        if name.startswith("speculative"):
+        if r["method"] == SPECULATIVE:
             row["acceptance"] = r["accepted"] / r["proposed"]
             # The paper's alpha, the chance that one draft is kept: drafts after a rejection were never tested,
             # so kept / (kept + rejections), not kept / proposed, is its estimate (equal at 0 and 1).
             row["alpha"] = r["accepted"] / (r["accepted"] + r["rejections"]) if r["accepted"] else 0.0
             row["tokens_per_round"] = len(r["tokens"]) / r["rounds"]
-            K = name.rsplit("K=", 1)[1]
-            if K != "auto":
-                draft_ms = costs["target_as_draft_ms"] if ", target itself," in name else costs["draft_ms"]
-                row["predicted"] = predicted_speedup(row["alpha"], int(K), draft_ms, costs["verify_ms"][K],
+            K = r["lookahead"]
+            if K is not None:
+                draft_ms = costs["target_as_draft_ms"] if r["draft"] == "target itself" else costs["draft_ms"]
+                row["predicted"] = predicted_speedup(row["alpha"], K, draft_ms, costs["verify_ms"][str(K)],
                                                      costs["target_ms"])
                 row["efficiency"] = row["speedup"] / row["predicted"]
         table.append(row)
@@ -329,7 +348,7 @@ def markdown(results: dict) -> str:
     if "4" in costs["verify_ms"]:
         projected = projection(results)
         lines.append(
-            f"Projection (not a measurement): with the seed blog's {SEED_TOKENS_PER_ROUND} tokens per round at K=4 "
+            f"Projection (not a measurement): with the toyllm blog post's {TOYLLM_TOKENS_PER_ROUND} tokens per round at K=4 "
             f"(real GPT-2 XL / small), these costs give {projected['over_cached']:.2f}x over naive decoding with "
             f"KV cache" + (f" and {projected['over_uncached']:.2f}x over naive decoding without it."
                            if projected["over_uncached"] else "."))
@@ -337,11 +356,12 @@ def markdown(results: dict) -> str:
 
 
 def projection(results: dict) -> dict:
-    """The real pair's speedup from the measured pass costs and the seed blog's 4.06 tokens per round at K=4."""
+    """The real pair's speedup from the measured pass costs and the toyllm blog post's 4.06 tokens per round at
+    K=4."""
     costs, runs = results["costs"], results["runs"]
     round_ms = 4 * costs["draft_ms"] + costs["verify_ms"]["4"]
-    per_token_ms = round_ms / SEED_TOKENS_PER_ROUND
-    uncached = runs.get("naive (no cache)")
+    per_token_ms = round_ms / TOYLLM_TOKENS_PER_ROUND
+    uncached = runs.get(Row(UNCACHED).name)
     uncached_ms = 1e3 * statistics.median(uncached["seconds"]) / len(uncached["tokens"]) if uncached else None
     return {"round_ms": round_ms, "over_cached": costs["target_ms"] / per_token_ms,
             "over_uncached": uncached_ms / per_token_ms if uncached_ms else None}
@@ -354,19 +374,20 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    table = results["table"]
-    for prefix, style in (("speculative, ", "o-"), ("transformers assisted, ", "s--")):
+    runs = results["runs"]
+    for method, style in ((SPECULATIVE, "o-"), (HF_ASSISTED, "s--")):
         for draft in ("small", "target itself"):
-            rows = [r for r in table if r["name"].startswith(f"{prefix}{draft}, K=") and r["name"][-1].isdigit()]
+            rows = [r for r in results["table"] if runs[r["name"]]["method"] == method
+                    and runs[r["name"]]["draft"] == draft and runs[r["name"]]["lookahead"] is not None]
             if rows:
-                Ks = [int(r["name"].rsplit("K=", 1)[1]) for r in rows]
-                label = ("ours" if prefix.startswith("spec") else "transformers assisted") + f", draft: {draft}"
+                Ks = [runs[r["name"]]["lookahead"] for r in rows]
+                label = ("ours" if method == SPECULATIVE else method) + f", draft: {draft}"
                 ax.plot(Ks, [r["speedup"] for r in rows], style, label=label)
-                if prefix.startswith("spec"):
+                if method == SPECULATIVE:
                     color = ax.lines[-1].get_color()
                     ax.plot(Ks, [r["predicted"] for r in rows], ":", color=color, label=f"predicted, draft: {draft}")
-                    auto = next(r for r in table if r["name"] == f"{prefix}{draft}, K=auto")
-                    chosen = results["runs"][auto["name"]]["lookahead_per_round"]
+                    auto = next(r for r in results["table"] if r["name"] == Row(SPECULATIVE, draft).name)
+                    chosen = runs[auto["name"]]["lookahead_per_round"]
                     ax.plot([sum(chosen) / len(chosen)], [auto["speedup"]], "*", ms=12, color=color,
                             label=f"ours, K=auto (at its mean K), draft: {draft}")
     ax.axhline(1.0, color="gray", lw=0.8)

@@ -1,4 +1,4 @@
-"""Write a GPT-2 checkpoint of a preset's real shape with random weights, in the hub's layout.
+"""GPT-2 models with random weights: checkpoints of a preset's real shape, and tiny pairs for tests and examples.
 
 Real GPT-2 weights cannot always be downloaded (an offline machine, CI); checkpoints of the same shapes
 make loading, memory and speed measurable anyway. Acceptance rates on them mean nothing for quality.
@@ -13,20 +13,43 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from the checkout
 from gpt2_model import PRESETS, GPT2, GPT2Config  # noqa: E402
+
+
+def random_model(config: GPT2Config, seed: int, scale: float = 1.0) -> GPT2:
+    """A GPT-2 in eval mode with N(0, 0.02 * scale) weight matrices. A scale of 5 gives peaked logits, so that
+    greedy choices are rarely near-ties and greedy text is not one token repeated."""
+    torch.manual_seed(seed)
+    model = GPT2(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+    return model
+
+
+def noisy_copy(model: GPT2, noise: float, seed: int) -> GPT2:
+    """The same model with Gaussian noise of `noise` times each tensor's std: a draft that agrees sometimes."""
+    copy = GPT2(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * noise * p.std())
+    return copy
+
+
+def tiny_pair(n_positions: int = 256) -> tuple[GPT2, GPT2]:
+    """A tiny target (2 layers, 64 wide, the real vocabulary) and a noisy copy of it as the draft: every origin
+    of a token shows up, and greedy outputs match, in milliseconds. The text is gibberish."""
+    target = random_model(GPT2Config(n_positions=n_positions, n_embd=64, n_layer=2, n_head=4), seed=0, scale=5)
+    return target, noisy_copy(target, noise=0.08, seed=1)
 
 
 def write_random_checkpoint(name: str, folder: str | Path, seed: int = 0, std: float = 0.02) -> Path:
     """Writes `config.json` and `model.safetensors` of preset `name` with N(0, std) weights; returns the folder."""
-    torch.manual_seed(seed)
-    model = GPT2(GPT2Config.from_name(name))
-    if std != 0.02:
-        with torch.no_grad():
-            for key, p in model.named_parameters():
-                if key.endswith("weight") and p.dim() == 2:
-                    p.normal_(0.0, std)
-    model.save_pretrained(folder)
+    random_model(GPT2Config.from_name(name), seed=seed, scale=std / 0.02).save_pretrained(folder)
     return Path(folder)
 
 

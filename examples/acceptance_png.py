@@ -13,25 +13,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from gpt2_model import GPT2, GPT2Config, load_tokenizer  # noqa: E402
+from benchmarks.random_checkpoint import tiny_pair  # noqa: E402
+from cli import DEFAULT_PROMPT  # noqa: E402
+from gpt2_model import GPT2  # noqa: E402
 from render import HTML_COLOURS, MEANINGS, ORIGINS, text_groups  # noqa: E402
-from speculative import DEFAULT_PROMPT, speculative_sample  # noqa: E402
-
-
-def tiny_pair():
-    # A random target with peaked logits and a noisy copy of it as the draft, as in the notebook.
-    torch.manual_seed(0)
-    target = GPT2(GPT2Config(n_positions=256, n_embd=64, n_layer=2, n_head=4)).eval()
-    draft = GPT2(target.config).eval()
-    with torch.no_grad():
-        for p in target.parameters():
-            if p.dim() == 2:
-                p.mul_(5)
-        draft.load_state_dict(target.state_dict())
-        noise = torch.Generator().manual_seed(1)
-        for p in draft.parameters():
-            p.add_(torch.randn(p.shape, generator=noise) * 0.08 * p.std())
-    return target, draft
+from speculative import Origin, speculative_sample  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 
 def draw(prompt_text, groups, title, path, width=88):
@@ -63,7 +50,7 @@ def draw(prompt_text, groups, title, path, width=88):
         if colour:
             ax.add_patch(plt.Rectangle((col + 1, y - 0.45), len(part), 0.9, color=colour, lw=0))
         ax.text(col + 1, y, part, color="#777" if origin == "prompt" else "black", **font)
-    for i, origin in enumerate(o for o in ORIGINS if o != "target"):
+    for i, origin in enumerate(o for o in ORIGINS if o != Origin.TARGET):
         y = line + 3.3 + i
         ax.add_patch(plt.Rectangle((1, y - 0.45), 9, 0.9, color=HTML_COLOURS[origin], lw=0))
         ax.text(1.3, y, origin, **font)

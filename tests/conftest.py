@@ -1,13 +1,7 @@
 """Shared fixtures: tiny random GPT-2 checkpoints written by `transformers`, the reference implementation."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def make_reference(n_layer=2, n_embd=64, n_head=4, seed=0, std=0.02):

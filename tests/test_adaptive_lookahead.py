@@ -1,16 +1,12 @@
-"""lookahead="auto": close to the best fixed K without knowing it, and it follows the acceptance rate."""
-
-import sys
-from pathlib import Path
+"""AdaptiveLookahead: close to the best fixed K without knowing it, and it follows the acceptance rate."""
 
 import pytest
 
+from benchmarks.adaptive_lookahead import XL_SMALL_FP32, compare
+from benchmarks.random_checkpoint import noisy_copy, random_model
 from gpt2_model import GPT2Config
-from helpers import noisy_copy, random_model
-from speculative import AdaptiveLookahead, autoregressive_sample, expected_tokens_per_round, speculative_sample
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from adaptive_lookahead import XL_SMALL_FP32, compare  # noqa: E402
+from lookahead import AdaptiveLookahead, Round, expected_tokens_per_round, interpolate
+from speculative import autoregressive_sample, speculative_sample
 
 # A cost model where verification is nearly free (memory-bound, as on a GPU or a bf16-native CPU).
 FLAT = {"target_ms": 190.0, "draft_ms": 18.0, "verify_ms": {"2": 192.0, "5": 206.0, "9": 215.0, "13": 225.0}}
@@ -29,33 +25,59 @@ def test_expected_tokens_per_round():
     assert expected_tokens_per_round(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
 
 
+def test_interpolation_between_and_beyond_the_points():
+    points = {2: 10.0, 4: 20.0, 8: 24.0}
+    assert interpolate(points, 3) == 15.0 and interpolate(points, 6) == 22.0 and interpolate(points, 4) == 20.0
+    assert interpolate(points, 1) == 10.0 and interpolate(points, 12) == 24.0  # flat beyond: optimistic
+    assert interpolate(points, 12, extend_slope=True) == 28.0 and interpolate(points, 1, extend_slope=True) == 5.0
+
+
 def test_policy_follows_the_evidence():
     policy = AdaptiveLookahead()
     assert policy.choose() == 4  # nothing measured yet
     for _ in range(20):
-        policy.update(4, 0, draft_ms=40.0, verify_ms=200.0)  # every draft rejected
+        policy.update(Round(4, 0, draft_ms=40.0, verify_ms=200.0))  # every draft rejected
     assert policy.alpha < 0.1 and policy.choose() == 1
     for _ in range(40):
         K = policy.choose()
-        policy.update(K, K, draft_ms=10.0 * K, verify_ms=200.0)  # every draft kept, verification flat
+        policy.update(Round(K, K, draft_ms=10.0 * K, verify_ms=200.0))  # every draft kept, verification flat
     assert policy.alpha > 0.9 and policy.choose() == policy.max_lookahead
 
 
-def test_auto_on_real_models_adapts_and_stays_exact(monkeypatch):
-    # Tiny models' pass times are noise; replace the measured times with a GPT-2-like cost model, so that the
-    # choice of K depends only on the acceptance it observes: draft 10 ms a pass, verification 100 + 5 (K+1) ms.
-    learn = AdaptiveLookahead.update
-    monkeypatch.setattr(AdaptiveLookahead, "update",
-                        lambda self, K, kept, draft_ms, verify_ms: learn(self, K, kept, 10.0 * K, 100 + 5.0 * (K + 1)))
+class PassCostClock:
+    """A virtual clock driven by the models' forward passes: a draft pass costs 10 ms, a target pass over T tokens
+    100 + 5 T ms. With it the choice of K depends only on the acceptance observed, not on the machine."""
+
+    def __init__(self, target, draft):
+        self.now = 0.0
+        draft.register_forward_hook(lambda module, args, output: self._advance(10.0))
+        target.register_forward_hook(lambda module, args, output: self._advance(100.0 + 5.0 * args[0].shape[1]))
+
+    def _advance(self, ms):
+        self.now += ms
+
+    def mark(self):
+        return self.now
+
+    def ms(self, start, end):
+        return end - start
+
+
+def test_auto_on_real_models_adapts_and_stays_exact():
     config = GPT2Config(vocab_size=1000, n_positions=160, n_embd=64, n_layer=2, n_head=4)
     target = random_model(config, seed=0, scale=5)
     expected = autoregressive_sample(target, [5, 6, 7], 120).tokens
-    itself = speculative_sample(target, target, [5, 6, 7], 120, lookahead="auto")
-    unrelated = speculative_sample(target, random_model(config, seed=1, scale=5), [5, 6, 7], 120, lookahead="auto")
-    noisy = speculative_sample(target, noisy_copy(target, 0.08, seed=2), [5, 6, 7], 120, lookahead="auto")
-    assert itself.tokens == unrelated.tokens == noisy.tokens == expected
+    runs = {}
+    for name, draft in (("itself", random_model(config, seed=0, scale=5)),
+                        ("unrelated", random_model(config, seed=1, scale=5)),
+                        ("noisy", noisy_copy(target, 0.08, seed=2))):
+        target_copy = random_model(config, seed=0, scale=5)  # hooks of its own for each run
+        runs[name] = speculative_sample(target_copy, draft, [5, 6, 7], 120, lookahead=AdaptiveLookahead(),
+                                        clock=PassCostClock(target_copy, draft))
+        assert runs[name].tokens == expected, name
 
     def mean_K(out):
         return sum(out.lookahead_per_round) / len(out.lookahead_per_round)
 
-    assert mean_K(itself) > 6 > 2 > mean_K(unrelated)
+    assert mean_K(runs["itself"]) > 6 > 2 > mean_K(runs["unrelated"])
+    assert all(r.draft_ms == 10.0 * r.lookahead for r in runs["noisy"].rounds)  # the injected clock was used

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from gpt2_model import GPT2Config
-from helpers import noisy_copy, random_model
+from benchmarks.random_checkpoint import noisy_copy, random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,12 +26,11 @@ def bench(tmp_path_factory):
          "--dtype", "float32", "--out", str(folder / "out")],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    table = {}
-    for line in result.stdout.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and not line.startswith("| run ") and len(cells) == 10:
-            table[cells[0]] = cells
-    return json.loads((folder / "out" / "bench.json").read_text()), table, folder / "out", result.stdout
+    data = json.loads((folder / "out" / "bench.json").read_text())
+    # The table's rows, by run name: the markdown lines that start with a run's name.
+    table = {name: [c.strip() for c in line.strip().strip("|").split("|")]
+             for line in result.stdout.splitlines() for name in data["runs"] if line.startswith(f"| {name} |")}
+    return data, table, folder / "out", result.stdout
 
 
 def test_every_row_is_there(bench):
@@ -54,16 +53,16 @@ def test_derived_figures_match_the_raw_times(bench):
         seconds = statistics.median(run["seconds"])
         assert table[name][1] == f"{seconds:.2f}"
         assert table[name][3] == f"{naive / seconds:.2f}"
-        if name.startswith("speculative"):
+        if run["method"] == "speculative":
             assert table[name][4] == f"{run['accepted'] / run['proposed']:.2f}"
             alpha = run["accepted"] / (run["accepted"] + run["rejections"]) if run["accepted"] else 0.0
             assert table[name][5] == f"{alpha:.2f}"
             assert table[name][6] == f"{len(run['tokens']) / len(run['lookahead_per_round']):.2f}"
-            if name.endswith("auto"):
+            K = run["lookahead"]
+            if K is None:  # adaptive: no prediction
                 continue
-            K = int(name.rsplit("K=", 1)[1])
             E = K + 1 if alpha == 1 else (1 - alpha ** (K + 1)) / (1 - alpha)
-            draft_ms = costs["target_as_draft_ms"] if ", target itself," in name else costs["draft_ms"]
+            draft_ms = costs["target_as_draft_ms"] if run["draft"] == "target itself" else costs["draft_ms"]
             predicted = E * costs["target_ms"] / (K * draft_ms + costs["verify_ms"][str(K)])
             assert table[name][7] == f"{predicted:.2f}"
             assert table[name][8] == f"{naive / seconds / predicted:.2f}"

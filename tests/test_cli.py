@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gpt2_model import GPT2Config
-from helpers import noisy_copy, random_model
-from speculative import resolve_dtype
+from benchmarks.random_checkpoint import noisy_copy, random_model
+from hardware import resolve_dtype
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,10 +58,12 @@ def test_sampling_mode_and_options(checkpoints):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--lookahead", "0"], "lookahead must be an integer >= 1"),
-        (["--temperature", "-1"], "temperature must be >= 0"),
-        (["--top-p", "2"], "top_p must be in (0, 1]"),
-        (["--max-new-tokens", "x"], "invalid int value: 'x'"),
+        (["--lookahead", "0"], "argument --lookahead/-K: invalid value '0': must be an integer >= 1"),
+        (["--temperature", "-1"], "argument --temperature: invalid value '-1': must be >= 0"),
+        (["--temperature", "inf"], "argument --temperature: invalid value 'inf': must be a finite number"),
+        (["--top-p", "2"], "argument --top-p: invalid value '2': must be in (0, 1]"),
+        (["--top-k", "2.5"], "argument --top-k: invalid value '2.5'"),
+        (["--max-new-tokens", "x"], "argument --max-new-tokens: invalid value 'x': must be an integer"),
         (["--dtype", "float8"], "invalid choice: 'float8'"),
         (["--target", "no-such-model"], "neither a checkpoint folder nor a preset"),
         (["--target", "gpt2-xl", "--weights-dir", "/nonexistent", "--no-download"], "downloading is off"),

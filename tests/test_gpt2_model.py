@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gpt2_model import GPT2, GPT2Config, CheckpointError, find_checkpoint
+from checkpoints import find_checkpoint
+from gpt2_model import GPT2, GPT2Config, CheckpointError
 
 TOL = 1e-4  # fp32; the measured gap is about 1e-6
 
@@ -237,7 +238,6 @@ def test_config_that_does_not_match_tensors(reference_folder, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config | {"n_embd": 128}))
     with pytest.raises(CheckpointError, match="has shape"):
         GPT2.from_pretrained(tmp_path)
-    assert isinstance(CheckpointError("x"), ValueError)
 
 
 def test_truncated_file(reference_folder, tmp_path):

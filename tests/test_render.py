@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import render
-from gpt2_model import GPT2Config, load_tokenizer
-from helpers import noisy_copy, random_model
+from gpt2_model import GPT2Config
+from benchmarks.random_checkpoint import noisy_copy, random_model
 from speculative import Generation, speculative_sample
+from tokenizer import load_tokenizer
 
 MULTIBYTE = "héllo 👩‍💻 日本語 🎉"
 

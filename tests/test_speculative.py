@@ -8,8 +8,14 @@ import torch
 
 import speculative
 from gpt2_model import GPT2Config
-from helpers import noisy_copy, random_model
+from benchmarks.random_checkpoint import noisy_copy, random_model
+from lookahead import AdaptiveLookahead
 from speculative import autoregressive_sample, logits_to_probs, speculative_sample
+
+
+def policy(lookahead):
+    """K, or a fresh AdaptiveLookahead for "auto" (a policy object learns across calls)."""
+    return AdaptiveLookahead() if lookahead == "auto" else lookahead
 
 CONFIG = GPT2Config(vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=4)
 PROMPTS = [[1, 2, 3], [7] * 6, list(range(10, 30)), [42]]
@@ -37,7 +43,7 @@ def drafts(target):
 def test_greedy_output_is_the_targets(target, drafts, kind, lookahead):
     for prompt, n in zip(PROMPTS, [40, 17, 33, 5]):
         expected = autoregressive_sample(target, prompt, n).tokens
-        out = speculative_sample(target, drafts[kind], prompt, n, lookahead=lookahead)
+        out = speculative_sample(target, drafts[kind], prompt, n, lookahead=policy(lookahead))
         assert out.tokens == expected, (prompt, n)
 
 
@@ -79,21 +85,43 @@ def test_prompt_as_tensor_and_long_generation_near_the_context_end(target, draft
 # 2. Processing of logits ------------------------------------------------------------------------------
 
 
-def test_logits_to_probs():
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 3.0, 1.0]])
-    greedy = logits_to_probs(logits, temperature=0)
-    assert torch.equal(greedy, torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
-    torch.testing.assert_close(logits_to_probs(logits, 2.0), torch.softmax(logits / 2, -1))
-    top2 = logits_to_probs(logits[:1], 1.0, top_k=2)
+LOGITS = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 3.0, 1.0]])
+
+
+def test_temperature_0_is_the_argmax_one_hot():
+    assert torch.equal(logits_to_probs(LOGITS, temperature=0), torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+
+
+def test_temperature_scales_the_logits():
+    torch.testing.assert_close(logits_to_probs(LOGITS, 2.0), torch.softmax(LOGITS / 2, -1))
+
+
+def test_top_k_keeps_the_k_most_likely():
+    top2 = logits_to_probs(LOGITS[:1], 1.0, top_k=2)
     torch.testing.assert_close(top2, torch.tensor([[0.7311, 0.2689, 0, 0]]), atol=1e-4, rtol=0)
+
+
+def test_top_p_keeps_the_token_that_crosses_the_threshold():
     # softmax([2, 1, 0, -1]) = [0.644, 0.237, 0.087, 0.032]: top-p 0.7 keeps the token that crosses 0.7.
-    nucleus = logits_to_probs(logits[:1], 1.0, top_p=0.7)
+    nucleus = logits_to_probs(LOGITS[:1], 1.0, top_p=0.7)
     torch.testing.assert_close(nucleus, torch.tensor([[0.7311, 0.2689, 0, 0]]), atol=1e-4, rtol=0)
-    assert torch.equal(logits_to_probs(logits[:1], 1.0, top_p=0.5) > 0, torch.tensor([[True, False, False, False]]))
-    assert torch.equal(logits_to_probs(logits[:1], 1.0, top_p=0.644) > 0, torch.tensor([[True, True, False, False]]))
-    assert logits_to_probs(logits.bfloat16(), 1.0).dtype == torch.float32
-    # A tiny temperature is (nearly) greedy, never NaN.
-    assert torch.equal(logits_to_probs(logits, 1e-38), torch.tensor([[1.0, 0, 0, 0], [0, 0.5, 0.5, 0]]))
+    assert torch.equal(logits_to_probs(LOGITS[:1], 1.0, top_p=0.5) > 0, torch.tensor([[True, False, False, False]]))
+    assert torch.equal(logits_to_probs(LOGITS[:1], 1.0, top_p=0.644) > 0, torch.tensor([[True, True, False, False]]))
+
+
+def test_probabilities_are_float32_whatever_the_logits():
+    assert logits_to_probs(LOGITS.bfloat16(), 1.0).dtype == torch.float32
+
+
+def test_a_tiny_temperature_is_its_limit_never_nan():
+    # Uniform over the tied maxima, as temperature -> 0; also where the temperature underflows float32 to 0.
+    for temperature in (1e-38, 1e-300, 5e-324):
+        assert torch.equal(logits_to_probs(LOGITS, temperature), torch.tensor([[1.0, 0, 0, 0], [0, 0.5, 0.5, 0]]))
+
+
+def test_a_huge_temperature_still_honours_top_k():
+    probs = logits_to_probs(LOGITS, 1e300, top_k=1)  # overflows float32 to inf
+    assert torch.equal(probs, torch.tensor([[1.0, 0, 0, 0], [0, 0.5, 0.5, 0]]))  # the tie at 3.0 keeps both
 
 
 # 3. Distribution ---------------------------------------------------------------------------------------
@@ -166,7 +194,7 @@ def test_speculative_samples_follow_the_target_distribution(small_pair, lookahea
 
     def sampler(generator):
         # K + 1 new tokens: the first round really drafts K, and its tokens include the first two.
-        return speculative_sample(target, draft, prompt, n, lookahead=lookahead, generator=generator,
+        return speculative_sample(target, draft, prompt, n, lookahead=policy(lookahead), generator=generator,
                                   **options).tokens
 
     p_value = chi_square_p_value(first_two_counts(sampler, 8, seed=n), exact_first_two(target, prompt, **options))
@@ -207,7 +235,7 @@ def test_exact_length_and_eos(target, drafts):
     eos = greedy[11]
     first = greedy.index(eos)
     for lookahead in (1, 3, 4, 8, "auto"):
-        out = speculative_sample(target, draft, PROMPTS[2], 30, lookahead=lookahead, eos_token_id=eos)
+        out = speculative_sample(target, draft, PROMPTS[2], 30, lookahead=policy(lookahead), eos_token_id=eos)
         assert out.tokens == greedy[: first + 1]  # the EOS is included, nothing after it
         check_statistics(out)
     assert autoregressive_sample(target, PROMPTS[2], 30, eos_token_id=eos).tokens == greedy[: first + 1]
@@ -239,7 +267,7 @@ def check_statistics(out):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_statistics_add_up(target, drafts, temperature, lookahead):
     for kind, draft in drafts.items():
-        out = speculative_sample(target, draft, PROMPTS[1], 37, lookahead=lookahead, temperature=temperature,
+        out = speculative_sample(target, draft, PROMPTS[1], 37, lookahead=policy(lookahead), temperature=temperature,
                                  generator=torch.Generator().manual_seed(0))
         check_statistics(out)
         # Without EOS every round ends with exactly one resampled or bonus token, a bonus when all K were kept;
@@ -269,12 +297,12 @@ def test_on_tokens_streams_each_round(target, drafts):
     [
         (dict(prompt=[]), "prompt is empty"),
         (dict(prompt=[5, 1000]), r"token ids in \[0, 1000\)"),
-        (dict(prompt=torch.zeros(2, 3, dtype=torch.long)), "1-D tensor"),
+        (dict(prompt=torch.zeros(2, 3, dtype=torch.long)), "1-D array of token ids"),
         (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
         (dict(lookahead=0), "lookahead must be an integer >= 1"),
-        (dict(lookahead="fast"), "lookahead must be an integer >= 1 or \"auto\""),
+        (dict(lookahead="auto"), "lookahead must be an integer >= 1 or a policy"),
         (dict(temperature=-0.1), "temperature must be >= 0"),
-        (dict(top_k=0), "top_k must be >= 1"),
+        (dict(top_k=0), "top_k must be an integer >= 1"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(max_new_tokens=126), "exceeds the context of 128 positions"),
@@ -302,11 +330,13 @@ def test_mismatched_models(target):
 
 
 def test_dtype_auto_follows_the_hardware(monkeypatch):
+    import hardware
+
     cpu = torch.device("cpu")
-    monkeypatch.setattr(speculative, "_cpu_flags", lambda: {"avx2", "fma"})
-    assert speculative.resolve_dtype("auto", cpu) == torch.float32  # bf16 would be emulated: slower
-    monkeypatch.setattr(speculative, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    assert speculative.resolve_dtype("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr(speculative, "_cpu_flags", lambda: {"amx_bf16", "amx_tile"})
-    assert speculative.resolve_dtype("auto", cpu) == torch.bfloat16
-    assert speculative.resolve_dtype("float16", cpu) == torch.float16
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "fma"})
+    assert hardware.resolve_dtype("auto", cpu) == torch.float32  # bf16 would be emulated: slower
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert hardware.resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"amx_bf16", "amx_tile"})
+    assert hardware.resolve_dtype("auto", cpu) == torch.bfloat16
+    assert hardware.resolve_dtype("float16", cpu) == torch.float16

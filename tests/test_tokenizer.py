@@ -2,18 +2,44 @@ import hashlib
 
 import pytest
 
-from gpt2_model import WEIGHTS_DIR, load_tokenizer
-
-# tiktoken pins these for its `gpt2` encoding (tiktoken_ext/openai_public.py).
-TIKTOKEN_PINS = {
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-}
+from tokenizer import WEIGHTS_DIR, expected_hashes, load_tokenizer
 
 
-@pytest.mark.parametrize("filename", sorted(TIKTOKEN_PINS))
-def test_committed_files_match_tiktoken_pins(filename):
-    assert hashlib.sha256((WEIGHTS_DIR / filename).read_bytes()).hexdigest() == TIKTOKEN_PINS[filename]
+def tiktoken_pins(monkeypatch) -> dict[str, str]:
+    """The SHA-256 that tiktoken pins for its `gpt2` encoding's files, read from the call it makes (no network)."""
+    import tiktoken_ext.openai_public as openai_public
+
+    seen = {}
+
+    def record(vocab_bpe_file, encoder_json_file, vocab_bpe_hash=None, encoder_json_hash=None, **kwargs):
+        seen.update({"vocab.bpe": vocab_bpe_hash, "encoder.json": encoder_json_hash})
+        return {}
+
+    monkeypatch.setattr(openai_public, "data_gym_to_mergeable_bpe_ranks", record)
+    openai_public.gpt2()
+    return seen
+
+
+def test_sha256sums_are_tiktokens_pins(monkeypatch):
+    assert expected_hashes() == tiktoken_pins(monkeypatch)
+
+
+@pytest.mark.parametrize("filename", ["encoder.json", "vocab.bpe"])
+def test_committed_files_match_their_hashes(filename):
+    assert hashlib.sha256((WEIGHTS_DIR / filename).read_bytes()).hexdigest() == expected_hashes()[filename]
+
+
+def test_a_changed_file_is_refused(monkeypatch, tmp_path):
+    for name in ("encoder.json", "vocab.bpe", "SHA256SUMS"):
+        (tmp_path / name).write_bytes((WEIGHTS_DIR / name).read_bytes())
+    (tmp_path / "vocab.bpe").write_bytes((WEIGHTS_DIR / "vocab.bpe").read_bytes() + b"\n")
+    monkeypatch.setattr("tokenizer.WEIGHTS_DIR", tmp_path)
+    load_tokenizer.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="vocab.bpe: SHA-256 differs"):
+            load_tokenizer()
+    finally:
+        load_tokenizer.cache_clear()
 
 
 def test_known_ids():

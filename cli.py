@@ -1,0 +1,227 @@
+"""The command line of speculative.py: naive decoding and speculative sampling side by side, timed, with a summary.
+
+    python speculative.py --prompt "Alan Turing theorized that computers would one day become"
+
+It loads both models, warms up, runs plain decoding with the target and then speculative sampling with the same
+seed, streaming each text, and prints a summary. Bad input, missing weights and failed downloads print one line
+and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from functools import partial
+
+import torch
+
+from checkpoints import WEIGHTS_DIR, DownloadError
+from gpt2_model import GPT2
+from hardware import DTYPES, dtype_name, resolve_device, resolve_dtype
+from lookahead import AdaptiveLookahead
+from speculative import Generation, autoregressive_sample, check_integer, check_real, speculative_sample
+from tokenizer import load_tokenizer
+
+# The toyllm blog post's prompt ("Implementing LLM Speculative Sampling in Under 100 Lines of Code").
+DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _checked(convert, check, **limits):
+    """An argparse type: `convert` the text, then apply the samplers' own check (one rule, one home); argparse
+    names the flag in the error."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            kind = "an integer" if convert is int else "a number"
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {kind}") from None
+        try:
+            check("value", value, **limits)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {str(e).removeprefix('value ')}") from None
+        return value
+
+    return parse
+
+
+def _top_p(text: str) -> float:
+    value = _checked(float, check_real)(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be in (0, 1]")
+    return value
+
+
+def _lookahead(text: str) -> int | str:
+    return text if text == "auto" else _checked(int, check_integer, minimum=1)(text)
+
+
+def _seed(text: str) -> int:
+    seed = _checked(int, check_integer, minimum=0)(text)
+    if seed >= 2**63:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give an integer from 0 to 2**63 - 1")
+    return seed
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = _ArgumentParser(
+        prog="speculative.py",
+        description="Speculative sampling (Chen et al. 2023): a small GPT-2 drafts, a large GPT-2 verifies. "
+        "Times plain decoding with the target and speculative sampling on the same prompt, and shows both texts.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue")
+    parser.add_argument("--target", default="gpt2-xl", help="target model: a preset name or a checkpoint folder")
+    parser.add_argument("--draft", default="gpt2", help="draft model: a preset name or a checkpoint folder")
+    parser.add_argument("--max-new-tokens", type=_checked(int, check_integer, minimum=1), default=128,
+                        help="tokens to generate")
+    parser.add_argument("--lookahead", "-K", type=_lookahead, default=4,
+                        help="draft tokens proposed per round (K), or auto: chosen every round from the measured "
+                        "acceptance rate and pass costs")
+    parser.add_argument("--temperature", type=_checked(float, check_real, minimum=0), default=0.0,
+                        help="0 is greedy; >0 samples")
+    parser.add_argument("--top-k", type=_checked(int, check_integer, minimum=1), default=None,
+                        help="keep the k most likely tokens (temperature > 0)")
+    parser.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling mass (temperature > 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the sampling generator")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="weights and activations; auto: bfloat16 where the hardware runs it natively, else float32")
+    parser.add_argument("--mode", default="both", choices=["both", "speculative", "naive"], help="what to run")
+    parser.add_argument("--no-cache-baseline", action="store_true",
+                        help="also time plain decoding without a KV cache (the toyllm blog post's baseline; slow)")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
+    parser.add_argument("--no-stream", action="store_true",
+                        help="print each text when its run ends, with a progress bar, instead of streaming it")
+    parser.add_argument("--show-acceptance", action="store_true",
+                        help="print the speculative output coloured by origin: draft kept, resampled, bonus")
+    parser.add_argument("--color", default="auto", choices=["auto", "always", "never"],
+                        help="colours for --show-acceptance; auto: only on a terminal and when NO_COLOR is unset")
+    parser.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="where preset checkpoints live")
+    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """The command line; returns the exit status (2 for bad input, missing weights or a failed download)."""
+    args = parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, DownloadError, OSError) as e:  # bad input, weights or files: one line, no traceback
+        print(f"speculative.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+# Each run: its title, and whether it is plain decoding (one-row passes) or speculative sampling.
+NAIVE, UNCACHED, SPECULATIVE = "naive", "uncached", "speculative"
+
+
+def _run(args) -> int:
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    enc = load_tokenizer()
+    prompt = enc.encode(args.prompt, allowed_special="all")
+    if not prompt:
+        raise ValueError("the prompt is empty: pass some text with --prompt")
+    load = dict(weights_dir=args.weights_dir, dtype=dtype, device=device, download=not args.no_download)
+    print(f"Loading target {args.target} and draft {args.draft} ({dtype_name(dtype)}, {device}) ...", file=sys.stderr)
+    target = GPT2.from_pretrained(args.target, **load)
+    draft = GPT2.from_pretrained(args.draft, **load) if args.mode != "naive" else None
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   eos_token_id=None if args.ignore_eos else enc.eot_token)
+    n = args.max_new_tokens
+
+    def lookahead():  # a fresh policy for every call: what one run learned must not steer the next
+        return AdaptiveLookahead() if args.lookahead == "auto" else args.lookahead
+
+    def decode(mode, max_new_tokens, generator=None, on_tokens=None, **options):
+        if mode == SPECULATIVE:
+            return speculative_sample(target, draft, prompt, max_new_tokens, lookahead=lookahead(),
+                                      generator=generator, on_tokens=on_tokens, **options)
+        return autoregressive_sample(target, prompt, max_new_tokens, use_cache=mode == NAIVE, generator=generator,
+                                     on_tokens=on_tokens, **options)
+
+    titles = {UNCACHED: "Naive decoding without KV cache", NAIVE: "Naive decoding",
+              SPECULATIVE: f"Speculative sampling (K={args.lookahead})"}
+    modes = [m for m, wanted in ((UNCACHED, args.no_cache_baseline and args.mode != "speculative"),
+                                 (NAIVE, args.mode != "speculative"), (SPECULATIVE, args.mode != "naive")) if wanted]
+    results = {}
+    for mode in modes:
+        # The weight layout each decoder runs fastest in (CPU float32; a no-op elsewhere): one-row passes for plain
+        # decoding, (K + 1)-row passes for speculative sampling. Set here, visibly, before the clock starts.
+        for model in (target, draft) if mode == SPECULATIVE else (target,):
+            model.prepare_for(rows=1 if mode == NAIVE else 2)
+        if mode != UNCACHED:  # recomputing everything, the uncached run has no warm-up worth the wait
+            # Warm-up: the first passes pay for allocations and kernel selection; keep that out of the timings.
+            decode(mode, min(8, n), **options | {"temperature": 0.0})
+        generator = torch.Generator(device).manual_seed(args.seed)  # every run: the same seed
+        # Every run streams, or none does: writing to the terminal is part of what is timed.
+        results[mode] = _run_and_show(titles[mode], partial(decode, mode, n, generator, **options), prompt, enc, n,
+                                      stream=not args.no_stream)
+    _print_summary(args, results, device, dtype)
+    if args.show_acceptance and SPECULATIVE in results:
+        from render import strip_ansi, to_ansi
+
+        shown = to_ansi(results[SPECULATIVE], enc, prompt)
+        print("\n=== Where the speculative tokens came from ===")
+        print(shown if _use_color(args.color) else strip_ansi(shown))
+    return 0
+
+
+def _run_and_show(title: str, run, prompt: list[int], enc, max_new_tokens: int, stream: bool) -> Generation:
+    """Runs one decoder, streaming its text to stdout (or showing a progress bar on stderr), then its timing."""
+    from tqdm.auto import tqdm
+
+    from render import TextStream
+
+    print(f"\n=== {title} ===")
+    if stream:
+        print(f"Generated: {enc.decode(prompt)}", end="", flush=True)
+        text = TextStream(enc, file=sys.stdout)  # never splits a character across rounds
+        out = run(on_tokens=text)
+        text.flush()
+        print()
+    else:
+        with tqdm(total=max_new_tokens, desc=title.split(" (")[0], unit="tok", file=sys.stderr, leave=False) as bar:
+            out = run(on_tokens=lambda new: bar.update(len(new)))
+        print(f"Generated: {enc.decode(prompt + out.tokens)}")
+    print(f"completed in {out.seconds:.2f} s ({out.tokens_per_second:.2f} tokens/s, {len(out.tokens)} tokens)")
+    return out
+
+
+def _use_color(choice: str) -> bool:
+    # auto: colour only for a terminal, and never when NO_COLOR is set (no-color.org).
+    return choice == "always" or (choice == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+
+
+def _print_summary(args, results: dict[str, Generation], device, dtype) -> None:
+    naive, uncached, spec = results.get(NAIVE), results.get(UNCACHED), results.get(SPECULATIVE)
+    print("\n=== Summary ===")
+    if spec is not None:
+        for name, base in (("naive decoding", naive), ("naive decoding without KV cache", uncached)):
+            if base is not None:  # tokens/s: with sampling, an EOS can end the runs at different lengths
+                print(f"speedup over {name}: {spec.tokens_per_second / base.tokens_per_second:.2f}x")
+        rate = spec.acceptance_rate
+        print(f"acceptance rate: {'n/a' if rate is None else f'{rate:.2f}'} ({spec.accepted} of {spec.proposed} drafts kept)")
+        print(f"mean tokens per target pass: {spec.tokens_per_target_call:.2f}")
+        print(f"target passes: {spec.target_calls}, draft passes: {spec.draft_calls}")
+        chosen = [k for k in spec.lookahead_per_round if k > 0]
+        if args.lookahead == "auto" and chosen:
+            print(f"mean K chosen per round: {sum(chosen) / len(chosen):.2f}")
+    print(f"target: {args.target}, draft: {args.draft}, dtype: {dtype_name(dtype)}, device: {device}")
+    if spec is not None and naive is not None:
+        if args.temperature == 0 and spec.tokens == naive.tokens:
+            print("identical outputs: yes")
+        elif args.temperature == 0:
+            first = next((i for i, (a, b) in enumerate(zip(spec.tokens, naive.tokens)) if a != b),
+                         min(len(spec.tokens), len(naive.tokens)))
+            print(f"identical outputs: no, from new token {first} (1-token and (K+1)-token passes round differently "
+                  f"below float32, which can flip a near-tie)")
+        else:
+            print("identical outputs: not expected at temperature > 0 (both are samples from the target)")

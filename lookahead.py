@@ -1,0 +1,114 @@
+"""How many tokens to draft per round (K): a policy object that `speculative_sample` asks and reports to.
+
+Before each round the sampler calls `policy.choose()` for K; after it, `policy.update(round)` with what the round
+did (a `Round`: K, drafts kept, measured draft and verification times). `FixedLookahead(K)` is the trivial policy;
+`AdaptiveLookahead` picks the K that maximises expected tokens per second. A policy keeps what it learned from
+call to call: pass a new one for a fresh start. (transformers' candidate generator plays the same role.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round of speculative sampling: `lookahead` drafts proposed (K), `kept` of them kept by the target,
+    and the measured milliseconds of the draft passes and of the verification pass."""
+
+    lookahead: int
+    kept: int
+    draft_ms: float = 0.0
+    verify_ms: float = 0.0
+
+
+class LookaheadPolicy(Protocol):
+    def choose(self) -> int:
+        """K for the next round, >= 1."""
+
+    def update(self, round: Round) -> None:
+        """Learns from a finished round that drafted (round.lookahead >= 1)."""
+
+
+class FixedLookahead:
+    """The same K every round."""
+
+    def __init__(self, lookahead: int):
+        self.lookahead = lookahead
+
+    def choose(self) -> int:
+        return self.lookahead
+
+    def update(self, round: Round) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"FixedLookahead({self.lookahead})"
+
+
+def expected_tokens_per_round(alpha: float, K: int) -> float:
+    """E = (1 - alpha^(K+1)) / (1 - alpha): kept drafts plus the one resampled or bonus token (Chen et al.),
+    when each draft is kept with probability alpha, independently."""
+    return K + 1.0 if alpha >= 1 else (1 - alpha ** (K + 1)) / (1 - alpha)
+
+
+def interpolate(points: dict[int, float], x: int, extend_slope: bool = False) -> float:
+    """The piecewise-linear function through `points` ({x: y}, at least one) at `x`. Beyond the points it is flat
+    (the nearest point's y), or with `extend_slope` continues the slope of the last two."""
+    xs = sorted(points)
+    if x in points:
+        return points[x]
+    below, above = [p for p in xs if p < x], [p for p in xs if p > x]
+    if below and above:
+        lo, hi = below[-1], above[0]
+    elif extend_slope and len(xs) >= 2:
+        lo, hi = (xs[-2], xs[-1]) if below else (xs[0], xs[1])
+    else:
+        return points[below[-1] if below else above[0]]
+    return points[lo] + (points[hi] - points[lo]) * (x - lo) / (hi - lo)
+
+
+class AdaptiveLookahead:
+    """Chooses K before each round to maximise expected tokens per ms: E(alpha, K) / (K t_draft + t_verify(K+1)).
+
+    alpha is estimated from the rounds so far as kept / (kept + rejected), the maximum-likelihood estimate when
+    drafts are kept independently (drafts after a rejection were never tested), with counts that decay so that
+    it follows the text. t_draft (per pass) and t_verify (per number of rows) are measured as the rounds run.
+    A verification size not yet measured costs the linear interpolation between measured sizes, or beyond them
+    as much as the nearest one: optimistic, so that a larger K gets tried, and then measured.
+    K depends on measured times, so with a sampling temperature the same seed need not give the same tokens;
+    each call is still an exact sample from the target.
+    """
+
+    def __init__(self, max_lookahead: int = 12, first: int = 4, decay: float = 0.9):
+        self.max_lookahead, self.first, self.decay = max_lookahead, min(first, max_lookahead), decay
+        self.kept, self.rejected = 1.0, 1.0  # a uniform prior: alpha = 0.5 until rounds say otherwise
+        self.draft_ms: float | None = None
+        self.verify_ms: dict[int, float] = {}  # rows -> ms
+
+    @property
+    def alpha(self) -> float:
+        return self.kept / (self.kept + self.rejected)
+
+    def choose(self) -> int:
+        if self.draft_ms is None:
+            return self.first
+        return max(range(1, self.max_lookahead + 1), key=self.tokens_per_ms)
+
+    def tokens_per_ms(self, K: int) -> float:
+        return expected_tokens_per_round(self.alpha, K) / (K * self.draft_ms + interpolate(self.verify_ms, K + 1))
+
+    def update(self, round: Round) -> None:
+        K = round.lookahead
+        self.kept = self.decay * self.kept + round.kept
+        self.rejected = self.decay * self.rejected + (round.kept < K)
+        self.draft_ms = _average(self.draft_ms, round.draft_ms / K)
+        self.verify_ms[K + 1] = _average(self.verify_ms.get(K + 1), round.verify_ms)
+
+    def __repr__(self) -> str:
+        return f"AdaptiveLookahead(max_lookahead={self.max_lookahead})"
+
+
+def _average(old: float | None, new: float, weight: float = 0.3) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
