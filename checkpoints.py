@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from gpt2_model import PRESETS, CheckpointError, checkpoint_file
+from gpt2_model import PRESETS, CheckpointError, checkpoint_files
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 HUB_REPOS = {
@@ -33,39 +33,71 @@ HUB_REPOS = {
 
 
 def find_checkpoint(name_or_path, *, weights_dir=None, allow_download=True) -> Path:
-    """The folder that holds the checkpoint: a given folder, `<weights_dir>/<preset>`, a Hugging Face cache
-    snapshot of the preset, or a fresh download into `<weights_dir>/<preset>`."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        if checkpoint_file(path) is None:
-            raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
-        return path
+    """The folder that holds a checkpoint.
+
+    The rule: a preset name given as a string (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2) always means
+    the preset, looked for in `<weights_dir>/<name>`, then in the Hugging Face cache (the snapshot its `refs/main`
+    names), then downloaded into `<weights_dir>/<name>` unless `allow_download` is False or HF_HUB_OFFLINE is set.
+    Anything else is a folder. To load a folder named like a preset, write it as a path: ./gpt2.
+    """
     name = str(name_or_path)
-    if name not in PRESETS:
+    if isinstance(name_or_path, str) and name in PRESETS:
+        return _find_preset(name, weights_dir, allow_download)
+    path = Path(name_or_path)
+    if not path.is_dir():
         raise CheckpointError(f"{name!r} is neither a checkpoint folder nor a preset ({', '.join(PRESETS)})")
+    if checkpoint_files(path) is None:
+        raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin (or a shard index of either) "
+                              f"in this folder")
+    return path
+
+
+def _find_preset(name: str, weights_dir, allow_download: bool) -> Path:
     folder = Path(weights_dir or WEIGHTS_DIR) / name
-    if checkpoint_file(folder) is not None:
+    if folder.is_dir() and checkpoint_files(folder) is not None:
         return folder
-    cached = _hf_cache_snapshot(name)
-    if cached is not None:
-        return cached
-    if not allow_download:
-        raise CheckpointError(
-            f"no checkpoint for {name} in {folder} and downloading is off: allow the download, or place "
-            f"config.json and model.safetensors from {_hub_url(name, '')} in that folder"
-        )
+    snapshot = hf_cache_snapshot(name)
+    if snapshot is not None:
+        return snapshot
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline or not allow_download:
+        reason = "HF_HUB_OFFLINE is set" if offline else "downloading is off"
+        raise CheckpointError(f"no checkpoint for {name} in {folder} or the Hugging Face cache ({hf_cache_dir()}), "
+                              f"and {reason}: {ways_out(name, folder)}")
     return download(name, weights_dir)
 
 
-def _hf_cache_snapshot(name: str) -> Path | None:
-    """A snapshot folder of the preset in the standard Hugging Face cache, if one holds a checkpoint."""
-    hub = os.environ.get("HF_HUB_CACHE") or Path(
-        os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
-    ) / "hub"
+def ways_out(name: str, folder: Path) -> str:
+    """What a user without the hub can do instead, in one sentence."""
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    return (f"pass a checkpoint folder instead of {name!r} (--target/--draft FOLDER on the command line), download "
+            f"config.json and model.safetensors by hand from {endpoint.rstrip('/')}/{HUB_REPOS[name]} into "
+            f"{folder}, point HF_HOME or HF_HUB_CACHE at a Hugging Face cache that has {HUB_REPOS[name]}, set "
+            f"HF_ENDPOINT to a mirror, or write random weights of its shape with: "
+            f"python benchmarks/random_checkpoint.py {name} {folder}")
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+
+
+def hf_cache_snapshot(name: str) -> Path | None:
+    """The preset's snapshot folder in the Hugging Face cache, if it holds a checkpoint: the one `refs/main` names
+    (the revision `transformers` would load), or the only snapshot when there is no `refs/main`."""
     # The hub renamed gpt2 to openai-community/gpt2; older caches use the old name.
     for repo in (HUB_REPOS[name], name):
-        for snapshot in sorted(Path(hub).glob(f"models--{repo.replace('/', '--')}/snapshots/*")):
-            if checkpoint_file(snapshot) is not None:
+        repo_dir = hf_cache_dir() / f"models--{repo.replace('/', '--')}"
+        ref = repo_dir / "refs" / "main"
+        if ref.is_file():
+            snapshots = [repo_dir / "snapshots" / ref.read_text().strip()]
+        else:  # several snapshots and no ref to choose: none is taken rather than a guess
+            snapshots = sorted((repo_dir / "snapshots").glob("*"))
+            snapshots = snapshots if len(snapshots) == 1 else []
+        for snapshot in snapshots:
+            if snapshot.is_dir() and checkpoint_files(snapshot) is not None:
                 return snapshot
     return None
 
@@ -75,30 +107,46 @@ class DownloadError(RuntimeError):
 
 
 def _hub_url(name: str, filename: str) -> str:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    return f"{endpoint}/{HUB_REPOS[name]}/resolve/main/{filename}"
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", endpoint):
+        raise DownloadError(f"HF_ENDPOINT={endpoint!r} is not an http(s) URL: set it to a mirror such as "
+                            f"https://huggingface.co, or unset it")
+    return f"{endpoint.rstrip('/')}/{HUB_REPOS[name]}/resolve/main/{filename}"
 
 
 def download(name: str, weights_dir: str | os.PathLike | None = None, *, retries: int = 3) -> Path:
     """Downloads `config.json` and `model.safetensors` of a preset into `<weights_dir>/<name>`; returns the folder.
 
     Each file goes to `<file>.part` (resumed with an HTTP Range request after a cut connection), is checked
-    against the SHA-256 the hub sends for large files, and only then is renamed into place.
+    against the hash the hub announces (SHA-256 for large files, the git blob SHA-1 for small ones), and only
+    then is renamed into place: a file under its final name is always a verified one. A failed download leaves
+    no empty folder or empty partial file behind.
     """
     if name not in HUB_REPOS:
         raise ValueError(f"unknown GPT-2 preset {name!r}: choose one of {', '.join(HUB_REPOS)}")
     folder = Path(weights_dir or WEIGHTS_DIR) / name
-    folder.mkdir(parents=True, exist_ok=True)
-    for filename in ("config.json", "model.safetensors"):
-        url = _hub_url(name, filename)
-        try:
+    urls = {filename: _hub_url(name, filename) for filename in ("config.json", "model.safetensors")}
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(f"cannot create {folder} for the download ({e.strerror or e}): choose another "
+                            f"--weights-dir") from None
+    try:
+        for filename, url in urls.items():
             _fetch(url, folder / filename, retries=retries)
-        except DownloadError as e:
-            raise DownloadError(
-                f"{e}. Download it by hand from {url} and place it in {folder}, or copy a checkpoint folder "
-                f"there (config.json and model.safetensors)"
-            ) from None
+    except DownloadError as e:
+        _remove_empty(folder, created)
+        raise DownloadError(f"{e}. Instead: {ways_out(name, folder)}") from None
     return folder
+
+
+def _remove_empty(folder: Path, created: bool) -> None:
+    for part in folder.glob("*.part"):
+        if part.stat().st_size == 0:
+            part.unlink()
+    if created and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -106,52 +154,67 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def _expected_sha256(url: str) -> str | None:
-    """The SHA-256 the hub announces for a large file: its `X-Linked-Etag` (or `ETag`) header.
+def _expected_hash(url: str) -> tuple[str, str] | None:
+    """The hash the hub announces for a file, as ("SHA-256", hex) or ("git SHA-1", hex), or None.
 
-    The hub answers a large file with a redirect to a CDN; the hash is on that first answer, so redirects are
-    not followed here. Small files get a git hash (40 hex digits) instead, which is not checked.
+    A large (LFS) file's SHA-256 is its `X-Linked-Etag`: the hub answers it with a redirect to a CDN and the hash
+    is on that first answer, so redirects are not followed here. A small file's `ETag` is its git blob SHA-1.
     """
     request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "speculative-gpt2"})
     try:
         response = urllib.request.build_opener(_NoRedirect).open(request, timeout=30)
     except urllib.error.HTTPError as e:  # a 3xx answer arrives here since it is not followed
         response = e
-    except (urllib.error.URLError, OSError, http.client.HTTPException):
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
         return None  # the GET that follows reports the failure, with retries
     for header in ("X-Linked-Etag", "ETag"):
         value = (response.headers.get(header) or "").removeprefix("W/").strip('"')
         if re.fullmatch(r"[0-9a-f]{64}", value):
-            return value
+            return "SHA-256", value
+        if re.fullmatch(r"[0-9a-f]{40}", value):
+            return "git SHA-1", value
     return None
 
 
 def _fetch(url: str, dest: Path, *, retries: int) -> None:
+    """Downloads `url` to `dest` through `<dest>.part`, verified. A left-over .part whose bytes turn out wrong (a
+    hash mismatch after resuming it) is discarded and the file downloaded again from zero, once."""
     part = dest.with_name(dest.name + ".part")
-    expected = None
+    expected = _expected_hash(url)
+    resumed = part.exists() and part.stat().st_size > 0
+    _download(url, part, retries)
+    expected = expected or _expected_hash(url)  # the first try may have failed for the same reason as the GET
+    if expected is not None and _hash(part, expected[0]) != expected[1] and resumed:
+        print(f"warning: the partial download {part} was stale (its hash did not match); downloading "
+              f"{dest.name} again from the start", file=sys.stderr)
+        part.unlink()
+        _download(url, part, retries)
+    if expected is not None:
+        actual = _hash(part, expected[0])
+        if actual != expected[1]:
+            part.unlink()
+            raise DownloadError(f"{url}: {expected[0]} {actual} does not match the expected {expected[1]}; removed it")
+    else:
+        print(f"warning: {url} announced no hash, so {dest.name} is not verified", file=sys.stderr)
+    os.replace(part, dest)
+
+
+def _download(url: str, part: Path, retries: int) -> None:
+    """Fills `part` with the whole of `url`, resuming after a cut connection; DownloadError when that fails."""
     for attempt in range(retries + 1):
-        expected = expected or _expected_sha256(url)
         try:
             if _download_into(url, part):
-                break
+                return
             error = "the partial file did not match the server's size; it was removed"
         except urllib.error.HTTPError as e:
             if e.code < 500 and e.code != 429:  # a missing file or a refusal: trying again will not help
                 raise DownloadError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from None
             error = f"HTTP {e.code} {e.reason}"
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
             error = str(getattr(e, "reason", None) or e) or e.__class__.__name__
         if attempt == retries:
             raise DownloadError(f"downloading {url} failed after {retries + 1} tries: {error}")
         time.sleep(min(2**attempt, 10) * 0.5)  # then resume from what the .part file holds
-    if expected is not None:
-        actual = _sha256(part)
-        if actual != expected:
-            part.unlink()
-            raise DownloadError(f"{url}: SHA-256 {actual} does not match the expected {expected}; removed it")
-    elif dest.suffix == ".safetensors":
-        print(f"warning: {url} announced no SHA-256, so the download is not verified", file=sys.stderr)
-    os.replace(part, dest)
 
 
 def _download_into(url: str, part: Path) -> bool:
@@ -189,8 +252,9 @@ def _download_into(url: str, part: Path) -> bool:
     return True
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def _hash(path: Path, kind: str) -> str:
+    """The file's SHA-256, or its git blob SHA-1 (the hub's ETag of a small file): sha1 of "blob <size>\\0" + data."""
+    digest = hashlib.sha256() if kind == "SHA-256" else hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
@@ -210,6 +274,6 @@ if __name__ == "__main__":
     for preset in args.names:
         try:
             print(download(preset, args.weights_dir))
-        except DownloadError as e:
-            print(f"error: {e}", file=sys.stderr)
+        except (DownloadError, ValueError, OSError) as e:  # one line, never a traceback
+            print(f"checkpoints.py: error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -133,6 +133,11 @@ def _run(args) -> int:
     print(f"Loading target {args.target} and draft {args.draft} ({dtype_name(dtype)}, {device}) ...", file=sys.stderr)
     target = GPT2.from_pretrained(args.target, **load)
     draft = GPT2.from_pretrained(args.draft, **load) if args.mode != "naive" else None
+    for name, model in (("target", target), ("draft", draft)):
+        if model is not None and model.config.vocab_size > enc.n_vocab:  # e.g. nanoGPT's padded 50304
+            raise ValueError(f"the {name} has {model.config.vocab_size} tokens, more than the GPT-2 tokenizer's "
+                             f"{enc.n_vocab}: the ids past {enc.n_vocab - 1} would have no text; use a checkpoint "
+                             f"with the GPT-2 vocabulary")
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    eos_token_id=None if args.ignore_eos else enc.eot_token)
     n = args.max_new_tokens
@@ -178,19 +183,20 @@ def _run_and_show(title: str, run, prompt: list[int], enc, max_new_tokens: int, 
     """Runs one decoder, streaming its text to stdout (or showing a progress bar on stderr), then its timing."""
     from tqdm.auto import tqdm
 
-    from render import TextStream
+    from render import TextStream, printable
 
     print(f"\n=== {title} ===")
     if stream:
-        print(f"Generated: {enc.decode(prompt)}", end="", flush=True)
-        text = TextStream(enc, file=sys.stdout)  # never splits a character across rounds
+        print(f"Generated: {printable(enc.decode(prompt))}", end="", flush=True)
+        # Never splits a character across rounds; control characters (ESC ...) come out as symbols.
+        text = TextStream(enc, file=sys.stdout, escape=True)
         out = run(on_tokens=text)
         text.flush()
         print()
     else:
         with tqdm(total=max_new_tokens, desc=title.split(" (")[0], unit="tok", file=sys.stderr, leave=False) as bar:
             out = run(on_tokens=lambda new: bar.update(len(new)))
-        print(f"Generated: {enc.decode(prompt + out.tokens)}")
+        print(f"Generated: {printable(enc.decode(prompt + out.tokens))}")
     print(f"completed in {out.seconds:.2f} s ({out.tokens_per_second:.2f} tokens/s, {len(out.tokens)} tokens)")
     return out
 

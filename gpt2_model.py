@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from dataclasses import asdict, dataclass
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -53,40 +55,71 @@ class GPT2Config:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> GPT2Config:
-        """Reads a Hugging Face `config.json`; keys this model does not use are ignored."""
+        """Reads a Hugging Face `config.json`, checking every field it uses (type and range) and refusing variants
+        this model does not implement; keys it does not use are ignored. Raises ValueError naming the field."""
         try:
             raw = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: cannot read the config ({e})") from None
-        # Variants this from-scratch model does not implement must not load silently with wrong maths.
-        if raw.get("n_inner") not in (None, 4 * raw.get("n_embd", 0)):
-            raise ValueError(f"{path}: n_inner={raw['n_inner']} is not supported (only 4 * n_embd)")
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the config must be a JSON object, got {type(raw).__name__}")
+        try:
+            return cls._from_dict(raw)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    @classmethod
+    def _from_dict(cls, raw: dict) -> GPT2Config:
+        if raw.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"model_type {raw['model_type']!r} is not GPT-2: this loads GPT-2 checkpoints only")
+        config = cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})  # checked in __post_init__
+        # Variants this from-scratch model does not implement must not load silently with wrong maths; checked on
+        # the resolved, typed values.
+        n_inner = raw.get("n_inner")
+        if n_inner is not None and (_not_int(n_inner) or n_inner != 4 * config.n_embd):
+            raise ValueError(f"n_inner={n_inner!r} is not supported (only null or 4 * n_embd = {4 * config.n_embd})")
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
-            if raw.get(flag):
-                raise ValueError(f"{path}: {flag}=true is not supported by this GPT-2")
-        if raw.get("scale_attn_weights") is False:
-            raise ValueError(f"{path}: scale_attn_weights=false is not supported by this GPT-2")
+            if raw.get(flag, False) is not False:
+                raise ValueError(f"{flag}={raw[flag]!r} is not supported by this GPT-2 (only false)")
+        for flag in ("scale_attn_weights", "tie_word_embeddings"):
+            if raw.get(flag, True) is not True:
+                raise ValueError(f"{flag}={raw[flag]!r} is not supported by this GPT-2 (only true: "
+                                 + ("scaled attention)" if flag == "scale_attn_weights" else "the LM head is wte)"))
         if raw.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-            raise ValueError(f"{path}: activation_function={raw['activation_function']!r} is not supported "
+            raise ValueError(f"activation_function={raw['activation_function']!r} is not supported "
                              f"(only GPT-2's tanh GELU)")
-        fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
-        return cls(**fields)
+        return config
 
     def __post_init__(self):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if _not_int(value) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        eps = self.layer_norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ValueError(f"layer_norm_epsilon={eps!r} must be a number in (0, 1)")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated up to `max_len` positions.
+def _not_int(value) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
 
-    `keys` and `values` are (n_layer, B, n_head, max_len, head_dim); positions `[0, length)` are valid.
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions; positions `[0, length)` are valid.
+
+    `keys` and `values` are (n_layer, B, n_head, max_len, head_dim). A pass writes its new keys and values at their
+    positions and attends over the whole buffer, each new token masking out the positions after its own, so a
+    pass of T new tokens has the same tensor shapes wherever it is in the sequence: nothing is sliced to the
+    current length (what CUDA graphs need, and what keeps cuDNN from planning anew for every key length).
     """
 
     def __init__(self, config: GPT2Config, batch_size: int, max_len: int, dtype, device):
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_positions = torch.arange(max_len, device=device)  # (max_len,): the position of each slot
         self.length = 0
 
     @property
@@ -94,10 +127,11 @@ class KVCache:
         return self.keys.shape[3]
 
     def crop(self, length: int) -> None:
-        """Forgets every position from `length` on. O(1): later writes overwrite the stale entries."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot crop the cache to {length}: it holds {self.length} positions")
-        self.length = length
+        """Forgets every position from `length` on. O(1): later writes overwrite the stale entries, and until
+        then the mask hides them."""
+        if isinstance(length, bool) or not isinstance(length, Integral) or not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop the cache to {length!r}: give an integer from 0 to {self.length}")
+        self.length = int(length)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,19 +164,19 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x, kv=None, start=0, mask=None):
+    def forward(self, x, kv=None, positions=None, mask=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            # Write the new keys/values at their absolute positions, then attend over the whole prefix.
+            # Write the new keys/values at their positions (T,), then attend over the whole buffer; the mask
+            # (T, max_len) hides the positions a new token may not see, and the stale ones.
             cache_k, cache_v = kv  # (B, nh, max_len, hs)
-            cache_k[:, :, start : start + T] = k
-            cache_v[:, :, start : start + T] = v
-            k, v = cache_k[:, :, : start + T], cache_v[:, :, : start + T]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            cache_k.index_copy_(2, positions, k)
+            cache_v.index_copy_(2, positions, v)
+            y = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.c_proj(y)
 
@@ -166,8 +200,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv=None, start=0, mask=None):
-        x = x + self.attn(self.ln_1(x), kv, start, mask)
+    def forward(self, x, kv=None, positions=None, mask=None):
+        x = x + self.attn(self.ln_1(x), kv, positions, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -184,9 +218,10 @@ class GPT2(nn.Module):
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         """An empty KV cache for this model, on its device and in its dtype (default: the full context)."""
         max_len = self.config.n_positions if max_len is None else max_len
-        if not 1 <= max_len <= self.config.n_positions:
-            raise ValueError(f"max_len={max_len} must be between 1 and n_positions={self.config.n_positions}")
-        return KVCache(self.config, batch_size, max_len, self.wte.weight.dtype, self.wte.weight.device)
+        for name, value, top in (("batch_size", batch_size, None), ("max_len", max_len, self.config.n_positions)):
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1 or (top and value > top):
+                raise ValueError(f"{name}={value!r} must be an integer from 1" + (f" to n_positions={top}" if top else ""))
+        return KVCache(self.config, int(batch_size), int(max_len), self.wte.weight.dtype, self.wte.weight.device)
 
     def prepare_for(self, rows: int) -> GPT2:
         """Lays out the weights in memory for passes of `rows` new tokens; values and shapes do not change.
@@ -201,14 +236,17 @@ class GPT2(nn.Module):
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise ValueError(f"rows must be an integer >= 1 (new tokens per pass), got {rows!r}")
         one_row = rows == 1 and self.wte.weight.device.type == "cpu" and self.wte.weight.dtype == torch.float32
-        # Outside inference mode, so that the new weights are ordinary tensors that autograd can still use later.
+        # New Parameters made outside inference mode: ordinary tensors that autograd can use later, even when the
+        # model was made under torch.inference_mode() (whose tensors refuse `p.data = ...`).
         with torch.inference_mode(False), torch.no_grad():
-            for p in [self.wte.weight] + [m.weight for m in self.modules() if isinstance(m, nn.Linear)]:
+            for module in [self.wte] + [m for m in self.modules() if isinstance(m, nn.Linear)]:
+                w = module.weight
                 # One row: [in, out], except where the layer contracts (in > out: the MLP's c_proj), which MKL runs
                 # faster on [out, in].
-                to_in_out = one_row and p.shape[1] <= p.shape[0]
-                if p.is_contiguous() == to_in_out:  # [out, in] memory is the contiguous one
-                    p.data = p.data.t().contiguous().t() if to_in_out else p.data.contiguous()
+                to_in_out = one_row and w.shape[1] <= w.shape[0]
+                if w.is_contiguous() == to_in_out:  # [out, in] memory is the contiguous one
+                    data = w.detach().t().contiguous().t() if to_in_out else w.detach().contiguous()
+                    module.weight = nn.Parameter(data, requires_grad=w.requires_grad)
         return self
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -218,24 +256,42 @@ class GPT2(nn.Module):
         are appended to the cache. Several new tokens at once are scored in one pass (draft verification).
         """
         B, T = idx.shape
+        if cache is not None:
+            self._check_cache(cache, B)
         start = 0 if cache is None else cache.length
         limit = self.config.n_positions if cache is None else cache.max_len
         if start + T > limit:
             raise ValueError(f"the context is full: {start} + {T} tokens exceed the limit of {limit} positions")
-        if cache is not None and cache.keys.shape[1] != B:
-            raise ValueError(f"batch size {B} does not match the cache's {cache.keys.shape[1]}")
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
-        # New token i sits at position start + i and may see positions 0 .. start + i. One new token sees all.
-        mask = None
-        if cache is not None and T > 1:
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
-        for i, block in enumerate(self.h):
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x = block(x, kv, start, mask)
+        logits = self.forward_at(idx, torch.arange(start, start + T, device=idx.device), cache)
         if cache is not None:
             cache.length = start + T
+        return logits
+
+    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for tokens `idx` (B, T) at `positions` (T,), a device tensor; with a cache,
+        their keys and values are written there. The static-shape core of `forward`: no host value decides a
+        shape, so a pass of T tokens can be captured once and replayed anywhere in the sequence."""
+        x = self.wte(idx) + self.wpe(positions)  # (B, T, C)
+        # New token i at position p may see the slots at positions <= p: (T, max_len), the same for every layer.
+        mask = None if cache is None else positions[:, None] >= cache.key_positions
+        for i, block in enumerate(self.h):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x = block(x, kv, positions, mask)
         return linear(self.ln_f(x), self.wte.weight)  # tied LM head: (B, T, vocab_size)
+
+    def _check_cache(self, cache: KVCache, batch_size: int) -> None:
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"cache must be a KVCache made with model.new_cache(), got {type(cache).__name__}")
+        c = self.config
+        expected = (c.n_layer, batch_size, c.n_head, c.n_embd // c.n_head)
+        actual = tuple(cache.keys.shape[i] for i in (0, 1, 2, 4))
+        if actual != expected or cache.max_len > c.n_positions:
+            raise ValueError(f"this cache (n_layer, batch, n_head, head_dim = {actual}, max_len {cache.max_len}) was "
+                             f"not made for this model and batch {expected}, context {c.n_positions}: make it with "
+                             f"model.new_cache()")
+        if cache.keys.device != self.wte.weight.device or cache.keys.dtype != self.wte.weight.dtype:
+            raise ValueError(f"the cache is {cache.keys.dtype} on {cache.keys.device}, the model "
+                             f"{self.wte.weight.dtype} on {self.wte.weight.device}: make it with model.new_cache()")
 
     @classmethod
     def from_pretrained(
@@ -263,6 +319,7 @@ class GPT2(nn.Module):
             model = cls(config)
         state = read_checkpoint(folder, config, dtype=dtype or torch.float32, device=device or "cpu")
         model.load_state_dict(state, assign=True)
+        model.checkpoint_folder = folder  # where it was loaded from, for reports
         return model.eval()
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
@@ -301,44 +358,75 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or does not match its config."""
 
 
-def checkpoint_file(folder: Path) -> Path | None:
-    """The checkpoint file in `folder`, or None."""
+def checkpoint_files(folder: Path) -> list[Path] | None:
+    """The checkpoint files in `folder`: one file, or the shards its index lists (`save_pretrained` shards large
+    models as `model-00001-of-00002.safetensors` ... with a `model.safetensors.index.json`); None if it has none."""
     for filename in CHECKPOINT_FILES:
         if (folder / filename).is_file():
-            return folder / filename
+            return [folder / filename]
+        index = folder / f"{filename}.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                shards = []
+            if not shards or not all(isinstance(f, str) and Path(f).name == f for f in shards):
+                raise CheckpointError(f"{index}: not a shard index (a JSON object whose weight_map maps tensor "
+                                      f"names to files in this folder)") from None
+            missing = [f for f in shards if not (folder / f).is_file()]
+            if missing:
+                raise CheckpointError(f"{index} lists {missing[0]}, which is not in the folder "
+                                      f"({len(missing)} of {len(shards)} shards missing)")
+            return [folder / f for f in shards]
     return None
 
 
 def read_checkpoint(folder: Path, config: GPT2Config, *, dtype=torch.float32, device="cpu") -> dict:
-    """Our state dict from a checkpoint file, checked against `config`: every tensor present, shaped right.
+    """Our state dict from a checkpoint folder, checked against `config`: every tensor present once, shaped right.
 
     Both layouts found in the wild load: the hub's (no prefix, with `attn.bias` mask buffers) and
-    `save_pretrained`'s (a `transformer.` prefix, no buffers). Tensors are read one at a time from a
-    memory map and converted on the way, so no second full copy of the model is built.
+    `save_pretrained`'s (a `transformer.` prefix, no buffers), in one file or in shards. Tensors are read one at
+    a time from a memory map and converted on the way, so no second full copy of the model is built. An
+    `lm_head.weight` must equal `wte.weight` (GPT-2 ties them): an untied head is refused, never dropped.
     """
-    path = checkpoint_file(folder)
     expected = {k: tuple(v.shape) for k, v in _shape_model(config).state_dict().items()}
-    state = {}
-    with _TensorFile(path) as tensors:
-        for raw_key in tensors.keys():
-            key = raw_key.removeprefix("transformer.")
-            if key == "lm_head.weight" or key.endswith((".attn.bias", ".attn.masked_bias")):
-                continue  # tied to wte, and causal-mask buffers: nothing to load
-            if key not in expected:
-                raise CheckpointError(f"{path}: unexpected tensor {raw_key!r} for {_describe(config)}")
-            t = tensors.get(raw_key)
-            t = t.t() if _is_conv1d(key) else t
-            if tuple(t.shape) != expected[key]:
-                raise CheckpointError(
-                    f"{path}: tensor {raw_key!r} has shape {list(t.shape)}, expected {list(expected[key])} "
-                    f"for {_describe(config)}"
-                )
-            # Always a copy of our own: a tensor left on the memory map would keep the whole file's pages mapped
-            # (gigabytes of resident memory with GPT-2 XL, whose wte needs no conversion in float32).
-            state[key] = torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
+    state, names, lm_head = {}, {}, None
+    files = checkpoint_files(folder)
+    for path in files:
+        with _TensorFile(path) as tensors:
+            for raw_key in tensors.keys():
+                key = raw_key.removeprefix("transformer.")
+                if key.endswith((".attn.bias", ".attn.masked_bias")):
+                    continue  # causal-mask buffers: nothing to load
+                if key in names:
+                    raise CheckpointError(f"{path}: holds {key!r} twice (as {names[key]!r} and {raw_key!r}): "
+                                          f"which one is meant is unclear")
+                names[key] = raw_key
+                if key == "lm_head.weight":
+                    lm_head = (path, raw_key)
+                    continue
+                if key not in expected:
+                    raise CheckpointError(f"{path}: unexpected tensor {raw_key!r} for {_describe(config)}")
+                t = tensors.get(raw_key)
+                t = t.t() if _is_conv1d(key) else t
+                if tuple(t.shape) != expected[key]:
+                    raise CheckpointError(
+                        f"{path}: tensor {raw_key!r} has shape {list(t.shape)}, expected {list(expected[key])} "
+                        f"for {_describe(config)}"
+                    )
+                # Always a copy of our own: a tensor left on the memory map would keep the whole file's pages
+                # mapped (gigabytes of resident memory with GPT-2 XL, whose wte needs no conversion in float32).
+                state[key] = torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+        where = files[0] if len(files) == 1 else f"{folder} (shards)"
+        raise CheckpointError(f"{where}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    if lm_head is not None:
+        with _TensorFile(lm_head[0]) as tensors:
+            head = tensors.get(lm_head[1])
+            if head.shape != state["wte.weight"].shape or not torch.equal(head.to(device, dtype), state["wte.weight"]):
+                raise CheckpointError(f"{lm_head[0]}: lm_head.weight differs from wte.weight (an untied LM head): "
+                                      f"not supported, this GPT-2 ties its LM head to the token embedding")
     return state
 
 
@@ -352,13 +440,18 @@ def _describe(config: GPT2Config) -> str:
 
 
 class _TensorFile:
-    """`keys()` and `get(key)` over a safetensors file (memory-mapped) or a pytorch_model.bin; a file that cannot
-    be read raises CheckpointError, whatever way safetensors or torch.load report it."""
+    """`keys()` and `get(key)` over a safetensors file (memory-mapped) or a pytorch_model.bin. A file that cannot be
+    read, or that would run code when unpickled, or that is not a dict of named tensors, raises CheckpointError
+    with one line saying which, whatever way safetensors or torch.load report it."""
 
     def __init__(self, path: Path):
         self.path = path
 
     def __enter__(self):
+        try:
+            open(self.path, "rb").close()
+        except OSError as e:  # permissions, a folder in its place: not the file's content, so no advice to delete it
+            raise CheckpointError(f"{self.path}: cannot be read ({e.strerror or e})") from None
         if self.path.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -367,8 +460,12 @@ class _TensorFile:
         else:
             try:
                 state = self._read(lambda: torch.load(self.path, map_location="cpu", weights_only=True, mmap=True))
-            except CheckpointError:  # files in torch's legacy (pre-1.6) format cannot be memory-mapped
+            except _Corrupt:  # files in torch's legacy (pre-1.6) format cannot be memory-mapped
                 state = self._read(lambda: torch.load(self.path, map_location="cpu", weights_only=True))
+            if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in state.items())):
+                raise CheckpointError(f"{self.path}: does not hold a dict of named tensors (got "
+                                      f"{type(state).__name__}): not a GPT-2 state dict")
             self._keys, self._get = state.keys, state.__getitem__
         return self
 
@@ -384,11 +481,20 @@ class _TensorFile:
     def _read(self, read):
         try:
             return read()
+        except pickle.UnpicklingError as e:
+            if "weights only" not in str(e).lower():
+                raise _Corrupt(self.path, e) from None
+            raise CheckpointError(f"{self.path}: refused: unpickling it would run code (it holds objects other than "
+                                  f"tensors); use a safetensors checkpoint") from None
         except Exception as e:  # truncation and corruption surface as many exception types
-            raise CheckpointError(
-                f"{self.path}: cannot read the checkpoint, it may be truncated or corrupt ({e}); delete it and "
-                f"download it again"
-            ) from None
+            raise _Corrupt(self.path, e) from None
+
+
+class _Corrupt(CheckpointError):
+    def __init__(self, path: Path, error: Exception):
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        super().__init__(f"{path}: cannot read the checkpoint, it may be truncated or corrupt ({detail}); delete it "
+                         f"and download it again")
 
 
 def _write_atomically(dest: Path, write) -> None:

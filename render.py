@@ -91,14 +91,16 @@ def to_ansi(generation, tokenizer, prompt_tokens: list[int] | None = None) -> st
     """The text for a terminal: the prompt dim, each new token in its origin's colour (reset after each token),
     then a legend on the last line. Control characters other than newline and tab show as symbols (␛, ␍)."""
     prompt_text, groups = text_groups(generation, tokenizer, prompt_tokens)
-    parts = [f"{ANSI_PROMPT}{_printable(prompt_text)}{ANSI_RESET}"] if prompt_text else []
+    parts = [f"{ANSI_PROMPT}{printable(prompt_text)}{ANSI_RESET}"] if prompt_text else []
     for text, origin in groups:
-        parts.append(f"{ANSI_COLOURS[origin]}{_printable(text)}{ANSI_RESET}")
+        parts.append(f"{ANSI_COLOURS[origin]}{printable(text)}{ANSI_RESET}")
     legend = "; ".join(f"{ANSI_COLOURS[origin]}{origin}{ANSI_RESET}: {MEANINGS[origin]}" for origin in ORIGINS)
     return f"{''.join(parts)}\nlegend: {legend}"
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
+    """`text` with control characters other than newline and tab shown as their Unicode pictures (ESC as ␛):
+    safe to write to a terminal."""
     return text.translate(_CONTROL_PICTURES)
 
 
@@ -111,11 +113,12 @@ class TextStream:
     """Streams token chunks as text, never splitting a character: pass it as `on_tokens`, then call `flush()`.
 
     Each call returns the text that the chunk completes (possibly ""), holding back the bytes of a character
-    whose last token has not arrived yet; with a `file` (e.g. sys.stdout) it also writes that text there.
+    whose last token has not arrived yet; with a `file` (e.g. sys.stdout) it also writes that text there. With
+    `escape`, control characters come out as symbols (`printable`): model output must not drive a terminal.
     """
 
-    def __init__(self, tokenizer, file: IO[str] | None = None):
-        self.tokenizer, self.file = tokenizer, file
+    def __init__(self, tokenizer, file: IO[str] | None = None, escape: bool = False):
+        self.tokenizer, self.file, self.escape = tokenizer, file, escape
         self._decoder = _decoder()
 
     def __call__(self, tokens: list[int]) -> str:
@@ -127,6 +130,7 @@ class TextStream:
         return self._emit(self._decoder.decode(b"", final=True))
 
     def _emit(self, text: str) -> str:
+        text = printable(text) if self.escape else text
         if self.file is not None and text:
             self.file.write(text)
             self.file.flush()  # a chunk is a round of the sampler: show it now, not when a line ends

@@ -136,7 +136,10 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int |
     """
     logits = logits.float()  # compare probabilities in float32 whatever the models' dtype
     if temperature == 0:
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        # A row with a NaN or +inf logit gives NaN probabilities, as it does at any other temperature, so that the
+        # samplers' one check per round (`_broken_model`) catches a broken model whatever the temperature.
+        return torch.where((logits.isnan() | logits.isposinf()).any(-1, keepdim=True), float("nan"), one_hot)
     # Subtracting the maximum first keeps a tiny temperature from overflowing to inf - inf = NaN; the maxima stay
     # exactly 0 even where the temperature underflows to 0 in float32 (0 / 0).
     shifted = logits - logits.amax(-1, keepdim=True)
@@ -152,7 +155,9 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int |
         # strictly before it is below top_p, so the token that crosses the threshold (and the first) is kept.
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        removed = mass_before >= top_p
+        removed[..., 0] = False  # the most likely token always stays, even for a top_p that underflows float32
+        sorted_probs = sorted_probs.masked_fill(removed, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
@@ -161,6 +166,9 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int |
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token id per row of `probs` (..., V); rows need not be normalised. A one-hot row gives its token."""
     flat = probs.reshape(-1, probs.shape[-1])
+    # A NaN row (a broken model) would make multinomial fail inside torch before the round's check can name the
+    # model: sample it uniformly instead; the round then raises a clear error.
+    flat = torch.where(flat.isfinite().all(-1, keepdim=True), flat, 1.0)
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
@@ -277,7 +285,10 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
         verified = clock.mark()
         # Step 3, accept or resample: `kept` drafts, then one resampled (or bonus) token.
         kept, next_token = accept_or_resample(drafts, p, q, temperature, generator)
-        values = torch.cat([drafts, kept.view(1), next_token.view(1)]).tolist()  # the round's one host sync
+        finite = torch.stack([p.isfinite().all(), q.isfinite().all()])  # NaN rows: a broken model
+        values = torch.cat([drafts, kept.view(1), next_token.view(1), finite]).tolist()  # the round's one host sync
+        _broken_model({"draft model": values[-2], "target model": values[-1]}, len(out.tokens))
+        values = values[:-2]
         round = Round(K, values[-2], clock.ms(started, drafted), clock.ms(drafted, verified))
         new = out.commit_round(values[:-2], round, values[-1], eos_token_id)
         if K > 0:
@@ -317,12 +328,14 @@ def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperatu
     out = Generation()
     while len(out.tokens) < max_new_tokens:
         fed = ids[None, length - 1 : length] if use_cache else ids[None, :length]
-        logits = model(fed, cache=cache)[0, -1]
-        token = greedy_or_sample(logits_to_probs(logits, temperature, top_k, top_p), temperature, generator)
+        probs = logits_to_probs(model(fed, cache=cache)[0, -1], temperature, top_k, top_p)
+        token = greedy_or_sample(probs, temperature, generator)
         ids[length] = token
         length += 1
         out.target_calls += 1
-        out.tokens.append(token.item())  # the token's one host sync
+        token, finite = torch.stack([token, probs.isfinite().all()]).tolist()  # the token's one host sync
+        _broken_model({"model": finite}, len(out.tokens))
+        out.tokens.append(token)
         out.origins.append(Origin.TARGET)
         if on_tokens is not None:
             on_tokens(out.tokens[-1:])
@@ -331,6 +344,13 @@ def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperatu
     synchronize(prompt.device)
     out.seconds = time.perf_counter() - start_time
     return out
+
+
+def _broken_model(finite: dict[str, bool], position: int) -> None:
+    for name, ok in finite.items():
+        if not ok:
+            raise ValueError(f"the {name} produced NaN or infinite logits (at new token {position}): its weights "
+                             f"are broken or overflow in this dtype; check the checkpoint, or try float32")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -2,18 +2,24 @@
 
 import hashlib
 import http.server
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
 import torch
 
 from checkpoints import DownloadError, download
-from gpt2_model import GPT2
+from gpt2_model import GPT2, CheckpointError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class FakeHub(http.server.ThreadingHTTPServer):
     """Serves `/openai-community/gpt2/resolve/main/<file>` like the hub: large files answer with a redirect to
-    a CDN path and announce their SHA-256 in `X-Linked-Etag`; the CDN honours Range requests."""
+    a CDN path and announce their SHA-256 in `X-Linked-Etag`; small files announce their git blob SHA-1 in
+    `ETag`; the CDN honours Range requests."""
 
     daemon_threads = True
 
@@ -21,6 +27,9 @@ class FakeHub(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.files = files
         self.announced_sha = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+        self.announced_git = {name: hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+                              for name, data in files.items()}
+        self.truncate_config = False  # send config.json cut short, without a Content-Length, once
         self.cut_next_get_after = None  # bytes sent before the connection is dropped, once
         self.fail_next_gets = 0  # answer this many GETs with 503 first
         self.ranges = []
@@ -52,7 +61,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         name = self._resolve()
         if name is not None:
             self.send_response(200)
-            self.send_header("ETag", '"0123456789abcdef0123456789abcdef01234567"')  # a git hash: not checked
+            self.send_header("ETag", f'"{self.server.announced_git[name]}"')
             self.end_headers()
 
     def do_GET(self):
@@ -74,6 +83,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             return
         self.send_response(206 if range_header else 200)
+        if self.server.truncate_config and name == "config.json":
+            self.server.truncate_config = False
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.close_connection = True  # the end of the body is the end of the connection: looks complete
+            return
         self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
         cut = self.server.cut_next_get_after
@@ -124,7 +139,7 @@ def test_resume_after_the_connection_drops(hub, tmp_path):
 
 def test_wrong_sha256_is_rejected_and_leaves_no_file(hub, tmp_path):
     hub.announced_sha["model.safetensors"] = "0" * 64
-    with pytest.raises(DownloadError, match="SHA-256 .* does not match the expected 0000.*place it in"):
+    with pytest.raises(DownloadError, match="SHA-256 .* does not match the expected 0000.*by hand from http://127"):
         download("gpt2", tmp_path)
     assert sorted(p.name for p in (tmp_path / "gpt2").iterdir()) == ["config.json"]
 
@@ -172,3 +187,64 @@ def test_left_over_partial_files(hub, tmp_path, monkeypatch):
     (folder / "model.safetensors.part").write_bytes(data + b"stale")  # longer than the file: start over
     download("gpt2", tmp_path)
     assert (folder / "model.safetensors").read_bytes() == data and hub.ranges[-1] is None
+
+
+def test_config_is_verified_too(hub, tmp_path):
+    hub.truncate_config = True  # cut short with no Content-Length: only its git hash can tell
+    with pytest.raises(DownloadError, match="config.json: git SHA-1 .* does not match"):
+        download("gpt2", tmp_path)
+    assert not (tmp_path / "gpt2" / "config.json").exists()
+    download("gpt2", tmp_path)
+    assert (tmp_path / "gpt2" / "config.json").read_bytes() == hub.files["config.json"]
+
+
+@pytest.mark.parametrize("stale", ["same size", "wrong prefix"])
+def test_a_stale_partial_file_restarts_once_by_itself(hub, tmp_path, capsys, stale):
+    data = hub.files["model.safetensors"]
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    wrong = bytes(len(data)) if stale == "same size" else b"x" * (len(data) // 2)
+    (folder / "model.safetensors.part").write_bytes(wrong)
+    download("gpt2", tmp_path)  # the first run succeeds
+    assert (folder / "model.safetensors").read_bytes() == data
+    assert "was stale" in capsys.readouterr().err
+    assert not (folder / "model.safetensors.part").exists()
+
+
+def test_a_failed_download_leaves_nothing_behind(hub, tmp_path, monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    hub.fail_next_gets = 100
+    with pytest.raises(DownloadError, match="python benchmarks/random_checkpoint.py gpt2"):
+        download("gpt2", tmp_path)
+    assert not (tmp_path / "gpt2").exists()
+
+
+def test_hf_hub_offline_is_honoured(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE is set: pass a checkpoint folder"):
+        GPT2.from_pretrained("gpt2", weights_dir=tmp_path)
+    assert hub.ranges == [] and not (tmp_path / "gpt2").exists()  # no request was made
+
+
+@pytest.mark.parametrize("endpoint", ["not a url", "ftp://example.org", "127.0.0.1:8080"])
+def test_an_endpoint_that_is_not_a_url(tmp_path, monkeypatch, endpoint):
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    with pytest.raises(DownloadError, match="HF_ENDPOINT=.* is not an http"):
+        download("gpt2", tmp_path)
+    assert not (tmp_path / "gpt2").exists()
+
+
+def run_downloader(*args, env):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "checkpoints.py"), *args], capture_output=True,
+                          text=True, timeout=120, env=os.environ | env)
+
+
+@pytest.mark.parametrize("case", ["weights dir is a file", "endpoint is not a URL", "unreachable"])
+def test_the_download_command_fails_in_one_line(tmp_path, case):
+    (tmp_path / "file").write_text("")
+    weights = tmp_path / "file" if case == "weights dir is a file" else tmp_path / "weights"
+    endpoint = "not a url" if case == "endpoint is not a URL" else "http://127.0.0.1:9"
+    result = run_downloader("gpt2", "--weights-dir", str(weights), env={"HF_ENDPOINT": endpoint})
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "checkpoints.py: error: " in result.stderr
+    assert "Traceback" not in result.stderr

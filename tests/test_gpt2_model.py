@@ -4,12 +4,13 @@ import gc
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import find_checkpoint
-from gpt2_model import GPT2, GPT2Config, CheckpointError
+from gpt2_model import GPT2, CheckpointError, GPT2Config, KVCache
 
 TOL = 1e-4  # fp32; the measured gap is about 1e-6
 
@@ -277,3 +278,78 @@ def test_preset_found_in_hugging_face_cache(reference_folder, tmp_path, monkeypa
     assert find_checkpoint("gpt2", weights_dir=empty_weights) == snapshot
     assert_parity(GPT2.from_pretrained("gpt2", weights_dir=empty_weights), reference)
     assert not empty_weights.exists()
+
+
+# Static shapes ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_cached_passes_match_a_full_pass_at_every_position_after_crops(reference_folder, rows):
+    # As in speculative sampling: at every position, rows that get rejected are fed and cropped away first, then
+    # the kept rows; the logits must equal a full pass's wherever the pass lands in the buffer.
+    model = GPT2.from_pretrained(reference_folder[0])
+    gen = torch.Generator().manual_seed(5)
+    idx, junk = torch.randint(0, 50257, (1, 36), generator=gen), torch.randint(0, 50257, (1, rows), generator=gen)
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache(max_len=40)
+        model(idx[:, :1], cache=cache)
+        for start in range(1, 36 - rows + 1, rows):
+            model(junk, cache=cache)
+            cache.crop(start)
+            torch.testing.assert_close(model(idx[:, start : start + rows], cache=cache), full[:, start : start + rows],
+                                       atol=1e-5, rtol=0)
+
+
+def test_every_pass_of_T_tokens_has_the_same_shapes(monkeypatch):
+    # Nothing is sliced to the current length: the attention always sees the whole buffer, so the shapes of a
+    # T-token pass do not depend on where it is (what a CUDA graph or cuDNN's plan cache needs).
+    model = GPT2(GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=50)).eval()
+    shapes = []
+    attention = torch.nn.functional.scaled_dot_product_attention
+
+    def record(q, k, v, **kwargs):
+        shapes.append((tuple(q.shape), tuple(k.shape), tuple(kwargs["attn_mask"].shape)))
+        return attention(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", record)
+    cache = model.new_cache(max_len=20)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+        shapes.clear()
+        for _ in range(4):
+            model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    assert shapes == [((1, 2, 3, 8), (1, 2, 20, 8), (3, 20))] * 4
+
+
+def test_a_cache_that_does_not_fit_the_model_is_refused():
+    small = GPT2(GPT2Config(n_positions=16, n_embd=16, n_layer=1, n_head=2, vocab_size=50))
+    large = GPT2(GPT2Config(n_positions=64, n_embd=16, n_layer=1, n_head=2, vocab_size=50))
+    other = GPT2(GPT2Config(n_positions=16, n_embd=32, n_layer=2, n_head=2, vocab_size=50))
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    for cache in (large.new_cache(max_len=40), other.new_cache(), small.new_cache(batch_size=2)):
+        with pytest.raises(ValueError, match="not made for this model"):
+            small(ids, cache=cache)
+    with pytest.raises(ValueError, match="cache must be a KVCache"):
+        small(ids, cache="cache")
+    with pytest.raises(ValueError, match="the model torch.float32"):
+        small(ids, cache=KVCache(small.config, 1, 8, torch.bfloat16, "cpu"))
+
+
+@pytest.mark.parametrize("bad", [2.5, True, -1, 7, "2"])
+def test_crop_takes_an_integer_within_the_cache(bad):
+    cache = GPT2(GPT2Config(n_positions=16, n_embd=16, n_layer=1, n_head=2, vocab_size=50)).new_cache()
+    cache.length = 6
+    with pytest.raises(ValueError, match="cannot crop the cache to"):
+        cache.crop(bad)
+    assert cache.length == 6
+    cache.crop(np.int64(2))
+    assert cache.length == 2 and type(cache.length) is int
+
+
+@pytest.mark.parametrize("bad", [2.5, 0, True, 17, "8"])
+def test_new_cache_takes_an_integer_length(bad):
+    model = GPT2(GPT2Config(n_positions=16, n_embd=16, n_layer=1, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="max_len=.* must be an integer from 1 to n_positions=16"):
+        model.new_cache(max_len=bad)
+    assert model.new_cache(max_len=np.int64(8)).max_len == 8
