@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from functools import partial
+from pathlib import Path
 
 import torch
 
 from checkpoints import WEIGHTS_DIR, DownloadError
 from gpt2_model import GPT2
-from hardware import DTYPES, dtype_name, resolve_device, resolve_dtype
+from hardware import DTYPES, dtype_name, hardware_name, resolve_device, resolve_dtype
 from lookahead import AdaptiveLookahead
 from speculative import Generation, autoregressive_sample, check_integer, check_real, speculative_sample
 from tokenizer import load_tokenizer
@@ -91,8 +93,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling mass (temperature > 0)")
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the sampling generator")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                        help="weights and activations; auto: bfloat16 where the hardware runs it natively, else float32")
+    parser.add_argument("--dtype", default="float32", choices=["auto", *DTYPES],
+                        help="weights and activations; float32 gives exactly the target's greedy text; auto: "
+                        "bfloat16 where the hardware runs it natively (faster; greedy texts may part at near-ties)")
+    parser.add_argument("--threads", type=_checked(int, check_integer, minimum=1), default=None,
+                        help="CPU threads for torch (default: torch's choice); on a shared or small machine, "
+                        "fewer threads than cores often time more steadily")
     parser.add_argument("--mode", default="both", choices=["both", "speculative", "naive"], help="what to run")
     parser.add_argument("--no-cache-baseline", action="store_true",
                         help="also time plain decoding without a KV cache (the toyllm blog post's baseline; slow)")
@@ -100,44 +106,60 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-stream", action="store_true",
                         help="print each text when its run ends, with a progress bar, instead of streaming it")
     parser.add_argument("--show-acceptance", action="store_true",
-                        help="print the speculative output coloured by origin: draft kept, resampled, bonus")
+                        help="print the speculative output marked by origin: draft kept, resampled, bonus, target "
+                        "step (coloured, or marked in plain text without colours), with a count per origin")
     parser.add_argument("--color", default="auto", choices=["auto", "always", "never"],
                         help="colours for --show-acceptance; auto: only on a terminal and when NO_COLOR is unset")
+    parser.add_argument("--trace", metavar="FILE.html", default=None,
+                        help="write a self-contained page of the speculative run, round by round: drafts, p, q, "
+                        "min(1, q/p), the draws r, verdicts and times")
     parser.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="where preset checkpoints live")
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    """The command line; returns the exit status (2 for bad input, missing weights or a failed download)."""
+    """The command line; returns the exit status (2 for bad input, missing weights or a failed download, 130 when
+    interrupted with Ctrl-C)."""
     args = parse_args(argv)
     try:
         return _run(args)
     except (ValueError, DownloadError, OSError) as e:  # bad input, weights or files: one line, no traceback
         print(f"speculative.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what was generated is already on the screen
+        print("\nspeculative.py: interrupted", file=sys.stderr)
+        return 130
 
 
-# Each run: its title, and whether it is plain decoding (one-row passes) or speculative sampling.
+# The runs, in the order they are made.
 NAIVE, UNCACHED, SPECULATIVE = "naive", "uncached", "speculative"
 
 
 def _run(args) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     enc = load_tokenizer()
     prompt = enc.encode(args.prompt, allowed_special="all")
     if not prompt:
         raise ValueError("the prompt is empty: pass some text with --prompt")
+    if args.trace is not None and args.mode == "naive":
+        raise ValueError("--trace shows speculative sampling: use --mode both or --mode speculative")
     load = dict(weights_dir=args.weights_dir, dtype=dtype, device=device, download=not args.no_download)
-    print(f"Loading target {args.target} and draft {args.draft} ({dtype_name(dtype)}, {device}) ...", file=sys.stderr)
-    target = GPT2.from_pretrained(args.target, **load)
-    draft = GPT2.from_pretrained(args.draft, **load) if args.mode != "naive" else None
-    for name, model in (("target", target), ("draft", draft)):
-        if model is not None and model.config.vocab_size > enc.n_vocab:  # e.g. nanoGPT's padded 50304
-            raise ValueError(f"the {name} has {model.config.vocab_size} tokens, more than the GPT-2 tokenizer's "
-                             f"{enc.n_vocab}: the ids past {enc.n_vocab - 1} would have no text; use a checkpoint "
-                             f"with the GPT-2 vocabulary")
+    names = {"target": args.target} | ({"draft": args.draft} if args.mode != "naive" else {})
+    models, load_seconds = {}, {}
+    for role, name in names.items():
+        print(f"Loading {role} {name} ({dtype_name(dtype)}, {device}) ...", file=sys.stderr)
+        started = time.perf_counter()
+        models[role] = GPT2.from_pretrained(name, **load)
+        load_seconds[role] = time.perf_counter() - started
+        if models[role].config.vocab_size > enc.n_vocab:  # e.g. nanoGPT's padded 50304
+            raise ValueError(f"the {role} has {models[role].config.vocab_size} tokens, more than the GPT-2 "
+                             f"tokenizer's {enc.n_vocab}: the ids past {enc.n_vocab - 1} would have no text; use a "
+                             f"checkpoint with the GPT-2 vocabulary")
+    target, draft = models["target"], models.get("draft")
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    eos_token_id=None if args.ignore_eos else enc.eot_token)
     n = args.max_new_tokens
@@ -148,7 +170,8 @@ def _run(args) -> int:
     def decode(mode, max_new_tokens, generator=None, on_tokens=None, **options):
         if mode == SPECULATIVE:
             return speculative_sample(target, draft, prompt, max_new_tokens, lookahead=lookahead(),
-                                      generator=generator, on_tokens=on_tokens, **options)
+                                      generator=generator, on_tokens=on_tokens, trace=args.trace is not None,
+                                      **options)
         return autoregressive_sample(target, prompt, max_new_tokens, use_cache=mode == NAIVE, generator=generator,
                                      on_tokens=on_tokens, **options)
 
@@ -164,38 +187,59 @@ def _run(args) -> int:
             model.prepare_for(rows=1 if mode == NAIVE else 2)
         if mode != UNCACHED:  # recomputing everything, the uncached run has no warm-up worth the wait
             # Warm-up: the first passes pay for allocations and kernel selection; keep that out of the timings.
-            decode(mode, min(8, n), **options | {"temperature": 0.0})
+            decode(mode, min(8, n), **options | {"temperature": 0.0, "eos_token_id": None})
         generator = torch.Generator(device).manual_seed(args.seed)  # every run: the same seed
         # Every run streams, or none does: writing to the terminal is part of what is timed.
         results[mode] = _run_and_show(titles[mode], partial(decode, mode, n, generator, **options), prompt, enc, n,
                                       stream=not args.no_stream)
-    _print_summary(args, results, device, dtype)
-    if args.show_acceptance and SPECULATIVE in results:
-        from render import strip_ansi, to_ansi
+    _print_summary(args, results, models, load_seconds, device, dtype)
+    if args.show_acceptance:
+        _show_acceptance(args, results.get(SPECULATIVE), enc, prompt)
+    if args.trace is not None:
+        from render import trace_page
 
-        shown = to_ansi(results[SPECULATIVE], enc, prompt)
-        print("\n=== Where the speculative tokens came from ===")
-        print(shown if _use_color(args.color) else strip_ansi(shown))
+        title = f"{Path(args.target).name} / {Path(args.draft).name}, K={args.lookahead}, temperature {args.temperature}"
+        page = trace_page(results[SPECULATIVE], enc, prompt, title=title)
+        _write_atomically(Path(args.trace), page)
+        print(f"trace of {len(results[SPECULATIVE].trace)} rounds: {args.trace}", file=sys.stderr)
     return 0
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    # Beside the destination, then renamed: an interrupted write never leaves a half-written page under its name.
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _run_and_show(title: str, run, prompt: list[int], enc, max_new_tokens: int, stream: bool) -> Generation:
-    """Runs one decoder, streaming its text to stdout (or showing a progress bar on stderr), then its timing."""
+    """Runs one decoder, streaming its text to stdout (or showing a progress bar on stderr), then its timing.
+    On Ctrl-C, what was generated so far is shown before the interruption goes on."""
     from tqdm.auto import tqdm
 
     from render import TextStream, printable
 
     print(f"\n=== {title} ===")
+    done = []
     if stream:
         print(f"Generated: {printable(enc.decode(prompt))}", end="", flush=True)
         # Never splits a character across rounds; control characters (ESC ...) come out as symbols.
         text = TextStream(enc, file=sys.stdout, escape=True)
-        out = run(on_tokens=text)
-        text.flush()
-        print()
+        try:
+            out = run(on_tokens=text)
+        finally:
+            text.flush()
+            print()
     else:
         with tqdm(total=max_new_tokens, desc=title.split(" (")[0], unit="tok", file=sys.stderr, leave=False) as bar:
-            out = run(on_tokens=lambda new: bar.update(len(new)))
+            try:
+                out = run(on_tokens=lambda new: (done.extend(new), bar.update(len(new))))
+            except KeyboardInterrupt:
+                print(f"Generated (interrupted): {printable(enc.decode(prompt + done))}")
+                raise
         print(f"Generated: {printable(enc.decode(prompt + out.tokens))}")
     print(f"completed in {out.seconds:.2f} s ({out.tokens_per_second:.2f} tokens/s, {len(out.tokens)} tokens)")
     return out
@@ -206,9 +250,35 @@ def _use_color(choice: str) -> bool:
     return choice == "always" or (choice == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
 
 
-def _print_summary(args, results: dict[str, Generation], device, dtype) -> None:
+def _show_acceptance(args, spec: Generation | None, enc, prompt: list[int]) -> None:
+    from render import origin_counts, to_ansi, to_text
+
+    print("\n=== Where the speculative tokens came from ===")
+    if spec is None:
+        print("nothing to show: --show-acceptance needs speculative sampling (--mode both or --mode speculative)")
+        return
+    print(to_ansi(spec, enc, prompt) if _use_color(args.color) else to_text(spec, enc, prompt))
+    print(f"tokens by origin: {origin_counts(spec)}")
+
+
+def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2], load_seconds: dict[str, float],
+                   device, dtype) -> None:
     naive, uncached, spec = results.get(NAIVE), results.get(UNCACHED), results.get(SPECULATIVE)
     print("\n=== Summary ===")
+    for role, model in models.items():
+        name, folder = getattr(args, role), model.checkpoint_folder
+        where = "" if Path(name) == folder else f" from {folder}"  # a preset: the folder or cache snapshot used
+        print(f"{role}: {name}{where}, loaded in {load_seconds[role]:.1f} s")
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"dtype: {dtype_name(dtype)}, device: {device} ({hardware_name(device).split(',')[0]}{threads})")
+    for name, out in (("naive decoding", naive), ("speculative sampling", spec)):
+        if out is not None:
+            decode_ms = 1e3 * (out.seconds - out.prefill_seconds)
+            passes = f"{decode_ms / out.target_calls:.1f} ms per target pass" if out is naive else (
+                f"{sum(r.verify_ms for r in out.rounds) / out.target_calls:.1f} ms per target pass, "
+                f"{sum(r.draft_ms for r in out.rounds) / max(out.draft_calls, 1):.1f} ms per draft pass")
+            print(f"{name}: prefill {1e3 * out.prefill_seconds:.0f} ms, decode {out.decode_tokens_per_second:.2f} "
+                  f"tokens/s; {passes}")
     if spec is not None:
         for name, base in (("naive decoding", naive), ("naive decoding without KV cache", uncached)):
             if base is not None:  # tokens/s: with sampling, an EOS can end the runs at different lengths
@@ -220,14 +290,23 @@ def _print_summary(args, results: dict[str, Generation], device, dtype) -> None:
         chosen = [k for k in spec.lookahead_per_round if k > 0]
         if args.lookahead == "auto" and chosen:
             print(f"mean K chosen per round: {sum(chosen) / len(chosen):.2f}")
-    print(f"target: {args.target}, draft: {args.draft}, dtype: {dtype_name(dtype)}, device: {device}")
+    print(f"peak memory: {_peak_memory(device)}")
     if spec is not None and naive is not None:
         if args.temperature == 0 and spec.tokens == naive.tokens:
             print("identical outputs: yes")
         elif args.temperature == 0:
             first = next((i for i, (a, b) in enumerate(zip(spec.tokens, naive.tokens)) if a != b),
                          min(len(spec.tokens), len(naive.tokens)))
-            print(f"identical outputs: no, from new token {first} (1-token and (K+1)-token passes round differently "
-                  f"below float32, which can flip a near-tie)")
+            print(f"identical outputs: no, from new token {first}: in {dtype_name(dtype)}, 1-token and (K+1)-token "
+                  f"passes round differently, which can flip a near-tie; --dtype float32 gives identical text")
         else:
             print("identical outputs: not expected at temperature > 0 (both are samples from the target)")
+
+
+def _peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on {device}"
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return f"{kib / 2**20:.2f} GiB resident (RSS)"

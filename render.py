@@ -1,8 +1,11 @@
-"""Show where each token of a `Generation` came from: as HTML (notebooks) or ANSI colours (terminals).
+"""Show where each token of a `Generation` came from: as HTML (notebooks), ANSI colours or marks (terminals), and a
+self-contained page that shows a traced run round by round.
 
-`to_html` and `to_ansi` colour every new token by its origin: a draft token the target kept, a token resampled
-from norm(max(0, q - p)) at a rejection, a bonus token drawn from q after all K drafts were kept, or a token of
-plain decoding. `TextStream` turns the token chunks of the `on_tokens` callback into text that is safe to print.
+`to_html`, `to_ansi` and `to_text` show every new token by its origin: a draft token the target kept, a token
+resampled from norm(max(0, q - p)) at a rejection, a bonus token drawn from q after all K drafts were kept, or a
+plain target step. `trace_page` renders `speculative_sample(..., trace=True)`: the coloured text, then each round
+with its drafts, p, q, min(1, q/p), the draws r and the verdict. `TextStream` turns the token chunks of the
+`on_tokens` callback into text that is safe to print.
 
 GPT-2 tokens are byte sequences: an emoji or a CJK character may span several tokens, and one token alone may
 be an incomplete UTF-8 sequence. Decoding token by token would print U+FFFD in their place, so text is cut
@@ -24,11 +27,23 @@ MEANINGS = {
     Origin.DRAFT: "proposed by the draft, kept by the target",
     Origin.RESAMPLED: "a draft was rejected: drawn from norm(max(0, q - p))",
     Origin.BONUS: "all K drafts kept: one more token drawn from q",
-    Origin.TARGET: "plain decoding, one target pass per token",
+    Origin.TARGET: "a plain target step, nothing drafted (plain decoding; in speculative sampling, a last token "
+                   "made alone)",
 }
-HTML_COLOURS = {Origin.DRAFT: "#b6e8b0", Origin.RESAMPLED: "#ffbf8f", Origin.BONUS: "#a9cdf7", Origin.TARGET: None}
-ANSI_COLOURS = {Origin.DRAFT: "\x1b[32m", Origin.RESAMPLED: "\x1b[31m", Origin.BONUS: "\x1b[34m", Origin.TARGET: ""}
+HTML_COLOURS = {Origin.DRAFT: "#b6e8b0", Origin.RESAMPLED: "#ffbf8f", Origin.BONUS: "#a9cdf7", Origin.TARGET: "#ddd0f2"}
+ANSI_COLOURS = {Origin.DRAFT: "\x1b[32m", Origin.RESAMPLED: "\x1b[31m", Origin.BONUS: "\x1b[34m",
+                Origin.TARGET: "\x1b[35m"}
 ANSI_PROMPT, ANSI_RESET = "\x1b[2m", "\x1b[0m"  # the prompt is dim
+# Without colours: kept drafts as they are, the other origins between marks.
+PLAIN_MARKS = {Origin.DRAFT: ("", ""), Origin.RESAMPLED: ("[", "]"), Origin.BONUS: ("{", "}"),
+               Origin.TARGET: ("<", ">")}
+
+
+class HTML(str):
+    """An HTML string that a notebook shows rendered (`_repr_html_`) rather than as source."""
+
+    def _repr_html_(self) -> str:
+        return str(self)
 
 # Control characters shown as their Unicode pictures in a terminal: model output must not move the cursor or
 # start escape sequences of its own. Newlines and tabs stay.
@@ -63,9 +78,10 @@ def text_groups(generation, tokenizer, prompt_tokens: list[int] | None = None) -
     return prompt_text, groups
 
 
-def to_html(generation, tokenizer, prompt_tokens: list[int] | None = None) -> str:
+def to_html(generation, tokenizer, prompt_tokens: list[int] | None = None) -> HTML:
     """An HTML fragment: the prompt in grey, each new token in a <span> coloured by its origin (named in its
-    `title`), then a legend. All text is escaped; newlines show (white-space: pre-wrap)."""
+    `title`), then a legend. All text is escaped; newlines show (white-space: pre-wrap). A str that renders
+    itself in a notebook."""
     prompt_text, groups = text_groups(generation, tokenizer, prompt_tokens)
     parts = [f'<span style="color:#888" title="prompt">{html.escape(prompt_text)}</span>'] if prompt_text else []
     for text, origin in groups:
@@ -74,7 +90,7 @@ def to_html(generation, tokenizer, prompt_tokens: list[int] | None = None) -> st
         f'<span{_html_style(origin)} title="{origin}">{origin}</span> {html.escape(MEANINGS[origin])}.'
         for origin in ORIGINS
     )
-    return (
+    return HTML(
         '<div class="speculative-text" style="white-space:pre-wrap; font-family:monospace; line-height:1.6">'
         f'{"".join(parts)}</div>\n<div class="speculative-legend" style="font-size:smaller; margin-top:0.5em">'
         f"{legend}</div>"
@@ -82,9 +98,8 @@ def to_html(generation, tokenizer, prompt_tokens: list[int] | None = None) -> st
 
 
 def _html_style(origin: str) -> str:
-    colour = HTML_COLOURS[origin]
     # Dark text on the light backgrounds, so that they stay readable under a dark notebook theme.
-    return f' style="background:{colour}; color:#000"' if colour else ""
+    return f' style="background:{HTML_COLOURS[origin]}; color:#000"'
 
 
 def to_ansi(generation, tokenizer, prompt_tokens: list[int] | None = None) -> str:
@@ -96,6 +111,22 @@ def to_ansi(generation, tokenizer, prompt_tokens: list[int] | None = None) -> st
         parts.append(f"{ANSI_COLOURS[origin]}{printable(text)}{ANSI_RESET}")
     legend = "; ".join(f"{ANSI_COLOURS[origin]}{origin}{ANSI_RESET}: {MEANINGS[origin]}" for origin in ORIGINS)
     return f"{''.join(parts)}\nlegend: {legend}"
+
+
+def to_text(generation, tokenizer, prompt_tokens: list[int] | None = None) -> str:
+    """The text for a terminal without colours: kept drafts as they are, [resampled], {bonus}, <target step>
+    tokens between marks, then a legend on the last line. Control characters show as symbols."""
+    prompt_text, groups = text_groups(generation, tokenizer, prompt_tokens)
+    marked = "".join(f"{PLAIN_MARKS[o][0]}{printable(text)}{PLAIN_MARKS[o][1]}" for text, o in groups)
+    legend = "; ".join(f"{'plain' if o == Origin.DRAFT else PLAIN_MARKS[o][0] + '..' + PLAIN_MARKS[o][1]}: "
+                       f"{MEANINGS[o]}" for o in ORIGINS)
+    return f"{printable(prompt_text)}{marked}\nlegend: {legend}"
+
+
+def origin_counts(generation) -> str:
+    """How many new tokens came from each origin, as "draft 40, resampled 10, bonus 5, target 1"."""
+    origins = [Origin(o) for o in generation.origins]
+    return ", ".join(f"{o} {origins.count(o)}" for o in ORIGINS)
 
 
 def printable(text: str) -> str:
@@ -135,3 +166,73 @@ class TextStream:
             self.file.write(text)
             self.file.flush()  # a chunk is a round of the sampler: show it now, not when a line ends
         return text
+
+
+def trace_page(generation, tokenizer, prompt_tokens: list[int] | None = None,
+               title: str = "Speculative sampling, round by round") -> HTML:
+    """A self-contained HTML page (no server, no network) of a traced run (`speculative_sample(..., trace=True)`):
+    the text coloured by origin, then every round, expandable, with its drafts x_i, p(x_i), q(x_i), min(1, q/p),
+    the draw r_i, the verdict, the resampled or bonus token with its probability, and the round's time split."""
+    if generation.trace is None:
+        raise ValueError("this Generation has no trace: run speculative_sample(..., trace=True)")
+    rounds = generation.trace
+    kept, proposed = sum(r.kept for r in rounds), sum(len(r.drafts) for r in rounds)
+    # Open the first round, and the first with a rejection, so that both verdicts show before any click.
+    first_rejection = next((i for i, r in enumerate(rounds, 1) if r.kept < len(r.drafts)), None)
+    sections = [_trace_round_html(i, r, tokenizer, opened=i in (1, first_rejection)) for i, r in enumerate(rounds, 1)]
+    rate = f"{kept / proposed:.2f}" if proposed else "n/a"
+    return HTML(f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 72em; margin: 2em auto; padding: 0 1em; color: #222 }}
+table {{ border-collapse: collapse; margin: 0.5em 0 0.5em 1.5em; font-variant-numeric: tabular-nums }}
+th, td {{ border-bottom: 1px solid #ddd; padding: 0.2em 0.8em; text-align: right }}
+td.token, th.token {{ text-align: left; font-family: monospace; white-space: pre }}
+tr.kept td.verdict {{ color: #1a7f37 }} tr.rejected td.verdict {{ color: #c0392b; font-weight: bold }}
+tr.untested {{ color: #999 }}
+summary {{ cursor: pointer; padding: 0.25em 0 }}
+.next {{ margin: 0.3em 0 0.8em 1.5em }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>Chen et al. 2023, Algorithm 2. <b>p</b> is the draft's distribution, <b>q</b> the target's. Each round the draft
+proposes K tokens; draft x<sub>i</sub> is kept if r<sub>i</sub> &lt; q(x<sub>i</sub>)/p(x<sub>i</sub>), i.e. with
+probability min(1, q/p); the first rejected one is replaced by a sample from norm(max(0, q &minus; p)); if all K are
+kept, a bonus token is drawn from q. At temperature 0 there is no draw: a draft is kept iff it is the target's
+argmax.</p>
+{to_html(generation, tokenizer, prompt_tokens)}
+<p id="summary">{len(rounds)} rounds, {kept} of {proposed} drafts kept (acceptance {rate}), {len(generation.tokens)}
+new tokens in {generation.seconds:.3f} s.</p>
+<p id="counted"></p>
+{"".join(sections)}
+<script>
+// Counted from the page itself, so that a reader (or a test in a browser) can check it against the summary.
+const rounds = document.querySelectorAll("details.round");
+let kept = 0;
+rounds.forEach(r => kept += Number(r.dataset.kept));
+document.getElementById("counted").textContent = `Counted in this page: ${{rounds.length}} rounds, ${{kept}} drafts kept.`;
+</script>
+</body></html>
+""")
+
+
+def _trace_round_html(number: int, r, tokenizer, opened: bool) -> str:
+    def token(t: int) -> str:
+        return html.escape(repr(printable(tokenizer.decode_single_token_bytes(t).decode("utf-8", errors="replace"))))
+
+    rows = []
+    for i, (x, p, q, a) in enumerate(zip(r.drafts, r.p, r.q, r.acceptance_probabilities)):
+        verdict = "kept" if i < r.kept else "rejected" if i == r.kept else "untested"
+        draw = "" if r.r is None else f"{r.r[i]:.3f}"
+        rows.append(f'<tr class="{verdict}"><td>{i + 1}</td><td class="token">{token(x)}</td><td>{p:.4g}</td>'
+                    f'<td>{q:.4g}</td><td>{a:.4g}</td><td>{draw}</td><td class="verdict">{verdict}</td></tr>')
+    origin = r.next_origin
+    source = {Origin.RESAMPLED: "from norm(max(0, q &minus; p))", Origin.BONUS: "from q, all drafts kept",
+              Origin.TARGET: "from q, nothing drafted"}[origin]
+    table = ('<table><tr><th>i</th><th class="token">draft x<sub>i</sub></th><th>p(x<sub>i</sub>)</th>'
+             '<th>q(x<sub>i</sub>)</th><th>min(1, q/p)</th><th>r<sub>i</sub></th><th>verdict</th></tr>'
+             f'{"".join(rows)}</table>') if rows else ""
+    return (f'<details class="round" data-kept="{r.kept}" data-proposed="{len(r.drafts)}"{" open" if opened else ""}>'
+            f'<summary>Round {number}: {r.kept} of {len(r.drafts)} drafts kept, then {origin} {token(r.next_token)} '
+            f'&middot; draft {r.draft_ms:.1f} ms, verify {r.verify_ms:.1f} ms</summary>{table}'
+            f'<p class="next">Then <span{_html_style(origin)}>{origin}</span> {token(r.next_token)} {source}, '
+            f'probability {r.next_probability:.4g}.</p></details>\n')

@@ -39,8 +39,8 @@ from gpt2_model import GPT2, KVCache
 from hardware import Clock, DeviceClock, synchronize
 from lookahead import AdaptiveLookahead, FixedLookahead, LookaheadPolicy, Round
 
-__all__ = ["Generation", "Origin", "Round", "AdaptiveLookahead", "FixedLookahead", "logits_to_probs", "sample",
-           "draft_tokens", "accept_or_resample", "residual_distribution", "speculative_sample",
+__all__ = ["Generation", "Origin", "Round", "TraceRound", "AdaptiveLookahead", "FixedLookahead", "logits_to_probs",
+           "sample", "draft_tokens", "accept_or_resample", "residual_distribution", "speculative_sample",
            "autoregressive_sample"]
 
 
@@ -63,7 +63,8 @@ class Generation:
     `tokens` are the new tokens (never the prompt); `origins[i]` says where `tokens[i]` came from (an `Origin`).
     `rounds` holds one `Round` per target pass of speculative sampling: K proposed (fewer when an EOS among the
     kept drafts ended the output), drafts kept, and the measured ms of its draft and verification passes.
-    Call counts exclude the prefill; `seconds` includes it.
+    Call counts exclude the prefill; `seconds` includes it, `prefill_seconds` is its share. `trace` holds a
+    `TraceRound` per round when the call asked for it.
     """
 
     tokens: list[int] = field(default_factory=list)
@@ -72,6 +73,8 @@ class Generation:
     target_calls: int = 0
     draft_calls: int = 0
     seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    trace: list[TraceRound] | None = None
 
     def commit_round(self, drafts: list[int], round: Round, next_token: int, eos_token_id: int | None) -> list[int]:
         """Records a round that kept drafts[:round.kept] and then emitted `next_token`; returns the committed tokens.
@@ -121,6 +124,55 @@ class Generation:
     @property
     def tokens_per_second(self) -> float:
         return len(self.tokens) / self.seconds if self.seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """New tokens per second after the prefill."""
+        decode = self.seconds - self.prefill_seconds
+        return len(self.tokens) / decode if decode > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class TraceRound:
+    """One round's numbers, to watch the algorithm work (`speculative_sample(..., trace=True)`).
+
+    `drafts` x1..xK with `p` = p(xi) and `q` = q(xi); `r` the uniform draws (None at temperature 0, where a draft
+    is kept iff it is the target's argmax); `kept` drafts kept; then `next_token`, drawn from norm(max(0, q - p))
+    after a rejection or from q after all K were kept, with `next_probability` under that distribution.
+    """
+
+    drafts: list[int]
+    p: list[float]
+    q: list[float]
+    r: list[float] | None
+    kept: int
+    next_token: int
+    next_probability: float
+    draft_ms: float
+    verify_ms: float
+
+    @property
+    def acceptance_probabilities(self) -> list[float]:
+        """min(1, q(xi) / p(xi)) for each draft."""
+        return [min(1.0, q / p) if p > 0 else 1.0 for p, q in zip(self.p, self.q)]
+
+    @property
+    def next_origin(self) -> Origin:
+        K = len(self.drafts)
+        return Origin.TARGET if K == 0 else Origin.BONUS if self.kept == K else Origin.RESAMPLED
+
+
+def trace_round(drafts: torch.Tensor, p: torch.Tensor, q: torch.Tensor, r: torch.Tensor | None, round: Round,
+                next_token: int) -> TraceRound:
+    """A round's numbers read back from the device (only when tracing: extra transfers)."""
+    K, kept = len(drafts), round.kept
+    rows = torch.arange(K, device=drafts.device)
+    p_next = p[kept] if kept < K else torch.zeros_like(q[kept])  # as in accept_or_resample: the bonus comes from q
+    residual = residual_distribution(q[kept], p_next)
+    return TraceRound(drafts=drafts.tolist(), p=p[rows, drafts].tolist(), q=q[rows, drafts].tolist(),
+                      r=None if r is None else r.tolist(), kept=kept, next_token=next_token,
+                      next_probability=(residual[next_token] / residual.sum()).item(),
+                      draft_ms=round.draft_ms, verify_ms=round.verify_ms)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -199,21 +251,21 @@ def draft_tokens(draft: GPT2, cache: KVCache, pending: torch.Tensor, lookahead: 
     return torch.stack(drafts), torch.stack(p)
 
 
-def accept_or_resample(drafts: torch.Tensor, p: torch.Tensor, q: torch.Tensor, temperature: float,
-                       generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def accept_or_resample(drafts: torch.Tensor, p: torch.Tensor, q: torch.Tensor, r: torch.Tensor | None,
+                       temperature: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 3: how many drafts the target keeps (0-d), and the token that follows them.
 
-    drafts (K,), p (K, V) draft probabilities, q (K+1, V) target probabilities at the same positions plus one.
-    Keep xi with probability min(1, q(xi)/p(xi)); at the first rejection, the next token is sampled from
-    norm(max(0, q_i - p_i)); if all are kept it is the bonus token, sampled from q_K.
-    Everything stays on the device: the caller reads both back in one transfer.
+    drafts (K,), p (K, V) draft probabilities, q (K+1, V) target probabilities at the same positions plus one,
+    r (K,) uniform draws in [0, 1) (None at temperature 0). Keep xi if r_i < q(xi)/p(xi), i.e. with probability
+    min(1, q(xi)/p(xi)); at the first rejection, the next token is sampled from norm(max(0, q_i - p_i)); if all
+    are kept it is the bonus token, sampled from q_K. Everything stays on the device: the caller reads both back
+    in one transfer.
     """
     K = drafts.shape[0]
     if temperature == 0:
         keep = drafts == q[:K].argmax(-1)  # one-hot p and q: kept iff it is the target's greedy choice
     else:
         rows = torch.arange(K, device=drafts.device)
-        r = torch.rand(K, generator=generator, device=drafts.device)
         keep = r < q[rows, drafts] / p[rows, drafts]  # r < 1, so min(1, .) is implied
     kept = keep.int().cumprod(0).sum()  # length of the kept prefix
     # A zero row appended to p makes row K of max(0, q - p) equal to q_K: the bonus needs no branch.
@@ -239,7 +291,8 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
                        lookahead: int | LookaheadPolicy = 4, temperature: float = 0.0, top_k: int | None = None,
                        top_p: float | None = None, eos_token_id: int | None = None,
                        generator: torch.Generator | None = None,
-                       on_tokens: Callable[[list[int]], None] | None = None, clock: Clock | None = None) -> Generation:
+                       on_tokens: Callable[[list[int]], None] | None = None, clock: Clock | None = None,
+                       trace: bool = False) -> Generation:
     """Samples `max_new_tokens` tokens from `target`, with `draft` proposing `lookahead` tokens per round.
 
     The output is distributed exactly as `autoregressive_sample(target, ...)` with the same temperature,
@@ -247,7 +300,8 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
     (batch size 1, as in the paper). `lookahead` is K, or a policy that chooses K every round and learns from
     each (`AdaptiveLookahead()`; see lookahead.py). Generation stops after `eos_token_id` if it is produced.
     `on_tokens` is called with the tokens each round commits. `clock` times the rounds' steps (default: the
-    device's). Returns a `Generation`.
+    device's). With `trace`, the Generation's `trace` holds every round's numbers (`TraceRound`: the drafts, their
+    p and q, the draws r, the verdict, the resampled or bonus token); off, it costs nothing. Returns a `Generation`.
     """
     check_options(max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
     policy = _lookahead_policy(lookahead)
@@ -255,6 +309,7 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
     start_time = time.perf_counter()
     device = prompt.device
     clock = clock or DeviceClock(device)
+    begun = clock.mark()
     process = partial(logits_to_probs, temperature=temperature, top_k=top_k, top_p=top_p)
     max_len = len(prompt) + max_new_tokens
     target_cache, draft_cache = target.new_cache(max_len=max_len), draft.new_cache(max_len=max_len)
@@ -264,7 +319,8 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
     if length > 1:
         target(prompt[None, :-1], cache=target_cache)
         draft(prompt[None, :-1], cache=draft_cache)
-    out = Generation()
+    prefilled = clock.mark()
+    out = Generation(trace=[] if trace else None)
     while len(out.tokens) < max_new_tokens:
         # A round emits at most K + 1 tokens: draft no more than are still needed (this also keeps every
         # position inside the caches, which are sized for prompt + max_new_tokens).
@@ -284,13 +340,16 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
         out.target_calls += 1
         verified = clock.mark()
         # Step 3, accept or resample: `kept` drafts, then one resampled (or bonus) token.
-        kept, next_token = accept_or_resample(drafts, p, q, temperature, generator)
+        r = torch.rand(K, generator=generator, device=device) if temperature > 0 else None
+        kept, next_token = accept_or_resample(drafts, p, q, r, temperature, generator)
         finite = torch.stack([p.isfinite().all(), q.isfinite().all()])  # NaN rows: a broken model
-        values = torch.cat([drafts, kept.view(1), next_token.view(1), finite]).tolist()  # the round's one host sync
-        _broken_model({"draft model": values[-2], "target model": values[-1]}, len(out.tokens))
-        values = values[:-2]
-        round = Round(K, values[-2], clock.ms(started, drafted), clock.ms(drafted, verified))
-        new = out.commit_round(values[:-2], round, values[-1], eos_token_id)
+        synced = torch.cat([drafts, kept.view(1), next_token.view(1), finite]).tolist()  # the round's one host sync
+        *draft_ids, kept_count, next_id, draft_ok, target_ok = synced
+        _broken_model({"draft model": draft_ok, "target model": target_ok}, len(out.tokens))
+        round = Round(K, kept_count, clock.ms(started, drafted), clock.ms(drafted, verified))
+        if trace:
+            out.trace.append(trace_round(drafts, p, q, r, round, next_id))
+        new = out.commit_round(draft_ids, round, next_id, eos_token_id)
         if K > 0:
             policy.update(round)
         # Commit on the device too, from the device's own tensors: no copy of a Python list per round.
@@ -307,6 +366,7 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
         draft_cache.crop(min(draft_cache.length, length - 1))
     synchronize(device)
     out.seconds = time.perf_counter() - start_time
+    out.prefill_seconds = clock.ms(begun, prefilled) / 1e3
     return out
 
 
@@ -320,11 +380,14 @@ def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperatu
     check_options(max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
     prompt = check_models_and_prompt(prompt, max_new_tokens, generator, eos_token_id, target=model)
     start_time = time.perf_counter()
+    clock = DeviceClock(prompt.device)
+    begun = clock.mark()
     cache = model.new_cache(max_len=len(prompt) + max_new_tokens) if use_cache else None
     ids = torch.cat([prompt, prompt.new_empty(max_new_tokens)])  # the committed tokens, on the device
     length = len(prompt)
     if use_cache and length > 1:
         model(prompt[None, :-1], cache=cache)  # prefill, as in speculative_sample
+    prefilled = clock.mark()
     out = Generation()
     while len(out.tokens) < max_new_tokens:
         fed = ids[None, length - 1 : length] if use_cache else ids[None, :length]
@@ -343,6 +406,7 @@ def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperatu
             break
     synchronize(prompt.device)
     out.seconds = time.perf_counter() - start_time
+    out.prefill_seconds = clock.ms(begun, prefilled) / 1e3
     return out
 
 

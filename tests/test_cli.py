@@ -1,15 +1,17 @@
 """`python speculative.py` end to end in a subprocess, on tiny random checkpoints given as folders."""
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from gpt2_model import GPT2Config
 from benchmarks.random_checkpoint import noisy_copy, random_model
-from hardware import resolve_dtype
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,10 +43,36 @@ def test_end_to_end_summary(checkpoints):
     assert out.count("Generated: Hello, my name is") == 3
     assert "speedup over naive decoding: " in out and "speedup over naive decoding without KV cache: " in out
     assert "acceptance rate: " in out and "mean tokens per target pass: " in out
-    auto = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")  # the default --dtype auto
-    assert f"dtype: {auto}, device: cpu" in out
+    assert "dtype: float32, device: cpu" in out  # exact by default, whatever the CPU
     assert "identical outputs: yes" in out
     assert "24 tokens" in out
+
+
+def summary_lines(stdout: str) -> list[str]:
+    return stdout.split("=== Summary ===", 1)[1].strip().splitlines()
+
+
+def test_the_report(checkpoints):
+    result = run_cli("--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"),
+                     "--max-new-tokens", "12", "--threads", "1", "--ignore-eos")
+    assert result.returncode == 0, result.stderr
+    lines = summary_lines(result.stdout)
+    assert re.fullmatch(rf"target: {re.escape(str(checkpoints / 'target'))}, loaded in [\d.]+ s", lines[0])
+    assert lines[1].startswith(f"draft: {checkpoints / 'draft'}, loaded in ")
+    assert lines[2].startswith("dtype: float32, device: cpu (") and lines[2].endswith(", 1 threads)")
+    assert re.fullmatch(r"naive decoding: prefill \d+ ms, decode [\d.]+ tokens/s; [\d.]+ ms per target pass", lines[3])
+    assert re.fullmatch(r"speculative sampling: prefill \d+ ms, decode [\d.]+ tokens/s; [\d.]+ ms per target pass, "
+                        r"[\d.]+ ms per draft pass", lines[4])
+    assert any(re.fullmatch(r"peak memory: [\d.]+ GiB resident \(RSS\)", line) for line in lines)
+
+
+def test_naive_mode_neither_loads_nor_mentions_the_draft(checkpoints):
+    result = run_cli("--target", str(checkpoints / "target"), "--draft", "/nonexistent", "--mode", "naive",
+                     "--max-new-tokens", "4", "--show-acceptance")
+    assert result.returncode == 0, result.stderr
+    assert "draft" not in "\n".join(summary_lines(result.stdout)).split("=== Where", 1)[0]
+    assert "/nonexistent" not in result.stdout + result.stderr
+    assert "nothing to show: --show-acceptance needs speculative sampling" in result.stdout
 
 
 def test_sampling_mode_and_options(checkpoints):
@@ -122,7 +150,9 @@ def test_color_choices(checkpoints):
     assert "\x1b[32m" in always and "legend: " in always
     assert "=== Where the speculative tokens came from ===" in always
     piped = run_cli(*args, "--color", "auto", env=env).stdout
-    assert "\x1b[" not in piped and "legend: draft: proposed by the draft" in piped
+    assert "\x1b[" not in piped and "legend: plain: proposed by the draft" in piped and "[..]: a draft was" in piped
+    counts = re.search(r"tokens by origin: draft (\d+), resampled (\d+), bonus (\d+), target (\d+)", piped)
+    assert counts and sum(map(int, counts.groups())) == 12
     assert "\x1b[" in run_in_terminal([*args, "--color", "auto"], env)  # a terminal gets colours ...
     assert "\x1b[" not in run_in_terminal([*args, "--color", "auto"], env | {"NO_COLOR": "1"})  # ... unless NO_COLOR
     assert "\x1b[" not in run_in_terminal([*args, "--color", "never"], env)
@@ -136,3 +166,43 @@ def test_streamed_and_unstreamed_output_agree(checkpoints):
     generated = [line for line in streamed.splitlines() if line.startswith("Generated: ")]
     assert generated == [line for line in unstreamed.splitlines() if line.startswith("Generated: ")]
     assert len(generated) == 2 and all("日本語 and emoji 🎉:" in line and "\ufffd" not in line for line in generated)
+
+
+def test_ctrl_c_exits_quietly_with_130(checkpoints):
+    # The uncached baseline over a long prompt is slow enough to be interrupted while it streams.
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "speculative.py"), "--target", str(checkpoints / "target"), "--draft",
+         str(checkpoints / "draft"), "--no-cache-baseline", "--max-new-tokens", "200", "--ignore-eos", "--prompt",
+         "hello " * 50], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    deadline = time.monotonic() + 120
+    while "=== Naive decoding without KV cache ===" not in seen and time.monotonic() < deadline:
+        seen += process.stdout.readline()
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "speculative.py: interrupted" in stderr
+    assert "Generated: hello" in seen + stdout  # what was generated so far stays on the screen
+
+
+@pytest.mark.parametrize("args, message", [(["--threads", "0"], "argument --threads: invalid value '0'"),
+                                           (["--trace", "x.html", "--mode", "naive"], "--trace shows speculative")])
+def test_more_bad_flags(checkpoints, args, message):
+    result = run_cli("--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"), *args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_summary_says_which_cache_snapshot_a_preset_came_from(checkpoints, tmp_path):
+    repo = tmp_path / "hub" / "models--openai-community--gpt2"
+    for snapshot in ("aaaa", "bbbb"):
+        (repo / "snapshots" / snapshot).mkdir(parents=True)
+        for name in ("config.json", "model.safetensors"):
+            (repo / "snapshots" / snapshot / name).symlink_to(checkpoints / "target" / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("bbbb")
+    env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = run_cli("--target", "gpt2", "--mode", "naive", "--max-new-tokens", "3", "--weights-dir",
+                     str(tmp_path / "weights"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"target: gpt2 from {repo / 'snapshots' / 'bbbb'}, loaded in " in result.stdout

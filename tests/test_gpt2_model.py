@@ -353,3 +353,49 @@ def test_new_cache_takes_an_integer_length(bad):
     with pytest.raises(ValueError, match="max_len=.* must be an integer from 1 to n_positions=16"):
         model.new_cache(max_len=bad)
     assert model.new_cache(max_len=np.int64(8)).max_len == 8
+
+
+# Sharded checkpoints and other architectures -------------------------------------------------------------
+
+
+def test_sharded_safetensors_load(reference_folder, tmp_path):
+    folder, reference = reference_folder
+    reference.save_pretrained(tmp_path, max_shard_size="1MB")
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    assert_parity(tmp_path, reference)
+
+
+def write_sharded_bin(reference_folder, folder, drop=None):
+    """A pytorch_model.bin.index.json with two .bin shards, as older save_pretrained wrote them."""
+    state = load_file(reference_folder[0] / "model.safetensors")
+    keys = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    folder.mkdir(exist_ok=True)
+    for name, part in shards.items():
+        if name != drop:
+            torch.save({k: state[k] for k in part}, folder / name)
+    index = {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_bytes((reference_folder[0] / "config.json").read_bytes())
+    return folder
+
+
+def test_sharded_bin_loads(reference_folder, tmp_path):
+    assert_parity(write_sharded_bin(reference_folder, tmp_path), reference_folder[1])
+
+
+def test_a_missing_shard_is_named(reference_folder, tmp_path):
+    folder = write_sharded_bin(reference_folder, tmp_path, drop="pytorch_model-00002-of-00002.bin")
+    with pytest.raises(CheckpointError, match="lists pytorch_model-00002-of-00002.bin, which is not in the folder"):
+        GPT2.from_pretrained(folder)
+    (folder / "pytorch_model.bin.index.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="not a shard index"):
+        GPT2.from_pretrained(folder)
+
+
+def test_another_architecture_says_what_it_is(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    save_file({"model.embed_tokens.weight": torch.zeros(10, 4)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="model_type 'llama' is not GPT-2"):
+        GPT2.from_pretrained(tmp_path)

@@ -47,7 +47,7 @@ def test_each_token_has_its_origins_colour(enc):
         '<span style="background:#a9cdf7; color:#000" title="bonus"> sat</span>',
         # The laptop's last token was resampled: the whole character takes that origin.
         '<span style="background:#ffbf8f; color:#000" title="resampled">💻</span>',
-        '<span title="target">!</span>',
+        '<span style="background:#ddd0f2; color:#000" title="target">!</span>',  # a plain target step
     ]
     assert "".join(spans) in out
     for origin in render.ORIGINS:
@@ -56,7 +56,7 @@ def test_each_token_has_its_origins_colour(enc):
     out = render.to_ansi(gen, enc, prompt_tokens=enc.encode("Hi"))
     body, legend = out.rsplit("\n", 1)
     assert body == ("\x1b[2mHi\x1b[0m\x1b[32m the\x1b[0m\x1b[31m cat\x1b[0m\x1b[34m sat\x1b[0m"
-                    "\x1b[31m💻\x1b[0m!\x1b[0m")
+                    "\x1b[31m💻\x1b[0m\x1b[35m!\x1b[0m")
     assert legend.startswith("legend: \x1b[32mdraft\x1b[0m: ")
     for origin in render.ORIGINS:
         assert f"{render.ANSI_COLOURS[origin]}{origin}\x1b[0m: {render.MEANINGS[origin]}" in legend
@@ -121,3 +121,19 @@ def test_streaming_from_the_sampler(enc, temperature):
     assert len(chunks) == gen.target_calls  # one call per round
     assert [len(c) for c in chunks] == [n + 1 for n in gen.accepted_per_round]
     assert "".join(text) + stream.flush() == enc.decode(gen.tokens)
+
+
+def test_plain_text_marks_each_origin_and_counts_them(enc):
+    gen = Generation(tokens=enc.encode(" the cat sat on") + enc.encode("!"),
+                     origins=["draft", "resampled", "bonus", "draft", "target"])
+    body, legend = render.to_text(gen, enc, prompt_tokens=enc.encode("Hi")).rsplit("\n", 1)
+    assert body == "Hi the[ cat]{ sat} on<!>"
+    assert legend.startswith("legend: plain: proposed by the draft") and "{..}: all K drafts kept" in legend
+    assert render.origin_counts(gen) == "draft 2, resampled 1, bonus 1, target 1"
+
+
+def test_html_renders_itself_in_a_notebook(enc):
+    gen = Generation(tokens=enc.encode(" ok"), origins=["draft"])
+    fragment = render.to_html(gen, enc)
+    assert isinstance(fragment, str) and fragment._repr_html_() == str(fragment)
+    assert 'title="draft"> ok</span>' in fragment

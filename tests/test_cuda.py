@@ -1,0 +1,60 @@
+"""The decoders on CUDA (skipped without a GPU; CI has none): greedy equivalence in float32, static-shape passes
+equal to a full pass, and bfloat16 runs. benchmarks/gpu_check.sh runs these and the CUDA benchmark on a lent GPU."""
+
+import pytest
+import torch
+
+from benchmarks.random_checkpoint import noisy_copy, random_model
+from gpt2_model import GPT2Config
+from lookahead import AdaptiveLookahead
+from speculative import autoregressive_sample, speculative_sample
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CONFIG = GPT2Config(vocab_size=1000, n_positions=160, n_embd=64, n_layer=2, n_head=4)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = random_model(CONFIG, seed=0, scale=5)
+    return target.cuda(), noisy_copy(target, noise=0.08, seed=2).cuda()
+
+
+@pytest.mark.parametrize("lookahead", [1, 4, 8, "auto"])
+def test_greedy_output_is_the_targets_on_cuda(pair, lookahead):
+    target, draft = pair
+    policy = AdaptiveLookahead() if lookahead == "auto" else lookahead
+    for prompt, n in (([1, 2, 3], 60), (list(range(10, 40)), 100)):
+        assert speculative_sample(target, draft, prompt, n, lookahead=policy).tokens == \
+            autoregressive_sample(target, prompt, n).tokens
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_static_passes_match_a_full_pass_on_cuda(pair, rows):
+    target, _ = pair
+    idx = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        full = target(idx)
+        cache = target.new_cache(max_len=48)
+        target(idx[:, :5], cache=cache)
+        for start in range(5, 40 - rows + 1, rows):
+            target(idx[:, start : start + rows].flip(1), cache=cache)  # rejected rows, cropped away
+            cache.crop(start)
+            torch.testing.assert_close(target(idx[:, start : start + rows], cache=cache), full[:, start : start + rows],
+                                       atol=1e-4, rtol=0)
+
+
+def test_sampling_with_a_cuda_generator_reproduces(pair):
+    target, draft = pair
+
+    def run(seed):
+        return speculative_sample(target, draft, [1, 2, 3], 50, temperature=1.0, top_p=0.9,
+                                  generator=torch.Generator("cuda").manual_seed(seed)).tokens
+
+    assert run(1) == run(1) != run(2)
+
+
+def test_bfloat16_runs(pair):
+    target, draft = (m.to(torch.bfloat16) for m in (random_model(CONFIG, 0, 5).cuda(), pair[1]))
+    out = speculative_sample(target, draft.to(torch.bfloat16), [1, 2, 3], 40, lookahead=4)
+    assert len(out.tokens) == 40 and all(0 <= t < 1000 for t in out.tokens)
