@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from gpt2_model import PRESETS, CheckpointError, checkpoint_files
+from gpt2_model import PRESETS, CheckpointError, GPT2Config, checkpoint_config, checkpoint_files, describe, same_shape
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 HUB_REPOS = {
@@ -55,26 +55,47 @@ def find_checkpoint(name_or_path, *, weights_dir=None, allow_download=True) -> P
 def _find_preset(name: str, weights_dir, allow_download: bool) -> Path:
     folder = Path(weights_dir or WEIGHTS_DIR) / name
     if folder.is_dir() and checkpoint_files(folder) is not None:
+        # Files put here by hand (random weights, another model) must not pass for the preset.
+        config, want = checkpoint_config(folder, name), GPT2Config.from_name(name)
+        if not same_shape(config, want):
+            raise CheckpointError(f"{folder} holds a model with {describe(config)}, not the preset {name} "
+                                  f"({describe(want)}): move it elsewhere and pass its folder instead")
         return folder
     snapshot = hf_cache_snapshot(name)
     if snapshot is not None:
         return snapshot
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    if offline or not allow_download:
-        reason = "HF_HUB_OFFLINE is set" if offline else "downloading is off"
-        raise CheckpointError(f"no checkpoint for {name} in {folder} or the Hugging Face cache ({hf_cache_dir()}), "
-                              f"and {reason}: {ways_out(name, folder)}")
+    if offline() or not allow_download:
+        reason = "HF_HUB_OFFLINE is set" if offline() else "downloading is off"
+        raise CheckpointError(f"no checkpoint for {name} in {folder} or the Hugging Face cache ({hf_cache_dir()})"
+                              f"{_cache_note(name)}, and {reason}: {ways_out(name, folder)}")
     return download(name, weights_dir)
+
+
+def offline() -> bool:
+    """True when HF_HUB_OFFLINE asks for no network use, as the Hugging Face libraries read it."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def ways_out(name: str, folder: Path) -> str:
     """What a user without the hub can do instead, in one sentence."""
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    random_folder = folder.parent / f"random-{name}"
     return (f"pass a checkpoint folder instead of {name!r} (--target/--draft FOLDER on the command line), download "
-            f"config.json and model.safetensors by hand from {endpoint.rstrip('/')}/{HUB_REPOS[name]} into "
-            f"{folder}, point HF_HOME or HF_HUB_CACHE at a Hugging Face cache that has {HUB_REPOS[name]}, set "
-            f"HF_ENDPOINT to a mirror, or write random weights of its shape with: "
-            f"python benchmarks/random_checkpoint.py {name} {folder}")
+            f"config.json and model.safetensors by hand from {endpoint}/{HUB_REPOS[name]} into {folder}, point "
+            f"HF_HOME or HF_HUB_CACHE at a Hugging Face cache that has {HUB_REPOS[name]}"
+            + ("" if offline() else ", set HF_ENDPOINT to a mirror")
+            + f", or try the code on random weights of its shape: python benchmarks/random_checkpoint.py {name} "
+            f"{random_folder}, then pass {random_folder}")
+
+
+def _cache_note(name: str) -> str:
+    # Snapshots that were there but not taken: say so, rather than "no checkpoint" in a cache that has some.
+    for repo in (HUB_REPOS[name], name):
+        snapshots = sorted(p.name for p in (hf_cache_dir() / f"models--{repo.replace('/', '--')}" / "snapshots").glob("*"))
+        if snapshots:
+            return (f" (it has snapshots {', '.join(snapshots)} of {repo} but no refs/main naming one with weights: "
+                    f"pass the snapshot folder you mean)")
+    return ""
 
 
 def hf_cache_dir() -> Path:
@@ -125,6 +146,8 @@ def download(name: str, weights_dir: str | os.PathLike | None = None, *, retries
     if name not in HUB_REPOS:
         raise ValueError(f"unknown GPT-2 preset {name!r}: choose one of {', '.join(HUB_REPOS)}")
     folder = Path(weights_dir or WEIGHTS_DIR) / name
+    if offline():
+        raise DownloadError(f"HF_HUB_OFFLINE is set, so {name} is not downloaded: {ways_out(name, folder)}")
     urls = {filename: _hub_url(name, filename) for filename in ("config.json", "model.safetensors")}
     created = not folder.exists()
     try:
@@ -265,15 +288,16 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(
-        description="Download GPT-2 checkpoints from the Hugging Face hub into weights/<name>/.",
+        description="Download GPT-2 checkpoints from the Hugging Face hub into weights/<name>/ (unless weights/ or the "
+        "Hugging Face cache already has them: then their folder is printed).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("names", nargs="+", choices=list(HUB_REPOS), metavar="NAME", help=", ".join(HUB_REPOS))
     parser.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="where checkpoints go")
     args = parser.parse_args()
     for preset in args.names:
-        try:
-            print(download(preset, args.weights_dir))
+        try:  # a copy already in weights/ or the Hugging Face cache is reported, not downloaded again
+            print(find_checkpoint(preset, weights_dir=args.weights_dir))
         except (DownloadError, ValueError, OSError) as e:  # one line, never a traceback
             print(f"checkpoints.py: error: {e}", file=sys.stderr)
             sys.exit(2)

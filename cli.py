@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import WEIGHTS_DIR, DownloadError
-from gpt2_model import GPT2
+from checkpoints import WEIGHTS_DIR, DownloadError, find_checkpoint
+from gpt2_model import GPT2, PRESETS, checkpoint_config
 from hardware import DTYPES, dtype_name, hardware_name, resolve_device, resolve_dtype
 from lookahead import AdaptiveLookahead
 from speculative import Generation, autoregressive_sample, check_integer, check_real, speculative_sample
@@ -61,7 +61,12 @@ def _top_p(text: str) -> float:
 
 
 def _lookahead(text: str) -> int | str:
-    return text if text == "auto" else _checked(int, check_integer, minimum=1)(text)
+    if text == "auto":
+        return text
+    try:
+        return _checked(int, check_integer, minimum=1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give an integer >= 1, or auto") from None
 
 
 def _seed(text: str) -> int:
@@ -96,6 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["auto", *DTYPES],
                         help="weights and activations; float32 gives exactly the target's greedy text; auto: "
                         "bfloat16 where the hardware runs it natively (faster; greedy texts may part at near-ties)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="on CUDA, replay captured CUDA graphs for the decoding passes (cuda_graphs.py; not yet "
+                        "measured on a GPU, so off by default)")
     parser.add_argument("--threads", type=_checked(int, check_integer, minimum=1), default=None,
                         help="CPU threads for torch (default: torch's choice); on a shared or small machine, "
                         "fewer threads than cores often time more steadily")
@@ -145,21 +153,30 @@ def _run(args) -> int:
     prompt = enc.encode(args.prompt, allowed_special="all")
     if not prompt:
         raise ValueError("the prompt is empty: pass some text with --prompt")
-    if args.trace is not None and args.mode == "naive":
-        raise ValueError("--trace shows speculative sampling: use --mode both or --mode speculative")
-    load = dict(weights_dir=args.weights_dir, dtype=dtype, device=device, download=not args.no_download)
     names = {"target": args.target} | ({"draft": args.draft} if args.mode != "naive" else {})
-    models, load_seconds = {}, {}
+    _check_before_loading(args, names)
+    # Find both checkpoints (downloading if needed), check them against the prompt, and only then load them.
+    folders = {}
     for role, name in names.items():
-        print(f"Loading {role} {name} ({dtype_name(dtype)}, {device}) ...", file=sys.stderr)
+        try:
+            folders[role] = find_checkpoint(name, weights_dir=args.weights_dir, allow_download=not args.no_download)
+            config = checkpoint_config(folders[role], name)
+        except (ValueError, DownloadError) as e:
+            raise type(e)(f"--{role} {name}: {e}") from None
+        _check_config(role, config, prompt, args.max_new_tokens, enc.n_vocab)
+    models, load_seconds = {}, {}
+    for role in folders:
+        print(f"Loading {role} {names[role]} ({dtype_name(dtype)}, {device}) ...", file=sys.stderr)
         started = time.perf_counter()
-        models[role] = GPT2.from_pretrained(name, **load)
+        models[role] = GPT2.from_pretrained(names[role], weights_dir=args.weights_dir, dtype=dtype, device=device,
+                                            download=False)  # found above: already here
         load_seconds[role] = time.perf_counter() - started
-        if models[role].config.vocab_size > enc.n_vocab:  # e.g. nanoGPT's padded 50304
-            raise ValueError(f"the {role} has {models[role].config.vocab_size} tokens, more than the GPT-2 "
-                             f"tokenizer's {enc.n_vocab}: the ids past {enc.n_vocab - 1} would have no text; use a "
-                             f"checkpoint with the GPT-2 vocabulary")
     target, draft = models["target"], models.get("draft")
+    if args.cuda_graphs:
+        if device.type != "cuda":
+            raise ValueError("--cuda-graphs needs --device cuda")
+        for model in models.values():
+            model.use_cuda_graphs()
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    eos_token_id=None if args.ignore_eos else enc.eot_token)
     n = args.max_new_tokens
@@ -179,20 +196,24 @@ def _run(args) -> int:
               SPECULATIVE: f"Speculative sampling (K={args.lookahead})"}
     modes = [m for m, wanted in ((UNCACHED, args.no_cache_baseline and args.mode != "speculative"),
                                  (NAIVE, args.mode != "speculative"), (SPECULATIVE, args.mode != "naive")) if wanted]
-    results = {}
+    results, warm_up_seconds = {}, {}
     for mode in modes:
         # The weight layout each decoder runs fastest in (CPU float32; a no-op elsewhere): one-row passes for plain
         # decoding, (K + 1)-row passes for speculative sampling. Set here, visibly, before the clock starts.
         for model in (target, draft) if mode == SPECULATIVE else (target,):
             model.prepare_for(rows=1 if mode == NAIVE else 2)
         if mode != UNCACHED:  # recomputing everything, the uncached run has no warm-up worth the wait
-            # Warm-up: the first passes pay for allocations and kernel selection; keep that out of the timings.
+            # Warm-up: the first passes pay for allocations, kernel selection and CUDA graph capture; reported, and
+            # kept out of the timings.
+            started = time.perf_counter()
             decode(mode, min(8, n), **options | {"temperature": 0.0, "eos_token_id": None})
+            warm_up_seconds[mode] = time.perf_counter() - started
         generator = torch.Generator(device).manual_seed(args.seed)  # every run: the same seed
         # Every run streams, or none does: writing to the terminal is part of what is timed.
         results[mode] = _run_and_show(titles[mode], partial(decode, mode, n, generator, **options), prompt, enc, n,
                                       stream=not args.no_stream)
-    _print_summary(args, results, models, load_seconds, device, dtype)
+    _print_summary(args, results, models, load_seconds | {f"warm-up of {m}": s for m, s in warm_up_seconds.items()},
+                   device, dtype)
     if args.show_acceptance:
         _show_acceptance(args, results.get(SPECULATIVE), enc, prompt)
     if args.trace is not None:
@@ -203,6 +224,33 @@ def _run(args) -> int:
         _write_atomically(Path(args.trace), page)
         print(f"trace of {len(results[SPECULATIVE].trace)} rounds: {args.trace}", file=sys.stderr)
     return 0
+
+
+def _check_before_loading(args, names: dict[str, str]) -> None:
+    """The checks that need no model, before minutes of loading or downloading."""
+    for role, name in names.items():
+        if not (name in PRESETS or Path(name).is_dir()):
+            raise ValueError(f"--{role} {name!r} is neither a checkpoint folder nor a preset ({', '.join(PRESETS)})")
+    if args.trace is not None:
+        if args.mode == "naive":
+            raise ValueError("--trace shows speculative sampling: use --mode both or --mode speculative")
+        trace = Path(args.trace)
+        if trace.is_dir() or not trace.parent.is_dir():
+            raise ValueError(f"--trace {args.trace}: give a file in an existing folder, e.g. run.html")
+
+
+def _check_config(role: str, config, prompt: list[int], max_new_tokens: int, tokenizer_vocab: int) -> None:
+    if config.vocab_size > tokenizer_vocab:  # e.g. nanoGPT's padded 50304
+        raise ValueError(f"the {role} has {config.vocab_size} tokens, more than the GPT-2 tokenizer's "
+                         f"{tokenizer_vocab}: the ids past {tokenizer_vocab - 1} would have no text; use a checkpoint "
+                         f"with the GPT-2 vocabulary")
+    if max(prompt) >= config.vocab_size:
+        raise ValueError(f"the prompt has token id {max(prompt)}, but the {role} knows only {config.vocab_size} "
+                         f"tokens (a vocabulary smaller than GPT-2's): use a checkpoint with the GPT-2 vocabulary")
+    if len(prompt) + max_new_tokens > config.n_positions:
+        raise ValueError(f"the prompt ({len(prompt)} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "
+                         f"{role}'s context of {config.n_positions} positions: lower --max-new-tokens or shorten "
+                         f"--prompt")
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -261,16 +309,19 @@ def _show_acceptance(args, spec: Generation | None, enc, prompt: list[int]) -> N
     print(f"tokens by origin: {origin_counts(spec)}")
 
 
-def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2], load_seconds: dict[str, float],
+def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2], seconds: dict[str, float],
                    device, dtype) -> None:
     naive, uncached, spec = results.get(NAIVE), results.get(UNCACHED), results.get(SPECULATIVE)
     print("\n=== Summary ===")
     for role, model in models.items():
         name, folder = getattr(args, role), model.checkpoint_folder
         where = "" if Path(name) == folder else f" from {folder}"  # a preset: the folder or cache snapshot used
-        print(f"{role}: {name}{where}, loaded in {load_seconds[role]:.1f} s")
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"dtype: {dtype_name(dtype)}, device: {device} ({hardware_name(device).split(',')[0]}{threads})")
+        print(f"{role}: {name}{where}, loaded in {seconds[role]:.1f} s")
+    threads = f", threads: {torch.get_num_threads()}" if device.type == "cpu" else ""
+    graphs = f", CUDA graphs {'on' if args.cuda_graphs else 'off'}" if device.type == "cuda" else ""
+    print(f"dtype: {dtype_name(dtype)}, device: {device} ({hardware_name(device).split(',')[0]}{threads}){graphs}")
+    warm_ups = [f"{k.removeprefix('warm-up of ')} {v:.2f} s" for k, v in seconds.items() if k.startswith("warm-up")]
+    print(f"warm-up (8 tokens each, not timed below): {', '.join(warm_ups)}")
     for name, out in (("naive decoding", naive), ("speculative sampling", spec)):
         if out is not None:
             decode_ms = 1e3 * (out.seconds - out.prefill_seconds)

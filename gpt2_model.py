@@ -34,6 +34,7 @@ PRESETS = {
     "gpt2-xl": (48, 25, 1600),  # 1558M
 }
 CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin")
+MAX_GRAPHED_ROWS = 16  # passes of more new tokens (a long prefill) stay eager under use_cuda_graphs()
 
 
 @dataclass(frozen=True)
@@ -115,11 +116,12 @@ class KVCache:
     current length (what CUDA graphs need, and what keeps cuDNN from planning anew for every key length).
     """
 
-    def __init__(self, config: GPT2Config, batch_size: int, max_len: int, dtype, device):
+    def __init__(self, config: GPT2Config, batch_size: int, max_len: int, dtype, device, buffers=None):
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.key_positions = torch.arange(max_len, device=device)  # (max_len,): the position of each slot
+        if buffers is None:  # else (keys, values, key_positions) of a dropped cache of this shape (cuda_graphs.py)
+            buffers = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                       torch.arange(max_len, device=device))
+        self.keys, self.values, self.key_positions = buffers  # key_positions (max_len,): each slot's position
         self.length = 0
 
     @property
@@ -214,6 +216,7 @@ class GPT2(nn.Module):
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.apply(_init_weights)
+        self.cuda_graphs = None  # a cuda_graphs.CUDAGraphs while use_cuda_graphs() is on
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         """An empty KV cache for this model, on its device and in its dtype (default: the full context)."""
@@ -221,6 +224,8 @@ class GPT2(nn.Module):
         for name, value, top in (("batch_size", batch_size, None), ("max_len", max_len, self.config.n_positions)):
             if isinstance(value, bool) or not isinstance(value, Integral) or value < 1 or (top and value > top):
                 raise ValueError(f"{name}={value!r} must be an integer from 1" + (f" to n_positions={top}" if top else ""))
+        if self.cuda_graphs is not None:  # recycled buffers, so that the next call replays this call's graphs
+            return self.cuda_graphs.new_cache(KVCache, self.config, int(batch_size), int(max_len), self.wte.weight.dtype)
         return KVCache(self.config, int(batch_size), int(max_len), self.wte.weight.dtype, self.wte.weight.device)
 
     def prepare_for(self, rows: int) -> GPT2:
@@ -262,10 +267,29 @@ class GPT2(nn.Module):
         limit = self.config.n_positions if cache is None else cache.max_len
         if start + T > limit:
             raise ValueError(f"the context is full: {start} + {T} tokens exceed the limit of {limit} positions")
-        logits = self.forward_at(idx, torch.arange(start, start + T, device=idx.device), cache)
+        positions = torch.arange(start, start + T, device=idx.device)
+        graphed = self.cuda_graphs is not None and cache is not None and T <= MAX_GRAPHED_ROWS
+        if graphed and not torch.is_grad_enabled():
+            logits = self.cuda_graphs.run(self, idx, positions, cache)
+        else:
+            logits = self.forward_at(idx, positions, cache)
         if cache is not None:
             cache.length = start + T
         return logits
+
+    def use_cuda_graphs(self, enabled: bool = True) -> GPT2:
+        """Replays captured CUDA graphs for the cached passes of decoding (cuda_graphs.py), or stops and frees them.
+
+        Like `prepare_for`, a choice of whoever owns the model, made once and visibly: the samplers never make it.
+        Call it after moving the model to its CUDA device; moving it later needs a new call. Results equal the
+        eager passes'; the memory the graphs keep is described in cuda_graphs.py.
+        """
+        if enabled and self.wte.weight.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {self.wte.weight.device}")
+        from cuda_graphs import CUDAGraphs
+
+        self.cuda_graphs = CUDAGraphs(self.wte.weight.device) if enabled else None
+        return self
 
     def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for tokens `idx` (B, T) at `positions` (T,), a device tensor; with a cache,
@@ -304,20 +328,22 @@ class GPT2(nn.Module):
         download: bool = True,
     ) -> GPT2:
         """Loads a Hugging Face GPT-2 checkpoint folder, or a preset name from `weights_dir` (default: ./weights
-        beside this file), the Hugging Face cache, or the hub (see checkpoints.py). Returns the model in eval mode,
-        its weights [out, in] (`prepare_for` changes that)."""
+        beside this file), the Hugging Face cache, or the hub (see checkpoints.py). `dtype` is a torch.dtype or its
+        name ("float32", "bfloat16", "float16"); `device` a torch.device or a name ("cpu", "cuda:0"). Returns the
+        model in eval mode, its weights [out, in] (`prepare_for` changes that)."""
         from checkpoints import find_checkpoint
+        from hardware import DTYPES, resolve_device
 
+        if isinstance(dtype, str) and dtype in DTYPES:
+            dtype = DTYPES[dtype]
+        if dtype is not None and dtype not in DTYPES.values():
+            raise ValueError(f"dtype={dtype!r} is not supported: use one of {', '.join(DTYPES)} (or torch's dtypes)")
+        device = resolve_device(str(device or "cpu"))
         folder = find_checkpoint(name_or_path, weights_dir=weights_dir, allow_download=download)
-        if (folder / "config.json").exists():
-            config = GPT2Config.from_json(folder / "config.json")
-        elif str(name_or_path) in PRESETS:
-            config = GPT2Config.from_name(str(name_or_path))
-        else:
-            raise ValueError(f"{folder}: no config.json; add one (it says n_layer, n_head, n_embd)")
+        config = checkpoint_config(folder, str(name_or_path) if isinstance(name_or_path, str) else None)
         with torch.device("meta"):  # no memory and no random init for weights about to be replaced
             model = cls(config)
-        state = read_checkpoint(folder, config, dtype=dtype or torch.float32, device=device or "cpu")
+        state = read_checkpoint(folder, config, dtype=dtype or torch.float32, device=device)
         model.load_state_dict(state, assign=True)
         model.checkpoint_folder = folder  # where it was loaded from, for reports
         return model.eval()
@@ -356,6 +382,19 @@ def _is_conv1d(key: str) -> bool:
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or does not match its config."""
+
+
+def checkpoint_config(folder: Path, preset: str | None = None) -> GPT2Config:
+    """The config of the checkpoint in `folder`: its config.json, or the preset's when it has none."""
+    if (folder / "config.json").exists():
+        return GPT2Config.from_json(folder / "config.json")
+    if preset in PRESETS:
+        return GPT2Config.from_name(preset)
+    raise ValueError(f"{folder}: no config.json; add one (it says n_layer, n_head, n_embd)")
+
+
+def same_shape(config: GPT2Config, other: GPT2Config) -> bool:
+    return (config.n_layer, config.n_head, config.n_embd) == (other.n_layer, other.n_head, other.n_embd)
 
 
 def checkpoint_files(folder: Path) -> list[Path] | None:
@@ -406,13 +445,13 @@ def read_checkpoint(folder: Path, config: GPT2Config, *, dtype=torch.float32, de
                     lm_head = (path, raw_key)
                     continue
                 if key not in expected:
-                    raise CheckpointError(f"{path}: unexpected tensor {raw_key!r} for {_describe(config)}")
+                    raise CheckpointError(f"{path}: unexpected tensor {raw_key!r} for {describe(config)}")
                 t = tensors.get(raw_key)
                 t = t.t() if _is_conv1d(key) else t
                 if tuple(t.shape) != expected[key]:
                     raise CheckpointError(
                         f"{path}: tensor {raw_key!r} has shape {list(t.shape)}, expected {list(expected[key])} "
-                        f"for {_describe(config)}"
+                        f"for {describe(config)}"
                     )
                 # Always a copy of our own: a tensor left on the memory map would keep the whole file's pages
                 # mapped (gigabytes of resident memory with GPT-2 XL, whose wte needs no conversion in float32).
@@ -435,7 +474,7 @@ def _shape_model(config: GPT2Config) -> GPT2:
         return GPT2(config)
 
 
-def _describe(config: GPT2Config) -> str:
+def describe(config: GPT2Config) -> str:
     return f"n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}, vocab={config.vocab_size}"
 
 

@@ -132,6 +132,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 where the hardware runs it natively, else float32 (default auto)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="our decoders replay CUDA graphs (cuda_graphs.py)")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers rows")
     parser.add_argument("--no-uncached", action="store_true", help="skip the (slow) uncached naive row")
     parser.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="where checkpoints live (default weights/)")
@@ -165,6 +166,8 @@ def run(args) -> dict:
     target_path, draft_path = checkpoint_folders(args)
     load = dict(weights_dir=args.weights_dir, dtype=dtype, device=device)
     target, small = GPT2.from_pretrained(target_path, **load), GPT2.from_pretrained(draft_path, **load)
+    if args.cuda_graphs:
+        target.use_cuda_graphs(), small.use_cuda_graphs()
     drafts = {"small": small, "target itself": target} if args.random_weights else {"small": small}
     prompt = load_tokenizer().encode(args.prompt)
     n = args.max_new_tokens
@@ -212,7 +215,7 @@ def run(args) -> dict:
             "target": str(target_path), "draft": str(draft_path), "random_weights": args.random_weights,
             "dtype": dtype_name(dtype), "device": str(device), "torch": torch.__version__,
             "hardware": hardware_name(device), "prompt": args.prompt, "prompt_tokens": len(prompt),
-            "max_new_tokens": n, "lookahead": Ks, "repeats": args.repeats,
+            "max_new_tokens": n, "lookahead": Ks, "repeats": args.repeats, "cuda_graphs": args.cuda_graphs,
             "command": "python benchmarks/bench.py " + " ".join(sys.argv[1:]),
         },
         "raw_costs": raw_costs,
@@ -320,7 +323,8 @@ def markdown(results: dict) -> str:
     meta, costs = results["meta"], results["costs"]
     weights = "random weights of the real shapes" if meta["random_weights"] else "real checkpoints"
     lines = [
-        f"Target {meta['target']}, draft {meta['draft']} ({weights}); {meta['dtype']} on {meta['device']} "
+        f"Target {meta['target']}, draft {meta['draft']} ({weights}); {meta['dtype']} on {meta['device']}"
+        f"{' with CUDA graphs' if meta.get('cuda_graphs') else ''} "
         f"({meta['hardware']}), torch {meta['torch']}; {meta['max_new_tokens']} new tokens after a "
         f"{meta['prompt_tokens']}-token prompt, greedy, median of {meta['repeats']} interleaved runs.",
         f"Command: `{meta['command']}`",

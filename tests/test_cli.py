@@ -59,10 +59,11 @@ def test_the_report(checkpoints):
     lines = summary_lines(result.stdout)
     assert re.fullmatch(rf"target: {re.escape(str(checkpoints / 'target'))}, loaded in [\d.]+ s", lines[0])
     assert lines[1].startswith(f"draft: {checkpoints / 'draft'}, loaded in ")
-    assert lines[2].startswith("dtype: float32, device: cpu (") and lines[2].endswith(", 1 threads)")
-    assert re.fullmatch(r"naive decoding: prefill \d+ ms, decode [\d.]+ tokens/s; [\d.]+ ms per target pass", lines[3])
+    assert lines[2].startswith("dtype: float32, device: cpu (") and lines[2].endswith(", threads: 1)")
+    assert re.fullmatch(r"warm-up \(8 tokens each, not timed below\): naive [\d.]+ s, speculative [\d.]+ s", lines[3])
+    assert re.fullmatch(r"naive decoding: prefill \d+ ms, decode [\d.]+ tokens/s; [\d.]+ ms per target pass", lines[4])
     assert re.fullmatch(r"speculative sampling: prefill \d+ ms, decode [\d.]+ tokens/s; [\d.]+ ms per target pass, "
-                        r"[\d.]+ ms per draft pass", lines[4])
+                        r"[\d.]+ ms per draft pass", lines[5])
     assert any(re.fullmatch(r"peak memory: [\d.]+ GiB resident \(RSS\)", line) for line in lines)
 
 
@@ -86,19 +87,25 @@ def test_sampling_mode_and_options(checkpoints):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--lookahead", "0"], "argument --lookahead/-K: invalid value '0': must be an integer >= 1"),
+        (["--lookahead", "0"], "argument --lookahead/-K: invalid value '0': give an integer >= 1, or auto"),
         (["--temperature", "-1"], "argument --temperature: invalid value '-1': must be >= 0"),
         (["--temperature", "inf"], "argument --temperature: invalid value 'inf': must be a finite number"),
         (["--top-p", "2"], "argument --top-p: invalid value '2': must be in (0, 1]"),
         (["--top-k", "2.5"], "argument --top-k: invalid value '2.5'"),
         (["--max-new-tokens", "x"], "argument --max-new-tokens: invalid value 'x': must be an integer"),
         (["--dtype", "float8"], "invalid choice: 'float8'"),
-        (["--target", "no-such-model"], "neither a checkpoint folder nor a preset"),
+        (["--target", "no-such-model"], "--target 'no-such-model' is neither a checkpoint folder nor a preset"),
         (["--target", "gpt2-xl", "--weights-dir", "/nonexistent", "--no-download"], "downloading is off"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
-        (["--max-new-tokens", "2000"], "exceeds the context of"),
+        (["--max-new-tokens", "2000"], "exceeds the target's context of 256 positions"),
         (["--seed", "99999999999999999999999"], "invalid seed"),
         (["--device", "meta"], "unknown device 'meta'"),
+        (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs --device cuda"),
+        (["--lookahead", "AUTO"], "invalid value 'AUTO': give an integer >= 1, or auto"),
+        (["--draft", "/nonexistent"], "--draft '/nonexistent' is neither a checkpoint folder nor a preset"),
+        (["--trace", "/nonexistent/dir/run.html"], "--trace /nonexistent/dir/run.html: give a file in an existing"),
+        (["--trace", "/tmp"], "--trace /tmp: give a file in an existing folder"),
+        (["--max-new-tokens", "250"], "plus --max-new-tokens 250 exceeds the target's context of 256 positions"),
         (["--target", "gpt2", "--weights-dir", "/etc/hostname/weights"], "Not a directory"),
     ],
 )
@@ -180,7 +187,8 @@ def test_ctrl_c_exits_quietly_with_130(checkpoints):
         seen += process.stdout.readline()
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
+    process.wait(timeout=60)
+    stdout, stderr = process.stdout.read(), process.stderr.read()  # through the buffers readline already filled
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and "speculative.py: interrupted" in stderr
     assert "Generated: hello" in seen + stdout  # what was generated so far stays on the screen

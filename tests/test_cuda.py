@@ -58,3 +58,27 @@ def test_bfloat16_runs(pair):
     target, draft = (m.to(torch.bfloat16) for m in (random_model(CONFIG, 0, 5).cuda(), pair[1]))
     out = speculative_sample(target, draft.to(torch.bfloat16), [1, 2, 3], 40, lookahead=4)
     assert len(out.tokens) == 40 and all(0 <= t < 1000 for t in out.tokens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_give_the_eager_tokens(dtype):
+    target = random_model(CONFIG, seed=0, scale=5).to("cuda", dtype)
+    draft = noisy_copy(random_model(CONFIG, seed=0, scale=5), noise=0.08, seed=2).to("cuda", dtype)
+    runs = {}
+    for graphs in (False, True):
+        target.use_cuda_graphs(graphs), draft.use_cuda_graphs(graphs)
+        runs[graphs] = [(speculative_sample(target, draft, [1, 2, 3], 80, lookahead=K).tokens,
+                         autoregressive_sample(target, [1, 2, 3], 80).tokens) for K in (1, 4, 8)]
+    assert runs[True] == runs[False]
+
+
+def test_cuda_graphs_are_reused_by_the_next_call():
+    target = random_model(CONFIG, seed=0, scale=5).cuda()
+    draft = noisy_copy(random_model(CONFIG, seed=0, scale=5), noise=0.08, seed=2).cuda()
+    target.use_cuda_graphs(), draft.use_cuda_graphs()
+    speculative_sample(target, draft, [1, 2, 3], 40, lookahead=4)
+    captured = (len(target.cuda_graphs.graphs), len(draft.cuda_graphs.graphs))
+    speculative_sample(target, draft, [4, 5, 6], 40, lookahead=4)  # same lengths: the same buffers and graphs
+    assert (len(target.cuda_graphs.graphs), len(draft.cuda_graphs.graphs)) == captured
+    draft.use_cuda_graphs(False)
+    assert draft.cuda_graphs is None

@@ -399,3 +399,10 @@ def test_another_architecture_says_what_it_is(tmp_path):
     save_file({"model.embed_tokens.weight": torch.zeros(10, 4)}, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="model_type 'llama' is not GPT-2"):
         GPT2.from_pretrained(tmp_path)
+
+
+def test_cuda_graphs_need_a_cuda_model():
+    model = GPT2(GPT2Config(n_positions=16, n_embd=16, n_layer=1, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device, not cpu"):
+        model.use_cuda_graphs()
+    assert model.use_cuda_graphs(False).cuda_graphs is None

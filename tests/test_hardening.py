@@ -275,3 +275,48 @@ def test_cli_escapes_control_characters_in_what_it_prints(tmp_path):
         assert result.returncode == 0, result.stderr
         assert "\x1b" not in result.stdout and "\x07" not in result.stdout
         assert "ok ␛[2J␛]0;title␇ done" in result.stdout
+
+
+def test_a_preset_folder_holding_another_shape_is_refused(reference_folder, tmp_path):
+    copy_checkpoint(reference_folder, tmp_path / "weights" / "gpt2")  # 3 layers, 96 wide: not gpt2
+    with pytest.raises(CheckpointError, match="holds a model with n_layer=3.*not the preset gpt2"):
+        GPT2.from_pretrained("gpt2", weights_dir=tmp_path / "weights", download=False)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(dtype="float64"), "dtype='float64' is not supported"),
+    (dict(dtype=torch.int8), "dtype=torch.int8 is not supported"),
+    (dict(device="tpu"), "unknown device 'tpu'"),
+    (dict(device="cuda:7"), "cuda"),
+])
+def test_from_pretrained_checks_dtype_and_device(reference_folder, options, message):
+    with pytest.raises(ValueError, match=message) as error:
+        GPT2.from_pretrained(reference_folder[0], **options)
+    assert "\n" not in str(error.value)
+
+
+def test_from_pretrained_takes_dtype_names(reference_folder):
+    assert GPT2.from_pretrained(reference_folder[0], dtype="bfloat16").wte.weight.dtype == torch.bfloat16
+
+
+def test_the_download_command_is_offline_too(reference_folder, tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    script = os.path.join(ROOT, "checkpoints.py")
+    result = subprocess.run([sys.executable, script, "gpt2", "--weights-dir", str(tmp_path / "w")],
+                            capture_output=True, text=True, timeout=60, env=os.environ | env)
+    assert result.returncode == 2 and "HF_HUB_OFFLINE is set" in result.stderr and "tries" not in result.stderr
+    assert "set HF_ENDPOINT to a mirror" not in result.stderr  # no advice that needs the network
+    assert "random_checkpoint.py gpt2 " in result.stderr and "random-gpt2" in result.stderr
+    copy_checkpoint(reference_folder, tmp_path / "hub" / "models--openai-community--gpt2" / "snapshots" / "abc")
+    result = subprocess.run([sys.executable, script, "gpt2", "--weights-dir", str(tmp_path / "w")],
+                            capture_output=True, text=True, timeout=60, env=os.environ | env)
+    assert result.returncode == 0 and result.stdout.strip().endswith("snapshots/abc")  # found, not downloaded
+
+
+def test_snapshots_without_refs_main_are_named(reference_folder, tmp_path, monkeypatch):
+    repo = tmp_path / "hub" / "models--openai-community--gpt2" / "snapshots"
+    for name in ("aaaa", "bbbb"):
+        copy_checkpoint(reference_folder, repo / name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match="it has snapshots aaaa, bbbb of openai-community/gpt2 but no refs/main"):
+        find_checkpoint("gpt2", weights_dir=tmp_path / "w", allow_download=False)
