@@ -27,8 +27,7 @@ MEANINGS = {
     Origin.DRAFT: "proposed by the draft, kept by the target",
     Origin.RESAMPLED: "a draft was rejected: drawn from norm(max(0, q - p))",
     Origin.BONUS: "all K drafts kept: one more token drawn from q",
-    Origin.TARGET: "a plain target step, nothing drafted (plain decoding; in speculative sampling, a last token "
-                   "made alone)",
+    Origin.TARGET: "a target step with nothing drafted: plain decoding, or a last token made alone",
 }
 HTML_COLOURS = {Origin.DRAFT: "#b6e8b0", Origin.RESAMPLED: "#ffbf8f", Origin.BONUS: "#a9cdf7", Origin.TARGET: "#ddd0f2"}
 ANSI_COLOURS = {Origin.DRAFT: "\x1b[32m", Origin.RESAMPLED: "\x1b[31m", Origin.BONUS: "\x1b[34m",

@@ -50,7 +50,7 @@ def draw(prompt_text, groups, title, path, width=88):
         if colour:
             ax.add_patch(plt.Rectangle((col + 1, y - 0.45), len(part), 0.9, color=colour, lw=0))
         ax.text(col + 1, y, part, color="#777" if origin == "prompt" else "black", **font)
-    for i, origin in enumerate(o for o in ORIGINS if o != Origin.TARGET):
+    for i, origin in enumerate(ORIGINS):
         y = line + 3.3 + i
         ax.add_patch(plt.Rectangle((1, y - 0.45), 9, 0.9, color=HTML_COLOURS[origin], lw=0))
         ax.text(1.3, y, origin, **font)
