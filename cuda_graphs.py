@@ -7,6 +7,9 @@ for every cached pass of at most gpt2_model.MAX_GRAPHED_ROWS new tokens (draft p
 what makes this possible: a pass of T tokens has the same shapes wherever it is in the sequence, its positions
 live in a device tensor, and nothing on the host decides a shape.
 
+Graphs also record the weights' addresses: moving or converting the model (`.to`, `.half`) captures anew
+(GPT2._apply), but weights replaced by hand (`load_state_dict(assign=True)`) need `use_cuda_graphs()` again.
+
 Memory, kept until `model.use_cuda_graphs(False)` or the model is dropped: every graph's static inputs and output
 logits (T, vocab), one pool of activations shared by all graphs of the model, and the cache buffers the graphs
 were captured on. Those buffers are recycled: `new_cache` hands a dropped cache's buffers to the next call (its
@@ -36,13 +39,18 @@ class CUDAGraphs:
         """A cache of at least `max_len` positions on recycled buffers when some fit, else on new ones; its
         buffers come back here when it is dropped."""
         max_len = min(-(-max_len // BUCKET) * BUCKET, config.n_positions)
-        cache = cache_class(config, batch_size, max_len, dtype, self.device, buffers=self._take(batch_size, max_len))
+        # Ordinary tensors even when called under inference_mode (as the samplers are): a buffer made there could
+        # not be written outside it later.
+        with torch.inference_mode(False):
+            cache = cache_class(config, batch_size, max_len, dtype, self.device,
+                                buffers=self._take(batch_size, max_len, dtype))
         weakref.finalize(cache, self.free.append, (cache.keys, cache.values, cache.key_positions))
         return cache
 
-    def _take(self, batch_size: int, max_len: int):
+    def _take(self, batch_size: int, max_len: int, dtype: torch.dtype):
         for i, (keys, values, positions) in enumerate(self.free):
-            if keys.shape[1] == batch_size and keys.shape[3] == max_len:
+            if keys.shape[1] == batch_size and keys.shape[3] == max_len and keys.dtype == dtype:
+                keys.zero_(), values.zero_()  # what a previous call left (an overflow's inf) must not carry over
                 return self.free.pop(i)
         return None
 
@@ -63,9 +71,14 @@ class _Graph:
     """One captured pass: static inputs idx (B, T) and positions (T,), the cache's buffers, output logits."""
 
     def __init__(self, model, idx: torch.Tensor, positions: torch.Tensor, cache, pool):
+        with torch.cuda.device(idx.device):  # capture on the model's GPU, whichever is current
+            self._capture(model, idx, positions, cache, pool)
+
+    def _capture(self, model, idx: torch.Tensor, positions: torch.Tensor, cache, pool) -> None:
         # The graph reads and writes these buffers by address: holding them keeps the address valid.
         self.buffers = (cache.keys, cache.values, cache.key_positions)
-        self.idx, self.positions = idx.clone(), positions.clone()
+        with torch.inference_mode(False):  # static inputs that later calls may fill outside inference mode too
+            self.idx, self.positions = idx.clone(), positions.clone()
         # Warm-up on a side stream, as capture requires (lazy initialisations, kernel choices). These passes write
         # the same keys and values at the same positions as the pass itself, so the cache ends as eager would leave it.
         stream = torch.cuda.Stream(device=idx.device)
@@ -75,6 +88,6 @@ class _Graph:
                 model.forward_at(self.idx, self.positions, cache)
         torch.cuda.current_stream(idx.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
             self.logits = model.forward_at(self.idx, self.positions, cache)
         self.graph.replay()  # capturing records the kernels without running them: run this pass now

@@ -277,6 +277,13 @@ class GPT2(nn.Module):
             cache.length = start + T
         return logits
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half() ... give the weights new addresses: graphs captured on the old ones must go.
+        module = super()._apply(fn, *args, **kwargs)
+        if self.cuda_graphs is not None:
+            self.use_cuda_graphs(self.wte.weight.device.type == "cuda")
+        return module
+
     def use_cuda_graphs(self, enabled: bool = True) -> GPT2:
         """Replays captured CUDA graphs for the cached passes of decoding (cuda_graphs.py), or stops and frees them.
 

@@ -324,7 +324,7 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
     while len(out.tokens) < max_new_tokens:
         # A round emits at most K + 1 tokens: draft no more than are still needed (this also keeps every
         # position inside the caches, which are sized for prompt + max_new_tokens).
-        K = min(policy.choose(), max_new_tokens - len(out.tokens) - 1)
+        K = min(check_lookahead(policy.choose()), max_new_tokens - len(out.tokens) - 1)
         started = clock.mark()
         # Step 1, draft: K tokens from p, one draft pass each, after the draft's pending tokens (1 or 2).
         if K > 0:
@@ -451,6 +451,13 @@ def check_real(name: str, value, minimum: float | None = None) -> bool:
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return True
+
+
+def check_lookahead(K) -> int:
+    """A K that a lookahead policy chose: an integer >= 1."""
+    if isinstance(K, bool) or not isinstance(K, Integral) or K < 1:
+        raise ValueError(f"the lookahead policy chose K={K!r}: it must choose an integer >= 1")
+    return int(K)
 
 
 def _lookahead_policy(lookahead) -> LookaheadPolicy:

@@ -81,3 +81,17 @@ def test_auto_on_real_models_adapts_and_stays_exact():
 
     assert mean_K(runs["itself"]) > 6 > 2 > mean_K(runs["unrelated"])
     assert all(r.draft_ms == 10.0 * r.lookahead for r in runs["noisy"].rounds)  # the injected clock was used
+
+
+class BadPolicy:
+    def choose(self):
+        return 0
+
+    def update(self, round):
+        pass
+
+
+def test_a_policy_that_chooses_a_bad_K_is_named():
+    model = random_model(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2), seed=0)
+    with pytest.raises(ValueError, match="the lookahead policy chose K=0: it must choose an integer >= 1"):
+        speculative_sample(model, model, [1, 2], 5, lookahead=BadPolicy())

@@ -82,3 +82,22 @@ def test_cuda_graphs_are_reused_by_the_next_call():
     assert (len(target.cuda_graphs.graphs), len(draft.cuda_graphs.graphs)) == captured
     draft.use_cuda_graphs(False)
     assert draft.cuda_graphs is None
+
+
+def test_graphed_models_work_outside_inference_mode_after_a_sampler_call():
+    model = random_model(CONFIG, seed=0, scale=5).cuda().use_cuda_graphs()
+    expected = autoregressive_sample(model, [1, 2, 3], 20).tokens  # the buffers are made under inference_mode
+    with torch.no_grad():
+        cache = model.new_cache(max_len=30)  # recycled buffers: must be writable here too
+        model(torch.tensor([[1, 2]], device="cuda"), cache=cache)
+        assert model(torch.tensor([[3]], device="cuda"), cache=cache)[0, -1].argmax().item() == expected[0]
+
+
+def test_moving_a_graphed_model_captures_anew():
+    model = random_model(CONFIG, seed=0, scale=5).cuda().use_cuda_graphs()
+    autoregressive_sample(model, [1, 2, 3], 10)
+    assert model.cuda_graphs.graphs
+    model.to(torch.bfloat16)
+    assert model.cuda_graphs is not None and not model.cuda_graphs.graphs
+    model.cpu()
+    assert model.cuda_graphs is None
