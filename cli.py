@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from checkpoints import WEIGHTS_DIR, DownloadError, find_checkpoint
-from gpt2_model import GPT2, PRESETS, checkpoint_config
+from gpt2_model import GPT2, PRESETS, checkpoint_config, write_atomically
 from hardware import DTYPES, dtype_name, hardware_name, resolve_device, resolve_dtype
 from lookahead import AdaptiveLookahead
 from speculative import Generation, autoregressive_sample, check_integer, check_real, speculative_sample
@@ -212,8 +212,7 @@ def _run(args) -> int:
         # Every run streams, or none does: writing to the terminal is part of what is timed.
         results[mode] = _run_and_show(titles[mode], partial(decode, mode, n, generator, **options), prompt, enc, n,
                                       stream=not args.no_stream)
-    _print_summary(args, results, models, load_seconds | {f"warm-up of {m}": s for m, s in warm_up_seconds.items()},
-                   device, dtype)
+    _print_summary(args, results, models, load_seconds, warm_up_seconds, device, dtype)
     if args.show_acceptance:
         _show_acceptance(args, results.get(SPECULATIVE), enc, prompt)
     if args.trace is not None:
@@ -221,7 +220,7 @@ def _run(args) -> int:
 
         title = f"{Path(args.target).name} / {Path(args.draft).name}, K={args.lookahead}, temperature {args.temperature}"
         page = trace_page(results[SPECULATIVE], enc, prompt, title=title)
-        _write_atomically(Path(args.trace), page)
+        write_atomically(Path(args.trace), lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
         print(f"trace of {len(results[SPECULATIVE].trace)} rounds: {args.trace}", file=sys.stderr)
     return 0
 
@@ -251,16 +250,6 @@ def _check_config(role: str, config, prompt: list[int], max_new_tokens: int, tok
         raise ValueError(f"the prompt ({len(prompt)} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "
                          f"{role}'s context of {config.n_positions} positions: lower --max-new-tokens or shorten "
                          f"--prompt")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    # Beside the destination, then renamed: an interrupted write never leaves a half-written page under its name.
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _run_and_show(title: str, run, prompt: list[int], enc, max_new_tokens: int, stream: bool) -> Generation:
@@ -309,19 +298,19 @@ def _show_acceptance(args, spec: Generation | None, enc, prompt: list[int]) -> N
     print(f"tokens by origin: {origin_counts(spec)}")
 
 
-def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2], seconds: dict[str, float],
-                   device, dtype) -> None:
+def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2], load_seconds: dict[str, float],
+                   warm_up_seconds: dict[str, float], device, dtype) -> None:
     naive, uncached, spec = results.get(NAIVE), results.get(UNCACHED), results.get(SPECULATIVE)
     print("\n=== Summary ===")
     for role, model in models.items():
         name, folder = getattr(args, role), model.checkpoint_folder
         where = "" if Path(name) == folder else f" from {folder}"  # a preset: the folder or cache snapshot used
-        print(f"{role}: {name}{where}, loaded in {seconds[role]:.1f} s")
+        print(f"{role}: {name}{where}, loaded in {load_seconds[role]:.1f} s")
     threads = f", threads: {torch.get_num_threads()}" if device.type == "cpu" else ""
     graphs = f", CUDA graphs {'on' if args.cuda_graphs else 'off'}" if device.type == "cuda" else ""
     print(f"dtype: {dtype_name(dtype)}, device: {device} ({hardware_name(device).split(',')[0]}{threads}){graphs}")
-    warm_ups = [f"{k.removeprefix('warm-up of ')} {v:.2f} s" for k, v in seconds.items() if k.startswith("warm-up")]
-    print(f"warm-up (8 tokens each, not timed below): {', '.join(warm_ups)}")
+    warm_ups = ", ".join(f"{mode} {s:.2f} s" for mode, s in warm_up_seconds.items())
+    print(f"warm-up (8 tokens each, not timed below): {warm_ups}")
     for name, out in (("naive decoding", naive), ("speculative sampling", spec)):
         if out is not None:
             decode_ms = 1e3 * (out.seconds - out.prefill_seconds)

@@ -364,10 +364,10 @@ class GPT2(nn.Module):
         tensors = {
             k: (v.t() if _is_conv1d(k) else v).contiguous().cpu() for k, v in self.state_dict().items()
         }
-        _write_atomically(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+        write_atomically(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
         config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new"}
         config |= asdict(self.config)
-        _write_atomically(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+        write_atomically(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
 
 def _init_weights(module):
@@ -543,8 +543,9 @@ class _Corrupt(CheckpointError):
                          f"and download it again")
 
 
-def _write_atomically(dest: Path, write) -> None:
-    # Write beside the destination, sync, then rename: a crash never leaves a half-written file under its name.
+def write_atomically(dest: Path, write) -> None:
+    """Calls write(temporary path) beside `dest`, syncs, then renames: a crash or an error never leaves a
+    half-written file under `dest`'s name."""
     tmp = dest.with_name(dest.name + ".tmp")
     try:
         write(str(tmp))
