@@ -2,7 +2,7 @@
 
 Reading order: GPT2Config, KVCache, the model (CausalSelfAttention, MLP, Block, GPT2), then reading a checkpoint
 folder (`read_checkpoint`). Finding a checkpoint (presets, the Hugging Face cache) and downloading it live in
-checkpoints.py; the tokenizer in tokenizer.py.
+speculative_gpt2/checkpoints.py; the tokenizer in speculative_gpt2/tokenizer.py.
 
 Module names equal the tensor names of the Hugging Face GPT-2 checkpoints (`wte`, `wpe`, `h.{i}.attn.c_attn`,
 ..., `ln_f`), so loading is a short list of transposed keys plus shape checks. The LM head is tied to `wte`.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import re
 from dataclasses import asdict, dataclass
 from numbers import Integral
@@ -293,7 +294,7 @@ class GPT2(nn.Module):
         """
         if enabled and self.wte.weight.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {self.wte.weight.device}")
-        from cuda_graphs import CUDAGraphs
+        from speculative_gpt2.cuda_graphs import CUDAGraphs
 
         self.cuda_graphs = CUDAGraphs(self.wte.weight.device) if enabled else None
         return self
@@ -335,11 +336,11 @@ class GPT2(nn.Module):
         download: bool = True,
     ) -> GPT2:
         """Loads a Hugging Face GPT-2 checkpoint folder, or a preset name from `weights_dir` (default: ./weights
-        beside this file), the Hugging Face cache, or the hub (see checkpoints.py). `dtype` is a torch.dtype or its
+        beside this file), the Hugging Face cache, or the hub (see speculative_gpt2/checkpoints.py). `dtype` is a torch.dtype or its
         name ("float32", "bfloat16", "float16"); `device` a torch.device or a name ("cpu", "cuda:0"). Returns the
         model in eval mode, its weights [out, in] (`prepare_for` changes that)."""
-        from checkpoints import find_checkpoint
-        from hardware import DTYPES, resolve_device
+        from speculative_gpt2.checkpoints import find_checkpoint
+        from speculative_gpt2.hardware import DTYPES, resolve_device
 
         if isinstance(dtype, str) and dtype in DTYPES:
             dtype = DTYPES[dtype]
@@ -360,14 +361,20 @@ class GPT2(nn.Module):
         from safetensors.torch import save_file
 
         folder = Path(folder)
+        created = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            k: (v.t() if _is_conv1d(k) else v).contiguous().cpu() for k, v in self.state_dict().items()
-        }
-        write_atomically(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
-        config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new"}
-        config |= asdict(self.config)
-        write_atomically(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+        try:
+            tensors = {
+                k: (v.t() if _is_conv1d(k) else v).contiguous().cpu() for k, v in self.state_dict().items()
+            }
+            write_atomically(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+            config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new"}
+            config |= asdict(self.config)
+            write_atomically(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+        except BaseException:
+            if created:  # a folder this call made holds nothing of the user's: a failed write leaves no trace
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
 
 
 def _init_weights(module):

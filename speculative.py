@@ -19,8 +19,9 @@ At temperature 0 both distributions are one-hot, so the output is the target's g
 `autoregressive_sample` is the plain one-token-per-pass decoder beside it, for timing and for the tests.
 
 The samplers change nothing outside the call: they do not touch the models' weights (a fast weight layout is
-the caller's choice, `GPT2.prepare_for`), and K comes from a policy object the caller may pass (lookahead.py).
-Argument checks are at the end of the file; the command line is cli.py (`python speculative.py --help`).
+the caller's choice, `GPT2.prepare_for`), and K comes from a policy object the caller may pass (speculative_gpt2/lookahead.py).
+Argument checks are at the end of the file; the command line is speculative_gpt2/cli.py (`python speculative.py
+--help`, or the `speculative-gpt2` command).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from typing import Callable
 import torch
 
 from gpt2_model import GPT2, KVCache
-from hardware import Clock, DeviceClock, synchronize
-from lookahead import AdaptiveLookahead, FixedLookahead, LookaheadPolicy, Round
+from speculative_gpt2.hardware import Clock, DeviceClock, synchronize
+from speculative_gpt2.lookahead import AdaptiveLookahead, FixedLookahead, LookaheadPolicy, Round
 
 __all__ = ["Generation", "Origin", "Round", "TraceRound", "AdaptiveLookahead", "FixedLookahead", "logits_to_probs",
            "sample", "draft_tokens", "accept_or_resample", "residual_distribution", "speculative_sample",
@@ -521,6 +522,6 @@ def _token_list(prompt) -> list[int]:
 if __name__ == "__main__":
     import sys
 
-    from cli import main
+    from speculative_gpt2.cli import main
 
     sys.exit(main())

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from the checkout
-from lookahead import AdaptiveLookahead, FixedLookahead, LookaheadPolicy, Round, interpolate  # noqa: E402
+from speculative_gpt2.lookahead import AdaptiveLookahead, FixedLookahead, LookaheadPolicy, Round, interpolate  # noqa: E402
 
 # GPT-2 XL 1-row and (K+1)-row passes in the verification layout (GPT2.prepare_for(2)) and the GPT-2 small 1-row
 # pass, fp32, ms: medians of 4 interleaved rounds on a 2-core AMD EPYC (AVX2), torch 2.13 (README, "Results").

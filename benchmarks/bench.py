@@ -30,14 +30,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from the checkout
-from benchmarks.random_checkpoint import write_random_checkpoint  # noqa: E402
-from checkpoints import WEIGHTS_DIR  # noqa: E402
-from cli import DEFAULT_PROMPT  # noqa: E402
+from speculative_gpt2.random_checkpoint import write_random_checkpoint  # noqa: E402
+from speculative_gpt2.checkpoints import default_weights_dir  # noqa: E402
+from speculative_gpt2.cli import DEFAULT_PROMPT  # noqa: E402
 from gpt2_model import GPT2  # noqa: E402
-from hardware import dtype_name, hardware_name, resolve_device, resolve_dtype, synchronize  # noqa: E402
-from lookahead import AdaptiveLookahead, expected_tokens_per_round  # noqa: E402
+from speculative_gpt2.hardware import dtype_name, hardware_name, resolve_device, resolve_dtype, synchronize  # noqa: E402
+from speculative_gpt2.lookahead import AdaptiveLookahead, expected_tokens_per_round  # noqa: E402
 from speculative import Origin, autoregressive_sample, speculative_sample  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from speculative_gpt2.tokenizer import load_tokenizer  # noqa: E402
 
 # The toyllm blog post ("Implementing LLM Speculative Sampling in Under 100 Lines of Code"): GPT-2 XL / small,
 # K = 4, temperature 0, 256 tokens: 4.06 tokens per target pass.
@@ -135,7 +135,7 @@ def parse_args(argv=None):
     parser.add_argument("--cuda-graphs", action="store_true", help="our decoders replay CUDA graphs (cuda_graphs.py)")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers rows")
     parser.add_argument("--no-uncached", action="store_true", help="skip the (slow) uncached naive row")
-    parser.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="where checkpoints live (default weights/)")
+    parser.add_argument("--weights-dir", default=str(default_weights_dir()), help="where checkpoints live")
     parser.add_argument("--out", default=str(ROOT / "bench-out"), help="folder for bench.json and bench.png")
     args = parser.parse_args(argv)
     if args.quick:

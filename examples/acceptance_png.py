@@ -13,12 +13,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.random_checkpoint import tiny_pair  # noqa: E402
-from cli import DEFAULT_PROMPT  # noqa: E402
+from speculative_gpt2.random_checkpoint import tiny_pair  # noqa: E402
+from speculative_gpt2.cli import DEFAULT_PROMPT  # noqa: E402
 from gpt2_model import GPT2  # noqa: E402
-from render import HTML_COLOURS, MEANINGS, ORIGINS, text_groups  # noqa: E402
+from speculative_gpt2.render import HTML_COLOURS, MEANINGS, ORIGINS, text_groups  # noqa: E402
 from speculative import Origin, speculative_sample  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from speculative_gpt2.tokenizer import load_tokenizer  # noqa: E402
 
 
 def draw(prompt_text, groups, title, path, width=88):

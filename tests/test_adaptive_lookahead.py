@@ -3,9 +3,9 @@
 import pytest
 
 from benchmarks.adaptive_lookahead import XL_SMALL_FP32, compare
-from benchmarks.random_checkpoint import noisy_copy, random_model
+from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 from gpt2_model import GPT2Config
-from lookahead import AdaptiveLookahead, Round, expected_tokens_per_round, interpolate
+from speculative_gpt2.lookahead import AdaptiveLookahead, Round, expected_tokens_per_round, interpolate
 from speculative import autoregressive_sample, speculative_sample
 
 # A cost model where verification is nearly free (memory-bound, as on a GPU or a bf16-native CPU).

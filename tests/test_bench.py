@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from gpt2_model import GPT2Config
-from benchmarks.random_checkpoint import noisy_copy, random_model
+from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,9 +4,9 @@ equal to a full pass, and bfloat16 runs. benchmarks/gpu_check.sh runs these and 
 import pytest
 import torch
 
-from benchmarks.random_checkpoint import noisy_copy, random_model
+from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 from gpt2_model import GPT2Config
-from lookahead import AdaptiveLookahead
+from speculative_gpt2.lookahead import AdaptiveLookahead
 from speculative import autoregressive_sample, speculative_sample
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

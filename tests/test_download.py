@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from checkpoints import DownloadError, download
+from speculative_gpt2.checkpoints import DownloadError, download
 from gpt2_model import GPT2, CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,7 +214,7 @@ def test_a_stale_partial_file_restarts_once_by_itself(hub, tmp_path, capsys, sta
 def test_a_failed_download_leaves_nothing_behind(hub, tmp_path, monkeypatch):
     monkeypatch.setattr("time.sleep", lambda s: None)
     hub.fail_next_gets = 100
-    with pytest.raises(DownloadError, match="python benchmarks/random_checkpoint.py gpt2"):
+    with pytest.raises(DownloadError, match="python -m speculative_gpt2.random_checkpoint gpt2"):
         download("gpt2", tmp_path)
     assert not (tmp_path / "gpt2").exists()
 
@@ -235,8 +235,8 @@ def test_an_endpoint_that_is_not_a_url(tmp_path, monkeypatch, endpoint):
 
 
 def run_downloader(*args, env):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "checkpoints.py"), *args], capture_output=True,
-                          text=True, timeout=120, env=os.environ | env)
+    return subprocess.run([sys.executable, "-m", "speculative_gpt2.checkpoints", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, env=os.environ | env)
 
 
 @pytest.mark.parametrize("case", ["weights dir is a file", "endpoint is not a URL", "unreachable"])
@@ -246,5 +246,5 @@ def test_the_download_command_fails_in_one_line(tmp_path, case):
     endpoint = "not a url" if case == "endpoint is not a URL" else "http://127.0.0.1:9"
     result = run_downloader("gpt2", "--weights-dir", str(weights), env={"HF_ENDPOINT": endpoint})
     assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and "checkpoints.py: error: " in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "speculative_gpt2.checkpoints: error: " in result.stderr
     assert "Traceback" not in result.stderr

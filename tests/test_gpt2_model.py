@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints import find_checkpoint
+from speculative_gpt2.checkpoints import find_checkpoint
 from gpt2_model import GPT2, CheckpointError, GPT2Config, KVCache
 
 TOL = 1e-4  # fp32; the measured gap is about 1e-6

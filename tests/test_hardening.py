@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from benchmarks.random_checkpoint import random_model
-from checkpoints import find_checkpoint, hf_cache_snapshot
+from speculative_gpt2.random_checkpoint import random_model
+from speculative_gpt2.checkpoints import find_checkpoint, hf_cache_snapshot
 from gpt2_model import GPT2, CheckpointError, GPT2Config
 from speculative import autoregressive_sample, speculative_sample
 
@@ -301,14 +301,14 @@ def test_from_pretrained_takes_dtype_names(reference_folder):
 
 def test_the_download_command_is_offline_too(reference_folder, tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9"}
-    script = os.path.join(ROOT, "checkpoints.py")
-    result = subprocess.run([sys.executable, script, "gpt2", "--weights-dir", str(tmp_path / "w")],
+    script = ["-m", "speculative_gpt2.checkpoints"]
+    result = subprocess.run([sys.executable, *script, "gpt2", "--weights-dir", str(tmp_path / "w")], cwd=ROOT,
                             capture_output=True, text=True, timeout=60, env=os.environ | env)
     assert result.returncode == 2 and "HF_HUB_OFFLINE is set" in result.stderr and "tries" not in result.stderr
     assert "set HF_ENDPOINT to a mirror" not in result.stderr  # no advice that needs the network
-    assert "random_checkpoint.py gpt2 " in result.stderr and "random-gpt2" in result.stderr
+    assert "speculative_gpt2.random_checkpoint gpt2 " in result.stderr and "random-gpt2" in result.stderr
     copy_checkpoint(reference_folder, tmp_path / "hub" / "models--openai-community--gpt2" / "snapshots" / "abc")
-    result = subprocess.run([sys.executable, script, "gpt2", "--weights-dir", str(tmp_path / "w")],
+    result = subprocess.run([sys.executable, *script, "gpt2", "--weights-dir", str(tmp_path / "w")], cwd=ROOT,
                             capture_output=True, text=True, timeout=60, env=os.environ | env)
     assert result.returncode == 0 and result.stdout.strip().endswith("snapshots/abc")  # found, not downloaded
 

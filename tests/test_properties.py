@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.random_checkpoint import noisy_copy, random_model
+from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 from gpt2_model import GPT2Config
-from lookahead import AdaptiveLookahead
+from speculative_gpt2.lookahead import AdaptiveLookahead
 from speculative import Origin, autoregressive_sample, speculative_sample
 
 VOCAB = 40

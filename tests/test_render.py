@@ -7,11 +7,11 @@ import re
 import pytest
 import torch
 
-import render
+from speculative_gpt2 import render
 from gpt2_model import GPT2Config
-from benchmarks.random_checkpoint import noisy_copy, random_model
+from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 from speculative import Generation, speculative_sample
-from tokenizer import load_tokenizer
+from speculative_gpt2.tokenizer import load_tokenizer
 
 MULTIBYTE = "héllo 👩‍💻 日本語 🎉"
 

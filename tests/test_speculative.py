@@ -8,8 +8,8 @@ import torch
 
 import speculative
 from gpt2_model import GPT2Config
-from benchmarks.random_checkpoint import noisy_copy, random_model
-from lookahead import AdaptiveLookahead
+from speculative_gpt2.random_checkpoint import noisy_copy, random_model
+from speculative_gpt2.lookahead import AdaptiveLookahead
 from speculative import autoregressive_sample, logits_to_probs, speculative_sample
 
 
@@ -330,7 +330,7 @@ def test_mismatched_models(target):
 
 
 def test_dtype_auto_follows_the_hardware(monkeypatch):
-    import hardware
+    from speculative_gpt2 import hardware
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "fma"})

@@ -2,7 +2,7 @@ import hashlib
 
 import pytest
 
-from tokenizer import WEIGHTS_DIR, expected_hashes, load_tokenizer
+from speculative_gpt2.tokenizer import TOKENIZER_DIR, expected_hashes, load_tokenizer
 
 
 def tiktoken_pins(monkeypatch) -> dict[str, str]:
@@ -26,17 +26,31 @@ def test_sha256sums_are_tiktokens_pins(monkeypatch):
 
 @pytest.mark.parametrize("filename", ["encoder.json", "vocab.bpe"])
 def test_committed_files_match_their_hashes(filename):
-    assert hashlib.sha256((WEIGHTS_DIR / filename).read_bytes()).hexdigest() == expected_hashes()[filename]
+    assert hashlib.sha256((TOKENIZER_DIR / filename).read_bytes()).hexdigest() == expected_hashes()[filename]
 
 
 def test_a_changed_file_is_refused(monkeypatch, tmp_path):
     for name in ("encoder.json", "vocab.bpe", "SHA256SUMS"):
-        (tmp_path / name).write_bytes((WEIGHTS_DIR / name).read_bytes())
-    (tmp_path / "vocab.bpe").write_bytes((WEIGHTS_DIR / "vocab.bpe").read_bytes() + b"\n")
-    monkeypatch.setattr("tokenizer.WEIGHTS_DIR", tmp_path)
+        (tmp_path / name).write_bytes((TOKENIZER_DIR / name).read_bytes())
+    (tmp_path / "vocab.bpe").write_bytes((TOKENIZER_DIR / "vocab.bpe").read_bytes() + b"\n")
+    monkeypatch.setattr("speculative_gpt2.tokenizer.TOKENIZER_DIR", tmp_path)
     load_tokenizer.cache_clear()
     try:
         with pytest.raises(ValueError, match="vocab.bpe: SHA-256 differs"):
+            load_tokenizer()
+    finally:
+        load_tokenizer.cache_clear()
+
+
+@pytest.mark.parametrize("missing", ["encoder.json", "vocab.bpe", "SHA256SUMS"])
+def test_a_missing_file_is_named_with_its_fix(monkeypatch, tmp_path, missing):
+    for name in ("encoder.json", "vocab.bpe", "SHA256SUMS"):
+        if name != missing:
+            (tmp_path / name).write_bytes((TOKENIZER_DIR / name).read_bytes())
+    monkeypatch.setattr("speculative_gpt2.tokenizer.TOKENIZER_DIR", tmp_path)
+    load_tokenizer.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=f"{missing} cannot be read .*reinstall the package"):
             load_tokenizer()
     finally:
         load_tokenizer.cache_clear()

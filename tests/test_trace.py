@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import render
-from benchmarks.random_checkpoint import noisy_copy, random_model
+from speculative_gpt2 import render
+from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 from gpt2_model import GPT2Config
 from speculative import Origin, speculative_sample
-from tokenizer import load_tokenizer
+from speculative_gpt2.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -1,11 +1,15 @@
-"""Finding and downloading GPT-2 checkpoints: a folder, a preset in weights/, the Hugging Face cache, or the hub.
+"""Finding and downloading GPT-2 checkpoints: a folder, a preset in the weights folder, the Hugging Face cache, or the hub.
 
 `find_checkpoint(name_or_path)` returns the folder that holds a checkpoint, downloading a preset only when no
 local copy exists; `GPT2.from_pretrained` calls it and then reads the folder (gpt2_model.py). `download` writes
 each file to `<file>.part`, resumes it with an HTTP Range request after a cut connection, checks it against the
 SHA-256 the hub announces, and only then renames it into place.
 
-    python checkpoints.py gpt2-xl gpt2        # download ahead of time into weights/
+    python -m speculative_gpt2.checkpoints gpt2-xl gpt2        # download ahead of time
+
+The weights folder (`default_weights_dir()`): $SPECULATIVE_GPT2_WEIGHTS if set; else `weights/` of a source checkout
+(the folder beside gpt2_model.py, when it has one); else the user's cache, `$XDG_CACHE_HOME/speculative-gpt2`
+(default `~/.cache/speculative-gpt2`), so that an installed package works from any directory.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 
 from gpt2_model import PRESETS, CheckpointError, GPT2Config, checkpoint_config, checkpoint_files, describe, same_shape
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+ENV_WEIGHTS = "SPECULATIVE_GPT2_WEIGHTS"
 HUB_REPOS = {
     "distilgpt2": "distilbert/distilgpt2",
     "gpt2": "openai-community/gpt2",
@@ -30,6 +34,16 @@ HUB_REPOS = {
     "gpt2-large": "openai-community/gpt2-large",
     "gpt2-xl": "openai-community/gpt2-xl",
 }
+
+
+def default_weights_dir() -> Path:
+    """Where preset checkpoints live by default (see the module docstring); read anew at every call."""
+    if os.environ.get(ENV_WEIGHTS):
+        return Path(os.environ[ENV_WEIGHTS]).expanduser()
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "weights").is_dir() and (checkout / "pyproject.toml").is_file():
+        return checkout / "weights"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "speculative-gpt2"
 
 
 def find_checkpoint(name_or_path, *, weights_dir=None, allow_download=True) -> Path:
@@ -53,7 +67,7 @@ def find_checkpoint(name_or_path, *, weights_dir=None, allow_download=True) -> P
 
 
 def _find_preset(name: str, weights_dir, allow_download: bool) -> Path:
-    folder = Path(weights_dir or WEIGHTS_DIR) / name
+    folder = Path(weights_dir or default_weights_dir()) / name
     if folder.is_dir() and checkpoint_files(folder) is not None:
         # Files put here by hand (random weights, another model) must not pass for the preset.
         config, want = checkpoint_config(folder, name), GPT2Config.from_name(name)
@@ -84,7 +98,7 @@ def ways_out(name: str, folder: Path) -> str:
             f"config.json and model.safetensors by hand from {endpoint}/{HUB_REPOS[name]} into {folder}, point "
             f"HF_HOME or HF_HUB_CACHE at a Hugging Face cache that has {HUB_REPOS[name]}"
             + ("" if offline() else ", set HF_ENDPOINT to a mirror")
-            + f", or try the code on random weights of its shape: python benchmarks/random_checkpoint.py {name} "
+            + f", or try the code on random weights of its shape: python -m speculative_gpt2.random_checkpoint {name} "
             f"{random_folder}, then pass {random_folder}")
 
 
@@ -145,7 +159,7 @@ def download(name: str, weights_dir: str | os.PathLike | None = None, *, retries
     """
     if name not in HUB_REPOS:
         raise ValueError(f"unknown GPT-2 preset {name!r}: choose one of {', '.join(HUB_REPOS)}")
-    folder = Path(weights_dir or WEIGHTS_DIR) / name
+    folder = Path(weights_dir or default_weights_dir()) / name
     if offline():
         raise DownloadError(f"HF_HUB_OFFLINE is set, so {name} is not downloaded: {ways_out(name, folder)}")
     urls = {filename: _hub_url(name, filename) for filename in ("config.json", "model.safetensors")}
@@ -288,16 +302,16 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(
-        description="Download GPT-2 checkpoints from the Hugging Face hub into weights/<name>/ (unless weights/ or the "
+        description="Download GPT-2 checkpoints from the Hugging Face hub into <weights-dir>/<name>/ (unless it or the "
         "Hugging Face cache already has them: then their folder is printed).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("names", nargs="+", choices=list(HUB_REPOS), metavar="NAME", help=", ".join(HUB_REPOS))
-    parser.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="where checkpoints go")
+    parser.add_argument("--weights-dir", default=str(default_weights_dir()), help=f"where checkpoints go (${ENV_WEIGHTS} sets it)")
     args = parser.parse_args()
     for preset in args.names:
         try:  # a copy already in weights/ or the Hugging Face cache is reported, not downloaded again
             print(find_checkpoint(preset, weights_dir=args.weights_dir))
         except (DownloadError, ValueError, OSError) as e:  # one line, never a traceback
-            print(f"checkpoints.py: error: {e}", file=sys.stderr)
+            print(f"speculative_gpt2.checkpoints: error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -3,18 +3,20 @@
 Real GPT-2 weights cannot always be downloaded (an offline machine, CI); checkpoints of the same shapes
 make loading, memory and speed measurable anyway. Acceptance rates on them mean nothing for quality.
 
-    python benchmarks/random_checkpoint.py gpt2-xl weights/random-gpt2-xl --seed 0
+    python -m speculative_gpt2.random_checkpoint gpt2-xl weights/random-gpt2-xl
+    python -m speculative_gpt2.random_checkpoint gpt2 weights/random-gpt2
+    python -m speculative_gpt2.random_checkpoint gpt2-xl /tmp/small-xl --n-layer 2   # a quick, small stand-in
 """
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from the checkout
-from gpt2_model import PRESETS, GPT2, GPT2Config  # noqa: E402
+from gpt2_model import PRESETS, GPT2, GPT2Config
 
 
 def random_model(config: GPT2Config, seed: int, scale: float = 1.0) -> GPT2:
@@ -47,19 +49,32 @@ def tiny_pair(n_positions: int = 256) -> tuple[GPT2, GPT2]:
     return target, noisy_copy(target, noise=0.08, seed=1)
 
 
-def write_random_checkpoint(name: str, folder: str | Path, seed: int = 0, std: float = 0.02) -> Path:
-    """Writes `config.json` and `model.safetensors` of preset `name` with N(0, std) weights; returns the folder."""
-    random_model(GPT2Config.from_name(name), seed=seed, scale=std / 0.02).save_pretrained(folder)
+def write_random_checkpoint(name: str, folder: str | Path, seed: int = 0, std: float = 0.02,
+                            n_layer: int | None = None) -> Path:
+    """Writes `config.json` and `model.safetensors` of preset `name` (with `n_layer` layers instead of the preset's,
+    if given) with N(0, std) weights; returns the folder. A failed write leaves no new folder behind."""
+    config = GPT2Config.from_name(name)
+    if n_layer is not None:
+        config = dataclasses.replace(config, n_layer=n_layer)
+    random_model(config, seed=seed, scale=std / 0.02).save_pretrained(folder)
     return Path(folder)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m speculative_gpt2.random_checkpoint", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=list(PRESETS), help="the preset whose shape to copy")
     parser.add_argument("folder", help="where to write config.json and model.safetensors")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     parser.add_argument("--std", type=float, default=0.02, help="std of the weight matrices (default 0.02)")
+    parser.add_argument("--n-layer", type=int, default=None,
+                        help="layers, instead of the preset's (a small, quick stand-in of the same width)")
     args = parser.parse_args()
+    if args.n_layer is not None and args.n_layer < 1:
+        parser.error(f"argument --n-layer: invalid value {args.n_layer}: must be >= 1")
     start = time.perf_counter()
-    out = write_random_checkpoint(args.name, args.folder, seed=args.seed, std=args.std)
+    try:
+        out = write_random_checkpoint(args.name, args.folder, seed=args.seed, std=args.std, n_layer=args.n_layer)
+    except (OSError, ValueError, ImportError) as e:  # one line; the folder it made is gone
+        sys.exit(f"{parser.prog}: error: cannot write {args.folder}: {e}")
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s")

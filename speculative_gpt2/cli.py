@@ -1,4 +1,4 @@
-"""The command line of speculative.py: naive decoding and speculative sampling side by side, timed, with a summary.
+"""The command line (`speculative-gpt2`, or `python speculative.py` in a checkout): naive decoding and speculative sampling side by side, timed, with a summary.
 
     python speculative.py --prompt "Alan Turing theorized that computers would one day become"
 
@@ -18,13 +18,15 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import WEIGHTS_DIR, DownloadError, find_checkpoint
+from speculative_gpt2.checkpoints import ENV_WEIGHTS, DownloadError, default_weights_dir, find_checkpoint
 from gpt2_model import GPT2, PRESETS, checkpoint_config, write_atomically
-from hardware import DTYPES, dtype_name, hardware_name, resolve_device, resolve_dtype
-from lookahead import AdaptiveLookahead
+from speculative_gpt2.hardware import DTYPES, dtype_name, hardware_name, resolve_device, resolve_dtype
+from speculative_gpt2.lookahead import AdaptiveLookahead
 from speculative import Generation, autoregressive_sample, check_integer, check_real, speculative_sample
-from tokenizer import load_tokenizer
+from speculative_gpt2.tokenizer import load_tokenizer
 
+# The name errors and --help go by: the script a checkout runs, or the installed console command.
+PROG = "speculative.py" if sys.argv and sys.argv[0].endswith("speculative.py") else "speculative-gpt2"
 # The toyllm blog post's prompt ("Implementing LLM Speculative Sampling in Under 100 Lines of Code").
 DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
 
@@ -78,7 +80,7 @@ def _seed(text: str) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = _ArgumentParser(
-        prog="speculative.py",
+        prog=PROG,
         description="Speculative sampling (Chen et al. 2023): a small GPT-2 drafts, a large GPT-2 verifies. "
         "Times plain decoding with the target and speculative sampling on the same prompt, and shows both texts.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -121,7 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--trace", metavar="FILE.html", default=None,
                         help="write a self-contained page of the speculative run, round by round: drafts, p, q, "
                         "min(1, q/p), the draws r, verdicts and times")
-    parser.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="where preset checkpoints live")
+    parser.add_argument("--weights-dir", default=str(default_weights_dir()),
+                        help=f"where preset checkpoints live and downloads go (${ENV_WEIGHTS} sets the default)")
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
     return parser.parse_args(argv)
 
@@ -133,10 +136,10 @@ def main(argv=None) -> int:
     try:
         return _run(args)
     except (ValueError, DownloadError, OSError) as e:  # bad input, weights or files: one line, no traceback
-        print(f"speculative.py: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # what was generated is already on the screen
-        print("\nspeculative.py: interrupted", file=sys.stderr)
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
 
 
@@ -216,7 +219,7 @@ def _run(args) -> int:
     if args.show_acceptance:
         _show_acceptance(args, results.get(SPECULATIVE), enc, prompt)
     if args.trace is not None:
-        from render import trace_page
+        from speculative_gpt2.render import trace_page
 
         title = f"{Path(args.target).name} / {Path(args.draft).name}, K={args.lookahead}, temperature {args.temperature}"
         page = trace_page(results[SPECULATIVE], enc, prompt, title=title)
@@ -257,7 +260,7 @@ def _run_and_show(title: str, run, prompt: list[int], enc, max_new_tokens: int, 
     On Ctrl-C, what was generated so far is shown before the interruption goes on."""
     from tqdm.auto import tqdm
 
-    from render import TextStream, printable
+    from speculative_gpt2.render import TextStream, printable
 
     print(f"\n=== {title} ===")
     done = []
@@ -288,7 +291,7 @@ def _use_color(choice: str) -> bool:
 
 
 def _show_acceptance(args, spec: Generation | None, enc, prompt: list[int]) -> None:
-    from render import origin_counts, to_ansi, to_text
+    from speculative_gpt2.render import origin_counts, to_ansi, to_text
 
     print("\n=== Where the speculative tokens came from ===")
     if spec is None:
