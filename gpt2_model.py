@@ -335,11 +335,12 @@ class GPT2(nn.Module):
         device: str | torch.device | None = None,
         download: bool = True,
     ) -> GPT2:
-        """Loads a Hugging Face GPT-2 checkpoint folder, or a preset name from `weights_dir` (default: ./weights
-        beside this file), the Hugging Face cache, or the hub (see speculative_gpt2/checkpoints.py). `dtype` is a torch.dtype or its
-        name ("float32", "bfloat16", "float16"); `device` a torch.device or a name ("cpu", "cuda:0"). Returns the
-        model in eval mode, its weights [out, in] (`prepare_for` changes that)."""
-        from speculative_gpt2.checkpoints import find_checkpoint
+        """Loads a Hugging Face GPT-2 checkpoint folder, or a preset (its name, `gpt2-xl`, or hub id,
+        `openai-community/gpt2-xl`) from `weights_dir` (default: see `checkpoints.default_weights_dir`), the Hugging
+        Face cache, or the hub (see speculative_gpt2/checkpoints.py). `dtype` is a torch.dtype or its name
+        ("float32", "bfloat16", "float16"); `device` a torch.device or a name ("cpu", "cuda:0"). Returns the model
+        in eval mode, its weights [out, in] (`prepare_for` changes that)."""
+        from speculative_gpt2.checkpoints import find_checkpoint, preset_of
         from speculative_gpt2.hardware import DTYPES, resolve_device
 
         if isinstance(dtype, str) and dtype in DTYPES:
@@ -348,7 +349,7 @@ class GPT2(nn.Module):
             raise ValueError(f"dtype={dtype!r} is not supported: use one of {', '.join(DTYPES)} (or torch's dtypes)")
         device = resolve_device(str(device or "cpu"))
         folder = find_checkpoint(name_or_path, weights_dir=weights_dir, allow_download=download)
-        config = checkpoint_config(folder, str(name_or_path) if isinstance(name_or_path, str) else None)
+        config = checkpoint_config(folder, preset_of(name_or_path))
         with torch.device("meta"):  # no memory and no random init for weights about to be replaced
             model = cls(config)
         state = read_checkpoint(folder, config, dtype=dtype or torch.float32, device=device)

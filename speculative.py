@@ -299,7 +299,8 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
     The output is distributed exactly as `autoregressive_sample(target, ...)` with the same temperature,
     top-k and top-p (token for token at temperature 0). `prompt` is a list of ids or a 1-D integer tensor
     (batch size 1, as in the paper). `lookahead` is K, or a policy that chooses K every round and learns from
-    each (`AdaptiveLookahead()`; see lookahead.py). Generation stops after `eos_token_id` if it is produced.
+    each (`AdaptiveLookahead()`, which keeps what it learned across calls; `"auto"` is a fresh one per call; see
+    speculative_gpt2/lookahead.py). Generation stops after `eos_token_id` if it is produced.
     `on_tokens` is called with the tokens each round commits. `clock` times the rounds' steps (default: the
     device's). With `trace`, the Generation's `trace` holds every round's numbers (`TraceRound`: the drafts, their
     p and q, the draws r, the verdict, the resampled or bonus token); off, it costs nothing. Returns a `Generation`.
@@ -464,8 +465,10 @@ def check_lookahead(K) -> int:
 def _lookahead_policy(lookahead) -> LookaheadPolicy:
     if callable(getattr(lookahead, "choose", None)) and callable(getattr(lookahead, "update", None)):
         return lookahead
+    if isinstance(lookahead, str) and lookahead == "auto":  # as on the command line: a fresh policy for this call
+        return AdaptiveLookahead()
     if isinstance(lookahead, bool) or not isinstance(lookahead, Integral) or lookahead < 1:
-        raise ValueError(f"lookahead must be an integer >= 1 or a policy such as AdaptiveLookahead(), "
+        raise ValueError(f"lookahead must be an integer >= 1, 'auto', or a policy such as AdaptiveLookahead(), "
                          f"got {lookahead!r}")
     return FixedLookahead(int(lookahead))
 

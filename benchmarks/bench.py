@@ -35,7 +35,7 @@ from speculative_gpt2.checkpoints import default_weights_dir  # noqa: E402
 from speculative_gpt2.cli import DEFAULT_PROMPT  # noqa: E402
 from gpt2_model import GPT2  # noqa: E402
 from speculative_gpt2.hardware import dtype_name, hardware_name, resolve_device, resolve_dtype, synchronize  # noqa: E402
-from speculative_gpt2.lookahead import AdaptiveLookahead, expected_tokens_per_round  # noqa: E402
+from speculative_gpt2.lookahead import AdaptiveLookahead, break_even_alpha, estimated_alpha, predicted_speedup  # noqa: E402
 from speculative import Origin, autoregressive_sample, speculative_sample  # noqa: E402
 from speculative_gpt2.tokenizer import load_tokenizer  # noqa: E402
 
@@ -63,11 +63,6 @@ class Row:
 
 NAIVE, UNCACHED, SPECULATIVE = "naive (KV cache)", "naive (no cache)", "speculative"
 HF_GENERATE, HF_ASSISTED = "transformers generate", "transformers assisted"
-
-
-def predicted_speedup(a: float, K: int, t_draft: float, t_verify: float, t_target: float) -> float:
-    """Expected tokens per round over the round's cost, relative to one target pass per token."""
-    return expected_tokens_per_round(a, K) * t_target / (K * t_draft + t_verify)
 
 
 @torch.inference_mode()
@@ -297,19 +292,18 @@ def derive(results: dict) -> list[dict]:
         seconds = statistics.median(r["seconds"])
         row = {"name": name, "seconds": seconds, "tokens_per_s": len(r["tokens"]) / seconds,
                "speedup": naive / seconds, "acceptance": None, "alpha": None, "tokens_per_round": None,
-               "predicted": None, "efficiency": None, "identical": r["identical"],
+               "predicted": None, "break_even": None, "efficiency": None, "identical": r["identical"],
                "first_difference": r["first_difference"]}
         if r["method"] == SPECULATIVE:
             row["acceptance"] = r["accepted"] / r["proposed"]
-            # The paper's alpha, the chance that one draft is kept: drafts after a rejection were never tested,
-            # so kept / (kept + rejections), not kept / proposed, is its estimate (equal at 0 and 1).
-            row["alpha"] = r["accepted"] / (r["accepted"] + r["rejections"]) if r["accepted"] else 0.0
+            row["alpha"] = estimated_alpha(r["accepted"], r["rejections"])
             row["tokens_per_round"] = len(r["tokens"]) / r["rounds"]
             K = r["lookahead"]
             if K is not None:
                 draft_ms = costs["target_as_draft_ms"] if r["draft"] == "target itself" else costs["draft_ms"]
                 row["predicted"] = predicted_speedup(row["alpha"], K, draft_ms, costs["verify_ms"][str(K)],
                                                      costs["target_ms"])
+                row["break_even"] = break_even_alpha(K, draft_ms, costs["verify_ms"][str(K)], costs["target_ms"])
                 row["efficiency"] = row["speedup"] / row["predicted"]
         table.append(row)
     return table
@@ -317,6 +311,13 @@ def derive(results: dict) -> list[dict]:
 
 def _fmt(x, digits=2):
     return "" if x is None else f"{x:.{digits}f}"
+
+
+def _break_even(row: dict) -> str:
+    # The alpha this K needs at these pass costs to match naive decoding; "none" where no alpha can.
+    if row["predicted"] is None:
+        return ""
+    return "none" if row["break_even"] is None else f"{row['break_even']:.2f}"
 
 
 def markdown(results: dict) -> str:
@@ -329,13 +330,14 @@ def markdown(results: dict) -> str:
         f"{meta['prompt_tokens']}-token prompt, greedy, median of {meta['repeats']} interleaved runs.",
         f"Command: `{meta['command']}`",
         "",
-        "| run | seconds | tokens/s | speedup vs naive (KV cache) | acceptance | alpha | tokens/round | predicted | efficiency | same tokens as naive |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| run | seconds | tokens/s | speedup vs naive (KV cache) | acceptance | alpha | break-even alpha | tokens/round | predicted | efficiency | same tokens as naive |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in results["table"]:
         same = "yes" if row["identical"] else f"no (from token {row['first_difference']})"
         lines.append(f"| {row['name']} | {row['seconds']:.2f} | {row['tokens_per_s']:.2f} | {row['speedup']:.2f} | "
-                     f"{_fmt(row['acceptance'])} | {_fmt(row['alpha'])} | {_fmt(row['tokens_per_round'])} | "
+                     f"{_fmt(row['acceptance'])} | {_fmt(row['alpha'])} | {_break_even(row)} | "
+                     f"{_fmt(row['tokens_per_round'])} | "
                      f"{_fmt(row['predicted'])} | "
                      f"{_fmt(row['efficiency'])} | {same} |")
     verify = ", ".join(f"K+1={int(K) + 1}: {ms:.1f} ms (v={ms / costs['target_ms']:.2f})"

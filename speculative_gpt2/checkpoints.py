@@ -52,11 +52,12 @@ def find_checkpoint(name_or_path, *, weights_dir=None, allow_download=True) -> P
     The rule: a preset name given as a string (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2) always means
     the preset, looked for in `<weights_dir>/<name>`, then in the Hugging Face cache (the snapshot its `refs/main`
     names), then downloaded into `<weights_dir>/<name>` unless `allow_download` is False or HF_HUB_OFFLINE is set.
+    The hub ids of the presets (openai-community/gpt2-xl, distilbert/distilgpt2, ...) mean the presets too.
     Anything else is a folder. To load a folder named like a preset, write it as a path: ./gpt2.
     """
     name = str(name_or_path)
-    if isinstance(name_or_path, str) and name in PRESETS:
-        return _find_preset(name, weights_dir, allow_download)
+    if preset_of(name_or_path):
+        return _find_preset(preset_of(name_or_path), weights_dir, allow_download)
     path = Path(name_or_path)
     if not path.is_dir():
         raise CheckpointError(f"{name!r} is neither a checkpoint folder nor a preset ({', '.join(PRESETS)})")
@@ -64,6 +65,14 @@ def find_checkpoint(name_or_path, *, weights_dir=None, allow_download=True) -> P
         raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin (or a shard index of either) "
                               f"in this folder")
     return path
+
+
+def preset_of(name_or_path) -> str | None:
+    """The preset a string names, by its name or its hub id (`openai-community/gpt2` is `gpt2`); None for a path."""
+    if not isinstance(name_or_path, str):
+        return None
+    hub_ids = {repo: preset for preset, repo in HUB_REPOS.items()}
+    return name_or_path if name_or_path in PRESETS else hub_ids.get(name_or_path)
 
 
 def _find_preset(name: str, weights_dir, allow_download: bool) -> Path:

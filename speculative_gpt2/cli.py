@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from speculative_gpt2.checkpoints import ENV_WEIGHTS, DownloadError, default_weights_dir, find_checkpoint
+from speculative_gpt2.checkpoints import ENV_WEIGHTS, DownloadError, default_weights_dir, find_checkpoint, preset_of
 from gpt2_model import GPT2, PRESETS, checkpoint_config, write_atomically
 from speculative_gpt2.hardware import DTYPES, dtype_name, hardware_name, resolve_device, resolve_dtype
-from speculative_gpt2.lookahead import AdaptiveLookahead
-from speculative import Generation, autoregressive_sample, check_integer, check_real, speculative_sample
+from speculative_gpt2.lookahead import AdaptiveLookahead, break_even_alpha, estimated_alpha, predicted_speedup
+from speculative import Generation, Origin, autoregressive_sample, check_integer, check_real, speculative_sample
 from speculative_gpt2.tokenizer import load_tokenizer
 
 # The name errors and --help go by: the script a checkout runs, or the installed console command.
@@ -34,6 +34,13 @@ DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the usage block
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: None)" and "(default: False)" say nothing: leave them out
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _checked(convert, check, **limits):
@@ -83,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog=PROG,
         description="Speculative sampling (Chen et al. 2023): a small GPT-2 drafts, a large GPT-2 verifies. "
         "Times plain decoding with the target and speculative sampling on the same prompt, and shows both texts.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue")
     parser.add_argument("--target", default="gpt2-xl", help="target model: a preset name or a checkpoint folder")
@@ -163,7 +170,7 @@ def _run(args) -> int:
     for role, name in names.items():
         try:
             folders[role] = find_checkpoint(name, weights_dir=args.weights_dir, allow_download=not args.no_download)
-            config = checkpoint_config(folders[role], name)
+            config = checkpoint_config(folders[role], preset_of(name))
         except (ValueError, DownloadError) as e:
             raise type(e)(f"--{role} {name}: {e}") from None
         _check_config(role, config, prompt, args.max_new_tokens, enc.n_vocab)
@@ -231,7 +238,7 @@ def _run(args) -> int:
 def _check_before_loading(args, names: dict[str, str]) -> None:
     """The checks that need no model, before minutes of loading or downloading."""
     for role, name in names.items():
-        if not (name in PRESETS or Path(name).is_dir()):
+        if not (preset_of(name) or Path(name).is_dir()):
             raise ValueError(f"--{role} {name!r} is neither a checkpoint folder nor a preset ({', '.join(PRESETS)})")
     if args.trace is not None:
         if args.mode == "naive":
@@ -333,6 +340,9 @@ def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2]
         chosen = [k for k in spec.lookahead_per_round if k > 0]
         if args.lookahead == "auto" and chosen:
             print(f"mean K chosen per round: {sum(chosen) / len(chosen):.2f}")
+        if naive is not None:
+            for line in why_slower(spec, naive, auto=args.lookahead == "auto", dtype=dtype, device=device):
+                print(line)
     print(f"peak memory: {_peak_memory(device)}")
     if spec is not None and naive is not None:
         if args.temperature == 0 and spec.tokens == naive.tokens:
@@ -344,6 +354,43 @@ def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2]
                   f"passes round differently, which can flip a near-tie; --dtype float32 gives identical text")
         else:
             print("identical outputs: not expected at temperature > 0 (both are samples from the target)")
+
+
+def why_slower(spec: Generation, naive: Generation, *, auto: bool, dtype: torch.dtype, device) -> list[str]:
+    """When speculative sampling was slower than plain decoding, or well below what its measured pass costs
+    predict, one or two lines that say why from the measured figures, and what to try; otherwise none."""
+    drafted = [r for r in spec.rounds if r.lookahead > 0]
+    if not drafted or naive.target_calls == 0:
+        return []
+    measured = spec.tokens_per_second / naive.tokens_per_second
+    K = round(sum(r.lookahead for r in drafted) / len(drafted))
+    t_target = 1e3 * (naive.seconds - naive.prefill_seconds) / naive.target_calls  # a 1-row pass, in the loop
+    t_draft = sum(r.draft_ms for r in drafted) / sum(r.lookahead for r in drafted)
+    t_verify = sum(r.verify_ms for r in drafted) / len(drafted)
+    alpha = estimated_alpha(spec.accepted, spec.origins.count(Origin.RESAMPLED))
+    predicted = predicted_speedup(alpha, K, t_draft, t_verify, t_target)
+    if measured >= 1 and measured >= 0.8 * predicted:
+        return []
+    need = break_even_alpha(K, t_draft, t_verify, t_target)
+    costs = (f"at K={K} a round costs {K} draft passes ({t_draft / t_target:.2f} of a target pass each) and a "
+             f"{K + 1}-token verification ({t_verify / t_target:.2f} target passes)")
+    if need is None:
+        lines = [f"why: {costs}: that is more than the {K + 1} plain passes a round can save, so no acceptance "
+                 f"rate breaks even (measured alpha {alpha:.2f})"]
+    elif alpha < need:
+        lines = [f"why: {costs}: breaking even needs each draft kept with probability alpha >= {need:.2f}; "
+                 f"measured alpha {alpha:.2f}"]
+    else:
+        lines = [f"why: measured {measured:.2f}x where these pass costs and alpha {alpha:.2f} predict "
+                 f"{predicted:.2f}x: time went outside the passes (a busy machine, threads waiting for each other)"]
+    tries = [] if auto else ["--lookahead auto (it lowers K when drafts are rejected)"]
+    if alpha < 0.5:
+        tries.append("a draft that agrees more with the target (random weights never agree)")
+    if dtype != torch.bfloat16 and resolve_dtype("auto", device) == torch.bfloat16:
+        tries.append("--dtype bfloat16 (native on this hardware: cheaper passes)")
+    if need is not None and alpha >= need:
+        tries.append("--threads with the number of idle cores")
+    return lines + ([f"try: {'; '.join(tries)}"] if tries else [])
 
 
 def _peak_memory(device: torch.device) -> str:

@@ -53,6 +53,32 @@ def expected_tokens_per_round(alpha: float, K: int) -> float:
     return K + 1.0 if alpha >= 1 else (1 - alpha ** (K + 1)) / (1 - alpha)
 
 
+def predicted_speedup(alpha: float, K: int, t_draft: float, t_verify: float, t_target: float) -> float:
+    """Speculative over plain decoding when a round costs K draft passes and one (K+1)-row verification:
+    E(alpha, K) tokens per round against one target pass (t_target) per token."""
+    return expected_tokens_per_round(alpha, K) * t_target / (K * t_draft + t_verify)
+
+
+def break_even_alpha(K: int, t_draft: float, t_verify: float, t_target: float) -> float | None:
+    """The alpha at which speculative sampling with this K and these pass costs is as fast as plain decoding; 0.0
+    if it is faster at any alpha, None if at none (a round costs more than the K + 1 plain passes it can save)."""
+    if predicted_speedup(0.0, K, t_draft, t_verify, t_target) >= 1:
+        return 0.0
+    if predicted_speedup(1.0, K, t_draft, t_verify, t_target) < 1:
+        return None
+    low, high = 0.0, 1.0  # the predicted speedup grows with alpha: bisect
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (middle, high) if predicted_speedup(middle, K, t_draft, t_verify, t_target) < 1 else (low, middle)
+    return high
+
+
+def estimated_alpha(kept: int, rejections: int) -> float:
+    """The paper's alpha, the chance that one draft is kept: drafts after a rejection were never tested, so
+    kept / (kept + rejections), not kept / proposed, estimates it (the two agree at 0 and 1)."""
+    return kept / (kept + rejections) if kept else 0.0
+
+
 def interpolate(points: dict[int, float], x: int, extend_slope: bool = False) -> float:
     """The piecewise-linear function through `points` ({x: y}, at least one) at `x`. Beyond the points it is flat
     (the nearest point's y), or with `extend_slope` continues the slope of the last two."""

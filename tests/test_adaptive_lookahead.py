@@ -5,7 +5,8 @@ import pytest
 from benchmarks.adaptive_lookahead import XL_SMALL_FP32, compare
 from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 from gpt2_model import GPT2Config
-from speculative_gpt2.lookahead import AdaptiveLookahead, Round, expected_tokens_per_round, interpolate
+from speculative_gpt2.lookahead import (AdaptiveLookahead, Round, break_even_alpha, estimated_alpha, expected_tokens_per_round,
+                                         interpolate, predicted_speedup)
 from speculative import autoregressive_sample, speculative_sample
 
 # A cost model where verification is nearly free (memory-bound, as on a GPU or a bf16-native CPU).
@@ -95,3 +96,20 @@ def test_a_policy_that_chooses_a_bad_K_is_named():
     model = random_model(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2), seed=0)
     with pytest.raises(ValueError, match="the lookahead policy chose K=0: it must choose an integer >= 1"):
         speculative_sample(model, model, [1, 2], 5, lookahead=BadPolicy())
+
+
+@pytest.mark.parametrize("K, draft, verify", [(1, 10, 120), (4, 10, 130), (4, 40, 150), (8, 5, 110), (2, 0, 100)])
+def test_break_even_alpha_is_where_the_predicted_speedup_crosses_one(K, draft, verify):
+    b = break_even_alpha(K, draft, verify, t_target=100)
+    if b is None:
+        assert predicted_speedup(1.0, K, draft, verify, 100) < 1
+    elif b == 0.0:
+        assert predicted_speedup(0.0, K, draft, verify, 100) >= 1
+    else:
+        assert predicted_speedup(b - 1e-6, K, draft, verify, 100) < 1 <= predicted_speedup(b + 1e-6, K, draft, verify, 100)
+
+
+def test_break_even_alpha_edges():
+    assert break_even_alpha(4, 100, 500, t_target=100) is None  # a round costs 9 plain passes; at most 5 tokens
+    assert break_even_alpha(4, 0, 90, t_target=100) == 0.0  # verification cheaper than one plain pass
+    assert estimated_alpha(0, 5) == 0.0 and estimated_alpha(6, 2) == 0.75 and estimated_alpha(4, 0) == 1.0

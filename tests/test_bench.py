@@ -57,15 +57,26 @@ def test_derived_figures_match_the_raw_times(bench):
             assert table[name][4] == f"{run['accepted'] / run['proposed']:.2f}"
             alpha = run["accepted"] / (run["accepted"] + run["rejections"]) if run["accepted"] else 0.0
             assert table[name][5] == f"{alpha:.2f}"
-            assert table[name][6] == f"{len(run['tokens']) / len(run['lookahead_per_round']):.2f}"
+            assert table[name][7] == f"{len(run['tokens']) / len(run['lookahead_per_round']):.2f}"
             K = run["lookahead"]
             if K is None:  # adaptive: no prediction
                 continue
-            E = K + 1 if alpha == 1 else (1 - alpha ** (K + 1)) / (1 - alpha)
-            draft_ms = costs["target_as_draft_ms"] if run["draft"] == "target itself" else costs["draft_ms"]
-            predicted = E * costs["target_ms"] / (K * draft_ms + costs["verify_ms"][str(K)])
-            assert table[name][7] == f"{predicted:.2f}"
-            assert table[name][8] == f"{naive / seconds / predicted:.2f}"
+
+            def speedup(a):
+                E = K + 1 if a == 1 else (1 - a ** (K + 1)) / (1 - a)
+                draft_ms = costs["target_as_draft_ms"] if run["draft"] == "target itself" else costs["draft_ms"]
+                return E * costs["target_ms"] / (K * draft_ms + costs["verify_ms"][str(K)])
+
+            assert table[name][8] == f"{speedup(alpha):.2f}"
+            assert table[name][9] == f"{naive / seconds / speedup(alpha):.2f}"
+            # Break-even: the predicted speedup crosses 1 there (or never does: "none"; or is above 1 at 0).
+            if table[name][6] == "none":
+                assert speedup(1) < 1
+            elif table[name][6] == "0.00":
+                assert speedup(0) >= 1 - 1e-9 or speedup(0.005) >= 1
+            else:
+                b = float(table[name][6])
+                assert speedup(b - 0.005) <= 1 <= speedup(min(b + 0.005, 1))
 
 
 def test_projection_and_costs_are_printed(bench):
