@@ -271,11 +271,12 @@ class GPT2(nn.Module):
         texts part. At one fixed number of rows a row's result does not depend on its place among the rows or on
         what the others hold (tests/test_exact_dtype.py checks this on the running platform), so every position's
         logits are the same whichever pass computed them, and greedy speculative output equals plain decoding's
-        bit for bit. Speculative sampling then needs K + 1 <= pass_rows (fixed_pass_rows(K + 1) for a fixed K,
-        fixed_pass_rows(max_lookahead + 1) for the adaptive lookahead). A longer pass (a long prompt's prefill, the same in both decoders) runs
-        as it is. Padding rows go to cache slots past the new tokens: masked, overwritten by the next pass (the
-        cache has rows - 1 extra slots, `new_cache`), never seen. Compared runs need the same weight layout too
-        (`prepare_for`): it decides which kernel runs.
+        bit for bit. Speculative sampling then needs K + 1 <= pass_rows: fixed_pass_rows(K + 1) for a fixed K,
+        fixed_pass_rows(max_lookahead + 1) for the adaptive lookahead. A longer pass (a long prompt's prefill, the
+        same in both decoders) runs as it is. Padding rows go to cache slots past the new tokens: masked, then
+        overwritten by the next pass (the cache has pass_rows - 1 extra slots, `new_cache`), never seen. Compared
+        runs need the same weight layout too (`prepare_for`): it decides which kernel runs. The rounding to a
+        multiple of PASS_ROW_MULTIPLE is for MKL's float32 kernels, which are row-invariant only at some counts.
 
         Like `prepare_for` and `use_cuda_graphs`, the choice of whoever owns the model; plain decoding pays for
         the padded rows (figures: docs/exact-dtype.md). Make caches after turning it on.

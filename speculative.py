@@ -17,8 +17,8 @@ After a prefill of the prompt minus its last token, every round of `speculative_
 Every round emits between 1 and K+1 tokens, and the output is distributed exactly as sampling from q.
 At temperature 0 both distributions are one-hot, so the output is the target's greedy output.
 `autoregressive_sample` is the plain one-token-per-pass decoder beside it, for timing and for the tests.
-In float32 the two agree token for token at temperature 0; in bfloat16 and float16 only when every target pass
-has one shape (`GPT2.fixed_pass_rows`: 1-row and (K+1)-row passes otherwise round differently).
+Token for token in every dtype when every target pass has one shape (`GPT2.fixed_pass_rows`); otherwise 1-row
+and (K+1)-row passes round differently, which flips near-ties often in bfloat16 and rarely in float32.
 
 The samplers change nothing outside the call: they do not touch the models' weights (a fast weight layout is
 the caller's choice, `GPT2.prepare_for`), and K comes from a policy object the caller may pass (speculative_gpt2/lookahead.py).
