@@ -103,9 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling mass (temperature > 0)")
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the sampling generator")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=["auto", *DTYPES],
-                        help="weights and activations; float32 gives exactly the target's greedy text; auto: "
-                        "bfloat16 where the hardware runs it natively (faster; greedy texts may part at near-ties)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="weights and activations; auto: bfloat16 where the hardware runs it natively (CUDA with "
+                        "bf16, CPUs with AVX-512 BF16 or AMX: faster), else float32; the compared greedy texts are "
+                        "identical in every dtype (exact mode, docs/exact-dtype.md)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="on CUDA, replay captured CUDA graphs for the decoding passes (cuda_graphs.py; not yet "
                         "measured on a GPU, so off by default)")
