@@ -118,7 +118,7 @@ def main() -> None:
             variants["before"] = (old_speculative.speculative_sample, old_target, old_draft, None)
         variants["after, exact off"] = (speculative.speculative_sample, target, draft, None)
         variants["after, exact on"] = (speculative.speculative_sample, target, draft, "exact")
-        runs = {}
+        runs, chosen = {}, {}  # tokens/s, and mean K proposed per round, of every run
         for _ in range(args.repeats):
             for K in (4, "auto"):
                 for name, (sample, t, d, exact) in variants.items():
@@ -127,9 +127,10 @@ def main() -> None:
                     policy = AdaptiveLookahead(max_lookahead=max_lookahead) if K == "auto" else K
                     out = sample(t, d, prompt, n, lookahead=policy)
                     runs.setdefault(f"K={K}, {name}", []).append(out.decode_tokens_per_second)
+                    chosen.setdefault(f"K={K}, {name}", []).append(out.proposed / max(len(out.rounds), 1))
         target.fixed_pass_rows(None)
         results["speculative_tokens_per_s"][dtype_name] = {k: statistics.median(v) for k, v in runs.items()}
-        results["speculative_runs"] = runs
+        results["speculative_runs"], results["speculative_mean_K"] = runs, chosen
         print(dtype_name, "speculative tokens/s:", results["speculative_tokens_per_s"][dtype_name], flush=True)
         del target, draft
     if args.json is not None:
