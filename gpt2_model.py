@@ -36,6 +36,9 @@ PRESETS = {
 }
 CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin")
 MAX_GRAPHED_ROWS = 16  # passes of more new tokens (a long prefill) stay eager under use_cuda_graphs()
+# fixed_pass_rows() rounds a pass up to a multiple of this: MKL's float32 kernels compute the last rows of a 5-7 or
+# 9-11-row product apart from the others, so there a row's result depends on its place (tests/test_exact_dtype.py).
+PASS_ROW_MULTIPLE = 4
 
 
 @dataclass(frozen=True)
@@ -218,13 +221,16 @@ class GPT2(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.apply(_init_weights)
         self.cuda_graphs = None  # a cuda_graphs.CUDAGraphs while use_cuda_graphs() is on
+        self.pass_rows = None  # every cached pass is padded to this many rows while fixed_pass_rows() is on
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
-        """An empty KV cache for this model, on its device and in its dtype (default: the full context)."""
+        """An empty KV cache for this model, on its device and in its dtype (default: the full context), for
+        `max_len` positions; under `fixed_pass_rows(n)`, n - 1 slots longer, for the padding rows of the last pass."""
         max_len = self.config.n_positions if max_len is None else max_len
         for name, value, top in (("batch_size", batch_size, None), ("max_len", max_len, self.config.n_positions)):
             if isinstance(value, bool) or not isinstance(value, Integral) or value < 1 or (top and value > top):
                 raise ValueError(f"{name}={value!r} must be an integer from 1" + (f" to n_positions={top}" if top else ""))
+        max_len += (self.pass_rows or 1) - 1
         if self.cuda_graphs is not None:  # recycled buffers, so that the next call replays this call's graphs
             return self.cuda_graphs.new_cache(KVCache, self.config, int(batch_size), int(max_len), self.wte.weight.dtype)
         return KVCache(self.config, int(batch_size), int(max_len), self.wte.weight.dtype, self.wte.weight.device)
@@ -255,28 +261,61 @@ class GPT2(nn.Module):
                     module.weight = nn.Parameter(data, requires_grad=w.requires_grad)
         return self
 
+    def fixed_pass_rows(self, rows: int | None) -> GPT2:
+        """Pads every cached pass of up to `rows` new tokens to one fixed number of rows, `rows` rounded up to a
+        multiple of PASS_ROW_MULTIPLE (`model.pass_rows`); None turns it off. Returns the model.
+
+        What makes speculative sampling exact in every dtype. A matrix product rounds a row differently when it
+        is computed among 1 or among K + 1 rows (another blocking, another order of the sums), so in bfloat16 or
+        float16 plain decoding (1-row passes) and verification (K + 1 rows) can flip a near-tie and their greedy
+        texts part. At one fixed number of rows a row's result does not depend on its place among the rows or on
+        what the others hold (tests/test_exact_dtype.py checks this on the running platform), so every position's
+        logits are the same whichever pass computed them, and greedy speculative output equals plain decoding's
+        bit for bit. Speculative sampling then needs K + 1 <= pass_rows: fixed_pass_rows(K + 1) for a fixed K,
+        fixed_pass_rows(max_lookahead + 1) for the adaptive lookahead. A longer pass (a long prompt's prefill, the
+        same in both decoders) runs as it is. Padding rows go to cache slots past the new tokens: masked, then
+        overwritten by the next pass (the cache has pass_rows - 1 extra slots, `new_cache`), never seen. Compared
+        runs need the same weight layout too (`prepare_for`): it decides which kernel runs. The rounding to a
+        multiple of PASS_ROW_MULTIPLE is for MKL's float32 kernels, which are row-invariant only at some counts.
+
+        Like `prepare_for` and `use_cuda_graphs`, the choice of whoever owns the model; plain decoding pays for
+        the padded rows (figures: docs/exact-dtype.md). Make caches after turning it on.
+        """
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+            raise ValueError(f"rows must be an integer >= 1 (rows per pass) or None (off), got {rows!r}")
+        self.pass_rows = None if rows is None else -(-rows // PASS_ROW_MULTIPLE) * PASS_ROW_MULTIPLE
+        return self
+
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for the tokens `idx` (B, T).
 
         With a cache, `idx` holds only the new tokens, at positions `cache.length ...`; their keys and values
         are appended to the cache. Several new tokens at once are scored in one pass (draft verification).
+        Under `fixed_pass_rows(n)`, a cached pass of T <= n tokens runs as a pass of n rows.
         """
         B, T = idx.shape
         if cache is not None:
             self._check_cache(cache, B)
         start = 0 if cache is None else cache.length
-        limit = self.config.n_positions if cache is None else cache.max_len
+        limit = self.config.n_positions if cache is None else min(cache.max_len, self.config.n_positions)
         if start + T > limit:
             raise ValueError(f"the context is full: {start} + {T} tokens exceed the limit of {limit} positions")
-        positions = torch.arange(start, start + T, device=idx.device)
-        graphed = self.cuda_graphs is not None and cache is not None and T <= MAX_GRAPHED_ROWS
+        rows = T
+        if cache is not None and self.pass_rows is not None and T < self.pass_rows:
+            rows = self.pass_rows
+            if start + rows > cache.max_len:
+                raise ValueError(f"this cache has no room for the padding rows of fixed {rows}-row passes: make it "
+                                 f"with model.new_cache() after model.fixed_pass_rows()")
+            idx = torch.cat([idx, idx.new_zeros(B, rows - T)], dim=1)  # (B, rows): padding rows hold token 0
+        positions = torch.arange(start, start + rows, device=idx.device)
+        graphed = self.cuda_graphs is not None and cache is not None and rows <= MAX_GRAPHED_ROWS
         if graphed and not torch.is_grad_enabled():
             logits = self.cuda_graphs.run(self, idx, positions, cache)
         else:
             logits = self.forward_at(idx, positions, cache)
         if cache is not None:
             cache.length = start + T
-        return logits
+        return logits[:, :T]
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .cuda(), .half() ... give the weights new addresses: graphs captured on the old ones must go.
@@ -303,7 +342,8 @@ class GPT2(nn.Module):
         """Logits (B, T, vocab_size) for tokens `idx` (B, T) at `positions` (T,), a device tensor; with a cache,
         their keys and values are written there. The static-shape core of `forward`: no host value decides a
         shape, so a pass of T tokens can be captured once and replayed anywhere in the sequence."""
-        x = self.wte(idx) + self.wpe(positions)  # (B, T, C)
+        # Padding rows may lie past the context (their slots do not): any position embedding serves them.
+        x = self.wte(idx) + self.wpe(positions.clamp_max(self.config.n_positions - 1))  # (B, T, C)
         # New token i at position p may see the slots at positions <= p: (T, max_len), the same for every layer.
         mask = None if cache is None else positions[:, None] >= cache.key_positions
         for i, block in enumerate(self.h):
@@ -317,7 +357,7 @@ class GPT2(nn.Module):
         c = self.config
         expected = (c.n_layer, batch_size, c.n_head, c.n_embd // c.n_head)
         actual = tuple(cache.keys.shape[i] for i in (0, 1, 2, 4))
-        if actual != expected or cache.max_len > c.n_positions:
+        if actual != expected or cache.max_len > c.n_positions + (self.pass_rows or 1) - 1:
             raise ValueError(f"this cache (n_layer, batch, n_head, head_dim = {actual}, max_len {cache.max_len}) was "
                              f"not made for this model and batch {expected}, context {c.n_positions}: make it with "
                              f"model.new_cache()")

@@ -17,6 +17,8 @@ After a prefill of the prompt minus its last token, every round of `speculative_
 Every round emits between 1 and K+1 tokens, and the output is distributed exactly as sampling from q.
 At temperature 0 both distributions are one-hot, so the output is the target's greedy output.
 `autoregressive_sample` is the plain one-token-per-pass decoder beside it, for timing and for the tests.
+Token for token in every dtype when every target pass has one shape (`GPT2.fixed_pass_rows`); otherwise 1-row
+and (K+1)-row passes round differently, which flips near-ties often in bfloat16 and rarely in float32.
 
 The samplers change nothing outside the call: they do not touch the models' weights (a fast weight layout is
 the caller's choice, `GPT2.prepare_for`), and K comes from a policy object the caller may pass (speculative_gpt2/lookahead.py).
@@ -326,7 +328,7 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
     while len(out.tokens) < max_new_tokens:
         # A round emits at most K + 1 tokens: draft no more than are still needed (this also keeps every
         # position inside the caches, which are sized for prompt + max_new_tokens).
-        K = min(check_lookahead(policy.choose()), max_new_tokens - len(out.tokens) - 1)
+        K = min(check_lookahead(policy.choose(), target.pass_rows), max_new_tokens - len(out.tokens) - 1)
         started = clock.mark()
         # Step 1, draft: K tokens from p, one draft pass each, after the draft's pending tokens (1 or 2).
         if K > 0:
@@ -455,10 +457,14 @@ def check_real(name: str, value, minimum: float | None = None) -> bool:
     return True
 
 
-def check_lookahead(K) -> int:
-    """A K that a lookahead policy chose: an integer >= 1."""
+def check_lookahead(K, pass_rows: int | None = None) -> int:
+    """A K that a lookahead policy chose: an integer >= 1, whose verification (K + 1 rows) fits the target's
+    fixed passes (`GPT2.fixed_pass_rows`), if it has them: a longer pass would break exactness silently."""
     if isinstance(K, bool) or not isinstance(K, Integral) or K < 1:
         raise ValueError(f"the lookahead policy chose K={K!r}: it must choose an integer >= 1")
+    if pass_rows is not None and K + 1 > pass_rows:
+        raise ValueError(f"K={K} needs verification passes of {K + 1} rows, but the target's passes are fixed at "
+                         f"{pass_rows} rows: use target.fixed_pass_rows({K + 1}) or a K of at most {pass_rows - 1}")
     return int(K)
 
 

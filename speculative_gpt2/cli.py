@@ -3,7 +3,10 @@
     python speculative.py --prompt "Alan Turing theorized that computers would one day become"
 
 It loads both models, warms up, runs plain decoding with the target and then speculative sampling with the same
-seed, streaming each text, and prints a summary. Bad input, missing weights and failed downloads print one line
+seed, streaming each text, and prints a summary. When it compares the greedy texts (both decoders, temperature
+0) it also runs plain decoding in exact mode (`GPT2.fixed_pass_rows`: every target pass of the verification's
+shape), so that the texts are identical in every dtype; the speedup stays measured against the fastest plain
+decoding (1-row passes), and the summary says what exact mode cost it. Bad input, missing weights and failed downloads print one line
 and exit with status 2.
 """
 
@@ -107,9 +110,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling mass (temperature > 0)")
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the sampling generator")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=["auto", *DTYPES],
-                        help="weights and activations; float32 gives exactly the target's greedy text; auto: "
-                        "bfloat16 where the hardware runs it natively (faster; greedy texts may part at near-ties)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="weights and activations; auto: bfloat16 where the hardware runs it natively (CUDA with "
+                        "bf16, CPUs with AVX-512 BF16 or AMX: faster), else float32; the compared greedy texts are "
+                        "identical in every dtype (exact mode, docs/exact-dtype.md)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="on CUDA, replay captured CUDA graphs for the decoding passes (cuda_graphs.py; not yet "
                         "measured on a GPU, so off by default)")
@@ -150,8 +154,10 @@ def main(argv=None) -> int:
         return 130
 
 
-# The runs, in the order they are made.
-NAIVE, UNCACHED, SPECULATIVE = "naive", "uncached", "speculative"
+# The runs, in the order they are made; EXACT is plain decoding in the passes speculative sampling is compared in.
+NAIVE, UNCACHED, EXACT, SPECULATIVE = "naive", "uncached", "exact", "speculative"
+# The adaptive lookahead's largest K in exact mode: every target pass is padded to K + 1 rows (rounded up to 8).
+EXACT_MAX_LOOKAHEAD = 7
 
 
 def _run(args) -> int:
@@ -190,26 +196,37 @@ def _run(args) -> int:
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    eos_token_id=None if args.ignore_eos else enc.eot_token)
     n = args.max_new_tokens
+    # Comparing greedy texts: every target pass gets the verification's shape, so that they are equal in any dtype.
+    exact = args.mode == "both" and args.temperature == 0
+    max_lookahead = (EXACT_MAX_LOOKAHEAD if exact else AdaptiveLookahead().max_lookahead) if args.lookahead == "auto" \
+        else args.lookahead
 
     def lookahead():  # a fresh policy for every call: what one run learned must not steer the next
-        return AdaptiveLookahead() if args.lookahead == "auto" else args.lookahead
+        return AdaptiveLookahead(max_lookahead=max_lookahead) if args.lookahead == "auto" else args.lookahead
 
     def decode(mode, max_new_tokens, generator=None, on_tokens=None, **options):
         if mode == SPECULATIVE:
             return speculative_sample(target, draft, prompt, max_new_tokens, lookahead=lookahead(),
                                       generator=generator, on_tokens=on_tokens, trace=args.trace is not None,
                                       **options)
-        return autoregressive_sample(target, prompt, max_new_tokens, use_cache=mode == NAIVE, generator=generator,
+        return autoregressive_sample(target, prompt, max_new_tokens, use_cache=mode != UNCACHED, generator=generator,
                                      on_tokens=on_tokens, **options)
 
+    rows = target.fixed_pass_rows(max_lookahead + 1).pass_rows  # what exact mode pads to; off until its runs
+    target.fixed_pass_rows(None)
     titles = {UNCACHED: "Naive decoding without KV cache", NAIVE: "Naive decoding",
-              SPECULATIVE: f"Speculative sampling (K={args.lookahead})"}
+              EXACT: f"Naive decoding, exact mode (every pass {rows} rows, as speculative sampling's)",
+              SPECULATIVE: f"Speculative sampling (K={args.lookahead})" + (", exact mode" if exact else "")}
     modes = [m for m, wanted in ((UNCACHED, args.no_cache_baseline and args.mode != "speculative"),
-                                 (NAIVE, args.mode != "speculative"), (SPECULATIVE, args.mode != "naive")) if wanted]
+                                 (NAIVE, args.mode != "speculative"), (EXACT, exact),
+                                 (SPECULATIVE, args.mode != "naive")) if wanted]
     results, warm_up_seconds = {}, {}
     for mode in modes:
+        # Exact mode (GPT2.fixed_pass_rows) for the two runs whose texts are compared; plain NAIVE stays the fastest.
+        target.fixed_pass_rows(rows if exact and mode in (EXACT, SPECULATIVE) else None)
         # The weight layout each decoder runs fastest in (CPU float32; a no-op elsewhere): one-row passes for plain
-        # decoding, (K + 1)-row passes for speculative sampling. Set here, visibly, before the clock starts.
+        # decoding, (K + 1)-row passes for speculative sampling and exact mode (compared runs need the same layout:
+        # it chooses the kernel). Set here, visibly, before the clock starts.
         for model in (target, draft) if mode == SPECULATIVE else (target,):
             model.prepare_for(rows=1 if mode == NAIVE else 2)
         if mode != UNCACHED:  # recomputing everything, the uncached run has no warm-up worth the wait
@@ -311,6 +328,7 @@ def _show_acceptance(args, spec: Generation | None, enc, prompt: list[int]) -> N
 def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2], load_seconds: dict[str, float],
                    warm_up_seconds: dict[str, float], device, dtype) -> None:
     naive, uncached, spec = results.get(NAIVE), results.get(UNCACHED), results.get(SPECULATIVE)
+    exact = results.get(EXACT)
     print("\n=== Summary ===")
     for role, model in models.items():
         name, folder = getattr(args, role), model.checkpoint_folder
@@ -321,14 +339,18 @@ def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2]
     print(f"dtype: {dtype_name(dtype)}, device: {device} ({hardware_name(device).split(',')[0]}{threads}){graphs}")
     warm_ups = ", ".join(f"{mode} {s:.2f} s" for mode, s in warm_up_seconds.items())
     print(f"warm-up (8 tokens each, not timed below): {warm_ups}")
-    for name, out in (("naive decoding", naive), ("speculative sampling", spec)):
+    for name, out in (("naive decoding", naive), ("naive decoding, exact mode", exact), ("speculative sampling", spec)):
         if out is not None:
             decode_ms = 1e3 * (out.seconds - out.prefill_seconds)
-            passes = f"{decode_ms / out.target_calls:.1f} ms per target pass" if out is naive else (
+            passes = f"{decode_ms / out.target_calls:.1f} ms per target pass" if out is not spec else (
                 f"{sum(r.verify_ms for r in out.rounds) / out.target_calls:.1f} ms per target pass, "
                 f"{sum(r.draft_ms for r in out.rounds) / max(out.draft_calls, 1):.1f} ms per draft pass")
             print(f"{name}: prefill {1e3 * out.prefill_seconds:.0f} ms, decode {out.decode_tokens_per_second:.2f} "
                   f"tokens/s; {passes}")
+    if exact is not None and naive is not None:
+        print(f"exact mode (every target pass {models['target'].pass_rows} rows, so that the texts compare equal in any "
+              f"dtype) cost plain decoding {naive.tokens_per_second / exact.tokens_per_second:.2f}x its time; "
+              f"speedups below are over the fastest plain decoding (1-row passes)")
     if spec is not None:
         for name, base in (("naive decoding", naive), ("naive decoding without KV cache", uncached)):
             if base is not None:  # tokens/s: with sampling, an EOS can end the runs at different lengths
@@ -344,16 +366,24 @@ def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2]
             for line in why_slower(spec, naive, auto=args.lookahead == "auto", dtype=dtype, device=device):
                 print(line)
     print(f"peak memory: {_peak_memory(device)}")
-    if spec is not None and naive is not None:
-        if args.temperature == 0 and spec.tokens == naive.tokens:
+    reference = exact or naive  # at temperature 0, what the speculative text must equal token for token
+    if spec is not None and reference is not None:
+        if args.temperature == 0 and spec.tokens == reference.tokens:
             print("identical outputs: yes")
         elif args.temperature == 0:
-            first = next((i for i, (a, b) in enumerate(zip(spec.tokens, naive.tokens)) if a != b),
-                         min(len(spec.tokens), len(naive.tokens)))
-            print(f"identical outputs: no, from new token {first}: in {dtype_name(dtype)}, 1-token and (K+1)-token "
-                  f"passes round differently, which can flip a near-tie; --dtype float32 gives identical text")
+            print(f"identical outputs: no, from new token {_parted(spec.tokens, reference.tokens)}: in exact mode "
+                  f"this platform breaks its premise (run tests/test_exact_dtype.py)")
         else:
             print("identical outputs: not expected at temperature > 0 (both are samples from the target)")
+    if exact is not None and naive is not None and args.temperature == 0 and naive.tokens != exact.tokens:
+        print(f"plain decoding in 1-row passes parted from new token {_parted(naive.tokens, exact.tokens)}: in "
+              f"{dtype_name(dtype)}, 1-row and {models['target'].pass_rows}-row passes round differently and a "
+              f"near-tie flipped (why exact mode exists)")
+
+
+def _parted(tokens: list[int], other: list[int]) -> int:
+    """The index of the first new token where two outputs differ."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, other)) if a != b), min(len(tokens), len(other)))
 
 
 def why_slower(spec: Generation, naive: Generation, *, auto: bool, dtype: torch.dtype, device) -> list[str]:

@@ -2,7 +2,8 @@
 
 Eager decoding on a GPU is bound by the CPU launching the hundreds of small kernels of a pass (GPT-2 XL: about
 600); a captured graph launches them all at once. With `model.use_cuda_graphs()`, `GPT2.forward` replays a graph
-for every cached pass of at most gpt2_model.MAX_GRAPHED_ROWS new tokens (draft passes, verification, plain decoding); longer passes
+for every cached pass of at most gpt2_model.MAX_GRAPHED_ROWS new tokens (draft passes, verification, plain decoding); under
+`model.fixed_pass_rows(n)` every such pass has n rows, so one graph serves them all; longer passes
 (a long prompt's prefill) and passes without a cache stay eager. The static-shape cache (gpt2_model.KVCache) is
 what makes this possible: a pass of T tokens has the same shapes wherever it is in the sequence, its positions
 live in a device tensor, and nothing on the host decides a shape.
@@ -38,7 +39,8 @@ class CUDAGraphs:
     def new_cache(self, cache_class, config, batch_size: int, max_len: int, dtype: torch.dtype):
         """A cache of at least `max_len` positions on recycled buffers when some fit, else on new ones; its
         buffers come back here when it is dropped."""
-        max_len = min(-(-max_len // BUCKET) * BUCKET, config.n_positions)
+        # Never shorter than asked: under fixed_pass_rows the padding slots may reach past the context.
+        max_len = max(max_len, min(-(-max_len // BUCKET) * BUCKET, config.n_positions))
         # Ordinary tensors even when called under inference_mode (as the samplers are): a buffer made there could
         # not be written outside it later.
         with torch.inference_mode(False):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gpt2_model import GPT2Config
+from speculative_gpt2.hardware import dtype_name, resolve_dtype
 from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,12 +39,14 @@ def test_end_to_end_summary(checkpoints):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for header in ("=== Naive decoding without KV cache ===", "=== Naive decoding ===",
-                   "=== Speculative sampling (K=4) ===", "=== Summary ==="):
+                   "=== Naive decoding, exact mode (every pass 8 rows, as speculative sampling's) ===",
+                   "=== Speculative sampling (K=4), exact mode ===", "=== Summary ==="):
         assert header in out
-    assert out.count("Generated: Hello, my name is") == 3
+    assert out.count("Generated: Hello, my name is") == 4
     assert "speedup over naive decoding: " in out and "speedup over naive decoding without KV cache: " in out
     assert "acceptance rate: " in out and "mean tokens per target pass: " in out
-    assert "dtype: float32, device: cpu" in out  # exact by default, whatever the CPU
+    # bfloat16 by default where the CPU runs it natively, float32 elsewhere: exact in both.
+    assert f"dtype: {dtype_name(resolve_dtype('auto', torch.device('cpu')))}, device: cpu" in out
     assert "identical outputs: yes" in out
     assert "24 tokens" in out
 
@@ -59,11 +62,18 @@ def test_the_report(checkpoints):
     lines = summary_lines(result.stdout)
     assert re.fullmatch(rf"target: {re.escape(str(checkpoints / 'target'))}, loaded in [\d.]+ s", lines[0])
     assert lines[1].startswith(f"draft: {checkpoints / 'draft'}, loaded in ")
-    assert lines[2].startswith("dtype: float32, device: cpu (") and lines[2].endswith(", threads: 1)")
-    assert re.fullmatch(r"warm-up \(8 tokens each, not timed below\): naive [\d.]+ s, speculative [\d.]+ s", lines[3])
+    assert lines[2].startswith(f"dtype: {dtype_name(resolve_dtype('auto', torch.device('cpu')))}, device: cpu (")
+    assert lines[2].endswith(", threads: 1)")
+    assert re.fullmatch(r"warm-up \(8 tokens each, not timed below\): naive [\d.]+ s, exact [\d.]+ s, "
+                        r"speculative [\d.]+ s", lines[3])
     assert re.fullmatch(r"naive decoding: prefill \d+ ms, decode [\d.]+ tokens/s; [\d.]+ ms per target pass", lines[4])
+    assert re.fullmatch(r"naive decoding, exact mode: prefill \d+ ms, decode [\d.]+ tokens/s; [\d.]+ ms per target "
+                        r"pass", lines[5])
     assert re.fullmatch(r"speculative sampling: prefill \d+ ms, decode [\d.]+ tokens/s; [\d.]+ ms per target pass, "
-                        r"[\d.]+ ms per draft pass", lines[5])
+                        r"[\d.]+ ms per draft pass", lines[6])
+    assert re.fullmatch(r"exact mode \(every target pass 8 rows, so that the texts compare equal in any dtype\) cost "
+                        r"plain decoding [\d.]+x its time; speedups below are over the fastest plain decoding "
+                        r"\(1-row passes\)", lines[7])
     assert any(re.fullmatch(r"peak memory: [\d.]+ GiB resident \(RSS\)", line) for line in lines)
 
 
@@ -172,7 +182,7 @@ def test_streamed_and_unstreamed_output_agree(checkpoints):
     unstreamed = run_cli(*args, "--no-stream").stdout
     generated = [line for line in streamed.splitlines() if line.startswith("Generated: ")]
     assert generated == [line for line in unstreamed.splitlines() if line.startswith("Generated: ")]
-    assert len(generated) == 2 and all("日本語 and emoji 🎉:" in line and "\ufffd" not in line for line in generated)
+    assert len(generated) == 3 and all("日本語 and emoji 🎉:" in line and "\ufffd" not in line for line in generated)
 
 
 def test_ctrl_c_exits_quietly_with_130(checkpoints):

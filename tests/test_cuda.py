@@ -3,6 +3,7 @@ equal to a full pass, and bfloat16 runs. benchmarks/gpu_check.sh runs these and 
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 from gpt2_model import GPT2Config
@@ -101,3 +102,36 @@ def test_moving_a_graphed_model_captures_anew():
     assert model.cuda_graphs is not None and not model.cuda_graphs.graphs
     model.cpu()
     assert model.cuda_graphs is None
+
+
+# Exact mode (GPT2.fixed_pass_rows) on CUDA, with and without CUDA graphs: real inner width, bfloat16 and float16.
+WIDE = GPT2Config(vocab_size=1000, n_positions=320, n_embd=1600, n_layer=2, n_head=25)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("graphs", [False, True])
+def test_exact_mode_gives_plain_decodings_tokens_on_cuda(dtype, graphs):
+    target = random_model(WIDE, seed=0).to("cuda", dtype).fixed_pass_rows(9)
+    draft = random_model(GPT2Config(vocab_size=1000, n_positions=320, n_embd=64, n_layer=1, n_head=4), seed=1)
+    draft = draft.to("cuda", dtype)
+    target.use_cuda_graphs(graphs)
+    gen = torch.Generator().manual_seed(0)
+    for lookahead in (1, 4, 8, "auto"):
+        prompt = torch.randint(0, 1000, (int(torch.randint(1, 200, (1,), generator=gen)),), generator=gen).tolist()
+        policy = AdaptiveLookahead(max_lookahead=8) if lookahead == "auto" else lookahead
+        assert speculative_sample(target, draft, prompt, 48, lookahead=policy).tokens == \
+            autoregressive_sample(target, prompt, 48).tokens
+    if graphs:  # every cached pass of up to 12 tokens has the fixed shape (a prefill of 13 to 16 tokens has its own)
+        assert {rows for _, _, rows in target.cuda_graphs.graphs if rows <= 12} == {12}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_platform_linear_row_does_not_depend_on_its_place_or_neighbours_on_cuda(dtype):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for out_features, in_features in [(4800, 1600), (1600, 1600), (6400, 1600), (1600, 6400), (50257, 1600)]:
+        w = (torch.randn(out_features, in_features, device="cuda", generator=gen) * 0.02).to(dtype)
+        for rows in (4, 8, 12, 16):
+            x = torch.randn(1, rows, in_features, device="cuda", generator=gen).to(dtype)
+            assert torch.equal(F.linear(x.flip(1), w).flip(1), F.linear(x, w)), (
+                f"F.linear {dtype} [{out_features}, {in_features}] on CUDA: a row gives another result at another "
+                f"place among {rows} rows: fixed_pass_rows cannot make decoding exact on this GPU")

@@ -201,6 +201,22 @@ def test_speculative_samples_follow_the_target_distribution(small_pair, lookahea
     assert p_value > LEVEL, p_value
 
 
+def test_speculative_samples_in_exact_mode_follow_the_target_distribution(small_pair):
+    # Exact mode (fixed_pass_rows) pads the target's passes; the padding rows must not leak into q.
+    target, draft = small_pair
+    options = dict(temperature=1.0)
+
+    def sampler(generator):
+        return speculative_sample(target, draft, [3], 4, lookahead=3, generator=generator, **options).tokens
+
+    target.fixed_pass_rows(4)
+    try:
+        p_value = chi_square_p_value(first_two_counts(sampler, 8, seed=7), exact_first_two(target, [3], **options))
+    finally:
+        target.fixed_pass_rows(None)
+    assert p_value > LEVEL, p_value
+
+
 def test_autoregressive_samples_follow_the_target_distribution(small_pair):
     target, _ = small_pair
     options = dict(temperature=0.7, top_k=4)
