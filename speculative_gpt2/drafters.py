@@ -131,7 +131,7 @@ class PromptLookupDrafter:
                     drafts.append(history[j] if j < len(history) else drafts[j - len(history)])
                 x = torch.tensor(drafts, device=self.device)
                 return Proposal(x, one_hot(x, self.vocab_size),
-                                f"lookup: {n}-gram match, copied from position {start}")
+                                f"lookup: copied from position {start} of prompt + output ({n}-gram match)")
         x = torch.empty(0, dtype=torch.long, device=self.device)
         return Proposal(x, one_hot(x, self.vocab_size), "lookup: no match, nothing drafted")
 
