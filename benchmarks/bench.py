@@ -141,6 +141,8 @@ def parse_args(argv=None):
     parser.add_argument("--ngram-max", type=int, default=3, help="prompt lookup: longest n-gram matched (default 3)")
     parser.add_argument("--ngram-min", type=int, default=1, help="prompt lookup: shortest n-gram matched (default 1)")
     parser.add_argument("--no-auto", action="store_true", help="skip the K=auto rows")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="ROW",
+                        help='rows not to run, by name, e.g. "transformers generate"')
     parser.add_argument("--before", metavar="COMMIT", default=None,
                         help="also run speculative.py as of this git commit with the small draft (before / after)")
     parser.add_argument("--temperature", type=float, default=0.0,
@@ -223,6 +225,7 @@ def run(args) -> dict:
     if not args.no_transformers:
         rows.update(_transformers_rows(target_path, draft_path, drafts, Ks, auto, prompt, n, dtype, device,
                                        args.ngram_max))
+    rows = {row: fn for row, fn in rows.items() if row.name not in args.skip or row == Row(NAIVE)}
     once = {}
     if not args.no_uncached:
         once[Row(UNCACHED)] = lambda: _ours(autoregressive_sample(target.prepare_for(2), prompt, n, use_cache=False))
