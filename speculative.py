@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from gpt2_model import GPT2, KVCache
+from gpt2_model import GPT2
 from speculative_gpt2.drafters import Drafter, ModelDrafter, PromptLookupDrafter, Proposal, Sampling
 from speculative_gpt2.hardware import Clock, DeviceClock, synchronize
 from speculative_gpt2.lookahead import AdaptiveLookahead, FixedLookahead, LookaheadPolicy, Round
