@@ -1,4 +1,4 @@
-"""Write your own drafter: three methods; a deterministic proposer's p is one-hot. Runs in a second."""
+"""Write your own drafter: three methods; a deterministic proposer's p is one-hot. Runs on tiny random models."""
 from speculative import autoregressive_sample, speculative_sample
 from speculative_gpt2.drafters import Proposal, one_hot
 from speculative_gpt2.random_checkpoint import tiny_pair
