@@ -1,18 +1,20 @@
-"""Speculative sampling for GPT-2: a small draft model proposes, the large target model verifies.
+"""Speculative sampling for GPT-2: a drafter proposes, the large target model verifies.
 
 Chen et al. 2023, "Accelerating Large Language Model Decoding with Speculative Sampling", Algorithm 2.
-Notation of the paper, kept everywhere below: q is the TARGET model's distribution, p the DRAFT model's.
+Notation of the paper, kept everywhere below: q is the TARGET model's distribution, p the DRAFT's.
 
-Each model keeps a KV cache; a model's *pending* tokens are the committed tokens not yet in its cache.
-After a prefill of the prompt minus its last token, every round of `speculative_sample` does:
+The target keeps a KV cache; its *pending* token is the last committed token, not yet in its cache. The drafter
+is a small GPT-2 by default, or any object with the three methods of speculative_gpt2/drafters.py (prompt lookup
+is built in). After a prefill of the prompt minus its last token, every round of `speculative_sample` does:
 
-  1. draft     `draft_tokens`       the draft feeds its pending tokens, then proposes x1..xK one at a time,
-                                    each sampled from its distribution p;
+  1. draft     `drafter.propose`    up to K tokens x1..xK, with their draft distributions p (a small model samples
+                                    them one at a time; a deterministic proposer's p is one-hot);
   2. verify    `target(...)`        the target scores its pending token and x1..xK in ONE pass: q at K+1 places;
   3. accept    `accept_or_resample` keep xi with probability min(1, q(xi)/p(xi)); at the first rejection emit a
                                     sample from norm(max(0, q - p)) instead; if all K are kept, emit a bonus
                                     token sampled from q at position K+1;
-  4. roll back `KVCache.crop`       both caches forget the rejected positions: an integer, nothing is copied.
+  4. roll back `KVCache.crop`       the target's cache forgets the rejected positions (an integer, nothing is
+                                    copied); `drafter.commit` tells the drafter what was committed.
 
 Every round emits between 1 and K+1 tokens, and the output is distributed exactly as sampling from q.
 At temperature 0 both distributions are one-hot, so the output is the target's greedy output.
@@ -38,13 +40,14 @@ from typing import Callable
 
 import torch
 
-from gpt2_model import GPT2, KVCache
+from gpt2_model import GPT2
+from speculative_gpt2.drafters import Drafter, ModelDrafter, PromptLookupDrafter, Proposal, Sampling
 from speculative_gpt2.hardware import Clock, DeviceClock, synchronize
 from speculative_gpt2.lookahead import AdaptiveLookahead, FixedLookahead, LookaheadPolicy, Round
 
 __all__ = ["Generation", "Origin", "Round", "TraceRound", "AdaptiveLookahead", "FixedLookahead", "logits_to_probs",
-           "sample", "draft_tokens", "accept_or_resample", "residual_distribution", "speculative_sample",
-           "autoregressive_sample"]
+           "sample", "accept_or_resample", "residual_distribution", "speculative_sample", "autoregressive_sample",
+           "Drafter", "ModelDrafter", "PromptLookupDrafter", "Proposal"]
 
 
 class Origin(str, Enum):
@@ -66,8 +69,9 @@ class Generation:
     `tokens` are the new tokens (never the prompt); `origins[i]` says where `tokens[i]` came from (an `Origin`).
     `rounds` holds one `Round` per target pass of speculative sampling: K proposed (fewer when an EOS among the
     kept drafts ended the output), drafts kept, and the measured ms of its draft and verification passes.
-    Call counts exclude the prefill; `seconds` includes it, `prefill_seconds` is its share. `trace` holds a
-    `TraceRound` per round when the call asked for it.
+    `draft_calls` counts the tokens the drafter proposed (an EOS may drop some): for a model drafter one forward
+    pass each; a prompt lookup makes no pass. Call counts exclude the prefill; `seconds` includes it,
+    `prefill_seconds` is its share. `trace` holds a `TraceRound` per round when the call asked for it.
     """
 
     tokens: list[int] = field(default_factory=list)
@@ -141,7 +145,8 @@ class TraceRound:
 
     `drafts` x1..xK with `p` = p(xi) and `q` = q(xi); `r` the uniform draws (None at temperature 0, where a draft
     is kept iff it is the target's argmax); `kept` drafts kept; then `next_token`, drawn from norm(max(0, q - p))
-    after a rejection or from q after all K were kept, with `next_probability` under that distribution.
+    after a rejection or from q after all K were kept, with `next_probability` under that distribution; `source`
+    the drafter's word on where the drafts came from, if it gave one (a lookup: the position it copied from).
     """
 
     drafts: list[int]
@@ -153,6 +158,7 @@ class TraceRound:
     next_probability: float
     draft_ms: float
     verify_ms: float
+    source: str | None = None
 
     @property
     def acceptance_probabilities(self) -> list[float]:
@@ -166,7 +172,7 @@ class TraceRound:
 
 
 def trace_round(drafts: torch.Tensor, p: torch.Tensor, q: torch.Tensor, r: torch.Tensor | None, round: Round,
-                next_token: int) -> TraceRound:
+                next_token: int, source: str | None = None) -> TraceRound:
     """A round's numbers read back from the device (only when tracing: extra transfers)."""
     K, kept = len(drafts), round.kept
     rows = torch.arange(K, device=drafts.device)
@@ -175,7 +181,7 @@ def trace_round(drafts: torch.Tensor, p: torch.Tensor, q: torch.Tensor, r: torch
     return TraceRound(drafts=drafts.tolist(), p=p[rows, drafts].tolist(), q=q[rows, drafts].tolist(),
                       r=None if r is None else r.tolist(), kept=kept, next_token=next_token,
                       next_probability=(residual[next_token] / residual.sum()).item(),
-                      draft_ms=round.draft_ms, verify_ms=round.verify_ms)
+                      draft_ms=round.draft_ms, verify_ms=round.verify_ms, source=source)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -236,24 +242,6 @@ def greedy_or_sample(probs: torch.Tensor, temperature: float, generator) -> torc
 # The steps of a round
 
 
-def draft_tokens(draft: GPT2, cache: KVCache, pending: torch.Tensor, lookahead: int, process: Callable,
-                 temperature: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 1: the draft proposes `lookahead` tokens autoregressively from its pending tokens (1, n).
-
-    Returns the drafts x1..xK (K,) and their distributions p (K, V). The last draft is not fed back: it is
-    pending for the next round, if it is kept.
-    """
-    drafts, p = [], []
-    x = pending
-    for _ in range(lookahead):
-        p_i = process(draft(x, cache=cache)[0, -1])  # (V,)
-        x_i = greedy_or_sample(p_i, temperature, generator)
-        drafts.append(x_i)
-        p.append(p_i)
-        x = x_i.view(1, 1)
-    return torch.stack(drafts), torch.stack(p)
-
-
 def accept_or_resample(drafts: torch.Tensor, p: torch.Tensor, q: torch.Tensor, r: torch.Tensor | None,
                        temperature: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 3: how many drafts the target keeps (0-d), and the token that follows them.
@@ -290,17 +278,18 @@ def residual_distribution(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *,
+def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_tokens: int, *,
                        lookahead: int | LookaheadPolicy = 4, temperature: float = 0.0, top_k: int | None = None,
                        top_p: float | None = None, eos_token_id: int | None = None,
                        generator: torch.Generator | None = None,
                        on_tokens: Callable[[list[int]], None] | None = None, clock: Clock | None = None,
                        trace: bool = False) -> Generation:
-    """Samples `max_new_tokens` tokens from `target`, with `draft` proposing `lookahead` tokens per round.
+    """Samples `max_new_tokens` tokens from `target`, with `draft` proposing up to `lookahead` tokens per round.
 
-    The output is distributed exactly as `autoregressive_sample(target, ...)` with the same temperature,
-    top-k and top-p (token for token at temperature 0). `prompt` is a list of ids or a 1-D integer tensor
-    (batch size 1, as in the paper). `lookahead` is K, or a policy that chooses K every round and learns from
+    `draft` is a small GPT2 (wrapped in a `ModelDrafter`) or any drafter (speculative_gpt2/drafters.py), such as
+    `PromptLookupDrafter()`. The output is distributed exactly as `autoregressive_sample(target, ...)` with the same
+    temperature, top-k and top-p (token for token at temperature 0). `prompt` is a list of ids or a 1-D integer
+    tensor (batch size 1, as in the paper). `lookahead` is K, or a policy that chooses K every round and learns from
     each (`AdaptiveLookahead()`, which keeps what it learned across calls; `"auto"` is a fresh one per call; see
     speculative_gpt2/lookahead.py). Generation stops after `eos_token_id` if it is produced.
     `on_tokens` is called with the tokens each round commits. `clock` times the rounds' steps (default: the
@@ -309,20 +298,23 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
     """
     check_options(max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
     policy = _lookahead_policy(lookahead)
-    prompt = check_models_and_prompt(prompt, max_new_tokens, generator, eos_token_id, target=target, draft=draft)
+    drafter = _drafter(draft)
+    prompt = check_models_and_prompt(prompt, max_new_tokens, generator, eos_token_id, target=target,
+                                     draft=getattr(drafter, "model", None))
     start_time = time.perf_counter()
     device = prompt.device
     clock = clock or DeviceClock(device)
     begun = clock.mark()
     process = partial(logits_to_probs, temperature=temperature, top_k=top_k, top_p=top_p)
     max_len = len(prompt) + max_new_tokens
-    target_cache, draft_cache = target.new_cache(max_len=max_len), draft.new_cache(max_len=max_len)
+    target_cache = target.new_cache(max_len=max_len)
     ids = torch.cat([prompt, prompt.new_empty(max_new_tokens)])  # the committed tokens, on the device
     length = len(prompt)  # how many of them are committed
-    # Prefill: the prompt minus its last token, which is then pending for both models.
+    # Prefill: the prompt minus its last token, which is then pending for the target.
     if length > 1:
         target(prompt[None, :-1], cache=target_cache)
-        draft(prompt[None, :-1], cache=draft_cache)
+    drafter.start(prompt, max_len, Sampling(process, partial(greedy_or_sample, temperature=temperature,
+                                                             generator=generator), target.config.vocab_size))
     prefilled = clock.mark()
     out = Generation(trace=[] if trace else None)
     while len(out.tokens) < max_new_tokens:
@@ -330,13 +322,13 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
         # position inside the caches, which are sized for prompt + max_new_tokens).
         K = min(check_lookahead(policy.choose(), target.pass_rows), max_new_tokens - len(out.tokens) - 1)
         started = clock.mark()
-        # Step 1, draft: K tokens from p, one draft pass each, after the draft's pending tokens (1 or 2).
+        # Step 1, draft: up to K tokens with their p. None (the last token, or no proposal): a plain target step.
         if K > 0:
-            drafts, p = draft_tokens(draft, draft_cache, ids[None, draft_cache.length : length], K, process,
-                                     temperature, generator)
-            out.draft_calls += K
-        else:  # the last token: nothing to draft, the round is one plain target step
-            drafts, p = prompt.new_empty(0), torch.empty(0, target.config.vocab_size, device=device)
+            drafts, p, source = _checked_proposal(drafter.propose(ids[:length], K), K, target.config.vocab_size)
+        else:
+            drafts, p, source = prompt.new_empty(0), torch.empty(0, target.config.vocab_size, device=device), None
+        K = len(drafts)
+        out.draft_calls += K
         drafted = clock.mark()
         # Step 2, verify: the target's pending token and the K drafts, scored in one pass: q at K + 1 positions.
         verify_input = torch.cat([ids[length - 1 : length], drafts])[None]  # (1, K + 1)
@@ -352,7 +344,7 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
         _broken_model({"draft model": draft_ok, "target model": target_ok}, len(out.tokens))
         round = Round(K, kept_count, clock.ms(started, drafted), clock.ms(drafted, verified))
         if trace:
-            out.trace.append(trace_round(drafts, p, q, r, round, next_id))
+            out.trace.append(trace_round(drafts, p, q, r, round, next_id, source))
         new = out.commit_round(draft_ids, round, next_id, eos_token_id)
         if K > 0:
             policy.update(round)
@@ -364,10 +356,9 @@ def speculative_sample(target: GPT2, draft: GPT2, prompt, max_new_tokens: int, *
             on_tokens(new)
         if new[-1] == eos_token_id:
             break
-        # Step 4, roll back: each cache keeps the committed prefix it holds; the last token stays pending
-        # (for the draft, also the last kept draft when all were kept: it was never fed).
+        # Step 4, roll back: the target's cache keeps the committed prefix it holds; the last token stays pending.
         target_cache.crop(min(target_cache.length, length - 1))
-        draft_cache.crop(min(draft_cache.length, length - 1))
+        drafter.commit(new)
     synchronize(device)
     out.seconds = time.perf_counter() - start_time
     out.prefill_seconds = clock.ms(begun, prefilled) / 1e3
@@ -468,6 +459,28 @@ def check_lookahead(K, pass_rows: int | None = None) -> int:
     return int(K)
 
 
+def _drafter(draft) -> Drafter:
+    """A GPT2 is wrapped in a ModelDrafter; anything with the three methods of a Drafter is taken as it is."""
+    if isinstance(draft, GPT2):
+        return ModelDrafter(draft)
+    if not all(callable(getattr(draft, move, None)) for move in ("start", "propose", "commit")):
+        raise ValueError(f"draft must be a GPT2 model or a drafter (start, propose and commit methods, see "
+                         f"speculative_gpt2/drafters.py), got {type(draft).__name__}")
+    return draft
+
+
+def _checked_proposal(proposal, lookahead: int, vocab_size: int) -> Proposal:
+    """A drafter's proposal, checked for what would otherwise fail deep inside the round."""
+    drafts, p, *source = proposal
+    if drafts.dim() != 1 or len(drafts) > lookahead or drafts.dtype != torch.long:
+        raise ValueError(f"the drafter proposed {list(drafts.shape)} {drafts.dtype} tokens for K={lookahead}: "
+                         f"propose a 1-D long tensor of at most K tokens")
+    if p.shape != (len(drafts), vocab_size):
+        raise ValueError(f"the drafter's p has shape {list(p.shape)}: give one distribution over the {vocab_size} "
+                         f"tokens per draft, ({len(drafts)}, {vocab_size}) (one_hot(tokens, V) for fixed tokens)")
+    return Proposal(drafts, p, *source)
+
+
 def _lookahead_policy(lookahead) -> LookaheadPolicy:
     if callable(getattr(lookahead, "choose", None)) and callable(getattr(lookahead, "update", None)):
         return lookahead
@@ -482,7 +495,7 @@ def _lookahead_policy(lookahead) -> LookaheadPolicy:
 def check_models_and_prompt(prompt, max_new_tokens: int, generator, eos_token_id, *, target: GPT2,
                             draft: GPT2 | None = None) -> torch.Tensor:
     """Raises ValueError for models or a prompt that do not fit together; returns the prompt as a 1-D LongTensor
-    on the models' device."""
+    on the models' device. `draft` is the draft model, if the drafter has one."""
     models = {"target": target} if draft is None else {"target": target, "draft": draft}
     for name, model in models.items():
         if not isinstance(model, GPT2):

@@ -12,6 +12,11 @@ where a is the chance that one draft is kept, estimated as kept / (kept + reject
 
     python benchmarks/bench.py --random-weights             # GPT-2 XL / small shapes, random weights
     python benchmarks/bench.py --random-weights --quick     # a short look
+    python benchmarks/bench.py --drafts small ngram --before main   # drafters, and the small draft before / after
+
+The drafts: "small" (the draft model), "target itself" (with --random-weights: acceptance 1) and "ngram" (prompt
+lookup, speculative_gpt2/drafters.py), beside transformers' assisted generation and its own prompt lookup
+(`generate(..., prompt_lookup_num_tokens=K)`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from gpt2_model import GPT2  # noqa: E402
 from speculative_gpt2.hardware import dtype_name, hardware_name, resolve_device, resolve_dtype, synchronize  # noqa: E402
 from speculative_gpt2.lookahead import AdaptiveLookahead, break_even_alpha, estimated_alpha, predicted_speedup  # noqa: E402
 from speculative import Origin, autoregressive_sample, speculative_sample  # noqa: E402
+from speculative_gpt2.drafters import PromptLookupDrafter  # noqa: E402
 from speculative_gpt2.tokenizer import load_tokenizer  # noqa: E402
 
 # The toyllm blog post ("Implementing LLM Speculative Sampling in Under 100 Lines of Code"): GPT-2 XL / small,
@@ -50,19 +56,21 @@ class Row:
     adaptive lookahead, or transformers' default schedule)."""
 
     method: str  # one of METHODS
-    draft: str | None = None  # "small" or "target itself"
+    draft: str | None = None  # one of DRAFTS
     lookahead: int | None = None
 
     @property
     def name(self) -> str:
         if self.draft is None:
             return self.method
-        K = self.lookahead if self.lookahead is not None else "auto" if self.method == SPECULATIVE else None
+        K = self.lookahead if self.lookahead is not None else "auto" if self.method in (SPECULATIVE, BEFORE) else None
         return f"{self.method}, {self.draft}, " + (f"K={K}" if K is not None else "defaults")
 
 
 NAIVE, UNCACHED, SPECULATIVE = "naive (KV cache)", "naive (no cache)", "speculative"
-HF_GENERATE, HF_ASSISTED = "transformers generate", "transformers assisted"
+BEFORE = "speculative before"  # speculative.py of the --before commit, same models and drafts
+HF_GENERATE, HF_ASSISTED, HF_LOOKUP = "transformers generate", "transformers assisted", "transformers prompt lookup"
+DRAFTS = ("small", "target itself", "ngram")
 
 
 @torch.inference_mode()
@@ -123,6 +131,17 @@ def parse_args(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per run (default 64)")
     parser.add_argument("--lookahead", type=int, nargs="+", default=[1, 2, 4, 8], help="values of K (default 1 2 4 8)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; medians (default 3)")
+    parser.add_argument("--drafts", nargs="+", choices=DRAFTS, default=None,
+                        help="drafts to run (default: small and ngram, and with --random-weights the target itself)")
+    parser.add_argument("--ngram-max", type=int, default=3, help="prompt lookup: longest n-gram matched (default 3)")
+    parser.add_argument("--ngram-min", type=int, default=1, help="prompt lookup: shortest n-gram matched (default 1)")
+    parser.add_argument("--no-auto", action="store_true", help="skip the K=auto rows")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="ROW",
+                        help='rows not to run, by name, e.g. "transformers generate"')
+    parser.add_argument("--before", metavar="COMMIT", default=None,
+                        help="also run speculative.py as of this git commit with the small draft (before / after)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 (default) is greedy; > 0 samples, every run from the same seed (no transformers rows)")
     parser.add_argument("--quick", action="store_true", help="32 tokens, K in {2, 4}, 1 repetition")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 where the hardware runs it natively, else float32 (default auto)")
@@ -137,6 +156,12 @@ def parse_args(argv=None):
         args.max_new_tokens, args.lookahead, args.repeats = 32, [2, 4], 1
     if args.max_new_tokens < 1 or args.repeats < 1 or min(args.lookahead) < 1:
         parser.error("--max-new-tokens, --repeats and --lookahead must be >= 1")
+    if args.drafts is None:
+        args.drafts = ["small", "target itself", "ngram"] if args.random_weights else ["small", "ngram"]
+    if "target itself" in args.drafts and not args.random_weights:
+        parser.error("--drafts 'target itself' needs --random-weights")
+    if args.temperature > 0:
+        args.no_transformers = True
     return args
 
 
@@ -163,26 +188,39 @@ def run(args) -> dict:
     target, small = GPT2.from_pretrained(target_path, **load), GPT2.from_pretrained(draft_path, **load)
     if args.cuda_graphs:
         target.use_cuda_graphs(), small.use_cuda_graphs()
-    drafts = {"small": small, "target itself": target} if args.random_weights else {"small": small}
+    lookup = partial(PromptLookupDrafter, args.ngram_max, args.ngram_min)
+    drafts = {name: {"small": small, "target itself": target, "ngram": lookup}[name] for name in args.drafts}
     prompt = load_tokenizer().encode(args.prompt)
     n = args.max_new_tokens
     Ks = sorted(set(args.lookahead))
+    auto = [] if args.no_auto else [None]
+    sampling = dict(temperature=args.temperature)
+
+    def seeded():  # every run samples from the same seed
+        return dict(generator=torch.Generator(device).manual_seed(0)) if args.temperature > 0 else {}
 
     # Every row is a function returning a dict: seconds, tokens and, for ours, the rounds' statistics. Our decoders
     # run in the weight layout each is fastest in (GPT2.prepare_for), set before the row's clock starts.
     def naive():
-        return _ours(autoregressive_sample(target.prepare_for(1), prompt, n))
+        return _ours(autoregressive_sample(target.prepare_for(1), prompt, n, **sampling, **seeded()))
 
-    def speculative(draft, K):
+    def speculative(draft, K, sampler=speculative_sample):
         policy = AdaptiveLookahead() if K is None else K  # a fresh policy for every run
-        return _ours(speculative_sample(target.prepare_for(2), draft.prepare_for(2), prompt, n, lookahead=policy))
+        draft = draft.prepare_for(2) if isinstance(draft, GPT2) else draft()  # a fresh lookup drafter too
+        return _ours(sampler(target.prepare_for(2), draft, prompt, n, lookahead=policy, **sampling, **seeded()))
 
     rows = {Row(NAIVE): naive}
     for draft_name, draft in drafts.items():
-        for K in [*Ks, None]:
+        for K in [*Ks, *auto]:
             rows[Row(SPECULATIVE, draft_name, K)] = partial(speculative, draft, K)
+    if args.before is not None:
+        before = _speculative_before(args.before).speculative_sample
+        for K in [*Ks, *auto]:
+            rows[Row(BEFORE, "small", K)] = partial(speculative, small, K, before)
     if not args.no_transformers:
-        rows.update(_transformers_rows(target_path, draft_path, drafts, Ks, prompt, n, dtype, device))
+        rows.update(_transformers_rows(target_path, draft_path, drafts, Ks, auto, prompt, n, dtype, device,
+                                       args.ngram_max))
+    rows = {row: fn for row, fn in rows.items() if row.name not in args.skip or row == Row(NAIVE)}
     once = {}
     if not args.no_uncached:
         once[Row(UNCACHED)] = lambda: _ours(autoregressive_sample(target.prepare_for(2), prompt, n, use_cache=False))
@@ -190,6 +228,7 @@ def run(args) -> dict:
     # Warm-up: allocations, kernel selection and caches, outside the timings.
     autoregressive_sample(target.prepare_for(1), prompt, 4)
     speculative_sample(target.prepare_for(2), small.prepare_for(2), prompt, 4, lookahead=2)
+    speculative_sample(target.prepare_for(2), lookup(), prompt, 4, lookahead=2)
     raw = {row: [] for row in [*rows, *once]}
     raw_costs = []
     with tqdm(total=len(rows) * args.repeats + len(once), desc="benchmark", unit="run", file=sys.stderr) as bar:
@@ -211,6 +250,7 @@ def run(args) -> dict:
             "dtype": dtype_name(dtype), "device": str(device), "torch": torch.__version__,
             "hardware": hardware_name(device), "prompt": args.prompt, "prompt_tokens": len(prompt),
             "max_new_tokens": n, "lookahead": Ks, "repeats": args.repeats, "cuda_graphs": args.cuda_graphs,
+            "temperature": args.temperature, "ngram": [args.ngram_max, args.ngram_min], "before": args.before,
             "command": "python benchmarks/bench.py " + " ".join(sys.argv[1:]),
         },
         "raw_costs": raw_costs,
@@ -236,14 +276,33 @@ def _ours(out) -> dict:
             "rounds": len(out.accepted_per_round) if out.draft_calls else None}
 
 
-def _transformers_rows(target_path, draft_path, drafts, Ks, prompt, n, dtype, device) -> dict:
-    """Plain `generate` and assisted generation of `transformers` on the same checkpoints."""
+def _speculative_before(commit: str):
+    """speculative.py as of `commit`, imported under another name beside today's (the same gpt2_model)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:speculative.py"], check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "speculative_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("speculative_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _transformers_rows(target_path, draft_path, drafts, Ks, auto, prompt, n, dtype, device, ngram_max) -> dict:
+    """Plain `generate`, assisted generation and prompt lookup of `transformers` on the same checkpoints."""
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     hf_target = GPT2LMHeadModel.from_pretrained(target_path, dtype=dtype).to(device).eval()
-    hf_drafts = {"small": GPT2LMHeadModel.from_pretrained(draft_path, dtype=dtype).to(device).eval()}
+    hf_drafts = {}
+    if "small" in drafts:
+        hf_drafts["small"] = GPT2LMHeadModel.from_pretrained(draft_path, dtype=dtype).to(device).eval()
     if "target itself" in drafts:
         hf_drafts["target itself"] = hf_target
     ids = torch.tensor([prompt], device=device)
@@ -275,7 +334,12 @@ def _transformers_rows(target_path, draft_path, drafts, Ks, prompt, n, dtype, de
             rows[Row(HF_ASSISTED, name, K)] = partial(assisted, draft, num_assistant_tokens=K,
                                                       num_assistant_tokens_schedule="constant",
                                                       assistant_confidence_threshold=0.0)
-        rows[Row(HF_ASSISTED, name)] = partial(assisted, draft)
+        if auto:
+            rows[Row(HF_ASSISTED, name)] = partial(assisted, draft)
+    if "ngram" in drafts:
+        for K in Ks:  # transformers matches the first (leftmost) occurrence of up to max_matching_ngram_size tokens
+            rows[Row(HF_LOOKUP, "ngram", K)] = partial(generate, prompt_lookup_num_tokens=K,
+                                                       max_matching_ngram_size=ngram_max)
     return rows
 
 
@@ -294,12 +358,13 @@ def derive(results: dict) -> list[dict]:
                "speedup": naive / seconds, "acceptance": None, "alpha": None, "tokens_per_round": None,
                "predicted": None, "break_even": None, "efficiency": None, "identical": r["identical"],
                "first_difference": r["first_difference"]}
-        if r["method"] == SPECULATIVE:
-            row["acceptance"] = r["accepted"] / r["proposed"]
+        if r["method"] in (SPECULATIVE, BEFORE):
+            row["acceptance"] = r["accepted"] / r["proposed"] if r["proposed"] else None
             row["alpha"] = estimated_alpha(r["accepted"], r["rejections"])
-            row["tokens_per_round"] = len(r["tokens"]) / r["rounds"]
+            row["tokens_per_round"] = len(r["tokens"]) / len(r["lookahead_per_round"])
             K = r["lookahead"]
-            if K is not None:
+            # No prediction for the lookup: it proposes nothing in some rounds, which E(alpha, K) does not model.
+            if K is not None and r["draft"] != "ngram":
                 draft_ms = costs["target_as_draft_ms"] if r["draft"] == "target itself" else costs["draft_ms"]
                 row["predicted"] = predicted_speedup(row["alpha"], K, draft_ms, costs["verify_ms"][str(K)],
                                                      costs["target_ms"])
@@ -307,6 +372,10 @@ def derive(results: dict) -> list[dict]:
                 row["efficiency"] = row["speedup"] / row["predicted"]
         table.append(row)
     return table
+
+
+def _sampling(temperature) -> str:
+    return f"temperature {temperature} (seed 0)" if temperature else "greedy"
 
 
 def _fmt(x, digits=2):
@@ -327,7 +396,9 @@ def markdown(results: dict) -> str:
         f"Target {meta['target']}, draft {meta['draft']} ({weights}); {meta['dtype']} on {meta['device']}"
         f"{' with CUDA graphs' if meta.get('cuda_graphs') else ''} "
         f"({meta['hardware']}), torch {meta['torch']}; {meta['max_new_tokens']} new tokens after a "
-        f"{meta['prompt_tokens']}-token prompt, greedy, median of {meta['repeats']} interleaved runs.",
+        f"{meta['prompt_tokens']}-token prompt, "
+        f"{_sampling(meta.get('temperature'))}, "
+        f"median of {meta['repeats']} interleaved runs; prompt lookup n-grams {meta.get('ngram')} (max, min).",
         f"Command: `{meta['command']}`",
         "",
         "| run | seconds | tokens/s | speedup vs naive (KV cache) | acceptance | alpha | break-even alpha | tokens/round | predicted | efficiency | same tokens as naive |",
@@ -381,18 +452,19 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     runs = results["runs"]
-    for method, style in ((SPECULATIVE, "o-"), (HF_ASSISTED, "s--")):
-        for draft in ("small", "target itself"):
+    for method, style in ((SPECULATIVE, "o-"), (HF_ASSISTED, "s--"), (HF_LOOKUP, "^--")):
+        for draft in DRAFTS:
             rows = [r for r in results["table"] if runs[r["name"]]["method"] == method
                     and runs[r["name"]]["draft"] == draft and runs[r["name"]]["lookahead"] is not None]
             if rows:
                 Ks = [runs[r["name"]]["lookahead"] for r in rows]
                 label = ("ours" if method == SPECULATIVE else method) + f", draft: {draft}"
                 ax.plot(Ks, [r["speedup"] for r in rows], style, label=label)
-                if method == SPECULATIVE:
-                    color = ax.lines[-1].get_color()
+                color = ax.lines[-1].get_color()
+                if method == SPECULATIVE and draft != "ngram":
                     ax.plot(Ks, [r["predicted"] for r in rows], ":", color=color, label=f"predicted, draft: {draft}")
-                    auto = next(r for r in results["table"] if r["name"] == Row(SPECULATIVE, draft).name)
+                auto = next((r for r in results["table"] if r["name"] == Row(SPECULATIVE, draft).name), None)
+                if method == SPECULATIVE and auto is not None:
                     chosen = runs[auto["name"]]["lookahead_per_round"]
                     ax.plot([sum(chosen) / len(chosen)], [auto["speedup"]], "*", ms=12, color=color,
                             label=f"ours, K=auto (at its mean K), draft: {draft}")

@@ -23,6 +23,7 @@ import torch
 
 from speculative_gpt2.checkpoints import ENV_WEIGHTS, DownloadError, default_weights_dir, find_checkpoint, preset_of
 from gpt2_model import GPT2, PRESETS, checkpoint_config, write_atomically
+from speculative_gpt2.drafters import PromptLookupDrafter
 from speculative_gpt2.hardware import DTYPES, dtype_name, hardware_name, resolve_device, resolve_dtype
 from speculative_gpt2.lookahead import AdaptiveLookahead, break_even_alpha, estimated_alpha, predicted_speedup
 from speculative import Generation, Origin, autoregressive_sample, check_integer, check_real, speculative_sample
@@ -30,6 +31,8 @@ from speculative_gpt2.tokenizer import load_tokenizer
 
 # The name errors and --help go by: the script a checkout runs, or the installed console command.
 PROG = "speculative.py" if sys.argv and sys.argv[0].endswith("speculative.py") else "speculative-gpt2"
+# --draft ngram: prompt lookup drafting, no draft model.
+NGRAM = "ngram"
 # The toyllm blog post's prompt ("Implementing LLM Speculative Sampling in Under 100 Lines of Code").
 DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
 
@@ -97,7 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue")
     parser.add_argument("--target", default="gpt2-xl", help="target model: a preset name or a checkpoint folder")
-    parser.add_argument("--draft", default="gpt2", help="draft model: a preset name or a checkpoint folder")
+    parser.add_argument("--draft", default="gpt2",
+                        help=f"draft model: a preset name or a checkpoint folder; or {NGRAM}: prompt lookup, which "
+                        "copies what followed the latest earlier match of the last n tokens (no draft model)")
+    parser.add_argument("--ngram-max", type=_checked(int, check_integer, minimum=1), default=3,
+                        help=f"--draft {NGRAM}: the longest n-gram matched first")
+    parser.add_argument("--ngram-min", type=_checked(int, check_integer, minimum=1), default=1,
+                        help=f"--draft {NGRAM}: the shortest n-gram matched when no longer one is found")
     parser.add_argument("--max-new-tokens", type=_checked(int, check_integer, minimum=1), default=128,
                         help="tokens to generate")
     parser.add_argument("--lookahead", "-K", type=_lookahead, default=4,
@@ -137,7 +146,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weights-dir", default=str(default_weights_dir()),
                         help=f"where preset checkpoints live and downloads go (${ENV_WEIGHTS} sets the default)")
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.ngram_min > args.ngram_max:
+        parser.error(f"--ngram-min {args.ngram_min} is larger than --ngram-max {args.ngram_max}")
+    return args
 
 
 def main(argv=None) -> int:
@@ -169,7 +181,8 @@ def _run(args) -> int:
     prompt = enc.encode(args.prompt, allowed_special="all")
     if not prompt:
         raise ValueError("the prompt is empty: pass some text with --prompt")
-    names = {"target": args.target} | ({"draft": args.draft} if args.mode != "naive" else {})
+    lookup = args.draft == NGRAM
+    names = {"target": args.target} | ({"draft": args.draft} if args.mode != "naive" and not lookup else {})
     _check_before_loading(args, names)
     # Find both checkpoints (downloading if needed), check them against the prompt, and only then load them.
     folders = {}
@@ -204,9 +217,12 @@ def _run(args) -> int:
     def lookahead():  # a fresh policy for every call: what one run learned must not steer the next
         return AdaptiveLookahead(max_lookahead=max_lookahead) if args.lookahead == "auto" else args.lookahead
 
+    def drafter():  # a fresh lookup drafter for every call, as for the policy
+        return PromptLookupDrafter(args.ngram_max, args.ngram_min) if lookup else draft
+
     def decode(mode, max_new_tokens, generator=None, on_tokens=None, **options):
         if mode == SPECULATIVE:
-            return speculative_sample(target, draft, prompt, max_new_tokens, lookahead=lookahead(),
+            return speculative_sample(target, drafter(), prompt, max_new_tokens, lookahead=lookahead(),
                                       generator=generator, on_tokens=on_tokens, trace=args.trace is not None,
                                       **options)
         return autoregressive_sample(target, prompt, max_new_tokens, use_cache=mode != UNCACHED, generator=generator,
@@ -227,7 +243,7 @@ def _run(args) -> int:
         # The weight layout each decoder runs fastest in (CPU float32; a no-op elsewhere): one-row passes for plain
         # decoding, (K + 1)-row passes for speculative sampling and exact mode (compared runs need the same layout:
         # it chooses the kernel). Set here, visibly, before the clock starts.
-        for model in (target, draft) if mode == SPECULATIVE else (target,):
+        for model in (target, draft) if mode == SPECULATIVE and not lookup else (target,):
             model.prepare_for(rows=1 if mode == NAIVE else 2)
         if mode != UNCACHED:  # recomputing everything, the uncached run has no warm-up worth the wait
             # Warm-up: the first passes pay for allocations, kernel selection and CUDA graph capture; reported, and
@@ -334,6 +350,8 @@ def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2]
         name, folder = getattr(args, role), model.checkpoint_folder
         where = "" if Path(name) == folder else f" from {folder}"  # a preset: the folder or cache snapshot used
         print(f"{role}: {name}{where}, loaded in {load_seconds[role]:.1f} s")
+    if args.draft == NGRAM and args.mode != "naive":
+        print(f"draft: {NGRAM}, prompt lookup of n-grams {args.ngram_max} down to {args.ngram_min} (no draft model)")
     threads = f", threads: {torch.get_num_threads()}" if device.type == "cpu" else ""
     graphs = f", CUDA graphs {'on' if args.cuda_graphs else 'off'}" if device.type == "cuda" else ""
     print(f"dtype: {dtype_name(dtype)}, device: {device} ({hardware_name(device).split(',')[0]}{threads}){graphs}")
@@ -342,9 +360,11 @@ def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2]
     for name, out in (("naive decoding", naive), ("naive decoding, exact mode", exact), ("speculative sampling", spec)):
         if out is not None:
             decode_ms = 1e3 * (out.seconds - out.prefill_seconds)
+            draft_ms = sum(r.draft_ms for r in out.rounds)
             passes = f"{decode_ms / out.target_calls:.1f} ms per target pass" if out is not spec else (
-                f"{sum(r.verify_ms for r in out.rounds) / out.target_calls:.1f} ms per target pass, "
-                f"{sum(r.draft_ms for r in out.rounds) / max(out.draft_calls, 1):.1f} ms per draft pass")
+                f"{sum(r.verify_ms for r in out.rounds) / out.target_calls:.1f} ms per target pass, " + (
+                    f"{draft_ms / out.target_calls:.2f} ms per lookup" if args.draft == NGRAM else
+                    f"{draft_ms / max(out.draft_calls, 1):.1f} ms per draft pass"))
             print(f"{name}: prefill {1e3 * out.prefill_seconds:.0f} ms, decode {out.decode_tokens_per_second:.2f} "
                   f"tokens/s; {passes}")
     if exact is not None and naive is not None:
@@ -358,7 +378,12 @@ def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2]
         rate = spec.acceptance_rate
         print(f"acceptance rate: {'n/a' if rate is None else f'{rate:.2f}'} ({spec.accepted} of {spec.proposed} drafts kept)")
         print(f"mean tokens per target pass: {spec.tokens_per_target_call:.2f}")
-        print(f"target passes: {spec.target_calls}, draft passes: {spec.draft_calls}")
+        if args.draft == NGRAM:  # a lookup makes no draft pass: count what it proposed
+            no_match = sum(k == 0 for k in spec.lookahead_per_round)
+            print(f"target passes: {spec.target_calls}, drafted tokens: {spec.draft_calls} by prompt lookup "
+                  f"(n-grams {args.ngram_max} down to {args.ngram_min}; no match in {no_match} rounds)")
+        else:
+            print(f"target passes: {spec.target_calls}, draft passes: {spec.draft_calls}")
         chosen = [k for k in spec.lookahead_per_round if k > 0]
         if args.lookahead == "auto" and chosen:
             print(f"mean K chosen per round: {sum(chosen) / len(chosen):.2f}")

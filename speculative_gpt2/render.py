@@ -230,6 +230,8 @@ def _trace_round_html(number: int, r, tokenizer, opened: bool) -> str:
     table = ('<table><tr><th>i</th><th class="token">draft x<sub>i</sub></th><th>p(x<sub>i</sub>)</th>'
              '<th>q(x<sub>i</sub>)</th><th>min(1, q/p)</th><th>r<sub>i</sub></th><th>verdict</th></tr>'
              f'{"".join(rows)}</table>') if rows else ""
+    if r.source:  # the drafter's word on where the drafts came from, e.g. a lookup's position
+        table = f'<p class="source">{html.escape(r.source)}</p>' + table
     return (f'<details class="round" data-kept="{r.kept}" data-proposed="{len(r.drafts)}"{" open" if opened else ""}>'
             f'<summary>Round {number}: {r.kept} of {len(r.drafts)} drafts kept, then {origin} {token(r.next_token)} '
             f'&middot; draft {r.draft_ms:.1f} ms, verify {r.verify_ms:.1f} ms</summary>{table}'

@@ -23,7 +23,7 @@ def bench(tmp_path_factory):
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--target", str(folder / "target"),
          "--draft", str(folder / "draft"), "--max-new-tokens", "12", "--lookahead", "2", "4", "--repeats", "2",
-         "--dtype", "float32", "--out", str(folder / "out")],
+         "--dtype", "float32", "--before", "HEAD", "--out", str(folder / "out")],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     data = json.loads((folder / "out" / "bench.json").read_text())
@@ -36,8 +36,11 @@ def bench(tmp_path_factory):
 def test_every_row_is_there(bench):
     data, table, _, _ = bench
     expected = {"naive (KV cache)", "naive (no cache)", "speculative, small, K=2", "speculative, small, K=4",
-                "speculative, small, K=auto", "transformers generate", "transformers assisted, small, K=2", "transformers assisted, small, K=4",
-                "transformers assisted, small, defaults"}
+                "speculative, small, K=auto", "speculative, ngram, K=2", "speculative, ngram, K=4",
+                "speculative, ngram, K=auto", "speculative before, small, K=2", "speculative before, small, K=4",
+                "speculative before, small, K=auto", "transformers generate", "transformers assisted, small, K=2",
+                "transformers assisted, small, K=4", "transformers assisted, small, defaults",
+                "transformers prompt lookup, ngram, K=2", "transformers prompt lookup, ngram, K=4"}
     assert set(data["runs"]) == expected == set(table)
     for name, run in data["runs"].items():
         assert len(run["seconds"]) == (1 if name == "naive (no cache)" else 2)
@@ -53,13 +56,13 @@ def test_derived_figures_match_the_raw_times(bench):
         seconds = statistics.median(run["seconds"])
         assert table[name][1] == f"{seconds:.2f}"
         assert table[name][3] == f"{naive / seconds:.2f}"
-        if run["method"] == "speculative":
-            assert table[name][4] == f"{run['accepted'] / run['proposed']:.2f}"
+        if run["method"] in ("speculative", "speculative before"):
+            assert table[name][4] == (f"{run['accepted'] / run['proposed']:.2f}" if run["proposed"] else "")
             alpha = run["accepted"] / (run["accepted"] + run["rejections"]) if run["accepted"] else 0.0
             assert table[name][5] == f"{alpha:.2f}"
             assert table[name][7] == f"{len(run['tokens']) / len(run['lookahead_per_round']):.2f}"
             K = run["lookahead"]
-            if K is None:  # adaptive: no prediction
+            if K is None or run["draft"] == "ngram":  # adaptive, or a lookup that may propose nothing: no prediction
                 continue
 
             def speedup(a):
