@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from speculative_gpt2.checkpoints import DownloadError, download
-from gpt2_model import GPT2, CheckpointError
+from gpt2_model import GPT2, PRESETS, CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,6 +110,8 @@ def hub(reference_folder, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # never satisfied from a real cache
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    # The served model passes for the preset gpt2 by shape (3 layers, 4 heads, 96 wide), as the real one would.
+    monkeypatch.setitem(PRESETS, "gpt2", (3, 4, 96))
     yield server
     server.shutdown()
     server.server_close()
@@ -118,7 +120,7 @@ def hub(reference_folder, monkeypatch):
 def test_download_with_progress_bar_then_load(hub, tmp_path, capsys, reference_folder):
     model = GPT2.from_pretrained("gpt2", weights_dir=tmp_path)
     folder = tmp_path / "gpt2"
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [".verified.json", "config.json", "model.safetensors"]
     assert (folder / "model.safetensors").read_bytes() == hub.files["model.safetensors"]
     err = capsys.readouterr().err
     assert "model.safetensors" in err and "100%" in err
