@@ -486,9 +486,9 @@ def check_tensors(folder: Path, files: list[Path], config: GPT2Config) -> tuple[
                 if key != "lm_head.weight" and key not in expected:
                     raise CheckpointError(f"{path}: unexpected tensor {raw_key!r} for {describe(config)}"
                                           + _layer_note(names, config))
-                shape, floating = tensors.header(raw_key)
-                if not floating:  # int8, bool, complex ...: converting them to weights would be silently wrong
-                    raise CheckpointError(f"{path}: tensor {raw_key!r} is {floating!r}, not floating point: GPT-2 "
+                shape, not_floating = tensors.header(raw_key)
+                if not_floating:  # int8, bool, complex ...: converting them to weights would be silently wrong
+                    raise CheckpointError(f"{path}: tensor {raw_key!r} is {not_floating}, not floating point: GPT-2 "
                                           f"weights are float32, float16 or bfloat16; this is not a GPT-2 "
                                           f"checkpoint (or a quantized one, which this model cannot load)")
                 shape = shape[::-1] if _is_conv1d(key) else shape
@@ -548,7 +548,8 @@ def _is_out_of_memory(error: BaseException) -> bool:
     """MemoryError, torch's OutOfMemoryError, or an allocator's refusal reported as another error."""
     text = str(error).lower()
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or any(
-        s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory", "os error 12"))
+        s in text for s in ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory",
+                            "os error 12"))
 
 
 def _out_of_memory_message(path: Path, config: GPT2Config, dtype, device) -> str:
@@ -600,14 +601,14 @@ class _TensorFile:
     def get(self, key: str) -> torch.Tensor:
         return self._read(lambda: self._get(key))
 
-    def header(self, key: str) -> tuple[tuple[int, ...], bool | str]:
-        """The tensor's shape, and True if it is floating point, else its dtype's name; no data read."""
+    def header(self, key: str) -> tuple[tuple[int, ...], str | None]:
+        """The tensor's shape, and its dtype's name if it is not floating point (else None); no data read."""
         if self._file is not None:
             info = self._read(lambda: self._file.get_slice(key))
             kind = info.get_dtype()  # "F32", "BF16", "F8_E4M3", "I64", "BOOL", "C64" ...
-            return tuple(info.get_shape()), kind.startswith(("F", "BF")) or kind
+            return tuple(info.get_shape()), None if kind.startswith(("F", "BF")) else kind
         t = self.get(key)  # a memory map or a loaded dict: no copy
-        return tuple(t.shape), t.dtype.is_floating_point or str(t.dtype).removeprefix("torch.")
+        return tuple(t.shape), None if t.dtype.is_floating_point else str(t.dtype).removeprefix("torch.")
 
     def _read(self, read):
         try:

@@ -3,7 +3,9 @@
 `find_checkpoint(name_or_path)` returns the folder that holds a checkpoint, downloading a preset only when no
 local copy exists; `GPT2.from_pretrained` calls it and then reads the folder (gpt2_model.py). `download` writes
 each file to `<file>.part`, resumes it with an HTTP Range request after a cut connection, checks it against the
-SHA-256 the hub announces, and only then renames it into place.
+SHA-256 the hub announces, and only then renames it into place; then it records what it verified in
+`.verified.json`, which every later load of the preset checks (`check_preset_folder`). Downloads of one preset
+take turns on a lock file.
 
     python -m speculative_gpt2.checkpoints gpt2-xl gpt2        # download ahead of time
 
