@@ -389,9 +389,11 @@ if __name__ == "__main__":
     parser.add_argument("names", nargs="+", choices=list(HUB_REPOS), metavar="NAME", help=", ".join(HUB_REPOS))
     parser.add_argument("--weights-dir", default=str(default_weights_dir()), help=f"where checkpoints go (${ENV_WEIGHTS} sets it)")
     args = parser.parse_args()
+    from speculative_gpt2.render import printable  # paths and messages may hold characters a terminal acts on
+
     for preset in args.names:
         try:  # a copy already in weights/ or the Hugging Face cache is reported, not downloaded again
-            print(find_checkpoint(preset, weights_dir=args.weights_dir))
+            print(printable(str(find_checkpoint(preset, weights_dir=args.weights_dir))))
         except (DownloadError, ValueError, OSError) as e:  # one line, never a traceback
-            print(f"speculative_gpt2.checkpoints: error: {e}", file=sys.stderr)
+            print(f"speculative_gpt2.checkpoints: error: {printable(str(e))}", file=sys.stderr)
             sys.exit(2)
