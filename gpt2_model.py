@@ -512,7 +512,8 @@ def _layer_note(names: dict, config: GPT2Config) -> str:
     # Whole layers missing or extra: say so in the config's terms, the likely mistake.
     layers = {int(m.group(1)) for k in names if (m := re.match(r"h\.(\d+)\.", k))}
     if layers and len(layers) != config.n_layer:
-        return f": the file holds {len(layers)} layers, config.json says n_layer={config.n_layer}"
+        return (f": the file holds {len(layers)} layer{'s' if len(layers) != 1 else ''}, config.json says "
+                f"n_layer={config.n_layer}")
     return ""
 
 
