@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import shutil
+import tempfile
 import re
 from dataclasses import asdict, dataclass
 from numbers import Integral
@@ -390,9 +391,9 @@ class GPT2(nn.Module):
         device = resolve_device(str(device or "cpu"))
         folder = find_checkpoint(name_or_path, weights_dir=weights_dir, allow_download=download)
         config = checkpoint_config(folder, preset_of(name_or_path))
+        state = read_checkpoint(folder, config, dtype=dtype or torch.float32, device=device)  # checked, then read
         with torch.device("meta"):  # no memory and no random init for weights about to be replaced
             model = cls(config)
-        state = read_checkpoint(folder, config, dtype=dtype or torch.float32, device=device)
         model.load_state_dict(state, assign=True)
         model.checkpoint_folder = folder  # where it was loaded from, for reports
         return model.eval()
@@ -479,14 +480,41 @@ def read_checkpoint(folder: Path, config: GPT2Config, *, dtype=torch.float32, de
     """Our state dict from a checkpoint folder, checked against `config`: every tensor present once, shaped right.
 
     Both layouts found in the wild load: the hub's (no prefix, with `attn.bias` mask buffers) and
-    `save_pretrained`'s (a `transformer.` prefix, no buffers), in one file or in shards. Tensors are read one at
-    a time from a memory map and converted on the way, so no second full copy of the model is built. An
-    `lm_head.weight` must equal `wte.weight` (GPT-2 ties them): an untied head is refused, never dropped.
+    `save_pretrained`'s (a `transformer.` prefix, no buffers), in one file or in shards. The files' tensor names,
+    shapes and dtypes are checked first, from their headers, before any weight is read or any memory is taken;
+    then tensors are read one at a time from a memory map and converted on the way, so no second full copy of
+    the model is built. An `lm_head.weight` must equal `wte.weight` (GPT-2 ties them): an untied head is refused,
+    never dropped.
     """
-    expected = {k: tuple(v.shape) for k, v in _shape_model(config).state_dict().items()}
-    state, names, lm_head = {}, {}, None
     files = checkpoint_files(folder)
+    where, lm_head = check_tensors(folder, files, config)
+    state = {}
     for path in files:
+        with _TensorFile(path) as tensors:
+            for key, raw_key in where[path]:
+                t = tensors.get(raw_key)
+                t = t.t() if _is_conv1d(key) else t
+                # Always a copy of our own: a tensor left on the memory map would keep the whole file's pages
+                # mapped (gigabytes of resident memory with GPT-2 XL, whose wte needs no conversion in float32).
+                state[key] = _allocate(path, config, dtype, device, lambda: torch.empty(t.shape, dtype=dtype,
+                                                                                       device=device).copy_(t))
+    if lm_head is not None:
+        with _TensorFile(lm_head[0]) as tensors:
+            head = tensors.get(lm_head[1])
+            if not torch.equal(head.to(device, dtype), state["wte.weight"]):
+                raise CheckpointError(f"{lm_head[0]}: lm_head.weight differs from wte.weight (an untied LM head): "
+                                      f"not supported, this GPT-2 ties its LM head to the token embedding")
+    return state
+
+
+def check_tensors(folder: Path, files: list[Path], config: GPT2Config) -> tuple[dict, tuple | None]:
+    """Checks the checkpoint's tensor names, shapes and dtypes against `config`, from the file headers only (no
+    weights read, no model built: a config that claims 10,000 layers over a 1-layer file is refused at once).
+    Returns {file: [(our key, the file's key)]} and where an `lm_head.weight` is, if anywhere."""
+    expected = expected_shapes(config)
+    where, names, lm_head = {}, {}, None
+    for path in files:
+        where[path] = []
         with _TensorFile(path) as tensors:
             for raw_key in tensors.keys():
                 key = raw_key.removeprefix("transformer.")
@@ -496,37 +524,80 @@ def read_checkpoint(folder: Path, config: GPT2Config, *, dtype=torch.float32, de
                     raise CheckpointError(f"{path}: holds {key!r} twice (as {names[key]!r} and {raw_key!r}): "
                                           f"which one is meant is unclear")
                 names[key] = raw_key
+                if key != "lm_head.weight" and key not in expected:
+                    raise CheckpointError(f"{path}: unexpected tensor {raw_key!r} for {describe(config)}"
+                                          + _layer_note(names, config))
+                shape, not_floating = tensors.header(raw_key)
+                if not_floating:  # int8, bool, complex ...: converting them to weights would be silently wrong
+                    raise CheckpointError(f"{path}: tensor {raw_key!r} is {not_floating}, not floating point: GPT-2 "
+                                          f"weights are float32, float16 or bfloat16; this is not a GPT-2 "
+                                          f"checkpoint (or a quantized one, which this model cannot load)")
+                shape = shape[::-1] if _is_conv1d(key) else shape
+                want = expected.get(key, expected["wte.weight"])  # a tied lm_head has wte's shape
+                if shape != want:
+                    raise CheckpointError(f"{path}: tensor {raw_key!r} has shape {list(shape)}, expected "
+                                          f"{list(want)} for {describe(config)}")
                 if key == "lm_head.weight":
                     lm_head = (path, raw_key)
-                    continue
-                if key not in expected:
-                    raise CheckpointError(f"{path}: unexpected tensor {raw_key!r} for {describe(config)}")
-                t = tensors.get(raw_key)
-                t = t.t() if _is_conv1d(key) else t
-                if tuple(t.shape) != expected[key]:
-                    raise CheckpointError(
-                        f"{path}: tensor {raw_key!r} has shape {list(t.shape)}, expected {list(expected[key])} "
-                        f"for {describe(config)}"
-                    )
-                # Always a copy of our own: a tensor left on the memory map would keep the whole file's pages
-                # mapped (gigabytes of resident memory with GPT-2 XL, whose wte needs no conversion in float32).
-                state[key] = torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
-    missing = sorted(set(expected) - set(state))
+                else:
+                    where[path].append((key, raw_key))
+    missing = sorted(set(expected) - set(names))
     if missing:
-        where = files[0] if len(files) == 1 else f"{folder} (shards)"
-        raise CheckpointError(f"{where}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
-    if lm_head is not None:
-        with _TensorFile(lm_head[0]) as tensors:
-            head = tensors.get(lm_head[1])
-            if head.shape != state["wte.weight"].shape or not torch.equal(head.to(device, dtype), state["wte.weight"]):
-                raise CheckpointError(f"{lm_head[0]}: lm_head.weight differs from wte.weight (an untied LM head): "
-                                      f"not supported, this GPT-2 ties its LM head to the token embedding")
-    return state
+        place = files[0] if len(files) == 1 else f"{folder} (shards)"
+        raise CheckpointError(f"{place}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)"
+                              + _layer_note(names, config))
+    return where, lm_head
 
 
-def _shape_model(config: GPT2Config) -> GPT2:
-    with torch.device("meta"):
-        return GPT2(config)
+def _layer_note(names: dict, config: GPT2Config) -> str:
+    # Whole layers missing or extra: say so in the config's terms, the likely mistake.
+    layers = {int(m.group(1)) for k in names if (m := re.match(r"h\.(\d+)\.", k))}
+    if layers and len(layers) != config.n_layer:
+        return (f": the file holds {len(layers)} layer{'s' if len(layers) != 1 else ''}, config.json says "
+                f"n_layer={config.n_layer}")
+    return ""
+
+
+def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of a GPT-2 with this config (Linear weights [out, in]), computed from the config
+    alone: no module is built."""
+    C = config.n_embd
+    shapes = {"wte.weight": (config.vocab_size, C), "wpe.weight": (config.n_positions, C),
+              "ln_f.weight": (C,), "ln_f.bias": (C,)}
+    layer = {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (3 * C, C), "attn.c_attn.bias": (3 * C,),
+             "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
+             "mlp.c_fc.weight": (4 * C, C), "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (C, 4 * C),
+             "mlp.c_proj.bias": (C,)}
+    for i in range(config.n_layer):
+        shapes |= {f"h.{i}.{name}": shape for name, shape in layer.items()}
+    return shapes
+
+
+class OutOfMemory(CheckpointError):
+    """Memory ran out while loading: the checkpoint is not to blame, and must not be deleted."""
+
+
+def _allocate(path: Path, config: GPT2Config, dtype, device, make):
+    try:
+        return make()
+    except (MemoryError, RuntimeError) as e:
+        if not _is_out_of_memory(e):
+            raise
+        raise OutOfMemory(_out_of_memory_message(path, config, dtype, device)) from None
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """MemoryError, torch's OutOfMemoryError, or an allocator's refusal reported as another error."""
+    text = str(error).lower()
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or any(
+        s in text for s in ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory",
+                            "os error 12"))
+
+
+def _out_of_memory_message(path: Path, config: GPT2Config, dtype, device) -> str:
+    return (f"out of memory while loading {path} ({describe(config)}) as {str(dtype).removeprefix('torch.')} on "
+            f"{device}: the file is not at fault; free memory, or use a smaller model or dtype (bfloat16 needs "
+            f"half of float32)")
 
 
 def describe(config: GPT2Config) -> str:
@@ -539,7 +610,7 @@ class _TensorFile:
     with one line saying which, whatever way safetensors or torch.load report it."""
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path, self._file = path, None
 
     def __enter__(self):
         try:
@@ -572,9 +643,23 @@ class _TensorFile:
     def get(self, key: str) -> torch.Tensor:
         return self._read(lambda: self._get(key))
 
+    def header(self, key: str) -> tuple[tuple[int, ...], str | None]:
+        """The tensor's shape, and its dtype's name if it is not floating point (else None); no data read."""
+        if self._file is not None:
+            info = self._read(lambda: self._file.get_slice(key))
+            kind = info.get_dtype()  # "F32", "BF16", "F8_E4M3", "I64", "BOOL", "C64" ...
+            return tuple(info.get_shape()), None if kind.startswith(("F", "BF")) else kind
+        t = self.get(key)  # a memory map or a loaded dict: no copy
+        return tuple(t.shape), None if t.dtype.is_floating_point else str(t.dtype).removeprefix("torch.")
+
     def _read(self, read):
         try:
             return read()
+        except (MemoryError, RuntimeError, OSError) as e:
+            if not _is_out_of_memory(e):
+                raise _Corrupt(self.path, e) from None
+            raise OutOfMemory(f"out of memory while reading {self.path}: the file is not at fault; free memory, "
+                              f"or use a smaller model or dtype (bfloat16 needs half of float32)") from None
         except pickle.UnpicklingError as e:
             if "weights only" not in str(e).lower():
                 raise _Corrupt(self.path, e) from None
@@ -593,12 +678,34 @@ class _Corrupt(CheckpointError):
 
 def write_atomically(dest: Path, write) -> None:
     """Calls write(temporary path) beside `dest`, syncs, then renames: a crash or an error never leaves a
-    half-written file under `dest`'s name."""
-    tmp = dest.with_name(dest.name + ".tmp")
+    half-written file under `dest`'s name.
+
+    The temporary path lies in a folder made for this call in `dest`'s folder, with a unique name, created
+    exclusively and private (0700: `mkdtemp`): nothing planted under a guessable name (a symlink, a user's own
+    `run.html.tmp`) is followed or consumed, whatever `write` does with the path (safetensors replaces the file
+    it writes). The file gets the permissions of any new file, 0666 minus the umask, then is renamed over `dest`.
+    """
+    dest = Path(dest)
+    folder = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    tmp = folder / dest.name
     try:
         write(str(tmp))
         with open(tmp, "rb+") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, dest)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask

@@ -146,7 +146,8 @@ class TraceRound:
     `drafts` x1..xK with `p` = p(xi) and `q` = q(xi); `r` the uniform draws (None at temperature 0, where a draft
     is kept iff it is the target's argmax); `kept` drafts kept; then `next_token`, drawn from norm(max(0, q - p))
     after a rejection or from q after all K were kept, with `next_probability` under that distribution; `source`
-    the drafter's word on where the drafts came from, if it gave one (a lookup: the position it copied from).
+    the drafter's word on where the drafts came from, if it gave one (a lookup: the position it copied from). As in
+    the Generation, a kept EOS ends the round: `drafts` stop at it and `next_token` is None (nothing came after it).
     """
 
     drafts: list[int]
@@ -154,8 +155,8 @@ class TraceRound:
     q: list[float]
     r: list[float] | None
     kept: int
-    next_token: int
-    next_probability: float
+    next_token: int | None
+    next_probability: float | None
     draft_ms: float
     verify_ms: float
     source: str | None = None
@@ -166,22 +167,30 @@ class TraceRound:
         return [min(1.0, q / p) if p > 0 else 1.0 for p, q in zip(self.p, self.q)]
 
     @property
-    def next_origin(self) -> Origin:
+    def next_origin(self) -> Origin | None:
+        """Where `next_token` came from; None when a kept EOS ended the round before it."""
         K = len(self.drafts)
+        if self.next_token is None:
+            return None
         return Origin.TARGET if K == 0 else Origin.BONUS if self.kept == K else Origin.RESAMPLED
 
 
 def trace_round(drafts: torch.Tensor, p: torch.Tensor, q: torch.Tensor, r: torch.Tensor | None, round: Round,
-                next_token: int, source: str | None = None) -> TraceRound:
-    """A round's numbers read back from the device (only when tracing: extra transfers)."""
-    K, kept = len(drafts), round.kept
+                next_token: int | None, source: str | None = None) -> TraceRound:
+    """A round's numbers read back from the device (only when tracing: extra transfers), as the Generation
+    committed it: `round` and `next_token` after an EOS cut (see `Generation.commit_round`)."""
+    K, kept = round.lookahead, round.kept
+    drafts, p, q, r = drafts[:K], p[:K], q[: K + 1], None if r is None else r[:K]
     rows = torch.arange(K, device=drafts.device)
-    p_next = p[kept] if kept < K else torch.zeros_like(q[kept])  # as in accept_or_resample: the bonus comes from q
-    residual = residual_distribution(q[kept], p_next)
+    probability = None
+    if next_token is not None:
+        p_next = p[kept] if kept < K else torch.zeros_like(q[kept])  # as in accept_or_resample: the bonus is from q
+        residual = residual_distribution(q[kept], p_next)
+        probability = (residual[next_token] / residual.sum()).item()
     return TraceRound(drafts=drafts.tolist(), p=p[rows, drafts].tolist(), q=q[rows, drafts].tolist(),
                       r=None if r is None else r.tolist(), kept=kept, next_token=next_token,
-                      next_probability=(residual[next_token] / residual.sum()).item(),
-                      draft_ms=round.draft_ms, verify_ms=round.verify_ms, source=source)
+                      next_probability=probability, draft_ms=round.draft_ms, verify_ms=round.verify_ms,
+                      source=source)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -343,9 +352,11 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
         *draft_ids, kept_count, next_id, draft_ok, target_ok = synced
         _broken_model({"draft model": draft_ok, "target model": target_ok}, len(out.tokens))
         round = Round(K, kept_count, clock.ms(started, drafted), clock.ms(drafted, verified))
-        if trace:
-            out.trace.append(trace_round(drafts, p, q, r, round, next_id, source))
         new = out.commit_round(draft_ids, round, next_id, eos_token_id)
+        if trace:  # the round as committed: an EOS among the kept drafts cuts it
+            committed = out.rounds[-1]
+            out.trace.append(trace_round(drafts, p, q, r, committed, next_id if len(new) > committed.kept else None,
+                                          source))
         if K > 0:
             policy.update(round)
         # Commit on the device too, from the device's own tensors: no copy of a Python list per round.

@@ -3,7 +3,9 @@
 `find_checkpoint(name_or_path)` returns the folder that holds a checkpoint, downloading a preset only when no
 local copy exists; `GPT2.from_pretrained` calls it and then reads the folder (gpt2_model.py). `download` writes
 each file to `<file>.part`, resumes it with an HTTP Range request after a cut connection, checks it against the
-SHA-256 the hub announces, and only then renames it into place.
+SHA-256 the hub announces, and only then renames it into place; then it records what it verified in
+`.verified.json`, which every later load of the preset checks (`check_preset_folder`). Downloads of one preset
+take turns on a lock file.
 
     python -m speculative_gpt2.checkpoints gpt2-xl gpt2        # download ahead of time
 
@@ -14,7 +16,10 @@ The weights folder (`default_weights_dir()`): $SPECULATIVE_GPT2_WEIGHTS if set; 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import json
 import http.client
 import os
 import re
@@ -24,7 +29,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from gpt2_model import PRESETS, CheckpointError, GPT2Config, checkpoint_config, checkpoint_files, describe, same_shape
+from gpt2_model import (PRESETS, CheckpointError, GPT2Config, checkpoint_config, checkpoint_files, describe, same_shape,
+                        write_atomically)
 
 ENV_WEIGHTS = "SPECULATIVE_GPT2_WEIGHTS"
 HUB_REPOS = {
@@ -78,12 +84,7 @@ def preset_of(name_or_path) -> str | None:
 def _find_preset(name: str, weights_dir, allow_download: bool) -> Path:
     folder = Path(weights_dir or default_weights_dir()) / name
     if folder.is_dir() and checkpoint_files(folder) is not None:
-        # Files put here by hand (random weights, another model) must not pass for the preset.
-        config, want = checkpoint_config(folder, name), GPT2Config.from_name(name)
-        if not same_shape(config, want):
-            raise CheckpointError(f"{folder} holds a model with {describe(config)}, not the preset {name} "
-                                  f"({describe(want)}): move it elsewhere and pass its folder instead")
-        return folder
+        return check_preset_folder(folder, name)
     snapshot = hf_cache_snapshot(name)
     if snapshot is not None:
         return snapshot
@@ -91,7 +92,74 @@ def _find_preset(name: str, weights_dir, allow_download: bool) -> Path:
         reason = "HF_HUB_OFFLINE is set" if offline() else "downloading is off"
         raise CheckpointError(f"no checkpoint for {name} in {folder} or the Hugging Face cache ({hf_cache_dir()})"
                               f"{_cache_note(name)}, and {reason}: {ways_out(name, folder)}")
-    return download(name, weights_dir)
+    # The same checks as on every later run: a mirror (HF_ENDPOINT) may serve another model under the name.
+    return check_preset_folder(download(name, weights_dir), name)
+
+
+def check_preset_folder(folder: Path, name: str) -> Path:
+    """`folder` if it holds the preset as a download verified it; CheckpointError otherwise.
+
+    Files put in `<weights_dir>/<name>` by hand (random weights, another model) must not pass for the preset: the
+    folder must have the preset's shape and `.verified.json`, the record a download writes after checking each
+    file against the hash the hub announced, with each file's size and modification time then; a file changed
+    since, or a folder without the record, is refused, and the message says how to load it as a plain folder.
+    """
+    config, want = checkpoint_config(folder, name), GPT2Config.from_name(name)
+    as_folder = (f"to load it anyway as an unverified checkpoint, pass its path (--target/--draft {folder}); to get "
+                 f"the preset, move it elsewhere and run again")
+    if not same_shape(config, want):
+        raise CheckpointError(f"{folder} holds a model with {describe(config)}, not the preset {name} "
+                              f"({describe(want)}): move it elsewhere and pass its folder instead")
+    record = _read_record(folder)
+    if record is None:
+        raise CheckpointError(f"{folder} has no record of a verified download ({RECORD}), so it may not be the "
+                              f"official {name} (files placed by hand, random weights): {as_folder}")
+    for path in [folder / "config.json", *checkpoint_files(folder)]:
+        entry, stat = record.get(path.name), path.stat() if path.exists() else None
+        if entry is None or stat is None or (entry.get("size"), entry.get("mtime_ns")) != (stat.st_size,
+                                                                                          stat.st_mtime_ns):
+            raise CheckpointError(f"{path} is not the file whose download was verified ({RECORD} records another "
+                                  f"size or time, or none): {as_folder}")
+    return folder
+
+
+RECORD = ".verified.json"
+
+
+def _read_record(folder: Path) -> dict | None:
+    """The files of `folder`'s verification record ({name: {"size", "mtime_ns", hash kind: hex}}), or None."""
+    try:
+        files = json.loads((folder / RECORD).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return files if isinstance(files, dict) and all(isinstance(v, dict) for v in files.values()) else None
+
+
+def _write_record(folder: Path, name: str, hashes: dict[str, tuple[str, str]]) -> None:
+    """Writes what the download verified: each file's hash, and its size and time for cheap checks later."""
+    files = {}
+    for filename, (kind, digest) in hashes.items():
+        stat = (folder / filename).stat()
+        files[filename] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, kind: digest}
+    record = {"preset": name, "from": _hub_url(name, ""), "files": files}
+    write_atomically(folder / RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+
+
+@contextlib.contextmanager
+def _download_lock(folder: Path):
+    """Holds an exclusive lock on `<weights_dir>/.<name>.lock` (beside the folder, which a failed download may
+    remove): a second process downloading the same preset waits here, then finds the files verified."""
+    lock = folder.with_name(f".{folder.name}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        raise DownloadError(f"cannot create the lock file {lock} for the download ({e.strerror or e}): choose "
+                            f"another --weights-dir") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def offline() -> bool:
@@ -104,7 +172,8 @@ def ways_out(name: str, folder: Path) -> str:
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     random_folder = folder.parent / f"random-{name}"
     return (f"pass a checkpoint folder instead of {name!r} (--target/--draft FOLDER on the command line), download "
-            f"config.json and model.safetensors by hand from {endpoint}/{HUB_REPOS[name]} into {folder}, point "
+            f"config.json and model.safetensors by hand from {endpoint}/{HUB_REPOS[name]} into a folder and pass "
+            f"that folder, point "
             f"HF_HOME or HF_HUB_CACHE at a Hugging Face cache that has {HUB_REPOS[name]}"
             + ("" if offline() else ", set HF_ENDPOINT to a mirror")
             + f", or try the code on random weights of its shape: python -m speculative_gpt2.random_checkpoint {name} "
@@ -172,18 +241,23 @@ def download(name: str, weights_dir: str | os.PathLike | None = None, *, retries
     if offline():
         raise DownloadError(f"HF_HUB_OFFLINE is set, so {name} is not downloaded: {ways_out(name, folder)}")
     urls = {filename: _hub_url(name, filename) for filename in ("config.json", "model.safetensors")}
-    created = not folder.exists()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DownloadError(f"cannot create {folder} for the download ({e.strerror or e}): choose another "
                             f"--weights-dir") from None
-    try:
-        for filename, url in urls.items():
-            _fetch(url, folder / filename, retries=retries)
-    except DownloadError as e:
-        _remove_empty(folder, created)
-        raise DownloadError(f"{e}. Instead: {ways_out(name, folder)}") from None
+    with _download_lock(folder):
+        if _read_record(folder) is not None and all((folder / f).exists() for f in urls):
+            return folder  # another process downloaded it while this one waited: check_preset_folder checks it
+        created = not folder.exists()
+        folder.mkdir(exist_ok=True)
+        try:
+            hashes = {filename: _fetch(url, folder / filename, retries=retries) for filename, url in urls.items()}
+        except DownloadError as e:
+            _remove_empty(folder, created)
+            raise DownloadError(f"{e}. Instead: {ways_out(name, folder)}") from None
+        if all(hashes.values()):  # a file the server announced no hash for is kept, but not recorded as verified
+            _write_record(folder, name, hashes)
     return folder
 
 
@@ -222,10 +296,13 @@ def _expected_hash(url: str) -> tuple[str, str] | None:
     return None
 
 
-def _fetch(url: str, dest: Path, *, retries: int) -> None:
-    """Downloads `url` to `dest` through `<dest>.part`, verified. A left-over .part whose bytes turn out wrong (a
+def _fetch(url: str, dest: Path, *, retries: int) -> tuple[str, str] | None:
+    """Downloads `url` to `dest` through `<dest>.part`, verified; returns the hash checked (None if none was
+    announced). A left-over .part whose bytes turn out wrong (a
     hash mismatch after resuming it) is discarded and the file downloaded again from zero, once."""
     part = dest.with_name(dest.name + ".part")
+    if part.is_symlink():  # the partial file is opened by name to resume it: a link there is never followed
+        raise DownloadError(f"{part} is a symbolic link, which a download does not follow: remove it")
     expected = _expected_hash(url)
     resumed = part.exists() and part.stat().st_size > 0
     _download(url, part, retries)
@@ -243,6 +320,7 @@ def _fetch(url: str, dest: Path, *, retries: int) -> None:
     else:
         print(f"warning: {url} announced no hash, so {dest.name} is not verified", file=sys.stderr)
     os.replace(part, dest)
+    return expected
 
 
 def _download(url: str, part: Path, retries: int) -> None:
@@ -284,7 +362,9 @@ def _download_into(url: str, part: Path) -> bool:
             have = 0  # the server ignored the Range request: start over
         size = response.headers.get("Content-Length")
         total = have + int(size) if size is not None else None
-        with open(part, "ab" if have else "wb") as f, tqdm(
+        # O_NOFOLLOW: a symbolic link planted under the .part name is refused, not followed.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if have else os.O_TRUNC)
+        with os.fdopen(os.open(part, flags, 0o666), "ab" if have else "wb") as f, tqdm(
             total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name.removesuffix(".part"),
             file=sys.stderr,
         ) as bar:
@@ -318,9 +398,11 @@ if __name__ == "__main__":
     parser.add_argument("names", nargs="+", choices=list(HUB_REPOS), metavar="NAME", help=", ".join(HUB_REPOS))
     parser.add_argument("--weights-dir", default=str(default_weights_dir()), help=f"where checkpoints go (${ENV_WEIGHTS} sets it)")
     args = parser.parse_args()
+    from speculative_gpt2.render import printable  # paths and messages may hold characters a terminal acts on
+
     for preset in args.names:
         try:  # a copy already in weights/ or the Hugging Face cache is reported, not downloaded again
-            print(find_checkpoint(preset, weights_dir=args.weights_dir))
+            print(printable(str(find_checkpoint(preset, weights_dir=args.weights_dir))))
         except (DownloadError, ValueError, OSError) as e:  # one line, never a traceback
-            print(f"speculative_gpt2.checkpoints: error: {e}", file=sys.stderr)
+            print(f"speculative_gpt2.checkpoints: error: {printable(str(e))}", file=sys.stderr)
             sys.exit(2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,7 @@ from gpt2_model import GPT2, PRESETS, checkpoint_config, write_atomically
 from speculative_gpt2.drafters import PromptLookupDrafter
 from speculative_gpt2.hardware import DTYPES, dtype_name, hardware_name, resolve_device, resolve_dtype
 from speculative_gpt2.lookahead import AdaptiveLookahead, break_even_alpha, estimated_alpha, predicted_speedup
+from speculative_gpt2.render import printable
 from speculative import Generation, Origin, autoregressive_sample, check_integer, check_real, speculative_sample
 from speculative_gpt2.tokenizer import load_tokenizer
 
@@ -38,8 +40,8 @@ DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+    def error(self, message):  # one line, not the usage block; the user's text in it shown safely
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see --help)\n")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -84,6 +86,23 @@ def _lookahead(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: give an integer >= 1, or auto") from None
 
 
+def _prompt(text: str) -> str:
+    # Bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape): refused, not silently U+FFFD.
+    if any("\ud800" <= c <= "\udfff" for c in text):
+        raise argparse.ArgumentTypeError("it holds bytes that are not UTF-8: pass the text in UTF-8")
+    return text
+
+
+def _threads(text: str) -> int:
+    # More threads than a few per core only wait for each other, and OpenMP sets up every one of them: a huge
+    # count (100000) ends in a crash, not an error.
+    top = 4 * (os.cpu_count() or 1)
+    threads = _checked(int, check_integer, minimum=1)(text)
+    if threads > top:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: at most {top} (4 per CPU core)")
+    return threads
+
+
 def _seed(text: str) -> int:
     seed = _checked(int, check_integer, minimum=0)(text)
     if seed >= 2**63:
@@ -98,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "Times plain decoding with the target and speculative sampling on the same prompt, and shows both texts.",
         formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue")
+    parser.add_argument("--prompt", type=_prompt, default=DEFAULT_PROMPT, help="text to continue")
     parser.add_argument("--target", default="gpt2-xl", help="target model: a preset name or a checkpoint folder")
     parser.add_argument("--draft", default="gpt2",
                         help=f"draft model: a preset name or a checkpoint folder; or {NGRAM}: prompt lookup, which "
@@ -110,14 +129,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=_checked(int, check_integer, minimum=1), default=128,
                         help="tokens to generate")
     parser.add_argument("--lookahead", "-K", type=_lookahead, default=4,
-                        help="draft tokens proposed per round (K), or auto: chosen every round from the measured "
-                        "acceptance rate and pass costs")
+                        help="draft tokens proposed per round (K), or auto: chosen every round from the acceptance "
+                        "rate so far and the pass costs: measured at temperature 0 (where K cannot change the text "
+                        "in float32); at temperature > 0 the paper's cost model (a draft pass costs c target passes, "
+                        "c = draft / target parameters), so that --seed still decides the text")
     parser.add_argument("--temperature", type=_checked(float, check_real, minimum=0), default=0.0,
                         help="0 is greedy; >0 samples")
     parser.add_argument("--top-k", type=_checked(int, check_integer, minimum=1), default=None,
                         help="keep the k most likely tokens (temperature > 0)")
     parser.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling mass (temperature > 0)")
-    parser.add_argument("--seed", type=_seed, default=0, help="seed of the sampling generator")
+    parser.add_argument("--seed", type=_seed, default=0,
+                        help="seed of the sampling generator: the same seed and flags give the same text on the same "
+                        "machine (with any --lookahead)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="weights and activations; auto: bfloat16 where the hardware runs it natively (CUDA with "
@@ -126,7 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="on CUDA, replay captured CUDA graphs for the decoding passes (cuda_graphs.py; not yet "
                         "measured on a GPU, so off by default)")
-    parser.add_argument("--threads", type=_checked(int, check_integer, minimum=1), default=None,
+    parser.add_argument("--threads", type=_threads, default=None,
                         help="CPU threads for torch (default: torch's choice); on a shared or small machine, "
                         "fewer threads than cores often time more steadily")
     parser.add_argument("--mode", default="both", choices=["both", "speculative", "naive"], help="what to run")
@@ -158,12 +181,29 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return _run(args)
+    except BrokenPipeError:  # the reader went away (`| head`): end quietly, as Unix tools do
+        return _quiet_exit_after_broken_pipe()
+    except (MemoryError, torch.OutOfMemoryError):
+        print(f"{PROG}: error: out of memory: use a smaller model, --dtype bfloat16 or fewer --max-new-tokens",
+              file=sys.stderr)
+        return 2
     except (ValueError, DownloadError, OSError) as e:  # bad input, weights or files: one line, no traceback
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # what was generated is already on the screen
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_exit_after_broken_pipe() -> int:
+    """141 (128 + SIGPIPE, what a shell reports for a Unix tool killed by it), with nothing printed; stdout is
+    pointed at /dev/null so that Python's own flush at exit does not complain about the closed pipe again."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        except (OSError, ValueError):
+            pass
+    return 141
 
 
 # The runs, in the order they are made; EXACT is plain decoding in the passes speculative sampling is compared in.
@@ -183,7 +223,7 @@ def _run(args) -> int:
         raise ValueError("the prompt is empty: pass some text with --prompt")
     lookup = args.draft == NGRAM
     names = {"target": args.target} | ({"draft": args.draft} if args.mode != "naive" and not lookup else {})
-    _check_before_loading(args, names)
+    _check_before_loading(args, names, device)
     # Find both checkpoints (downloading if needed), check them against the prompt, and only then load them.
     folders = {}
     for role, name in names.items():
@@ -195,15 +235,13 @@ def _run(args) -> int:
         _check_config(role, config, prompt, args.max_new_tokens, enc.n_vocab)
     models, load_seconds = {}, {}
     for role in folders:
-        print(f"Loading {role} {names[role]} ({dtype_name(dtype)}, {device}) ...", file=sys.stderr)
+        print(f"Loading {role} {printable(names[role])} ({dtype_name(dtype)}, {device}) ...", file=sys.stderr)
         started = time.perf_counter()
         models[role] = GPT2.from_pretrained(names[role], weights_dir=args.weights_dir, dtype=dtype, device=device,
                                             download=False)  # found above: already here
         load_seconds[role] = time.perf_counter() - started
     target, draft = models["target"], models.get("draft")
-    if args.cuda_graphs:
-        if device.type != "cuda":
-            raise ValueError("--cuda-graphs needs --device cuda")
+    if args.cuda_graphs:  # on CUDA: checked before loading
         for model in models.values():
             model.use_cuda_graphs()
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -215,7 +253,12 @@ def _run(args) -> int:
         else args.lookahead
 
     def lookahead():  # a fresh policy for every call: what one run learned must not steer the next
-        return AdaptiveLookahead(max_lookahead=max_lookahead) if args.lookahead == "auto" else args.lookahead
+        if args.lookahead != "auto":
+            return args.lookahead
+        # At temperature > 0, K must not follow measured times, which vary from run to run: K changes how the
+        # random stream is consumed, and the same seed must give the same text.
+        return AdaptiveLookahead(max_lookahead=max_lookahead,
+                                 cost_ratio=cost_ratio(target, draft) if args.temperature > 0 else None)
 
     def drafter():  # a fresh lookup drafter for every call, as for the policy
         return PromptLookupDrafter(args.ngram_max, args.ngram_min) if lookup else draft
@@ -264,21 +307,28 @@ def _run(args) -> int:
         title = f"{Path(args.target).name} / {Path(args.draft).name}, K={args.lookahead}, temperature {args.temperature}"
         page = trace_page(results[SPECULATIVE], enc, prompt, title=title)
         write_atomically(Path(args.trace), lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
-        print(f"trace of {len(results[SPECULATIVE].trace)} rounds: {args.trace}", file=sys.stderr)
+        print(f"trace of {len(results[SPECULATIVE].trace)} rounds: {printable(args.trace)}", file=sys.stderr)
     return 0
 
 
-def _check_before_loading(args, names: dict[str, str]) -> None:
+def _check_before_loading(args, names: dict[str, str], device: torch.device) -> None:
     """The checks that need no model, before minutes of loading or downloading."""
     for role, name in names.items():
         if not (preset_of(name) or Path(name).is_dir()):
             raise ValueError(f"--{role} {name!r} is neither a checkpoint folder nor a preset ({', '.join(PRESETS)})")
+    if args.cuda_graphs and device.type != "cuda":
+        raise ValueError("--cuda-graphs needs --device cuda")
     if args.trace is not None:
         if args.mode == "naive":
             raise ValueError("--trace shows speculative sampling: use --mode both or --mode speculative")
         trace = Path(args.trace)
         if trace.is_dir() or not trace.parent.is_dir():
             raise ValueError(f"--trace {args.trace}: give a file in an existing folder, e.g. run.html")
+        try:  # a real try, not os.access: root passes access() checks, yet cannot write to /sys
+            tempfile.TemporaryFile(dir=trace.parent).close()
+        except OSError as e:
+            raise ValueError(f"--trace {args.trace}: cannot write a file in {trace.parent} ({e.strerror or e}): "
+                             f"choose another folder") from None
 
 
 def _check_config(role: str, config, prompt: list[int], max_new_tokens: int, tokenizer_vocab: int) -> None:
@@ -300,7 +350,7 @@ def _run_and_show(title: str, run, prompt: list[int], enc, max_new_tokens: int, 
     On Ctrl-C, what was generated so far is shown before the interruption goes on."""
     from tqdm.auto import tqdm
 
-    from speculative_gpt2.render import TextStream, printable
+    from speculative_gpt2.render import TextStream
 
     print(f"\n=== {title} ===")
     done = []
@@ -349,7 +399,7 @@ def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2]
     for role, model in models.items():
         name, folder = getattr(args, role), model.checkpoint_folder
         where = "" if Path(name) == folder else f" from {folder}"  # a preset: the folder or cache snapshot used
-        print(f"{role}: {name}{where}, loaded in {load_seconds[role]:.1f} s")
+        print(printable(f"{role}: {name}{where}, loaded in {load_seconds[role]:.1f} s"))
     if args.draft == NGRAM and args.mode != "naive":
         print(f"draft: {NGRAM}, prompt lookup of n-grams {args.ngram_max} down to {args.ngram_min} (no draft model)")
     threads = f", threads: {torch.get_num_threads()}" if device.type == "cpu" else ""
@@ -386,7 +436,9 @@ def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2]
             print(f"target passes: {spec.target_calls}, draft passes: {spec.draft_calls}")
         chosen = [k for k in spec.lookahead_per_round if k > 0]
         if args.lookahead == "auto" and chosen:
-            print(f"mean K chosen per round: {sum(chosen) / len(chosen):.2f}")
+            how = (f"from the cost model, c = {cost_ratio(models['target'], models.get('draft')):.3f}: the same seed "
+                   f"gives the same text" if args.temperature > 0 else "from measured times")
+            print(f"mean K chosen per round: {sum(chosen) / len(chosen):.2f} ({how})")
         if naive is not None:
             for line in why_slower(spec, naive, auto=args.lookahead == "auto", dtype=dtype, device=device):
                 print(line)
@@ -446,6 +498,15 @@ def why_slower(spec: Generation, naive: Generation, *, auto: bool, dtype: torch.
     if need is not None and alpha >= need:
         tries.append("--threads with the number of idle cores")
     return lines + ([f"try: {'; '.join(tries)}"] if tries else [])
+
+
+def cost_ratio(target: GPT2, draft: GPT2 | None) -> float:
+    """c, a draft pass's cost in target passes, taken as the ratio of parameter counts: decoding reads every
+    weight once per pass. A number of the models, not a measurement, so a run's K sequence can be reproduced.
+    Without a draft model (prompt lookup) it is 0: a lookup reads no weights."""
+    if draft is None:
+        return 0.0
+    return sum(p.numel() for p in draft.parameters()) / sum(p.numel() for p in target.parameters())
 
 
 def _peak_memory(device: torch.device) -> str:

@@ -24,6 +24,8 @@ def resolve_device(name: str) -> torch.device:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cpu" and device.index not in (None, 0):  # torch sees all cores as one CPU device
+        raise ValueError(f"device {name!r}: torch has one CPU device (all cores): use cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available: use cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

@@ -8,7 +8,9 @@ call to call: pass a new one for a fresh start. (transformers' candidate generat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Protocol
 
 
@@ -103,12 +105,31 @@ class AdaptiveLookahead:
     it follows the text. t_draft (per pass) and t_verify (per number of rows) are measured as the rounds run.
     A verification size not yet measured costs the linear interpolation between measured sizes, or beyond them
     as much as the nearest one: optimistic, so that a larger K gets tried, and then measured.
-    K depends on measured times, so with a sampling temperature the same seed need not give the same tokens;
-    each call is still an exact sample from the target.
+
+    Measured times vary from run to run, and K changes how the random stream is consumed: with a sampling
+    temperature the same seed need not give the same tokens (each call is still an exact sample from the target).
+    With `cost_ratio=c`, times are not measured: the paper's cost model is used instead (a draft pass costs c
+    target passes, a verification pass costs 1 whatever K), so K depends only on the drafts kept so far, and the
+    same seed gives the same tokens.
     """
 
-    def __init__(self, max_lookahead: int = 12, first: int = 4, decay: float = 0.9):
-        self.max_lookahead, self.first, self.decay = max_lookahead, min(first, max_lookahead), decay
+    def __init__(self, max_lookahead: int = 12, first: int | None = None, decay: float = 0.9,
+                 cost_ratio: float | None = None):
+        """`first`: K of the first round (default 4, or max_lookahead if smaller); `decay`: the weight that past
+        rounds keep at each update; `cost_ratio`: see the class docstring."""
+        if isinstance(max_lookahead, bool) or not isinstance(max_lookahead, Integral) or max_lookahead < 1:
+            raise ValueError(f"max_lookahead={max_lookahead!r} must be an integer >= 1")
+        first = min(4, max_lookahead) if first is None else first
+        if isinstance(first, bool) or not isinstance(first, Integral) or not 1 <= first <= max_lookahead:
+            raise ValueError(f"first={first!r} must be an integer from 1 to max_lookahead={max_lookahead}")
+        if isinstance(decay, bool) or not isinstance(decay, Real) or not 0 < decay < 1:  # NaN fails too
+            raise ValueError(f"decay={decay!r} must be a number in (0, 1): the weight kept by past rounds")
+        if cost_ratio is not None and (isinstance(cost_ratio, bool) or not isinstance(cost_ratio, Real)
+                                       or not 0 <= cost_ratio < math.inf):
+            raise ValueError(f"cost_ratio={cost_ratio!r} must be a finite number >= 0 (a draft pass's cost in "
+                             f"target passes), or None to measure times")
+        self.max_lookahead, self.first, self.decay = int(max_lookahead), int(first), float(decay)
+        self.cost_ratio = None if cost_ratio is None else float(cost_ratio)
         self.kept, self.rejected = 1.0, 1.0  # a uniform prior: alpha = 0.5 until rounds say otherwise
         self.draft_ms: float | None = None
         self.verify_ms: dict[int, float] = {}  # rows -> ms
@@ -123,7 +144,12 @@ class AdaptiveLookahead:
         return max(range(1, self.max_lookahead + 1), key=self.tokens_per_ms)
 
     def tokens_per_ms(self, K: int) -> float:
-        return expected_tokens_per_round(self.alpha, K) / (K * self.draft_ms + interpolate(self.verify_ms, K + 1))
+        if self.cost_ratio is not None:  # in target passes, not ms: the same choice, and nothing measured
+            cost = K * self.cost_ratio + 1.0
+        else:
+            cost = K * self.draft_ms + interpolate(self.verify_ms, K + 1)
+        # A clock too coarse to see a pass reads 0 ms: then the passes count as nearly free and E decides.
+        return expected_tokens_per_round(self.alpha, K) / max(cost, 1e-9)
 
     def update(self, round: Round) -> None:
         K = round.lookahead
@@ -133,7 +159,8 @@ class AdaptiveLookahead:
         self.verify_ms[K + 1] = _average(self.verify_ms.get(K + 1), round.verify_ms)
 
     def __repr__(self) -> str:
-        return f"AdaptiveLookahead(max_lookahead={self.max_lookahead})"
+        ratio = "" if self.cost_ratio is None else f", cost_ratio={self.cost_ratio:.3g}"
+        return f"AdaptiveLookahead(max_lookahead={self.max_lookahead}{ratio})"
 
 
 def _average(old: float | None, new: float, weight: float = 0.3) -> float:

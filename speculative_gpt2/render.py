@@ -19,7 +19,7 @@ import html
 import re
 from typing import IO
 
-from speculative import Origin
+from speculative import Origin, _token_list
 
 ORIGINS = tuple(Origin)
 
@@ -44,9 +44,13 @@ class HTML(str):
     def _repr_html_(self) -> str:
         return str(self)
 
-# Control characters shown as their Unicode pictures in a terminal: model output must not move the cursor or
-# start escape sequences of its own. Newlines and tabs stay.
+# What a terminal may act on, shown as visible symbols: model output must not move the cursor, start escape
+# sequences of its own (ESC, and the C1 controls: CSI U+009B, OSC U+009D, ST U+009C ...) or reorder the text on
+# screen (bidirectional overrides, isolates and marks). Newlines and tabs stay. C0 and DEL show as their Unicode
+# pictures (ESC as ␛); the others, which have no picture, as <U+XXXX>; so do lone surrogates (undecodable bytes
+# of a file name), which an encoder would refuse.
 _CONTROL_PICTURES = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"} | {0x7F: 0x2421}
+_ESCAPED = re.compile("[\x80-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def _decoder():
@@ -55,14 +59,16 @@ def _decoder():
     return codecs.getincrementaldecoder("utf-8")(errors="replace")
 
 
-def text_groups(generation, tokenizer, prompt_tokens: list[int] | None = None) -> tuple[str, list[tuple[str, str]]]:
+def text_groups(generation, tokenizer, prompt_tokens=None) -> tuple[str, list[tuple[str, str]]]:
     """The prompt's text and the new text as (text, origin) pairs, one pair per group of tokens.
 
     A group is the shortest run of consecutive tokens whose bytes end on a character boundary (usually one
     token). It takes the origin of its LAST token: the character appears only once that token is committed.
     """
     decoder = _decoder()
-    prompt_text = "".join(decoder.decode(tokenizer.decode_single_token_bytes(t)) for t in prompt_tokens or [])
+    # A list, a 1-D tensor or a numpy array, as the samplers take: never a truth test (`tensor([0])` is false).
+    prompt_tokens = [] if prompt_tokens is None else _token_list(prompt_tokens)
+    prompt_text = "".join(decoder.decode(tokenizer.decode_single_token_bytes(t)) for t in prompt_tokens)
     groups, text = [], ""
     for token, origin in zip(generation.tokens, map(Origin, generation.origins), strict=True):
         text += decoder.decode(tokenizer.decode_single_token_bytes(token))
@@ -77,7 +83,7 @@ def text_groups(generation, tokenizer, prompt_tokens: list[int] | None = None) -
     return prompt_text, groups
 
 
-def to_html(generation, tokenizer, prompt_tokens: list[int] | None = None) -> HTML:
+def to_html(generation, tokenizer, prompt_tokens=None) -> HTML:
     """An HTML fragment: the prompt in grey, each new token in a <span> coloured by its origin (named in its
     `title`), then a legend. All text is escaped; newlines show (white-space: pre-wrap). A str that renders
     itself in a notebook."""
@@ -101,7 +107,7 @@ def _html_style(origin: str) -> str:
     return f' style="background:{HTML_COLOURS[origin]}; color:#000"'
 
 
-def to_ansi(generation, tokenizer, prompt_tokens: list[int] | None = None) -> str:
+def to_ansi(generation, tokenizer, prompt_tokens=None) -> str:
     """The text for a terminal: the prompt dim, each new token in its origin's colour (reset after each token),
     then a legend on the last line. Control characters other than newline and tab show as symbols (␛, ␍)."""
     prompt_text, groups = text_groups(generation, tokenizer, prompt_tokens)
@@ -112,7 +118,7 @@ def to_ansi(generation, tokenizer, prompt_tokens: list[int] | None = None) -> st
     return f"{''.join(parts)}\nlegend: {legend}"
 
 
-def to_text(generation, tokenizer, prompt_tokens: list[int] | None = None) -> str:
+def to_text(generation, tokenizer, prompt_tokens=None) -> str:
     """The text for a terminal without colours: kept drafts as they are, [resampled], {bonus}, <target step>
     tokens between marks, then a legend on the last line. Control characters show as symbols."""
     prompt_text, groups = text_groups(generation, tokenizer, prompt_tokens)
@@ -129,9 +135,9 @@ def origin_counts(generation) -> str:
 
 
 def printable(text: str) -> str:
-    """`text` with control characters other than newline and tab shown as their Unicode pictures (ESC as ␛):
-    safe to write to a terminal."""
-    return text.translate(_CONTROL_PICTURES)
+    """`text` safe to write to a terminal: C0 controls other than newline and tab, and DEL, shown as their Unicode
+    pictures (ESC as ␛); C1 controls (U+0080-U+009F), bidirectional controls and lone surrogates as <U+XXXX>."""
+    return _ESCAPED.sub(lambda m: f"<U+{ord(m.group()):04X}>", text.translate(_CONTROL_PICTURES))
 
 
 def strip_ansi(text: str) -> str:
@@ -167,7 +173,7 @@ class TextStream:
         return text
 
 
-def trace_page(generation, tokenizer, prompt_tokens: list[int] | None = None,
+def trace_page(generation, tokenizer, prompt_tokens=None,
                title: str = "Speculative sampling, round by round") -> HTML:
     """A self-contained HTML page (no server, no network) of a traced run (`speculative_sample(..., trace=True)`):
     the text coloured by origin, then every round, expandable, with its drafts x_i, p(x_i), q(x_i), min(1, q/p),
@@ -225,15 +231,20 @@ def _trace_round_html(number: int, r, tokenizer, opened: bool) -> str:
         rows.append(f'<tr class="{verdict}"><td>{i + 1}</td><td class="token">{token(x)}</td><td>{p:.4g}</td>'
                     f'<td>{q:.4g}</td><td>{a:.4g}</td><td>{draw}</td><td class="verdict">{verdict}</td></tr>')
     origin = r.next_origin
-    source = {Origin.RESAMPLED: "from norm(max(0, q &minus; p))", Origin.BONUS: "from q, all drafts kept",
-              Origin.TARGET: "from q, nothing drafted"}[origin]
     table = ('<table><tr><th>i</th><th class="token">draft x<sub>i</sub></th><th>p(x<sub>i</sub>)</th>'
              '<th>q(x<sub>i</sub>)</th><th>min(1, q/p)</th><th>r<sub>i</sub></th><th>verdict</th></tr>'
              f'{"".join(rows)}</table>') if rows else ""
     if r.source:  # the drafter's word on where the drafts came from, e.g. a lookup's position
         table = f'<p class="source">{html.escape(r.source)}</p>' + table
+    if origin is None:  # a kept EOS ended the output: no token was made after it
+        then, next_line = "the last one ends the text", "The last kept draft is the end of text: nothing follows."
+    else:
+        source = {Origin.RESAMPLED: "from norm(max(0, q &minus; p))", Origin.BONUS: "from q, all drafts kept",
+                  Origin.TARGET: "from q, nothing drafted"}[origin]
+        then = f"then {origin} {token(r.next_token)}"
+        next_line = (f"Then <span{_html_style(origin)}>{origin}</span> {token(r.next_token)} {source}, "
+                     f"probability {r.next_probability:.4g}.")
     return (f'<details class="round" data-kept="{r.kept}" data-proposed="{len(r.drafts)}"{" open" if opened else ""}>'
-            f'<summary>Round {number}: {r.kept} of {len(r.drafts)} drafts kept, then {origin} {token(r.next_token)} '
+            f'<summary>Round {number}: {r.kept} of {len(r.drafts)} drafts kept, {then} '
             f'&middot; draft {r.draft_ms:.1f} ms, verify {r.verify_ms:.1f} ms</summary>{table}'
-            f'<p class="next">Then <span{_html_style(origin)}>{origin}</span> {token(r.next_token)} {source}, '
-            f'probability {r.next_probability:.4g}.</p></details>\n')
+            f'<p class="next">{next_line}</p></details>\n')

@@ -6,12 +6,13 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
 
 from speculative_gpt2.checkpoints import DownloadError, download
-from gpt2_model import GPT2, CheckpointError
+from gpt2_model import GPT2, PRESETS, CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,6 +34,7 @@ class FakeHub(http.server.ThreadingHTTPServer):
         self.cut_next_get_after = None  # bytes sent before the connection is dropped, once
         self.fail_next_gets = 0  # answer this many GETs with 503 first
         self.ranges = []
+        self.delay = 0.0
 
     @property
     def endpoint(self):
@@ -98,7 +100,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
             self.connection.shutdown(2)  # the connection drops mid-file
             return
-        self.wfile.write(data[start:])
+        for i in range(start, len(data), 1 << 20):  # in 1 MiB pieces, `delay` seconds apart
+            self.wfile.write(data[i : i + (1 << 20)])
+            time.sleep(self.server.delay)
 
 
 @pytest.fixture
@@ -110,6 +114,8 @@ def hub(reference_folder, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # never satisfied from a real cache
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    # The served model passes for the preset gpt2 by shape (3 layers, 4 heads, 96 wide), as the real one would.
+    monkeypatch.setitem(PRESETS, "gpt2", (3, 4, 96))
     yield server
     server.shutdown()
     server.server_close()
@@ -118,7 +124,7 @@ def hub(reference_folder, monkeypatch):
 def test_download_with_progress_bar_then_load(hub, tmp_path, capsys, reference_folder):
     model = GPT2.from_pretrained("gpt2", weights_dir=tmp_path)
     folder = tmp_path / "gpt2"
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [".verified.json", "config.json", "model.safetensors"]
     assert (folder / "model.safetensors").read_bytes() == hub.files["model.safetensors"]
     err = capsys.readouterr().err
     assert "model.safetensors" in err and "100%" in err
@@ -248,3 +254,41 @@ def test_the_download_command_fails_in_one_line(tmp_path, case):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "speculative_gpt2.checkpoints: error: " in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_two_downloads_of_one_preset_wait_for_each_other(hub, tmp_path):
+    hub.delay = 0.05  # slow enough that the two overlap
+    results = {}
+
+    def fetch(i):
+        try:
+            results[i] = GPT2.from_pretrained("gpt2", weights_dir=tmp_path).config.n_layer
+        except Exception as e:  # noqa: BLE001 -- reported below, whatever it is
+            results[i] = e
+
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == {0: 3, 1: 3}
+    assert hub.ranges == [None, None]  # config.json and model.safetensors, once each: the second download waited
+    assert not list((tmp_path / "gpt2").glob("*.part"))
+
+
+def test_a_mirror_serving_another_model_is_refused_on_the_first_run_as_on_the_second(hub, tmp_path, monkeypatch):
+    monkeypatch.setitem(PRESETS, "gpt2", (12, 12, 768))  # the real preset's shape: the served 3-layer model differs
+    for run in range(2):
+        with pytest.raises(CheckpointError, match="holds a model with n_layer=3.*not the preset gpt2"):
+            GPT2.from_pretrained("gpt2", weights_dir=tmp_path)
+    assert hub.ranges == [None, None]  # config.json and model.safetensors downloaded once, refused twice
+
+
+def test_a_symlink_at_the_partial_files_name_is_not_followed(hub, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "model.safetensors.part").symlink_to(victim)
+    with pytest.raises(DownloadError, match="model.safetensors.part is a symbolic link"):
+        download("gpt2", tmp_path)
+    assert victim.read_bytes() == b"precious"
