@@ -284,7 +284,7 @@ class GPT2(nn.Module):
         """
         if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
             raise ValueError(f"rows must be an integer >= 1 (rows per pass) or None (off), got {rows!r}")
-        self.pass_rows = None if rows is None else -(-rows // PASS_ROW_MULTIPLE) * PASS_ROW_MULTIPLE
+        self.pass_rows = None if rows is None else padded_rows(rows)
         return self
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -417,6 +417,12 @@ class GPT2(nn.Module):
             if created:  # a folder this call made holds nothing of the user's: a failed write leaves no trace
                 shutil.rmtree(folder, ignore_errors=True)
             raise
+
+
+def padded_rows(rows: int) -> int:
+    """The rows a pass of `rows` tokens runs as under `GPT2.fixed_pass_rows(rows)`: rounded up to a multiple of
+    PASS_ROW_MULTIPLE."""
+    return -(-rows // PASS_ROW_MULTIPLE) * PASS_ROW_MULTIPLE
 
 
 def _init_weights(module):

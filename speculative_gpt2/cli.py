@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from speculative_gpt2.checkpoints import ENV_WEIGHTS, DownloadError, default_weights_dir, find_checkpoint, preset_of
-from gpt2_model import GPT2, PRESETS, checkpoint_config, write_atomically
+from gpt2_model import GPT2, PRESETS, checkpoint_config, padded_rows, write_atomically
 from speculative_gpt2.drafters import PromptLookupDrafter
 from speculative_gpt2.hardware import DTYPES, dtype_name, hardware_name, resolve_device, resolve_dtype
 from speculative_gpt2.lookahead import AdaptiveLookahead, break_even_alpha, estimated_alpha, predicted_speedup
@@ -271,8 +271,7 @@ def _run(args) -> int:
         return autoregressive_sample(target, prompt, max_new_tokens, use_cache=mode != UNCACHED, generator=generator,
                                      on_tokens=on_tokens, **options)
 
-    rows = target.fixed_pass_rows(max_lookahead + 1).pass_rows  # what exact mode pads to; off until its runs
-    target.fixed_pass_rows(None)
+    rows = padded_rows(max_lookahead + 1)  # what exact mode pads every target pass to
     titles = {UNCACHED: "Naive decoding without KV cache", NAIVE: "Naive decoding",
               EXACT: f"Naive decoding, exact mode (every pass {rows} rows, as speculative sampling's)",
               SPECULATIVE: f"Speculative sampling (K={args.lookahead})" + (", exact mode" if exact else "")}
