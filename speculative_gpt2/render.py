@@ -4,8 +4,9 @@ self-contained page that shows a traced run round by round.
 `to_html`, `to_ansi` and `to_text` show every new token by its origin: a draft token the target kept, a token
 resampled from norm(max(0, q - p)) at a rejection, a bonus token drawn from q after all K drafts were kept, or a
 plain target step. `trace_page` renders `speculative_sample(..., trace=True)`: the coloured text, then each round
-with its drafts, p, q, min(1, q/p), the draws r and the verdict. `TextStream` turns the token chunks of the
-`on_tokens` callback into text that is safe to print.
+with its drafts, p, q, min(1, q/p), the draws r and the verdict; `batch_trace_page` does the same for a batch, a
+section per prompt. `TextStream` turns the token chunks of the `on_tokens` callback into text that is safe to
+print.
 
 GPT-2 tokens are byte sequences: an emoji or a CJK character may span several tokens, and one token alone may
 be an incomplete UTF-8 sequence. Decoding token by token would print U+FFFD in their place, so text is cut
@@ -122,10 +123,15 @@ def to_text(generation, tokenizer, prompt_tokens=None) -> str:
     """The text for a terminal without colours: kept drafts as they are, [resampled], {bonus}, <target step>
     tokens between marks, then a legend on the last line. Control characters show as symbols."""
     prompt_text, groups = text_groups(generation, tokenizer, prompt_tokens)
-    marked = "".join(f"{PLAIN_MARKS[o][0]}{printable(text)}{PLAIN_MARKS[o][1]}" for text, o in groups)
     legend = "; ".join(f"{'plain' if o == Origin.DRAFT else PLAIN_MARKS[o][0] + '..' + PLAIN_MARKS[o][1]}: "
                        f"{MEANINGS[o]}" for o in ORIGINS)
-    return f"{printable(prompt_text)}{marked}\nlegend: {legend}"
+    return f"{printable(prompt_text)}{printable(marked_text(groups))}\nlegend: {legend}"
+
+
+def marked_text(groups: list[tuple[str, str]]) -> str:
+    """The (text, origin) groups of `text_groups` as one string with to_text's marks: kept drafts as they are,
+    [resampled], {bonus}, <target step>. Control characters are left as they are (JSON escapes them)."""
+    return "".join(f"{PLAIN_MARKS[o][0]}{text}{PLAIN_MARKS[o][1]}" for text, o in groups)
 
 
 def origin_counts(generation) -> str:
@@ -178,14 +184,61 @@ def trace_page(generation, tokenizer, prompt_tokens=None,
     """A self-contained HTML page (no server, no network) of a traced run (`speculative_sample(..., trace=True)`):
     the text coloured by origin, then every round, expandable, with its drafts x_i, p(x_i), q(x_i), min(1, q/p),
     the draw r_i, the verdict, the resampled or bonus token with its probability, and the round's time split."""
+    _check_traced(generation)
+    return _page(title, f'{to_html(generation, tokenizer, prompt_tokens)}\n<p id="summary">{_trace_summary(generation)}'
+                        f'</p>\n<p id="counted"></p>\n{_trace_rounds_html(generation, tokenizer)}')
+
+
+def batch_trace_page(generations, tokenizer, prompts, names=None,
+                     title: str = "Speculative sampling of a batch, round by round") -> HTML:
+    """One self-contained page for a traced batch (a list of `Generation`s, each with its `trace`, and their
+    prompts): a contents list, then a section per prompt with what `trace_page` shows for one; `names` heads
+    the sections (default "prompt 1", "prompt 2", ...)."""
+    for generation in generations:
+        _check_traced(generation)
+    names = [f"prompt {i}" for i in range(1, len(generations) + 1)] if names is None else list(names)
+    if not len(names) == len(prompts) == len(generations):
+        raise ValueError(f"{len(generations)} generations, {len(prompts)} prompts and {len(names)} names: give one "
+                         f"prompt and one name per generation")
+    contents, sections = [], []
+    for i, (generation, prompt, name) in enumerate(zip(generations, prompts, names), 1):
+        contents.append(f'<li><a href="#row-{i}">{html.escape(printable(name))}</a>: {_trace_summary(generation)}</li>')
+        sections.append(f'<section class="row" id="row-{i}">\n<h2>{html.escape(printable(name))}</h2>\n'
+                        f'{to_html(generation, tokenizer, prompt)}\n<p class="summary">{_trace_summary(generation)}'
+                        f'</p>\n{_trace_rounds_html(generation, tokenizer)}</section>\n')
+    rounds = [r for g in generations for r in g.trace]
+    kept, proposed = sum(r.kept for r in rounds), sum(len(r.drafts) for r in rounds)
+    rate = f"{kept / proposed:.2f}" if proposed else "n/a"
+    summary = (f"{len(generations)} prompts, {len(rounds)} rounds, {kept} of {proposed} drafts kept (acceptance "
+               f"{rate}), {sum(len(g.tokens) for g in generations)} new tokens.")
+    return _page(title, f'<p id="summary">{summary}</p>\n<p id="counted"></p>\n<ol class="contents">'
+                        f'{"".join(contents)}</ol>\n{"".join(sections)}')
+
+
+def _check_traced(generation) -> None:
     if generation.trace is None:
         raise ValueError("this Generation has no trace: run speculative_sample(..., trace=True)")
+
+
+def _trace_summary(generation) -> str:
     rounds = generation.trace
     kept, proposed = sum(r.kept for r in rounds), sum(len(r.drafts) for r in rounds)
+    rate = f"{kept / proposed:.2f}" if proposed else "n/a"
+    return (f"{len(rounds)} rounds, {kept} of {proposed} drafts kept (acceptance {rate}), {len(generation.tokens)}\n"
+            f"new tokens in {generation.seconds:.3f} s.")
+
+
+def _trace_rounds_html(generation, tokenizer) -> str:
+    rounds = generation.trace
     # Open the first round, and the first with a rejection, so that both verdicts show before any click.
     first_rejection = next((i for i, r in enumerate(rounds, 1) if r.kept < len(r.drafts)), None)
-    sections = [_trace_round_html(i, r, tokenizer, opened=i in (1, first_rejection)) for i, r in enumerate(rounds, 1)]
-    rate = f"{kept / proposed:.2f}" if proposed else "n/a"
+    return "".join(_trace_round_html(i, r, tokenizer, opened=i in (1, first_rejection))
+                   for i, r in enumerate(rounds, 1))
+
+
+def _page(title: str, body: str) -> HTML:
+    """The page around a trace's body: the style, the algorithm in a paragraph, and a script that counts the rounds
+    the page holds (into the element with id "counted")."""
     return HTML(f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -197,6 +250,7 @@ tr.kept td.verdict {{ color: #1a7f37 }} tr.rejected td.verdict {{ color: #c0392b
 tr.untested {{ color: #999 }}
 summary {{ cursor: pointer; padding: 0.25em 0 }}
 .next {{ margin: 0.3em 0 0.8em 1.5em }}
+section.row {{ border-top: 2px solid #ccc; margin-top: 1.5em }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>Chen et al. 2023, Algorithm 2. <b>p</b> is the draft's distribution, <b>q</b> the target's. Each round the draft
@@ -204,11 +258,7 @@ proposes K tokens; draft x<sub>i</sub> is kept if r<sub>i</sub> &lt; q(x<sub>i</
 probability min(1, q/p); the first rejected one is replaced by a sample from norm(max(0, q &minus; p)); if all K are
 kept, a bonus token is drawn from q. At temperature 0 there is no draw: a draft is kept iff it is the target's
 argmax.</p>
-{to_html(generation, tokenizer, prompt_tokens)}
-<p id="summary">{len(rounds)} rounds, {kept} of {proposed} drafts kept (acceptance {rate}), {len(generation.tokens)}
-new tokens in {generation.seconds:.3f} s.</p>
-<p id="counted"></p>
-{"".join(sections)}
+{body}
 <script>
 // Counted from the page itself, so that a reader (or a test in a browser) can check it against the summary.
 const rounds = document.querySelectorAll("details.round");
