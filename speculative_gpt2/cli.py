@@ -8,15 +8,24 @@ seed, streaming each text, and prints a summary. When it compares the greedy tex
 shape), so that the texts are identical in every dtype; the speedup stays measured against the fastest plain
 decoding (1-row passes), and the summary says what exact mode cost it. Bad input, missing weights and failed downloads print one line
 and exit with status 2.
+
+    python speculative.py --prompts-file prompts.txt --batch-size 8 --output results.jsonl
+
+decodes every prompt of a file in batches and writes one JSON line per prompt as soon as it finishes, with a
+progress bar and a summary on stderr (`run_prompts_file`).
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
+import json
 import os
+import stat
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -37,6 +46,8 @@ PROG = "speculative.py" if sys.argv and sys.argv[0].endswith("speculative.py") e
 NGRAM = "ngram"
 # The toyllm blog post's prompt ("Implementing LLM Speculative Sampling in Under 100 Lines of Code").
 DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
+# --prompts-file: prompts decoded together when --batch-size is not given.
+DEFAULT_BATCH_SIZE = 8
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -117,7 +128,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         "Times plain decoding with the target and speculative sampling on the same prompt, and shows both texts.",
         formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--prompt", type=_prompt, default=DEFAULT_PROMPT, help="text to continue")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--prompt", type=_prompt, default=DEFAULT_PROMPT, help="text to continue")
+    source.add_argument("--prompts-file", metavar="FILE", default=None,
+                        help="continue every prompt of FILE instead (UTF-8): one prompt per line, as written, blank "
+                        "lines skipped; or, when its first non-blank line starts with {, JSON lines: every line an "
+                        "object with a string \"prompt\". Decoded --batch-size prompts at a time; one JSON line per "
+                        "prompt (line, prompt, text, tokens, acceptance_rate, tokens_per_target_pass, seconds; with "
+                        "--mode both also naive_seconds and identical) goes to --output as soon as it finishes; a "
+                        "progress bar and a summary go to stderr")
+    parser.add_argument("--batch-size", type=_checked(int, check_integer, minimum=1), default=None,
+                        help=f"with --prompts-file: prompts decoded together, in the file's order (default: "
+                        f"{DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--output", metavar="FILE.jsonl", default=None,
+                        help="with --prompts-file: write the JSON lines to this file instead of stdout. It is emptied "
+                        "when decoding starts (a run that fails earlier leaves it as it was); each line is written "
+                        "whole as soon as its prompt finishes, so an interrupted or failed run keeps every line "
+                        "written so far, and never half a line")
     parser.add_argument("--target", default="gpt2-xl", help="target model: a preset name or a checkpoint folder")
     parser.add_argument("--draft", default="gpt2",
                         help=f"draft model: a preset name or a checkpoint folder; or {NGRAM}: prompt lookup, which "
@@ -160,18 +187,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="print each text when its run ends, with a progress bar, instead of streaming it")
     parser.add_argument("--show-acceptance", action="store_true",
                         help="print the speculative output marked by origin: draft kept, resampled, bonus, target "
-                        "step (coloured, or marked in plain text without colours), with a count per origin")
+                        "step (coloured, or marked in plain text without colours), with a count per origin; with "
+                        "--prompts-file, each JSON line gains origins (one per token) and marked (the text with "
+                        "the plain marks)")
     parser.add_argument("--color", default="auto", choices=["auto", "always", "never"],
                         help="colours for --show-acceptance; auto: only on a terminal and when NO_COLOR is unset")
     parser.add_argument("--trace", metavar="FILE.html", default=None,
                         help="write a self-contained page of the speculative run, round by round: drafts, p, q, "
-                        "min(1, q/p), the draws r, verdicts and times")
+                        "min(1, q/p), the draws r, verdicts and times; with --prompts-file, one page with a section "
+                        "per prompt (written at the end, or with the prompts finished when a run stops early)")
     parser.add_argument("--weights-dir", default=str(default_weights_dir()),
                         help=f"where preset checkpoints live and downloads go (${ENV_WEIGHTS} sets the default)")
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
     args = parser.parse_args(argv)
     if args.ngram_min > args.ngram_max:
         parser.error(f"--ngram-min {args.ngram_min} is larger than --ngram-max {args.ngram_max}")
+    if args.prompts_file is None:
+        for flag, value in (("--batch-size", args.batch_size), ("--output", args.output)):
+            if value is not None:
+                parser.error(f"{flag} goes with --prompts-file (one prompt prints its text): add --prompts-file FILE")
+    elif args.no_cache_baseline:
+        parser.error("--no-cache-baseline times one prompt: leave it out with --prompts-file")
+    elif args.batch_size is None:
+        args.batch_size = DEFAULT_BATCH_SIZE
     return args
 
 
@@ -218,9 +256,16 @@ def _run(args) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     enc = load_tokenizer()
-    prompt = enc.encode(args.prompt, allowed_special="all")
-    if not prompt:
-        raise ValueError("the prompt is empty: pass some text with --prompt")
+    if args.prompts_file is not None:
+        file_prompts = read_prompts(args.prompts_file, enc)  # every line checked before any model loads
+        # (tokens, what an error names, what to shorten): one entry per prompt.
+        checked = [(p.tokens, f"--prompts-file {args.prompts_file}, line {p.line}: ", f"line {p.line}")
+                   for p in file_prompts]
+    else:
+        prompt = enc.encode(args.prompt, allowed_special="all")
+        if not prompt:
+            raise ValueError("the prompt is empty: pass some text with --prompt")
+        checked = [(prompt, "", "--prompt")]
     lookup = args.draft == NGRAM
     names = {"target": args.target} | ({"draft": args.draft} if args.mode != "naive" and not lookup else {})
     _check_before_loading(args, names, device)
@@ -232,7 +277,8 @@ def _run(args) -> int:
             config = checkpoint_config(folders[role], preset_of(name))
         except (ValueError, DownloadError) as e:
             raise type(e)(f"--{role} {name}: {e}") from None
-        _check_config(role, config, prompt, args.max_new_tokens, enc.n_vocab)
+        for tokens, where, shorten in checked:
+            _check_config(role, config, tokens, args.max_new_tokens, enc.n_vocab, where, shorten)
     models, load_seconds = {}, {}
     for role in folders:
         print(f"Loading {role} {printable(names[role])} ({dtype_name(dtype)}, {device}) ...", file=sys.stderr)
@@ -263,15 +309,30 @@ def _run(args) -> int:
     def drafter():  # a fresh lookup drafter for every call, as for the policy
         return PromptLookupDrafter(args.ngram_max, args.ngram_min) if lookup else draft
 
-    def decode(mode, max_new_tokens, generator=None, on_tokens=None, **options):
+    def decode(mode, prompt, max_new_tokens, generator=None, **options):  # options: sampling and callbacks
+        if prompt and isinstance(prompt[0], list):  # TEMPORARY shim until the batched core lands
+            return _batch_shim(partial(decode, mode), prompt, max_new_tokens, generator, **options)
         if mode == SPECULATIVE:
             return speculative_sample(target, drafter(), prompt, max_new_tokens, lookahead=lookahead(),
-                                      generator=generator, on_tokens=on_tokens, trace=args.trace is not None,
-                                      **options)
+                                      generator=generator, trace=args.trace is not None, **options)
         return autoregressive_sample(target, prompt, max_new_tokens, use_cache=mode != UNCACHED, generator=generator,
-                                     on_tokens=on_tokens, **options)
+                                     **options)
 
     rows = padded_rows(max_lookahead + 1)  # what exact mode pads every target pass to
+
+    def prepare(mode, rows_per_pass=1):
+        # Exact mode (GPT2.fixed_pass_rows) for the two runs whose texts are compared; plain NAIVE stays the fastest.
+        target.fixed_pass_rows(rows if exact and mode in (EXACT, SPECULATIVE) else None)
+        # The weight layout each decoder runs fastest in (CPU float32; a no-op elsewhere): one-row passes for plain
+        # decoding of one prompt, several rows for speculative sampling and exact mode (compared runs need the same
+        # layout: it chooses the kernel). Set visibly, before the clock starts.
+        for model in (target, draft) if mode == SPECULATIVE and not lookup else (target,):
+            model.prepare_for(rows=rows_per_pass if mode == NAIVE else 2)
+
+    if args.prompts_file is not None:
+        return run_prompts_file(args, file_prompts, enc=enc, device=device, decode=decode, prepare=prepare,
+                                options=options, exact=exact, pass_rows=rows,
+                                setup=_setup_lines(args, models, load_seconds, device, dtype))
     titles = {UNCACHED: "Naive decoding without KV cache", NAIVE: "Naive decoding",
               EXACT: f"Naive decoding, exact mode (every pass {rows} rows, as speculative sampling's)",
               SPECULATIVE: f"Speculative sampling (K={args.lookahead})" + (", exact mode" if exact else "")}
@@ -280,22 +341,16 @@ def _run(args) -> int:
                                  (SPECULATIVE, args.mode != "naive")) if wanted]
     results, warm_up_seconds = {}, {}
     for mode in modes:
-        # Exact mode (GPT2.fixed_pass_rows) for the two runs whose texts are compared; plain NAIVE stays the fastest.
-        target.fixed_pass_rows(rows if exact and mode in (EXACT, SPECULATIVE) else None)
-        # The weight layout each decoder runs fastest in (CPU float32; a no-op elsewhere): one-row passes for plain
-        # decoding, (K + 1)-row passes for speculative sampling and exact mode (compared runs need the same layout:
-        # it chooses the kernel). Set here, visibly, before the clock starts.
-        for model in (target, draft) if mode == SPECULATIVE and not lookup else (target,):
-            model.prepare_for(rows=1 if mode == NAIVE else 2)
+        prepare(mode)
         if mode != UNCACHED:  # recomputing everything, the uncached run has no warm-up worth the wait
             # Warm-up: the first passes pay for allocations, kernel selection and CUDA graph capture; reported, and
             # kept out of the timings.
             started = time.perf_counter()
-            decode(mode, min(8, n), **options | {"temperature": 0.0, "eos_token_id": None})
+            decode(mode, prompt, min(8, n), **options | {"temperature": 0.0, "eos_token_id": None})
             warm_up_seconds[mode] = time.perf_counter() - started
         generator = torch.Generator(device).manual_seed(args.seed)  # every run: the same seed
         # Every run streams, or none does: writing to the terminal is part of what is timed.
-        results[mode] = _run_and_show(titles[mode], partial(decode, mode, n, generator, **options), prompt, enc, n,
+        results[mode] = _run_and_show(titles[mode], partial(decode, mode, prompt, n, generator, **options), prompt, enc, n,
                                       stream=not args.no_stream)
     _print_summary(args, results, models, load_seconds, warm_up_seconds, device, dtype)
     if args.show_acceptance:
@@ -320,28 +375,49 @@ def _check_before_loading(args, names: dict[str, str], device: torch.device) -> 
     if args.trace is not None:
         if args.mode == "naive":
             raise ValueError("--trace shows speculative sampling: use --mode both or --mode speculative")
-        trace = Path(args.trace)
-        if trace.is_dir() or not trace.parent.is_dir():
-            raise ValueError(f"--trace {args.trace}: give a file in an existing folder, e.g. run.html")
-        try:  # a real try, not os.access: root passes access() checks, yet cannot write to /sys
-            tempfile.TemporaryFile(dir=trace.parent).close()
-        except OSError as e:
-            raise ValueError(f"--trace {args.trace}: cannot write a file in {trace.parent} ({e.strerror or e}): "
-                             f"choose another folder") from None
+        _check_writable("--trace", args.trace, "run.html")
+    if args.prompts_file is not None and args.show_acceptance and args.mode == "naive":
+        raise ValueError("--show-acceptance marks speculative sampling's tokens: use --mode both or --mode speculative")
+    if args.output is not None:
+        _check_writable("--output", args.output, "results.jsonl")
+    files = {flag: Path(name).resolve() for flag, name in (("--prompts-file", args.prompts_file),
+                                                             ("--output", args.output), ("--trace", args.trace)) if name}
+    for i, (flag, path) in enumerate(files.items()):
+        for other, other_path in list(files.items())[i + 1:]:
+            if path == other_path:
+                raise ValueError(f"{other} {files[other]} is the {flag} file too: give it another name")
 
 
-def _check_config(role: str, config, prompt: list[int], max_new_tokens: int, tokenizer_vocab: int) -> None:
+def _check_writable(flag: str, name: str, example: str) -> None:
+    """Refuses, before any model loads, an output file that could not be written."""
+    path = Path(name)
+    if path.is_dir() or not path.parent.is_dir():
+        raise ValueError(f"{flag} {name}: give a file in an existing folder, e.g. {example}")
+    try:  # a real try, not os.access: root passes access() checks, yet cannot write to /sys
+        if flag == "--output" and path.exists():  # written in place: the file itself must open for writing
+            open(path, "ab").close()
+        else:  # a new file, or the trace page, which is written beside its name, then renamed
+            tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as e:
+        where = path if flag == "--output" and path.exists() else f"a file in {path.parent}"
+        raise ValueError(f"{flag} {name}: cannot write {where} ({e.strerror or e}): choose another folder") from None
+
+
+def _check_config(role: str, config, prompt: list[int], max_new_tokens: int, tokenizer_vocab: int, where: str = "",
+                  shorten: str = "--prompt") -> None:
+    """Refuses a model whose vocabulary the tokenizer cannot decode, and a prompt it cannot continue; `where`
+    begins the message (a prompts file's line), `shorten` names what to shorten."""
     if config.vocab_size > tokenizer_vocab:  # e.g. nanoGPT's padded 50304
         raise ValueError(f"the {role} has {config.vocab_size} tokens, more than the GPT-2 tokenizer's "
                          f"{tokenizer_vocab}: the ids past {tokenizer_vocab - 1} would have no text; use a checkpoint "
                          f"with the GPT-2 vocabulary")
     if max(prompt) >= config.vocab_size:
-        raise ValueError(f"the prompt has token id {max(prompt)}, but the {role} knows only {config.vocab_size} "
+        raise ValueError(f"{where}the prompt has token id {max(prompt)}, but the {role} knows only {config.vocab_size} "
                          f"tokens (a vocabulary smaller than GPT-2's): use a checkpoint with the GPT-2 vocabulary")
     if len(prompt) + max_new_tokens > config.n_positions:
-        raise ValueError(f"the prompt ({len(prompt)} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "
-                         f"{role}'s context of {config.n_positions} positions: lower --max-new-tokens or shorten "
-                         f"--prompt")
+        raise ValueError(f"{where}the prompt ({len(prompt)} tokens) plus --max-new-tokens {max_new_tokens} exceeds "
+                         f"the {role}'s context of {config.n_positions} positions: lower --max-new-tokens or shorten "
+                         f"{shorten}")
 
 
 def _run_and_show(title: str, run, prompt: list[int], enc, max_new_tokens: int, stream: bool) -> Generation:
@@ -395,15 +471,8 @@ def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2]
     naive, uncached, spec = results.get(NAIVE), results.get(UNCACHED), results.get(SPECULATIVE)
     exact = results.get(EXACT)
     print("\n=== Summary ===")
-    for role, model in models.items():
-        name, folder = getattr(args, role), model.checkpoint_folder
-        where = "" if Path(name) == folder else f" from {folder}"  # a preset: the folder or cache snapshot used
-        print(printable(f"{role}: {name}{where}, loaded in {load_seconds[role]:.1f} s"))
-    if args.draft == NGRAM and args.mode != "naive":
-        print(f"draft: {NGRAM}, prompt lookup of n-grams {args.ngram_max} down to {args.ngram_min} (no draft model)")
-    threads = f", threads: {torch.get_num_threads()}" if device.type == "cpu" else ""
-    graphs = f", CUDA graphs {'on' if args.cuda_graphs else 'off'}" if device.type == "cuda" else ""
-    print(f"dtype: {dtype_name(dtype)}, device: {device} ({hardware_name(device).split(',')[0]}{threads}){graphs}")
+    for line in _setup_lines(args, models, load_seconds, device, dtype):
+        print(line)
     warm_ups = ", ".join(f"{mode} {s:.2f} s" for mode, s in warm_up_seconds.items())
     print(f"warm-up (8 tokens each, not timed below): {warm_ups}")
     for name, out in (("naive decoding", naive), ("naive decoding, exact mode", exact), ("speculative sampling", spec)):
@@ -455,6 +524,22 @@ def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2]
         print(f"plain decoding in 1-row passes parted from new token {_parted(naive.tokens, exact.tokens)}: in "
               f"{dtype_name(dtype)}, 1-row and {models['target'].pass_rows}-row passes round differently and a "
               f"near-tie flipped (why exact mode exists)")
+
+
+def _setup_lines(args, models: dict[str, GPT2], load_seconds: dict[str, float], device, dtype) -> list[str]:
+    """The summary's first lines: the models, where they came from, and what they run on."""
+    lines = []
+    for role, model in models.items():
+        name, folder = getattr(args, role), model.checkpoint_folder
+        where = "" if Path(name) == folder else f" from {folder}"  # a preset: the folder or cache snapshot used
+        lines.append(printable(f"{role}: {name}{where}, loaded in {load_seconds[role]:.1f} s"))
+    if args.draft == NGRAM and args.mode != "naive":
+        lines.append(f"draft: {NGRAM}, prompt lookup of n-grams {args.ngram_max} down to {args.ngram_min} (no draft "
+                     f"model)")
+    threads = f", threads: {torch.get_num_threads()}" if device.type == "cpu" else ""
+    graphs = f", CUDA graphs {'on' if args.cuda_graphs else 'off'}" if device.type == "cuda" else ""
+    lines.append(f"dtype: {dtype_name(dtype)}, device: {device} ({hardware_name(device).split(',')[0]}{threads}){graphs}")
+    return lines
 
 
 def _parted(tokens: list[int], other: list[int]) -> int:
@@ -515,3 +600,243 @@ def _peak_memory(device: torch.device) -> str:
 
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return f"{kib / 2**20:.2f} GiB resident (RSS)"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --prompts-file: many prompts, decoded in batches, one JSON line each
+
+
+@dataclass(frozen=True)
+class PromptLine:
+    """A prompt of a --prompts-file: its line number (from 1), its text and its tokens."""
+
+    line: int
+    text: str
+    tokens: list[int]
+
+
+def read_prompts(path: str, enc) -> list[PromptLine]:
+    """The prompts of a --prompts-file, in order; a bad line is a ValueError naming its number.
+
+    The file is UTF-8 (a BOM is skipped, CRLF line ends are fine); blank lines are skipped. Its first non-blank
+    line decides its format, for every line: when it starts with `{` the file is JSON lines, each line an object
+    with a string "prompt" (other fields ignored); otherwise each line is one prompt, exactly as written.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"--prompts-file {path}: cannot read it ({e.strerror or e})") from None
+    prompts, json_lines = [], None
+    for number, raw in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n"), 1):
+        where = f"--prompts-file {path}, line {number}"
+        try:
+            line = raw.removesuffix(b"\r").decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: byte {e.start + 1} is not UTF-8: save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        if json_lines is None:
+            json_lines = line.lstrip().startswith("{")
+        text = _json_prompt(line, where) if json_lines else line
+        surrogate = next((c for c in text if "\ud800" <= c <= "\udfff"), None)
+        if surrogate is not None:  # only a JSON escape can make one: it is no character
+            raise ValueError(f"{where}: the prompt holds a lone surrogate \\u{ord(surrogate):04x}, which is not text: "
+                             f"remove it")
+        tokens = enc.encode(text, allowed_special="all")
+        if not tokens:
+            raise ValueError(f'{where}: the prompt is empty: give some text, {{"prompt": "..."}}')
+        prompts.append(PromptLine(number, text, tokens))
+    if not prompts:
+        raise ValueError(f"--prompts-file {path} holds no prompt (every line is blank): write one prompt per line")
+    return prompts
+
+
+def _json_prompt(line: str, where: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg}, column {e.colno}): the file's first line starts with {{, "
+                         f"so every line must be a JSON object with a \"prompt\" string") from None
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise ValueError(f'{where}: this JSON line has no "prompt" string: write {{"prompt": "your text"}}')
+    return record["prompt"]
+
+
+class JsonLines:
+    """Writes one JSON object per line, to a file (emptied when opened) or to stdout, each line whole and at once.
+
+    A file is written in place, not renamed into place at the end: a reader (`tail -f`) sees every finished line,
+    and a run that is killed keeps them. Should a write stop midway (a full disk, Ctrl-C between two partial
+    writes), the file is cut back to its last whole line before the error goes on. The lines are ASCII (JSON
+    escapes the rest), so model text can never drive a terminal or split a line.
+    """
+
+    def __init__(self, path: str | None):
+        self.path, self.count, self.size = path, 0, 0
+        self.fd = None if path is None else os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o666)
+        # Only a regular file can be cut back; a pipe or a terminal gets each line in one write call.
+        self.regular = self.fd is not None and stat.S_ISREG(os.fstat(self.fd).st_mode)
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        if self.fd is None:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        else:
+            data = line.encode("ascii")
+            try:
+                done = 0
+                while done < len(data):
+                    done += os.write(self.fd, data[done:])
+            except BaseException:
+                if self.regular:
+                    os.ftruncate(self.fd, self.size)
+                raise
+            self.size += len(data)
+        self.count += 1
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, decode, prepare, options: dict, exact: bool,
+                     pass_rows: int, setup: list[str]) -> int:
+    """Decodes `prompts` in batches of --batch-size, every mode of --mode on each batch (plain decoding first),
+    and writes each prompt's JSON line as soon as its last run finishes it; then the summary on stderr. A failure
+    or Ctrl-C keeps the lines written so far and says how many."""
+    from tqdm.auto import tqdm
+
+    modes = [m for m, wanted in ((NAIVE, args.mode != "speculative"), (EXACT, exact),
+                                 (SPECULATIVE, args.mode != "naive")) if wanted]
+    size, n = args.batch_size, args.max_new_tokens
+    batches = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+    warm_up_seconds, totals, done = {}, {mode: [0, 0.0] for mode in modes}, []  # totals: [tokens, seconds]
+    for mode in modes:
+        # The first passes pay for allocations and kernel selection: a short run on the first batch, not timed.
+        prepare(mode, size)
+        started = time.perf_counter()
+        decode(mode, [p.tokens for p in batches[0]], min(8, n), **options | {"temperature": 0.0, "eos_token_id": None})
+        warm_up_seconds[mode] = time.perf_counter() - started
+    out = JsonLines(args.output)
+    bar = tqdm(total=len(prompts), desc=modes[-1], unit="prompt", file=sys.stderr, leave=False)
+    try:
+        for batch in batches:
+            results = {}
+
+            def finished(index: int, generation: Generation) -> None:  # the last mode's row: its line, now
+                record = _record(batch[index], generation, enc, {mode: r[index] for mode, r in results.items()},
+                                 temperature=args.temperature, show_acceptance=args.show_acceptance)
+                out.write(record)
+                bar.update(1)
+                done.append((batch[index], generation, record))
+
+            for mode in modes:
+                prepare(mode, size)
+                generator = torch.Generator(device).manual_seed(args.seed)  # every run of every batch: the same seed
+                started = time.perf_counter()
+                results[mode] = decode(mode, [p.tokens for p in batch], n, generator, **options,
+                                       on_finished=finished if mode == modes[-1] else None)
+                totals[mode][0] += sum(len(r.tokens) for r in results[mode])
+                totals[mode][1] += time.perf_counter() - started
+    except BaseException:
+        bar.close()
+        print(f"{out.count} of {len(prompts)} prompts written to {printable(args.output or 'stdout')} before the run "
+              f"stopped", file=sys.stderr)
+        raise
+    finally:
+        out.close()
+        if args.trace is not None and done:  # every finished prompt's trace, also when the run stopped early
+            _write_batch_trace(args, done, enc)
+    bar.close()
+    print("\n=== Summary ===", file=sys.stderr)
+    for line in setup + _file_summary(args, done, batches=len(batches), totals=totals, warm_up_seconds=warm_up_seconds,
+                                      pass_rows=pass_rows, device=device):
+        print(line, file=sys.stderr)
+    return 0
+
+
+def _record(prompt: PromptLine, generation: Generation, enc, earlier: dict[str, Generation], *, temperature: float,
+            show_acceptance: bool) -> dict:
+    """A prompt's JSON line. `earlier`: this row in the batch's runs before, plain decoding and its exact mode."""
+    rate = generation.acceptance_rate
+    record = {"line": prompt.line, "prompt": prompt.text, "text": enc.decode(generation.tokens),
+              "tokens": generation.tokens, "acceptance_rate": None if rate is None else round(rate, 4),
+              "tokens_per_target_pass": round(generation.tokens_per_target_call, 4),
+              "target_passes": generation.target_calls, "seconds": round(generation.seconds, 4)}
+    naive = earlier.get(NAIVE)
+    if naive is not None:
+        record["naive_seconds"] = round(naive.seconds, 4)
+        reference = earlier.get(EXACT, naive)  # at temperature 0, what the speculative tokens must equal
+        # At temperature > 0 both are samples from the target: equality is not expected.
+        record["identical"] = generation.tokens == reference.tokens if temperature == 0 else None
+    if show_acceptance:
+        from speculative_gpt2.render import marked_text, text_groups
+
+        record["origins"] = [str(o) for o in generation.origins]
+        record["marked"] = marked_text(text_groups(generation, enc)[1])
+    return record
+
+
+def _write_batch_trace(args, done: list[tuple[PromptLine, Generation, dict]], enc) -> None:
+    from speculative_gpt2.render import batch_trace_page
+
+    title = (f"{Path(args.target).name} / {Path(args.draft).name}, K={args.lookahead}, temperature "
+             f"{args.temperature}: {Path(args.prompts_file).name}")
+    page = batch_trace_page([g for _, g, _ in done], enc, [p.tokens for p, _, _ in done],
+                            names=[f"line {p.line}" for p, _, _ in done], title=title)
+    write_atomically(Path(args.trace), lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    print(f"trace of {len(done)} prompts: {printable(args.trace)}", file=sys.stderr)
+
+
+def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], *, batches: int,
+                  totals: dict[str, list], warm_up_seconds: dict[str, float], pass_rows: int, device) -> list[str]:
+    """The summary of a --prompts-file run, after `_setup_lines`: throughput over all rows, and the comparisons."""
+    warm_ups = ", ".join(f"{mode} {s:.2f} s" for mode, s in warm_up_seconds.items())
+    lines = [f"warm-up (8 tokens of the first batch each, not timed below): {warm_ups}",
+             f"prompts: {len(done)} from {printable(args.prompts_file)}, in {batches} batches of up to {args.batch_size}"]
+    names = {NAIVE: "plain decoding", EXACT: "plain decoding, exact mode", SPECULATIVE: "speculative sampling"}
+    speed = {mode: tokens / seconds if seconds else 0.0 for mode, (tokens, seconds) in totals.items()}
+    for mode, (tokens, seconds) in totals.items():
+        lines.append(f"{names[mode]}: {tokens} tokens in {seconds:.2f} s, {speed[mode]:.2f} tokens/s over all rows")
+    if EXACT in speed and speed[EXACT]:
+        lines.append(f"exact mode (every target pass {pass_rows} rows per prompt, so that the texts compare equal in "
+                     f"any dtype) cost plain decoding {speed[NAIVE] / speed[EXACT]:.2f}x its time; the speedup below "
+                     f"is over the fastest plain decoding")
+    if SPECULATIVE in speed and NAIVE in speed and speed[NAIVE]:
+        lines.append(f"speedup over batched plain decoding: {speed[SPECULATIVE] / speed[NAIVE]:.2f}x")
+    if SPECULATIVE in totals:
+        generations = [g for _, g, _ in done]
+        accepted, proposed = sum(g.accepted for g in generations), sum(g.proposed for g in generations)
+        rates = [g.acceptance_rate for g in generations if g.acceptance_rate is not None]
+        pooled = f"{accepted / proposed:.2f}" if proposed else "n/a"
+        per_row = f"{sum(rates) / len(rates):.2f}" if rates else "n/a"
+        passes = sum(g.target_calls for g in generations)
+        lines.append(f"acceptance rate: {pooled} over all rows ({accepted} of {proposed} drafts kept); mean per "
+                     f"prompt {per_row}")
+        lines.append(f"mean tokens per target pass: {sum(len(g.tokens) for g in generations) / max(passes, 1):.2f}")
+    verdicts = [r["identical"] for _, _, r in done if "identical" in r]
+    if verdicts and args.temperature == 0:
+        parted = [str(p.line) for p, _, r in done if r.get("identical") is False]
+        lines.append(f"identical outputs: {verdicts.count(True)} of {len(verdicts)} prompts" + (
+            f"; not on lines {', '.join(parted)}: in exact mode this platform breaks its premise (run "
+            f"tests/test_exact_dtype.py)" if parted else ""))
+    elif verdicts:
+        lines.append("identical outputs: not expected at temperature > 0 (both are samples from the target)")
+    lines.append(f"peak memory: {_peak_memory(device)}")
+    lines.append(f"output: {len(done)} JSON lines {'on stdout' if args.output is None else 'in ' + printable(args.output)}")
+    return lines
+
+
+def _batch_shim(decode_one, prompts, max_new_tokens, generator, on_finished=None, **options):
+    """TEMPORARY, until the batched core of issue 18 lands on main: a batch decoded row after row."""
+    started, outs = time.perf_counter(), []
+    for i, prompt in enumerate(prompts):
+        out = decode_one(prompt, max_new_tokens, generator, **options)
+        out.seconds = time.perf_counter() - started
+        outs.append(out)
+        if on_finished is not None:
+            on_finished(i, out)
+    return outs
