@@ -729,9 +729,9 @@ def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, decode, pr
             def finished(index: int, generation: Generation) -> None:  # the last mode's row: its line, now
                 record = _record(batch[index], generation, enc, {mode: r[index] for mode, r in results.items()},
                                  temperature=args.temperature, show_acceptance=args.show_acceptance)
+                done.append((batch[index], generation, record))
                 out.write(record)
                 bar.update(1)
-                done.append((batch[index], generation, record))
 
             for mode in modes:
                 prepare(mode, size)
