@@ -350,8 +350,8 @@ def _run(args) -> int:
             warm_up_seconds[mode] = time.perf_counter() - started
         generator = torch.Generator(device).manual_seed(args.seed)  # every run: the same seed
         # Every run streams, or none does: writing to the terminal is part of what is timed.
-        results[mode] = _run_and_show(titles[mode], partial(decode, mode, prompt, n, generator, **options), prompt, enc, n,
-                                      stream=not args.no_stream)
+        results[mode] = _run_and_show(titles[mode], partial(decode, mode, prompt, n, generator, **options), prompt,
+                                      enc, n, stream=not args.no_stream)
     _print_summary(args, results, models, load_seconds, warm_up_seconds, device, dtype)
     if args.show_acceptance:
         _show_acceptance(args, results.get(SPECULATIVE), enc, prompt)
@@ -380,8 +380,8 @@ def _check_before_loading(args, names: dict[str, str], device: torch.device) -> 
         raise ValueError("--show-acceptance marks speculative sampling's tokens: use --mode both or --mode speculative")
     if args.output is not None:
         _check_writable("--output", args.output, "results.jsonl")
-    files = {flag: Path(name).resolve() for flag, name in (("--prompts-file", args.prompts_file),
-                                                             ("--output", args.output), ("--trace", args.trace)) if name}
+    named = (("--prompts-file", args.prompts_file), ("--output", args.output), ("--trace", args.trace))
+    files = {flag: Path(name).resolve() for flag, name in named if name}
     for i, (flag, path) in enumerate(files.items()):
         for other, other_path in list(files.items())[i + 1:]:
             if path == other_path:
@@ -538,7 +538,8 @@ def _setup_lines(args, models: dict[str, GPT2], load_seconds: dict[str, float], 
                      f"model)")
     threads = f", threads: {torch.get_num_threads()}" if device.type == "cpu" else ""
     graphs = f", CUDA graphs {'on' if args.cuda_graphs else 'off'}" if device.type == "cuda" else ""
-    lines.append(f"dtype: {dtype_name(dtype)}, device: {device} ({hardware_name(device).split(',')[0]}{threads}){graphs}")
+    hardware = hardware_name(device).split(",")[0]
+    lines.append(f"dtype: {dtype_name(dtype)}, device: {device} ({hardware}{threads}){graphs}")
     return lines
 
 
@@ -722,23 +723,23 @@ def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, decode, pr
         warm_up_seconds[mode] = time.perf_counter() - started
     out = JsonLines(args.output)
     bar = tqdm(total=len(prompts), desc=modes[-1], unit="prompt", file=sys.stderr, leave=False)
+
+    def finished(batch, results, index: int, generation: Generation) -> None:  # a row of the last mode: its line, now
+        record = _record(batch[index], generation, enc, {mode: r[index] for mode, r in results.items()},
+                         temperature=args.temperature, show_acceptance=args.show_acceptance)
+        done.append((batch[index], generation, record))
+        out.write(record)
+        bar.update(1)
+
     try:
         for batch in batches:
-            results = {}
-
-            def finished(index: int, generation: Generation) -> None:  # the last mode's row: its line, now
-                record = _record(batch[index], generation, enc, {mode: r[index] for mode, r in results.items()},
-                                 temperature=args.temperature, show_acceptance=args.show_acceptance)
-                done.append((batch[index], generation, record))
-                out.write(record)
-                bar.update(1)
-
+            results = {}  # this batch's earlier runs, by mode
             for mode in modes:
                 prepare(mode, size)
                 generator = torch.Generator(device).manual_seed(args.seed)  # every run of every batch: the same seed
                 started = time.perf_counter()
                 results[mode] = decode(mode, [p.tokens for p in batch], n, generator, **options,
-                                       on_finished=finished if mode == modes[-1] else None)
+                                       on_finished=partial(finished, batch, results) if mode == modes[-1] else None)
                 totals[mode][0] += sum(len(r.tokens) for r in results[mode])
                 totals[mode][1] += time.perf_counter() - started
     except BaseException:
@@ -796,7 +797,8 @@ def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], *, batc
     """The summary of a --prompts-file run, after `_setup_lines`: throughput over all rows, and the comparisons."""
     warm_ups = ", ".join(f"{mode} {s:.2f} s" for mode, s in warm_up_seconds.items())
     lines = [f"warm-up (8 tokens of the first batch each, not timed below): {warm_ups}",
-             f"prompts: {len(done)} from {printable(args.prompts_file)}, in {batches} batches of up to {args.batch_size}"]
+             f"prompts: {len(done)} from {printable(args.prompts_file)}, in {batches} batches of up to "
+             f"{args.batch_size}"]
     names = {NAIVE: "plain decoding", EXACT: "plain decoding, exact mode", SPECULATIVE: "speculative sampling"}
     speed = {mode: tokens / seconds if seconds else 0.0 for mode, (tokens, seconds) in totals.items()}
     for mode, (tokens, seconds) in totals.items():
@@ -826,7 +828,8 @@ def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], *, batc
     elif verdicts:
         lines.append("identical outputs: not expected at temperature > 0 (both are samples from the target)")
     lines.append(f"peak memory: {_peak_memory(device)}")
-    lines.append(f"output: {len(done)} JSON lines {'on stdout' if args.output is None else 'in ' + printable(args.output)}")
+    where = "on stdout" if args.output is None else f"in {printable(args.output)}"
+    lines.append(f"output: {len(done)} JSON lines {where}")
     return lines
 
 

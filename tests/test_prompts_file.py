@@ -93,7 +93,8 @@ def test_a_bad_line_is_named_with_its_number(checkpoints, tmp_path, capsys, monk
     (["--prompts-file", "{good}", "--prompt", "x"], "argument --prompt: not allowed with argument --prompts-file"),
     (["--batch-size", "4"], "--batch-size goes with --prompts-file"),
     (["--output", "{out}"], "--output goes with --prompts-file"),
-    (["--prompts-file", "{good}", "--batch-size", "0"], "argument --batch-size: invalid value '0': must be an integer >= 1"),
+    (["--prompts-file", "{good}", "--batch-size", "0"], "argument --batch-size: invalid value '0': must be an "
+                                                        "integer >= 1"),
     (["--prompts-file", "{good}", "--no-cache-baseline"], "--no-cache-baseline times one prompt"),
     (["--prompts-file", "{good}", "--output", "{good}"], "is the --prompts-file file too: give it another name"),
     (["--prompts-file", "{good}", "--output", "{out}", "--trace", "{out}"], "is the --output file too"),
