@@ -159,9 +159,9 @@ def test_json_lines_one_per_prompt_equal_to_decoding_each_prompt_alone(checkpoin
 def test_batch_size_larger_and_smaller_than_the_file_gives_the_same_rows(checkpoints, tmp_path, capsys):
     prompts = write_prompts(tmp_path / "prompts.jsonl", [json.dumps({"prompt": p}) for p in PROMPTS])
     outputs = {}
-    for size in (1, 3, 16):
+    for size, draft in ((1, []), (3, []), (16, []), (3, ["--draft", "ngram"])):  # ngram: a drafter per row
         output = tmp_path / f"out{size}.jsonl"
-        status, out, err = run(capsys, *models(checkpoints), "--prompts-file", prompts, "--batch-size", size,
+        status, out, err = run(capsys, *models(checkpoints), *draft, "--prompts-file", prompts, "--batch-size", size,
                                "--max-new-tokens", 6, "--mode", "speculative", "--output", output, "--dtype",
                                "float32")
         assert status == 0 and out == "", err
@@ -169,8 +169,9 @@ def test_batch_size_larger_and_smaller_than_the_file_gives_the_same_rows(checkpo
         assert f"in {batches} batches of up to {size}" in err and f"output: 5 JSON lines in {output}" in err
         rows = json_lines(output.read_text())
         assert set(rows[0]) == FIELDS  # no plain decoding ran: no naive_seconds, no identical
-        outputs[size] = {r["line"]: r["tokens"] for r in rows}
-    assert outputs[1] == outputs[3] == outputs[16] and sorted(outputs[1]) == [1, 2, 3, 4, 5]
+        outputs[size, bool(draft)] = {r["line"]: r["tokens"] for r in rows}
+    assert sorted(outputs[1, False]) == [1, 2, 3, 4, 5]
+    assert outputs[1, False] == outputs[3, False] == outputs[16, False] == outputs[3, True]
 
 
 def test_naive_mode_and_sampling(checkpoints, tmp_path, capsys):
