@@ -310,8 +310,6 @@ def _run(args) -> int:
         return PromptLookupDrafter(args.ngram_max, args.ngram_min) if lookup else draft
 
     def decode(mode, prompt, max_new_tokens, generator=None, **options):  # options: sampling and callbacks
-        if prompt and isinstance(prompt[0], list):  # TEMPORARY shim until the batched core lands
-            return _batch_shim(partial(decode, mode), prompt, max_new_tokens, generator, **options)
         if mode == SPECULATIVE:
             return speculative_sample(target, drafter(), prompt, max_new_tokens, lookahead=lookahead(),
                                       generator=generator, trace=args.trace is not None, **options)
@@ -831,15 +829,3 @@ def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], *, batc
     where = "on stdout" if args.output is None else f"in {printable(args.output)}"
     lines.append(f"output: {len(done)} JSON lines {where}")
     return lines
-
-
-def _batch_shim(decode_one, prompts, max_new_tokens, generator, on_finished=None, **options):
-    """TEMPORARY, until the batched core of issue 18 lands on main: a batch decoded row after row."""
-    started, outs = time.perf_counter(), []
-    for i, prompt in enumerate(prompts):
-        out = decode_one(prompt, max_new_tokens, generator, **options)
-        out.seconds = time.perf_counter() - started
-        outs.append(out)
-        if on_finished is not None:
-            on_finished(i, out)
-    return outs
