@@ -300,7 +300,7 @@ class Batch:
     """The rows being decoded together: their committed tokens on the device and on the host, and their Generations.
 
     `ids` (B, W) holds row b's committed tokens in ids[b, :lengths[b]] (prompts left-aligned, zeros after). A row
-    is active until it emits the EOS or its `max_new_tokens`; then it is finished (`finish`) and its passes are
+    is active until it emits the EOS or its `max_new_tokens`; then it is finished (in `commit`) and its passes are
     parked: it still fills its place in the batch's fixed shapes, at positions from 0, and nothing of it is read.
     """
 
