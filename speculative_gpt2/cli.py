@@ -795,8 +795,8 @@ def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], *, batc
     """The summary of a --prompts-file run, after `_setup_lines`: throughput over all rows, and the comparisons."""
     warm_ups = ", ".join(f"{mode} {s:.2f} s" for mode, s in warm_up_seconds.items())
     lines = [f"warm-up (8 tokens of the first batch each, not timed below): {warm_ups}",
-             f"prompts: {len(done)} from {printable(args.prompts_file)}, in {batches} batches of up to "
-             f"{args.batch_size}"]
+             f"prompts: {len(done)} from {printable(args.prompts_file)}, in {batches} batch{'es' * (batches != 1)} of "
+             f"up to {args.batch_size}"]
     names = {NAIVE: "plain decoding", EXACT: "plain decoding, exact mode", SPECULATIVE: "speculative sampling"}
     speed = {mode: tokens / seconds if seconds else 0.0 for mode, (tokens, seconds) in totals.items()}
     for mode, (tokens, seconds) in totals.items():

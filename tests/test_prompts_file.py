@@ -166,7 +166,7 @@ def test_batch_size_larger_and_smaller_than_the_file_gives_the_same_rows(checkpo
                                "float32")
         assert status == 0 and out == "", err
         batches = -(-len(PROMPTS) // size)
-        assert f"in {batches} batches of up to {size}" in err and f"output: 5 JSON lines in {output}" in err
+        assert f"in {batches} batch{'es' * (batches > 1)} of up to {size}" in err and f"output: 5 JSON lines in {output}" in err
         rows = json_lines(output.read_text())
         assert set(rows[0]) == FIELDS  # no plain decoding ran: no naive_seconds, no identical
         outputs[size, bool(draft)] = {r["line"]: r["tokens"] for r in rows}
