@@ -15,7 +15,7 @@ import torch
 
 from gpt2_model import GPT2, GPT2Config
 from speculative import Origin, autoregressive_sample
-from speculative_gpt2 import cli
+from speculative_gpt2 import cli, prompts_file
 from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 from speculative_gpt2.tokenizer import load_tokenizer
 
@@ -115,11 +115,11 @@ def test_bad_flags_with_a_prompts_file(checkpoints, tmp_path, capsys, monkeypatc
 def test_plain_text_and_json_lines_are_read_as_written(tmp_path, enc):
     text = tmp_path / "prompts.txt"
     text.write_bytes("\ufeffHello\r\n\n  spaced  \n{not json here}\n".encode())  # a BOM, CRLF, a blank line
-    assert [(p.line, p.text) for p in cli.read_prompts(str(text), enc)] == [
+    assert [(p.line, p.text) for p in prompts_file.read_prompts(str(text), enc)] == [
         (1, "Hello"), (3, "  spaced  "), (4, "{not json here}")]
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text('  {"prompt": "a\\nb", "id": 7}\n\n{"prompt": " x"}\n')
-    prompts = cli.read_prompts(str(jsonl), enc)
+    prompts = prompts_file.read_prompts(str(jsonl), enc)
     assert [(p.line, p.text) for p in prompts] == [(1, "a\nb"), (3, " x")]
     assert prompts[1].tokens == enc.encode(" x")
 
@@ -220,13 +220,13 @@ def test_acceptance_marks_and_trace_per_row(checkpoints, tmp_path, capsys):
 
 
 def test_ctrl_c_after_the_first_row_keeps_its_line(checkpoints, tmp_path, capsys, monkeypatch):
-    real_write = cli.JsonLines.write
+    real_write = prompts_file.JsonLines.write
 
     def write_then_interrupt(self, record):  # called from on_finished: Ctrl-C as the first row's line is out
         real_write(self, record)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.JsonLines, "write", write_then_interrupt)
+    monkeypatch.setattr(prompts_file.JsonLines, "write", write_then_interrupt)
     prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS)
     output, page = tmp_path / "out.jsonl", tmp_path / "trace.html"
     status, out, err = run(capsys, *models(checkpoints), "--prompts-file", prompts, "--max-new-tokens", 6,
@@ -259,7 +259,7 @@ def test_a_later_failure_keeps_the_lines_of_the_batches_before(checkpoints, tmp_
 
 def test_a_write_that_fails_midway_is_cut_back_to_the_last_whole_line(tmp_path, monkeypatch):
     output = tmp_path / "out.jsonl"
-    lines = cli.JsonLines(str(output))
+    lines = prompts_file.JsonLines(str(output))
     lines.write({"line": 1, "text": "whole"})
     real_write = os.write
 

@@ -1,0 +1,251 @@
+"""--prompts-file: many prompts decoded in batches (`speculative_sample` with a list of prompts), one JSON line each.
+
+Called by the command line (speculative_gpt2/cli.py), which parses the flags, loads the models and hands over how
+to decode and how to lay out the weights; this module reads the file, runs the batches, writes the lines and the
+summary.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import stat
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from gpt2_model import write_atomically
+from speculative import Generation
+from speculative_gpt2.cli import EXACT, NAIVE, SPECULATIVE, _peak_memory
+from speculative_gpt2.render import printable
+
+
+@dataclass(frozen=True)
+class PromptLine:
+    """A prompt of a --prompts-file: its line number (from 1), its text and its tokens."""
+
+    line: int
+    text: str
+    tokens: list[int]
+
+
+def read_prompts(path: str, enc) -> list[PromptLine]:
+    """The prompts of a --prompts-file, in order; a bad line is a ValueError naming its number.
+
+    The file is UTF-8 (a BOM is skipped, CRLF line ends are fine); blank lines are skipped. Its first non-blank
+    line decides its format, for every line: when it starts with `{` the file is JSON lines, each line an object
+    with a string "prompt" (other fields ignored); otherwise each line is one prompt, exactly as written.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"--prompts-file {path}: cannot read it ({e.strerror or e})") from None
+    prompts, json_lines = [], None
+    for number, raw in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n"), 1):
+        where = f"--prompts-file {path}, line {number}"
+        try:
+            line = raw.removesuffix(b"\r").decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: byte {e.start + 1} is not UTF-8: save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        if json_lines is None:
+            json_lines = line.lstrip().startswith("{")
+        text = _json_prompt(line, where) if json_lines else line
+        surrogate = next((c for c in text if "\ud800" <= c <= "\udfff"), None)
+        if surrogate is not None:  # only a JSON escape can make one: it is no character
+            raise ValueError(f"{where}: the prompt holds a lone surrogate \\u{ord(surrogate):04x}, which is not text: "
+                             f"remove it")
+        tokens = enc.encode(text, allowed_special="all")
+        if not tokens:
+            raise ValueError(f'{where}: the prompt is empty: give some text, {{"prompt": "..."}}')
+        prompts.append(PromptLine(number, text, tokens))
+    if not prompts:
+        raise ValueError(f"--prompts-file {path} holds no prompt (every line is blank): write one prompt per line")
+    return prompts
+
+
+def _json_prompt(line: str, where: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg}, column {e.colno}): the file's first line starts with {{, "
+                         f"so every line must be a JSON object with a \"prompt\" string") from None
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise ValueError(f'{where}: this JSON line has no "prompt" string: write {{"prompt": "your text"}}')
+    return record["prompt"]
+
+
+class JsonLines:
+    """Writes one JSON object per line, to a file (emptied when opened) or to stdout, each line whole and at once.
+
+    A file is written in place, not renamed into place at the end: a reader (`tail -f`) sees every finished line,
+    and a run that is killed keeps them. Should a write stop midway (a full disk, Ctrl-C between two partial
+    writes), the file is cut back to its last whole line before the error goes on. The lines are ASCII (JSON
+    escapes the rest), so model text can never drive a terminal or split a line.
+    """
+
+    def __init__(self, path: str | None):
+        self.path, self.count, self.size = path, 0, 0
+        self.fd = None if path is None else os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o666)
+        # Only a regular file can be cut back; a pipe or a terminal gets each line in one write call.
+        self.regular = self.fd is not None and stat.S_ISREG(os.fstat(self.fd).st_mode)
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        if self.fd is None:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        else:
+            data = line.encode("ascii")
+            try:
+                done = 0
+                while done < len(data):
+                    done += os.write(self.fd, data[done:])
+            except BaseException:
+                if self.regular:
+                    os.ftruncate(self.fd, self.size)
+                raise
+            self.size += len(data)
+        self.count += 1
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, decode, prepare, options: dict, exact: bool,
+                     pass_rows: int, setup: list[str]) -> int:
+    """Decodes `prompts` in batches of --batch-size, every mode of --mode on each batch (plain decoding first),
+    and writes each prompt's JSON line as soon as its last run finishes it; then the summary on stderr. A failure
+    or Ctrl-C keeps the lines written so far and says how many."""
+    from tqdm.auto import tqdm
+
+    modes = [m for m, wanted in ((NAIVE, args.mode != "speculative"), (EXACT, exact),
+                                 (SPECULATIVE, args.mode != "naive")) if wanted]
+    size, n = args.batch_size, args.max_new_tokens
+    batches = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+    warm_up_seconds, totals, done = {}, {mode: [0, 0.0] for mode in modes}, []  # totals: [tokens, seconds]
+    for mode in modes:
+        # The first passes pay for allocations and kernel selection: a short run on the first batch, not timed.
+        prepare(mode, size)
+        started = time.perf_counter()
+        decode(mode, [p.tokens for p in batches[0]], min(8, n), **options | {"temperature": 0.0, "eos_token_id": None})
+        warm_up_seconds[mode] = time.perf_counter() - started
+    out = JsonLines(args.output)
+    bar = tqdm(total=len(prompts), desc=modes[-1], unit="prompt", file=sys.stderr, leave=False)
+
+    def finished(batch, results, index: int, generation: Generation) -> None:  # a row of the last mode: its line, now
+        record = _record(batch[index], generation, enc, {mode: r[index] for mode, r in results.items()},
+                         temperature=args.temperature, show_acceptance=args.show_acceptance)
+        done.append((batch[index], generation, record))
+        out.write(record)
+        bar.update(1)
+
+    try:
+        for batch in batches:
+            results = {}  # this batch's earlier runs, by mode
+            for mode in modes:
+                prepare(mode, size)
+                generator = torch.Generator(device).manual_seed(args.seed)  # every run of every batch: the same seed
+                started = time.perf_counter()
+                results[mode] = decode(mode, [p.tokens for p in batch], n, generator, **options,
+                                       on_finished=partial(finished, batch, results) if mode == modes[-1] else None)
+                totals[mode][0] += sum(len(r.tokens) for r in results[mode])
+                totals[mode][1] += time.perf_counter() - started
+    except BaseException:
+        bar.close()
+        print(f"{out.count} of {len(prompts)} prompts written to {printable(args.output or 'stdout')} before the run "
+              f"stopped", file=sys.stderr)
+        raise
+    finally:
+        out.close()
+        if args.trace is not None and done:  # every finished prompt's trace, also when the run stopped early
+            _write_batch_trace(args, done, enc)
+    bar.close()
+    print("\n=== Summary ===", file=sys.stderr)
+    for line in setup + _file_summary(args, done, batches=len(batches), totals=totals, warm_up_seconds=warm_up_seconds,
+                                      pass_rows=pass_rows, device=device):
+        print(line, file=sys.stderr)
+    return 0
+
+
+def _record(prompt: PromptLine, generation: Generation, enc, earlier: dict[str, Generation], *, temperature: float,
+            show_acceptance: bool) -> dict:
+    """A prompt's JSON line. `earlier`: this row in the batch's runs before, plain decoding and its exact mode."""
+    rate = generation.acceptance_rate
+    record = {"line": prompt.line, "prompt": prompt.text, "text": enc.decode(generation.tokens),
+              "tokens": generation.tokens, "acceptance_rate": None if rate is None else round(rate, 4),
+              "tokens_per_target_pass": round(generation.tokens_per_target_call, 4),
+              "target_passes": generation.target_calls, "seconds": round(generation.seconds, 4)}
+    naive = earlier.get(NAIVE)
+    if naive is not None:
+        record["naive_seconds"] = round(naive.seconds, 4)
+        reference = earlier.get(EXACT, naive)  # at temperature 0, what the speculative tokens must equal
+        # At temperature > 0 both are samples from the target: equality is not expected.
+        record["identical"] = generation.tokens == reference.tokens if temperature == 0 else None
+    if show_acceptance:
+        from speculative_gpt2.render import marked_text, text_groups
+
+        record["origins"] = [str(o) for o in generation.origins]
+        record["marked"] = marked_text(text_groups(generation, enc)[1])
+    return record
+
+
+def _write_batch_trace(args, done: list[tuple[PromptLine, Generation, dict]], enc) -> None:
+    from speculative_gpt2.render import batch_trace_page
+
+    title = (f"{Path(args.target).name} / {Path(args.draft).name}, K={args.lookahead}, temperature "
+             f"{args.temperature}: {Path(args.prompts_file).name}")
+    page = batch_trace_page([g for _, g, _ in done], enc, [p.tokens for p, _, _ in done],
+                            names=[f"line {p.line}" for p, _, _ in done], title=title)
+    write_atomically(Path(args.trace), lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    print(f"trace of {len(done)} prompts: {printable(args.trace)}", file=sys.stderr)
+
+
+def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], *, batches: int,
+                  totals: dict[str, list], warm_up_seconds: dict[str, float], pass_rows: int, device) -> list[str]:
+    """The summary of a --prompts-file run, after `_setup_lines`: throughput over all rows, and the comparisons."""
+    warm_ups = ", ".join(f"{mode} {s:.2f} s" for mode, s in warm_up_seconds.items())
+    lines = [f"warm-up (8 tokens of the first batch each, not timed below): {warm_ups}",
+             f"prompts: {len(done)} from {printable(args.prompts_file)}, in {batches} batch{'es' * (batches != 1)} of "
+             f"up to {args.batch_size}"]
+    names = {NAIVE: "plain decoding", EXACT: "plain decoding, exact mode", SPECULATIVE: "speculative sampling"}
+    speed = {mode: tokens / seconds if seconds else 0.0 for mode, (tokens, seconds) in totals.items()}
+    for mode, (tokens, seconds) in totals.items():
+        lines.append(f"{names[mode]}: {tokens} tokens in {seconds:.2f} s, {speed[mode]:.2f} tokens/s over all rows")
+    if EXACT in speed and speed[EXACT]:
+        lines.append(f"exact mode (every target pass {pass_rows} rows per prompt, so that the texts compare equal in "
+                     f"any dtype) cost plain decoding {speed[NAIVE] / speed[EXACT]:.2f}x its time; the speedup below "
+                     f"is over the fastest plain decoding")
+    if SPECULATIVE in speed and NAIVE in speed and speed[NAIVE]:
+        lines.append(f"speedup over batched plain decoding: {speed[SPECULATIVE] / speed[NAIVE]:.2f}x")
+    if SPECULATIVE in totals:
+        generations = [g for _, g, _ in done]
+        accepted, proposed = sum(g.accepted for g in generations), sum(g.proposed for g in generations)
+        rates = [g.acceptance_rate for g in generations if g.acceptance_rate is not None]
+        pooled = f"{accepted / proposed:.2f}" if proposed else "n/a"
+        per_row = f"{sum(rates) / len(rates):.2f}" if rates else "n/a"
+        passes = sum(g.target_calls for g in generations)
+        lines.append(f"acceptance rate: {pooled} over all rows ({accepted} of {proposed} drafts kept); mean per "
+                     f"prompt {per_row}")
+        lines.append(f"mean tokens per target pass: {sum(len(g.tokens) for g in generations) / max(passes, 1):.2f}")
+    verdicts = [r["identical"] for _, _, r in done if "identical" in r]
+    if verdicts and args.temperature == 0:
+        parted = [str(p.line) for p, _, r in done if r.get("identical") is False]
+        lines.append(f"identical outputs: {verdicts.count(True)} of {len(verdicts)} prompts" + (
+            f"; not on lines {', '.join(parted)}: in exact mode this platform breaks its premise (run "
+            f"tests/test_exact_dtype.py)" if parted else ""))
+    elif verdicts:
+        lines.append("identical outputs: not expected at temperature > 0 (both are samples from the target)")
+    lines.append(f"peak memory: {_peak_memory(device)}")
+    where = "on stdout" if args.output is None else f"in {printable(args.output)}"
+    lines.append(f"output: {len(done)} JSON lines {where}")
+    return lines
