@@ -260,7 +260,7 @@ class GPT2(nn.Module):
         loaded in (figures: README, "Results"). Speculative sampling makes 1-row passes too (a draft model's
         drafting, a round in which prompt lookup proposes nothing), so for rows > 1 the expanding layers and the LM
         head also keep an [in, out] copy for 1-row passes (`one_row_weight`): those run as plain decoding's do, for
-        the memory of a second copy of those weights (GPT-2 XL: 4.2 GB more in float32). Elsewhere (CUDA, bfloat16)
+        the memory of a second copy of those weights (GPT-2 XL: 4.25 GB more in float32). Elsewhere (CUDA, bfloat16)
         the weights stay [out, in] and nothing is copied. A change of layout copies the weights once (GPT-2 XL:
         seconds).
         """
