@@ -157,15 +157,18 @@ class KVCache:
         self.lengths = [int(n) for n in lengths]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           one_row_weight: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias for x (..., in) and weight (out, in), whichever way round the weight lies in memory
-    (see `GPT2.prepare_for`).
+    (see `GPT2.prepare_for`); `one_row_weight`, the same values [in, out] in memory, serves a 1-row x.
 
     On CPU in float32, a few rows (the K + 1 rows of a verification pass) on [out, in] memory go through
     (weight @ x.T).T, which MKL runs 2-3x faster than F.linear's small-M path (figures: README, "Results").
     Elsewhere, F.linear.
     """
     rows = x.numel() // x.shape[-1]
+    if rows == 1 and one_row_weight is not None:
+        return F.linear(x, one_row_weight, bias)
     if x.device.type != "cpu" or x.dtype != torch.float32 or not 1 < rows <= 16 or not weight.is_contiguous():
         return F.linear(x, weight, bias)
     # (in, rows) as a transposed view of contiguous rows: MKL is several times slower when the (in, rows) operand is
@@ -175,9 +178,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.t().reshape(*x.shape[:-1], weight.shape[0])
 
 
+def one_row_weight(module: nn.Module) -> torch.Tensor | None:
+    """The [in, out] copy of `module.weight` that `GPT2.prepare_for(rows > 1)` keeps for 1-row passes, or None: none
+    was made, or the weight has changed since (loaded, trained or moved: a stale copy is never used)."""
+    kept = getattr(module, "one_row", None)
+    if kept is None:
+        return None
+    copy, address, version = kept
+    weight = module.weight
+    return copy if weight.data_ptr() == address and weight._version == version else None
+
+
 class Linear(nn.Linear):
     def forward(self, x):
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, one_row_weight(self))
 
 
 class CausalSelfAttention(nn.Module):
@@ -260,12 +274,16 @@ class GPT2(nn.Module):
         notebook), never by the samplers. On CPU in float32, one row (plain decoding) runs fastest as x @ W on
         [in, out] memory, except for contracting layers (the MLP's c_proj), and 2-16 rows (speculative sampling:
         drafting after a full acceptance, verification) as (W @ x.T).T on [out, in] memory, the layout a model is
-        loaded in (figures: README, "Results"). Elsewhere (CUDA, bfloat16) the weights stay [out, in]. A change of
-        layout copies the weights once (GPT-2 XL: seconds).
+        loaded in (figures: README, "Results"). Speculative sampling makes 1-row passes too (a draft model's
+        drafting, a round in which prompt lookup proposes nothing), so for rows > 1 the expanding layers and the LM
+        head also keep an [in, out] copy for 1-row passes (`one_row_weight`): those run as plain decoding's do, for
+        the memory of a second copy of those weights (GPT-2 XL: 4.25 GB more in float32). Elsewhere (CUDA, bfloat16)
+        the weights stay [out, in] and nothing is copied. A change of layout copies the weights once (GPT-2 XL:
+        seconds).
         """
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise ValueError(f"rows must be an integer >= 1 (new tokens per pass), got {rows!r}")
-        one_row = rows == 1 and self.wte.weight.device.type == "cpu" and self.wte.weight.dtype == torch.float32
+        cpu_float32 = self.wte.weight.device.type == "cpu" and self.wte.weight.dtype == torch.float32
         # New Parameters made outside inference mode: ordinary tensors that autograd can use later, even when the
         # model was made under torch.inference_mode() (whose tensors refuse `p.data = ...`).
         with torch.inference_mode(False), torch.no_grad():
@@ -273,10 +291,17 @@ class GPT2(nn.Module):
                 w = module.weight
                 # One row: [in, out], except where the layer contracts (in > out: the MLP's c_proj), which MKL runs
                 # faster on [out, in].
-                to_in_out = one_row and w.shape[1] <= w.shape[0]
+                one_row_faster_in_out = cpu_float32 and w.shape[1] <= w.shape[0]
+                to_in_out = rows == 1 and one_row_faster_in_out
+                keep_copy = rows > 1 and one_row_faster_in_out
                 if w.is_contiguous() == to_in_out:  # [out, in] memory is the contiguous one
                     data = w.detach().t().contiguous().t() if to_in_out else w.detach().contiguous()
                     module.weight = nn.Parameter(data, requires_grad=w.requires_grad)
+                elif keep_copy and w.is_inference():  # an inference tensor has no version to check the copy by
+                    module.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+                w = module.weight
+                # The copy is used while the weight keeps its memory and version (`one_row_weight`).
+                module.one_row = (w.detach().t().contiguous().t(), w.data_ptr(), w._version) if keep_copy else None
         return self
 
     def fixed_pass_rows(self, rows: int | None) -> GPT2:
@@ -369,7 +394,8 @@ class GPT2(nn.Module):
         for i, block in enumerate(self.h):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             x = block(x, kv, positions, mask)
-        return linear(self.ln_f(x), self.wte.weight)  # tied LM head: (B, T, vocab_size)
+        # Tied LM head: (B, T, vocab_size).
+        return linear(self.ln_f(x), self.wte.weight, one_row_weight=one_row_weight(self.wte))
 
     def _check_cache(self, cache: KVCache, batch_size: int) -> None:
         if not isinstance(cache, KVCache):

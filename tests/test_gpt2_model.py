@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from speculative_gpt2.checkpoints import find_checkpoint
-from gpt2_model import GPT2, CheckpointError, GPT2Config, KVCache
+from gpt2_model import GPT2, CheckpointError, GPT2Config, KVCache, linear, one_row_weight
 
 TOL = 1e-4  # fp32; the measured gap is about 1e-6
 
@@ -141,6 +141,67 @@ def test_prepare_for_inside_inference_mode_leaves_a_trainable_model():
 def test_prepare_for_keeps_bfloat16_in_the_usual_layout(reference_folder):
     model = GPT2.from_pretrained(reference_folder[0], dtype=torch.bfloat16).prepare_for(1)
     assert not _one_row_layout(model)  # [in, out] helps float32 only: bfloat16 x @ W was 10-20x slower
+
+
+def _one_token_at_a_time(model, idx):
+    """Logits of `idx` (1, T) fed one token per cached pass: plain decoding's passes."""
+    cache = model.new_cache()
+    with torch.no_grad():
+        return torch.cat([model(idx[:, i : i + 1], cache=cache) for i in range(idx.shape[1])], dim=1)
+
+
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=97, n_positions=32)).eval()
+
+
+def test_prepare_for_more_rows_runs_one_row_passes_as_plain_decoding_does():
+    # Speculative sampling makes 1-row passes too (a round with no drafts): in float32 on CPU they use the [in, out]
+    # copy that prepare_for(rows > 1) keeps, so they are plain decoding's passes bit for bit.
+    model, idx = _tiny_model(), torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(2))
+    plain = _one_token_at_a_time(model.prepare_for(1), idx)
+    assert all(one_row_weight(m) is None for m in model.modules())
+    model.prepare_for(5)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    expanding = [model.wte] + [m for m in linears if m.in_features <= m.out_features]
+    assert all(one_row_weight(m) is not None and one_row_weight(m).t().is_contiguous() for m in expanding)
+    assert all(one_row_weight(block.mlp.c_proj) is None for block in model.h)  # contracting: [out, in] is faster
+    assert torch.equal(_one_token_at_a_time(model, idx), plain)
+    # The copies are what 1-row passes read, and only they: spoil them, and only 1-row passes change.
+    cache = model.new_cache()
+    with torch.no_grad():
+        several = model(idx[:, :5], cache=cache)
+        for m in expanding:
+            m.one_row[0].zero_()
+        torch.testing.assert_close(model(idx[:, :5], cache=model.new_cache()), several, atol=0, rtol=0)
+    assert not torch.allclose(_one_token_at_a_time(model, idx), plain)
+
+
+def test_a_stale_one_row_copy_is_never_used():
+    model, other = _tiny_model(0).prepare_for(2), _tiny_model(1)
+    idx = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(3))
+    model.load_state_dict(other.state_dict())  # the weights change in place: the copies are stale
+    assert all(one_row_weight(m) is None for m in model.modules())
+    torch.testing.assert_close(_one_token_at_a_time(model, idx), _one_token_at_a_time(other, idx), atol=1e-5, rtol=0)
+    model.prepare_for(2)
+    with torch.no_grad():  # a training step, in place
+        model.h[0].attn.c_attn.weight.add_(0.1)
+    assert one_row_weight(model.h[0].attn.c_attn) is None and one_row_weight(model.h[0].mlp.c_fc) is not None
+    model.prepare_for(2).double()  # moved: new memory
+    assert all(one_row_weight(m) is None for m in model.modules())
+    bf16 = _tiny_model().to(torch.bfloat16).prepare_for(2)  # [in, out] helps float32 only: no copies
+    assert all(getattr(m, "one_row", None) is None for m in bf16.modules())
+
+
+def test_linear_uses_the_one_row_weight_for_one_row_only():
+    gen = torch.Generator().manual_seed(5)
+    w, b = torch.randn(48, 32, generator=gen), torch.randn(48, generator=gen)
+    for rows in (1, 2, 5):
+        x = torch.randn(1, rows, 32, generator=gen)
+        expected = torch.nn.functional.linear(x, w, b)
+        torch.testing.assert_close(linear(x, w, b, one_row_weight=w.t().contiguous().t()), expected)
+        spoiled = linear(x, w, b, one_row_weight=torch.zeros_like(w))
+        assert torch.equal(spoiled, b.expand_as(expected)) if rows == 1 else torch.allclose(spoiled, expected)
 
 
 def test_crop_then_refeed_different_tokens(reference_folder):

@@ -1,0 +1,122 @@
+"""The target's weight layouts, per pass and end to end where nothing repeats (issue 17), in one process.
+
+Per pass: the median time of a cached pass of 1, 5 and 9 new tokens (plain decoding; verification at K = 4 and 8)
+in each layout, interleaved. Layouts: "[out, in]" (every weight as loaded: `prepare_for(2)` before issue 17) and
+`prepare_for(1)` / `prepare_for(2)` as this checkout makes them (`--layouts`).
+
+End to end, where nothing repeats: temperature 1, seed 0, so that the random target's nearly flat distribution
+gives text without a repeated token (checked: the lookup proposes nothing in any round). Rows, interleaved: plain
+decoding (`prepare_for(1)`), then prompt lookup (K = 4) with the target in each layout.
+
+    python benchmarks/pass_layouts.py --target /work/ckpt/random-gpt2-xl --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench import pass_ms  # noqa: E402
+from gpt2_model import GPT2  # noqa: E402
+from speculative import autoregressive_sample, speculative_sample  # noqa: E402
+from speculative_gpt2.cli import DEFAULT_PROMPT  # noqa: E402
+from speculative_gpt2.drafters import PromptLookupDrafter  # noqa: E402
+from speculative_gpt2.hardware import hardware_name  # noqa: E402
+from speculative_gpt2.tokenizer import load_tokenizer  # noqa: E402
+
+
+def out_in(model: GPT2) -> GPT2:
+    """Every weight [out, in] in memory, as loaded, and no one-row copies: what prepare_for(rows > 1) did before
+    issue 17."""
+    with torch.inference_mode(False), torch.no_grad():
+        for module in [model.wte] + [m for m in model.modules() if isinstance(m, nn.Linear)]:
+            module.one_row = None
+            if not module.weight.is_contiguous():
+                module.weight = nn.Parameter(module.weight.detach().contiguous(), requires_grad=False)
+    return model
+
+
+LAYOUTS = {"[out, in]": out_in, "prepare_for(1)": lambda m: m.prepare_for(1),
+           "prepare_for(2)": lambda m: m.prepare_for(2)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="/work/ckpt/random-gpt2-xl")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS),
+                        help="the target's layouts to time, per pass and (for prompt lookup) end to end")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 5, 9])
+    parser.add_argument("--pass-repeats", type=int, default=5, help="timed passes per layout and row count")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved end-to-end runs per row (0: none)")
+    parser.add_argument("--out", default=None, help="write the raw times to this JSON file")
+    args = parser.parse_args(argv)
+
+    target = GPT2.from_pretrained(args.target, dtype=getattr(torch, args.dtype))
+    prompt = load_tokenizer().encode(DEFAULT_PROMPT)
+    layouts = {name: LAYOUTS[name] for name in args.layouts}
+    passes = {name: {rows: [] for rows in args.rows} for name in layouts}
+    for _ in range(args.pass_repeats):  # interleaved: a slow spell of the shared machine hits every layout
+        for name, lay_out in layouts.items():
+            lay_out(target)
+            for rows in args.rows:
+                passes[name][rows].append(pass_ms(target, len(prompt), rows, repeats=1))
+
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"{args.target}, {args.dtype}, {hardware_name(torch.device('cpu'))}, torch {torch.__version__}, {when}")
+    print(f"\nPer pass, median of {args.pass_repeats} (ms):\n")
+    print("| layout | " + " | ".join(f"{r} row{'s' * (r > 1)}" for r in args.rows) + " |")
+    print("|---|" + "---:|" * len(args.rows))
+    for name, by_rows in passes.items():
+        print(f"| {name} | " + " | ".join(f"{statistics.median(t):.1f}" for t in by_rows.values()) + " |", flush=True)
+
+    def plain():
+        gen = torch.Generator().manual_seed(0)
+        return autoregressive_sample(target.prepare_for(1), prompt, args.max_new_tokens, temperature=1.0, generator=gen)
+
+    def lookup(lay_out):
+        gen = torch.Generator().manual_seed(0)
+        return speculative_sample(lay_out(target), PromptLookupDrafter(), prompt, args.max_new_tokens, lookahead=4,
+                                  temperature=1.0, generator=gen)
+
+    runs = {"plain decoding, prepare_for(1)": plain}
+    runs |= {f"lookup, {name}": (lambda lay_out=lay_out: lookup(lay_out)) for name, lay_out in layouts.items()}
+    e2e = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            e2e[name].append(fn())
+            print(f"{name}: {e2e[name][-1].seconds:.2f} s", file=sys.stderr, flush=True)
+    if args.repeats:
+        plain_tokens = e2e["plain decoding, prepare_for(1)"][0].tokens
+        base = statistics.median(g.seconds for g in e2e["plain decoding, prepare_for(1)"])
+        print(f"\nEnd to end, {args.max_new_tokens} new tokens, temperature 1 (seed 0), K = 4, "
+              f"median of {args.repeats}:\n")
+        print("| run | seconds | speedup vs plain | target passes | drafts proposed | same tokens as plain |")
+        print("|---|---:|---:|---:|---:|---|")
+        for name, gens in e2e.items():
+            seconds = statistics.median(g.seconds for g in gens)
+            g = gens[0]
+            same = all(x.tokens == plain_tokens for x in gens)
+            print(f"| {name} | {seconds:.2f} | {base / seconds:.3f} | {g.target_calls} | {g.proposed} | "
+                  f"{'yes' if same else 'no'} |")
+        repeated = len(plain_tokens) + len(prompt) - len(set(plain_tokens + prompt))
+        print(f"\nPlain decoding's output repeats {repeated} token(s) of prompt + output.")
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "args": vars(args), "passes_ms": passes,
+            "e2e_seconds": {name: [g.seconds for g in gens] for name, gens in e2e.items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
