@@ -113,12 +113,13 @@ def _not_int(value) -> bool:
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions; positions `[0, length)` are valid.
+    """Keys and values of every layer, preallocated for `max_len` positions; row b holds positions `[0, lengths[b])`.
 
-    `keys` and `values` are (n_layer, B, n_head, max_len, head_dim). A pass writes its new keys and values at their
-    positions and attends over the whole buffer, each new token masking out the positions after its own, so a
-    pass of T new tokens has the same tensor shapes wherever it is in the sequence: nothing is sliced to the
-    current length (what CUDA graphs need, and what keeps cuDNN from planning anew for every key length).
+    `keys` and `values` are (n_layer, B, n_head, max_len, head_dim). A pass writes each row's new keys and values at
+    that row's positions and attends over the whole buffer, each new token masking out the positions after its own,
+    so a pass of T new tokens has the same tensor shapes wherever each row is in its sequence: nothing is sliced to
+    a length (what CUDA graphs need, what keeps cuDNN from planning anew for every key length, and what lets the
+    rows of a batch sit at different lengths).
     """
 
     def __init__(self, config: GPT2Config, batch_size: int, max_len: int, dtype, device, buffers=None):
@@ -127,18 +128,33 @@ class KVCache:
             buffers = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
                        torch.arange(max_len, device=device))
         self.keys, self.values, self.key_positions = buffers  # key_positions (max_len,): each slot's position
-        self.length = 0
+        self.lengths = [0] * batch_size  # per row, on the host: the samplers decide with them
 
     @property
     def max_len(self) -> int:
         return self.keys.shape[3]
 
-    def crop(self, length: int) -> None:
-        """Forgets every position from `length` on. O(1): later writes overwrite the stale entries, and until
-        then the mask hides them."""
-        if isinstance(length, bool) or not isinstance(length, Integral) or not 0 <= length <= self.length:
-            raise ValueError(f"cannot crop the cache to {length!r}: give an integer from 0 to {self.length}")
-        self.length = int(length)
+    @property
+    def length(self) -> int:
+        """The length of every row, when they are equal (a single sequence); else read `lengths`."""
+        if len(set(self.lengths)) > 1:
+            raise ValueError(f"the rows of this cache have different lengths {self.lengths}: read cache.lengths")
+        return self.lengths[0]
+
+    @length.setter
+    def length(self, length: int) -> None:
+        self.lengths = [int(length)] * len(self.lengths)
+
+    def crop(self, length) -> None:
+        """Forgets every position from `length` on: one integer for every row, or a list of one per row. O(1):
+        later writes overwrite the stale entries, and until then the mask hides them."""
+        lengths = [length] * len(self.lengths) if not isinstance(length, (list, tuple)) else list(length)
+        if len(lengths) != len(self.lengths) or not all(
+                not isinstance(n, bool) and isinstance(n, Integral) and 0 <= n <= old
+                for n, old in zip(lengths, self.lengths)):
+            raise ValueError(f"cannot crop the cache to {length!r}: give an integer from 0 to the length of each row "
+                             f"{self.lengths} (one, or a list of one per row)")
+        self.lengths = [int(n) for n in lengths]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -178,11 +194,12 @@ class CausalSelfAttention(nn.Module):
         if kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            # Write the new keys/values at their positions (T,), then attend over the whole buffer; the mask
-            # (T, max_len) hides the positions a new token may not see, and the stale ones.
+            # Write each row's new keys/values at its own positions (B, T), then attend over the whole buffer; the
+            # mask (B, 1, T, max_len) hides the positions a new token may not see, and the stale ones.
             cache_k, cache_v = kv  # (B, nh, max_len, hs)
-            cache_k.index_copy_(2, positions, k)
-            cache_v.index_copy_(2, positions, v)
+            slots = positions[:, None, :, None].expand_as(k)  # (B, nh, T, hs)
+            cache_k.scatter_(2, slots, k)
+            cache_v.scatter_(2, slots, v)
             y = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.c_proj(y)
@@ -290,32 +307,33 @@ class GPT2(nn.Module):
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for the tokens `idx` (B, T).
 
-        With a cache, `idx` holds only the new tokens, at positions `cache.length ...`; their keys and values
-        are appended to the cache. Several new tokens at once are scored in one pass (draft verification).
-        Under `fixed_pass_rows(n)`, a cached pass of T <= n tokens runs as a pass of n rows.
+        With a cache, `idx` holds only the new tokens: row b's at positions `cache.lengths[b] ...`, the rows of a
+        batch each where its own sequence is; their keys and values are appended to the cache. Several new tokens
+        at once are scored in one pass (draft verification). Under `fixed_pass_rows(n)`, a cached pass of T <= n
+        tokens runs as a pass of n rows.
         """
         B, T = idx.shape
         if cache is not None:
             self._check_cache(cache, B)
-        start = 0 if cache is None else cache.length
+        starts = [0] * B if cache is None else cache.lengths
         limit = self.config.n_positions if cache is None else min(cache.max_len, self.config.n_positions)
-        if start + T > limit:
-            raise ValueError(f"the context is full: {start} + {T} tokens exceed the limit of {limit} positions")
+        if max(starts) + T > limit:
+            raise ValueError(f"the context is full: {max(starts)} + {T} tokens exceed the limit of {limit} positions")
         rows = T
         if cache is not None and self.pass_rows is not None and T < self.pass_rows:
             rows = self.pass_rows
-            if start + rows > cache.max_len:
+            if max(starts) + rows > cache.max_len:
                 raise ValueError(f"this cache has no room for the padding rows of fixed {rows}-row passes: make it "
                                  f"with model.new_cache() after model.fixed_pass_rows()")
             idx = torch.cat([idx, idx.new_zeros(B, rows - T)], dim=1)  # (B, rows): padding rows hold token 0
-        positions = torch.arange(start, start + rows, device=idx.device)
+        positions = _positions(starts, rows, idx.device)  # (B, rows)
         graphed = self.cuda_graphs is not None and cache is not None and rows <= MAX_GRAPHED_ROWS
         if graphed and not torch.is_grad_enabled():
             logits = self.cuda_graphs.run(self, idx, positions, cache)
         else:
             logits = self.forward_at(idx, positions, cache)
         if cache is not None:
-            cache.length = start + T
+            cache.lengths = [start + T for start in starts]
         return logits[:, :T]
 
     def _apply(self, fn, *args, **kwargs):
@@ -340,13 +358,14 @@ class GPT2(nn.Module):
         return self
 
     def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for tokens `idx` (B, T) at `positions` (T,), a device tensor; with a cache,
+        """Logits (B, T, vocab_size) for tokens `idx` (B, T) at `positions` (B, T), a device tensor; with a cache,
         their keys and values are written there. The static-shape core of `forward`: no host value decides a
         shape, so a pass of T tokens can be captured once and replayed anywhere in the sequence."""
         # Padding rows may lie past the context (their slots do not): any position embedding serves them.
         x = self.wte(idx) + self.wpe(positions.clamp_max(self.config.n_positions - 1))  # (B, T, C)
-        # New token i at position p may see the slots at positions <= p: (T, max_len), the same for every layer.
-        mask = None if cache is None else positions[:, None] >= cache.key_positions
+        # New token i of row b at position p may see the slots at positions <= p: (B, 1, T, max_len), the same for
+        # every layer and head.
+        mask = None if cache is None else (positions[:, :, None] >= cache.key_positions)[:, None]
         for i, block in enumerate(self.h):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             x = block(x, kv, positions, mask)
@@ -417,6 +436,13 @@ class GPT2(nn.Module):
             if created:  # a folder this call made holds nothing of the user's: a failed write leaves no trace
                 shutil.rmtree(folder, ignore_errors=True)
             raise
+
+
+def _positions(starts: list[int], rows: int, device) -> torch.Tensor:
+    """(B, rows): row b's new tokens at starts[b], starts[b] + 1, ..."""
+    if len(set(starts)) == 1:  # one sequence, or rows in step: no copy from the host
+        return torch.arange(starts[0], starts[0] + rows, device=device).expand(len(starts), rows)
+    return torch.tensor(starts, device=device)[:, None] + torch.arange(rows, device=device)
 
 
 def padded_rows(rows: int) -> int:

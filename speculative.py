@@ -17,6 +17,10 @@ is built in). After a prefill of the prompt minus its last token, every round of
                                     copied); `drafter.commit` tells the drafter what was committed.
 
 Every round emits between 1 and K+1 tokens, and the output is distributed exactly as sampling from q.
+
+Both decoders take a batch of prompts of any lengths (`Batch`): one target pass per round serves every row, each
+row at its own positions in the caches (`KVCache.lengths`), with its own drafts, verdicts, rollback and EOS. A
+finished row keeps its place in the passes' fixed shapes, parked at position 0, and is never read again.
 At temperature 0 both distributions are one-hot, so the output is the target's greedy output.
 `autoregressive_sample` is the plain one-token-per-pass decoder beside it, for timing and for the tests.
 Token for token in every dtype when every target pass has one shape (`GPT2.fixed_pass_rows`); otherwise 1-row
@@ -30,6 +34,7 @@ Argument checks are at the end of the file; the command line is speculative_gpt2
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -40,8 +45,9 @@ from typing import Callable
 
 import torch
 
-from gpt2_model import GPT2
-from speculative_gpt2.drafters import Drafter, ModelDrafter, PromptLookupDrafter, Proposal, Sampling
+from gpt2_model import GPT2, KVCache
+from speculative_gpt2.drafters import (BatchDrafter, Drafter, EachRow, ModelDrafter, PromptLookupDrafter,
+                                      Proposal, Sampling)
 from speculative_gpt2.hardware import Clock, DeviceClock, synchronize
 from speculative_gpt2.lookahead import AdaptiveLookahead, FixedLookahead, LookaheadPolicy, Round
 
@@ -252,38 +258,95 @@ def greedy_or_sample(probs: torch.Tensor, temperature: float, generator) -> torc
 
 
 def accept_or_resample(drafts: torch.Tensor, p: torch.Tensor, q: torch.Tensor, r: torch.Tensor | None,
-                       temperature: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 3: how many drafts the target keeps (0-d), and the token that follows them.
+                       counts: torch.Tensor, temperature: float,
+                       generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3, for every row of a batch: how many drafts the target keeps (B,), and the token that follows them (B,).
 
-    drafts (K,), p (K, V) draft probabilities, q (K+1, V) target probabilities at the same positions plus one,
-    r (K,) uniform draws in [0, 1) (None at temperature 0). Keep xi if r_i < q(xi)/p(xi), i.e. with probability
-    min(1, q(xi)/p(xi)); at the first rejection, the next token is sampled from norm(max(0, q_i - p_i)); if all
-    are kept it is the bonus token, sampled from q_K. Everything stays on the device: the caller reads both back
-    in one transfer.
+    drafts (B, K), p (B, K, V) draft probabilities, q (B, K+1, V) target probabilities at the same positions plus
+    one, r (B, K) uniform draws in [0, 1) (None at temperature 0); row b proposed its first counts[b] drafts (the
+    rest is padding, whose p must be 0). Keep xi if r_i < q(xi)/p(xi), i.e. with probability min(1, q(xi)/p(xi));
+    at the first rejection, the next token is sampled from norm(max(0, q_i - p_i)); if all are kept it is the
+    bonus token, sampled from q at the row's last draft + 1. Everything stays on the device: the caller reads the
+    results back in one transfer.
     """
-    K = drafts.shape[0]
+    B, K = drafts.shape
     if temperature == 0:
-        keep = drafts == q[:K].argmax(-1)  # one-hot p and q: kept iff it is the target's greedy choice
+        keep = drafts == q[:, :K].argmax(-1)  # one-hot p and q: kept iff it is the target's greedy choice
     else:
-        rows = torch.arange(K, device=drafts.device)
-        keep = r < q[rows, drafts] / p[rows, drafts]  # r < 1, so min(1, .) is implied
-    kept = keep.int().cumprod(0).sum()  # length of the kept prefix
-    # A zero row appended to p makes row K of max(0, q - p) equal to q_K: the bonus needs no branch.
-    p_next = torch.cat([p, p.new_zeros(1, p.shape[1])]).index_select(0, kept.view(1))[0]
-    q_next = q.index_select(0, kept.view(1))[0]
+        keep = r < q[:, :K].gather(-1, drafts[..., None])[..., 0] / p.gather(-1, drafts[..., None])[..., 0]
+    keep &= torch.arange(K, device=drafts.device) < counts[:, None]  # padding is never kept
+    kept = keep.int().cumprod(1).sum(1)  # (B,): length of each row's kept prefix
+    # A zero row appended to p makes row `kept` of max(0, q - p) equal to q there when every proposed draft was
+    # kept (p is 0 past a row's drafts): the bonus needs no branch.
+    rows = torch.arange(B, device=drafts.device)
+    p_next = torch.cat([p, p.new_zeros(B, 1, p.shape[2])], 1)[rows, kept]  # (B, V)
+    q_next = q[rows, kept]  # (B, V)
     return kept, greedy_or_sample(residual_distribution(q_next, p_next), temperature, generator)
 
 
 def residual_distribution(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """norm(max(0, q - p)), unnormalised (`sample` does not need it): where a rejected draft is replaced from."""
-    residual = (q - p).clamp_min(0)
+    residual = (q - p).clamp_min(0)  # (..., V)
     # Floating point can round q - p to zero everywhere when q = p; then a rejection had probability ~0
     # and q itself is the right distribution.
-    return torch.where(residual.sum() > 0, residual, q)
+    return torch.where(residual.sum(-1, keepdim=True) > 0, residual, q)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The two decoders
+
+
+class Batch:
+    """The rows being decoded together: their committed tokens on the device and on the host, and their Generations.
+
+    `ids` (B, W) holds row b's committed tokens in ids[b, :lengths[b]] (prompts left-aligned, zeros after). A row
+    is active until it emits the EOS or its `max_new_tokens`; then it is finished (`finish`) and its passes are
+    parked: it still fills its place in the batch's fixed shapes, at positions from 0, and nothing of it is read.
+    """
+
+    def __init__(self, prompts: list[torch.Tensor], max_new_tokens: int, eos_token_id: int | None, trace: bool,
+                 on_finished: Callable[[int, Generation], None] | None, start_time: float):
+        self.max_new_tokens, self.eos_token_id, self.on_finished = max_new_tokens, eos_token_id, on_finished
+        self.start_time = start_time
+        self.lengths = [len(p) for p in prompts]
+        # Every position a row can reach: what the caches are made for (the same in both decoders, so that their
+        # passes attend over caches of one shape).
+        self.max_len = max(self.lengths) + max_new_tokens
+        self.ids = prompts[0].new_zeros(len(prompts), self.max_len)
+        for b, p in enumerate(prompts):
+            self.ids[b, : len(p)] = p
+        self.outs = [Generation(trace=[] if trace else None) for _ in prompts]
+        self.active = [True] * len(prompts)
+
+    @property
+    def rows(self) -> list[int]:
+        return [b for b, active in enumerate(self.active) if active]
+
+    def remaining(self, b: int) -> int:
+        return self.max_new_tokens - len(self.outs[b].tokens)
+
+    def pending_at(self) -> list[int]:
+        """Where each row's pending token (its last committed one) is: parked rows at position 0."""
+        return [n - 1 if active else 0 for n, active in zip(self.lengths, self.active)]
+
+    def prefill(self, model: GPT2, cache: KVCache) -> None:
+        """Every prompt minus its last token, in one pass: shorter rows are padded, and cropped back after."""
+        longest = max(self.lengths) - 1
+        if longest > 0:
+            model(self.ids[:, :longest], cache=cache)
+            cache.crop(self.pending_at())
+
+    def commit(self, b: int, new: list[int], tokens: torch.Tensor) -> None:
+        """Row b committed `new`, which `tokens` (a device tensor of at least len(new)) holds too: copied from it,
+        on the device, with no transfer from the host. Finishes the row at an EOS or at its token budget."""
+        n = self.lengths[b]
+        self.ids[b, n : n + len(new)] = tokens[: len(new)]
+        self.lengths[b] += len(new)
+        if new[-1] == self.eos_token_id or self.remaining(b) == 0:
+            self.active[b] = False
+            self.outs[b].seconds = time.perf_counter() - self.start_time
+            if self.on_finished is not None:
+                self.on_finished(b, self.outs[b])
 
 
 @torch.inference_mode()
@@ -292,128 +355,144 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
                        top_p: float | None = None, eos_token_id: int | None = None,
                        generator: torch.Generator | None = None,
                        on_tokens: Callable[[list[int]], None] | None = None, clock: Clock | None = None,
-                       trace: bool = False) -> Generation:
+                       trace: bool = False,
+                       on_finished: Callable[[int, Generation], None] | None = None) -> Generation | list[Generation]:
     """Samples `max_new_tokens` tokens from `target`, with `draft` proposing up to `lookahead` tokens per round.
 
     `draft` is a small GPT2 (wrapped in a `ModelDrafter`) or any drafter (speculative_gpt2/drafters.py), such as
     `PromptLookupDrafter()`. The output is distributed exactly as `autoregressive_sample(target, ...)` with the same
     temperature, top-k and top-p (token for token at temperature 0). `prompt` is a list of ids or a 1-D integer
-    tensor (batch size 1, as in the paper). `lookahead` is K, or a policy that chooses K every round and learns from
-    each (`AdaptiveLookahead()`, which keeps what it learned across calls; `"auto"` is a fresh one per call; see
-    speculative_gpt2/lookahead.py). Generation stops after `eos_token_id` if it is produced.
-    `on_tokens` is called with the tokens each round commits. `clock` times the rounds' steps (default: the
-    device's). With `trace`, the Generation's `trace` holds every round's numbers (`TraceRound`: the drafts, their
-    p and q, the draws r, the verdict, the resampled or bonus token); off, it costs nothing. Returns a `Generation`.
+    tensor; or a batch: a list of such prompts, of any lengths (or a 2-D tensor), decoded together, one target pass
+    per round and one draft pass per draft step for all rows, each row exactly as if alone (a drafter that is not
+    a model is copied per row). `lookahead` is K, or a policy that chooses K every round and learns from each
+    (`AdaptiveLookahead()`, which keeps what it learned across calls; `"auto"` is a fresh one per call; see
+    speculative_gpt2/lookahead.py). A row stops after `eos_token_id` if it produces it.
+    `on_tokens` is called with the tokens each round commits (one prompt only); `on_finished(row, generation)` once
+    per prompt, as soon as it is done. `clock` times the rounds' steps (default: the device's). With `trace`, each
+    Generation's `trace` holds every round's numbers (`TraceRound`: the drafts, their p and q, the draws r, the
+    verdict, the resampled or bonus token); off, it costs nothing. Returns a `Generation`, or a list of one per
+    prompt of a batch.
     """
     check_options(max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
     policy = _lookahead_policy(lookahead)
-    drafter = _drafter(draft)
-    prompt = check_models_and_prompt(prompt, max_new_tokens, generator, eos_token_id, target=target,
-                                     draft=getattr(drafter, "model", None))
+    prompts, batched = _prompts(prompt, on_tokens)
+    drafter = _batch_drafter(draft, len(prompts))
+    prompts = check_models_and_prompts(prompts, max_new_tokens, generator, eos_token_id, target=target,
+                                       draft=getattr(drafter, "model", None))
     start_time = time.perf_counter()
-    device = prompt.device
+    device = prompts[0].device
     clock = clock or DeviceClock(device)
     begun = clock.mark()
     process = partial(logits_to_probs, temperature=temperature, top_k=top_k, top_p=top_p)
-    max_len = len(prompt) + max_new_tokens
-    target_cache = target.new_cache(max_len=max_len)
-    ids = torch.cat([prompt, prompt.new_empty(max_new_tokens)])  # the committed tokens, on the device
-    length = len(prompt)  # how many of them are committed
-    # Prefill: the prompt minus its last token, which is then pending for the target.
-    if length > 1:
-        target(prompt[None, :-1], cache=target_cache)
-    drafter.start(prompt, max_len, Sampling(process, partial(greedy_or_sample, temperature=temperature,
-                                                             generator=generator), target.config.vocab_size))
+    batch = Batch(prompts, max_new_tokens, eos_token_id, trace, on_finished, start_time)
+    B, V = len(prompts), target.config.vocab_size
+    target_cache = target.new_cache(B, max_len=batch.max_len)
+    batch.prefill(target, target_cache)  # each row's last prompt token is then pending for the target
+    drafter.start(prompts, batch.max_len, Sampling(process, partial(greedy_or_sample, temperature=temperature,
+                                                                    generator=generator), V))
     prefilled = clock.mark()
-    out = Generation(trace=[] if trace else None)
-    while len(out.tokens) < max_new_tokens:
-        # A round emits at most K + 1 tokens: draft no more than are still needed (this also keeps every
-        # position inside the caches, which are sized for prompt + max_new_tokens).
-        K = min(check_lookahead(policy.choose(), target.pass_rows), max_new_tokens - len(out.tokens) - 1)
+    while rows := batch.rows:
+        # A round emits at most K + 1 tokens per row: no row drafts more than it still needs (which also keeps its
+        # positions inside the caches, made for the longest prompt + max_new_tokens).
+        K = min(check_lookahead(policy.choose(), target.pass_rows), max(batch.remaining(b) for b in rows) - 1,
+                min(batch.max_len - batch.lengths[b] for b in rows))
         started = clock.mark()
-        # Step 1, draft: up to K tokens with their p. None (the last token, or no proposal): a plain target step.
+        # Step 1, draft: up to K tokens per row with their p (B, K, V), zero past a row's `counts[b]` drafts.
         if K > 0:
-            drafts, p, source = _checked_proposal(drafter.propose(ids[:length], K), K, target.config.vocab_size)
+            drafts, p, counts, sources = drafter.propose(batch.ids, batch.lengths, K, batch.active)
+            counts = [min(c, batch.remaining(b) - 1) if batch.active[b] else 0 for b, c in enumerate(counts)]
+            K = max(counts)  # a lookup may find nothing anywhere: the round is then a plain target step
+            drafts, p = drafts[:, :K], p[:, :K]
         else:
-            drafts, p, source = prompt.new_empty(0), torch.empty(0, target.config.vocab_size, device=device), None
-        K = len(drafts)
-        out.draft_calls += K
+            drafts, p = batch.ids.new_empty(B, 0), torch.empty(B, 0, V, device=device)
+            counts, sources = [0] * B, [None] * B
         drafted = clock.mark()
-        # Step 2, verify: the target's pending token and the K drafts, scored in one pass: q at K + 1 positions.
-        verify_input = torch.cat([ids[length - 1 : length], drafts])[None]  # (1, K + 1)
-        q = process(target(verify_input, cache=target_cache)[0])  # (K + 1, V)
-        out.target_calls += 1
+        # Step 2, verify: each row's pending token and its drafts, scored in one pass: q at K + 1 positions.
+        target_cache.crop(batch.pending_at())
+        pending = batch.ids.gather(1, torch.tensor(batch.pending_at(), device=device)[:, None])  # (B, 1)
+        q = process(target(torch.cat([pending, drafts], 1), cache=target_cache))  # (B, K + 1, V)
         verified = clock.mark()
-        # Step 3, accept or resample: `kept` drafts, then one resampled (or bonus) token.
-        r = torch.rand(K, generator=generator, device=device) if temperature > 0 else None
-        kept, next_token = accept_or_resample(drafts, p, q, r, temperature, generator)
+        # Step 3, accept or resample: `kept` drafts per row, then one resampled (or bonus) token.
+        r = torch.rand(B, K, generator=generator, device=device) if temperature > 0 else None
+        kept, next_token = accept_or_resample(drafts, p, q, r, torch.tensor(counts, device=device), temperature,
+                                              generator)
         finite = torch.stack([p.isfinite().all(), q.isfinite().all()])  # NaN rows: a broken model
-        synced = torch.cat([drafts, kept.view(1), next_token.view(1), finite]).tolist()  # the round's one host sync
-        *draft_ids, kept_count, next_id, draft_ok, target_ok = synced
-        _broken_model({"draft model": draft_ok, "target model": target_ok}, len(out.tokens))
-        round = Round(K, kept_count, clock.ms(started, drafted), clock.ms(drafted, verified))
-        new = out.commit_round(draft_ids, round, next_id, eos_token_id)
-        if trace:  # the round as committed: an EOS among the kept drafts cuts it
-            committed = out.rounds[-1]
-            out.trace.append(trace_round(drafts, p, q, r, committed, next_id if len(new) > committed.kept else None,
-                                          source))
-        if K > 0:
-            policy.update(round)
-        # Commit on the device too, from the device's own tensors: no copy of a Python list per round.
-        ids[length : length + round.kept] = drafts[: round.kept]
-        ids[length + round.kept] = next_token
-        length += len(new)
-        if on_tokens is not None:
-            on_tokens(new)
-        if new[-1] == eos_token_id:
-            break
-        # Step 4, roll back: the target's cache keeps the committed prefix it holds; the last token stays pending.
-        target_cache.crop(min(target_cache.length, length - 1))
-        drafter.commit(new)
+        synced = torch.cat([drafts.flatten(), kept, next_token, finite]).tolist()  # the round's one host sync
+        draft_ids, kept_counts, next_ids = synced[: B * K], synced[B * K : B * K + B], synced[B * K + B : -2]
+        _broken_model({"draft model": synced[-2], "target model": synced[-1]}, len(batch.outs[rows[0]].tokens))
+        draft_ms, verify_ms = clock.ms(started, drafted), clock.ms(drafted, verified)
+        committed = [None] * B
+        for b in rows:
+            out, k = batch.outs[b], counts[b]
+            round = Round(k, kept_counts[b], draft_ms * k / K if K else 0.0, verify_ms)
+            new = out.commit_round(draft_ids[b * K : b * K + k], round, next_ids[b], eos_token_id)
+            out.target_calls += 1
+            out.draft_calls += k
+            if trace:  # the round as committed: an EOS among the kept drafts cuts it
+                r_b = None if r is None else r[b]
+                last = out.rounds[-1]
+                out.trace.append(trace_round(drafts[b], p[b], q[b], r_b, last,
+                                             next_ids[b] if len(new) > last.kept else None, sources[b]))
+            if k > 0:
+                policy.update(round)
+            if on_tokens is not None:
+                on_tokens(new)
+            batch.commit(b, new, torch.cat([drafts[b, : kept_counts[b]], next_token[b : b + 1]]))
+            committed[b] = new if batch.active[b] else None
+        # Step 4, roll back: each row's target cache keeps the committed prefix it holds (`crop` before the next
+        # pass); `drafter.commit` tells the drafter what every row committed.
+        drafter.commit(committed)
     synchronize(device)
-    out.seconds = time.perf_counter() - start_time
-    out.prefill_seconds = clock.ms(begun, prefilled) / 1e3
-    return out
+    for out in batch.outs:
+        out.prefill_seconds = clock.ms(begun, prefilled) / 1e3
+    return batch.outs if batched else batch.outs[0]
 
 
 @torch.inference_mode()
 def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperature: float = 0.0,
                           top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                           generator: torch.Generator | None = None, use_cache: bool = True,
-                          on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
-    """Plain decoding: one forward pass of `model` per new token. `use_cache=False` recomputes the whole
-    sequence every step (the uncached baseline of the toyllm blog post). Returns a `Generation`."""
+                          on_tokens: Callable[[list[int]], None] | None = None,
+                          on_finished: Callable[[int, Generation], None] | None = None) -> Generation | list[Generation]:
+    """Plain decoding: one forward pass of `model` per new token (per new token of every row, for a batch of
+    prompts, as in `speculative_sample`). `use_cache=False` recomputes the whole sequence every step (the uncached
+    baseline of the toyllm blog post; one prompt only). Returns a `Generation`, or a list of one per prompt."""
     check_options(max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
-    prompt = check_models_and_prompt(prompt, max_new_tokens, generator, eos_token_id, target=model)
+    prompts, batched = _prompts(prompt, on_tokens)
+    if batched and not use_cache:
+        raise ValueError("use_cache=False (the uncached baseline) decodes one prompt: pass one, not a batch")
+    prompts = check_models_and_prompts(prompts, max_new_tokens, generator, eos_token_id, target=model)
     start_time = time.perf_counter()
-    clock = DeviceClock(prompt.device)
+    device = prompts[0].device
+    clock = DeviceClock(device)
     begun = clock.mark()
-    cache = model.new_cache(max_len=len(prompt) + max_new_tokens) if use_cache else None
-    ids = torch.cat([prompt, prompt.new_empty(max_new_tokens)])  # the committed tokens, on the device
-    length = len(prompt)
-    if use_cache and length > 1:
-        model(prompt[None, :-1], cache=cache)  # prefill, as in speculative_sample
+    batch = Batch(prompts, max_new_tokens, eos_token_id, False, on_finished, start_time)
+    cache = model.new_cache(len(prompts), max_len=batch.max_len) if use_cache else None
+    if use_cache:
+        batch.prefill(model, cache)  # as in speculative_sample
     prefilled = clock.mark()
-    out = Generation()
-    while len(out.tokens) < max_new_tokens:
-        fed = ids[None, length - 1 : length] if use_cache else ids[None, :length]
-        probs = logits_to_probs(model(fed, cache=cache)[0, -1], temperature, top_k, top_p)
-        token = greedy_or_sample(probs, temperature, generator)
-        ids[length] = token
-        length += 1
-        out.target_calls += 1
-        token, finite = torch.stack([token, probs.isfinite().all()]).tolist()  # the token's one host sync
-        _broken_model({"model": finite}, len(out.tokens))
-        out.tokens.append(token)
-        out.origins.append(Origin.TARGET)
-        if on_tokens is not None:
-            on_tokens(out.tokens[-1:])
-        if out.tokens[-1] == eos_token_id:
-            break
-    synchronize(prompt.device)
-    out.seconds = time.perf_counter() - start_time
-    out.prefill_seconds = clock.ms(begun, prefilled) / 1e3
-    return out
+    while rows := batch.rows:
+        if use_cache:
+            cache.crop(batch.pending_at())
+            fed = batch.ids.gather(1, torch.tensor(batch.pending_at(), device=device)[:, None])  # (B, 1)
+        else:
+            fed = batch.ids[:, : batch.lengths[0]]
+        probs = logits_to_probs(model(fed, cache=cache)[:, -1], temperature, top_k, top_p)  # (B, V)
+        token = greedy_or_sample(probs, temperature, generator)  # (B,)
+        *tokens, finite = torch.cat([token, probs.isfinite().all().view(1)]).tolist()  # the step's one host sync
+        _broken_model({"model": finite}, len(batch.outs[rows[0]].tokens))
+        for b in rows:
+            out = batch.outs[b]
+            out.tokens.append(tokens[b])
+            out.origins.append(Origin.TARGET)
+            out.target_calls += 1
+            if on_tokens is not None:
+                on_tokens(out.tokens[-1:])
+            batch.commit(b, out.tokens[-1:], token[b : b + 1])
+    synchronize(device)
+    for out in batch.outs:
+        out.prefill_seconds = clock.ms(begun, prefilled) / 1e3
+    return batch.outs if batched else batch.outs[0]
 
 
 def _broken_model(finite: dict[str, bool], position: int) -> None:
@@ -470,26 +549,17 @@ def check_lookahead(K, pass_rows: int | None = None) -> int:
     return int(K)
 
 
-def _drafter(draft) -> Drafter:
-    """A GPT2 is wrapped in a ModelDrafter; anything with the three methods of a Drafter is taken as it is."""
+def _batch_drafter(draft, batch_size: int) -> BatchDrafter:
+    """A GPT2 becomes a ModelDrafter (batched passes); a batch drafter is taken as it is; any other drafter (start,
+    propose and commit) drafts for one row: itself for one prompt, a deep copy of it per row for a batch."""
     if isinstance(draft, GPT2):
         return ModelDrafter(draft)
+    if isinstance(draft, (ModelDrafter, EachRow)):
+        return draft
     if not all(callable(getattr(draft, move, None)) for move in ("start", "propose", "commit")):
         raise ValueError(f"draft must be a GPT2 model or a drafter (start, propose and commit methods, see "
                          f"speculative_gpt2/drafters.py), got {type(draft).__name__}")
-    return draft
-
-
-def _checked_proposal(proposal, lookahead: int, vocab_size: int) -> Proposal:
-    """A drafter's proposal, checked for what would otherwise fail deep inside the round."""
-    drafts, p, *source = proposal
-    if drafts.dim() != 1 or len(drafts) > lookahead or drafts.dtype != torch.long:
-        raise ValueError(f"the drafter proposed {list(drafts.shape)} {drafts.dtype} tokens for K={lookahead}: "
-                         f"propose a 1-D long tensor of at most K tokens")
-    if p.shape != (len(drafts), vocab_size):
-        raise ValueError(f"the drafter's p has shape {list(p.shape)}: give one distribution over the {vocab_size} "
-                         f"tokens per draft, ({len(drafts)}, {vocab_size}) (one_hot(tokens, V) for fixed tokens)")
-    return Proposal(drafts, p, *source)
+    return EachRow([draft] if batch_size == 1 else [copy.deepcopy(draft) for _ in range(batch_size)])
 
 
 def _lookahead_policy(lookahead) -> LookaheadPolicy:
@@ -501,6 +571,35 @@ def _lookahead_policy(lookahead) -> LookaheadPolicy:
         raise ValueError(f"lookahead must be an integer >= 1, 'auto', or a policy such as AdaptiveLookahead(), "
                          f"got {lookahead!r}")
     return FixedLookahead(int(lookahead))
+
+
+def _prompts(prompt, on_tokens) -> tuple[list, bool]:
+    """The prompts of a call, and whether they came as a batch: a list or tuple of prompts, or a 2-D tensor or
+    array; anything else is one prompt."""
+    rows = getattr(prompt, "ndim", None) == 2 or (
+        isinstance(prompt, (list, tuple)) and len(prompt) > 0
+        and all(isinstance(p, (list, tuple)) or getattr(p, "ndim", 0) >= 1 for p in prompt))
+    if rows and on_tokens is not None:
+        raise ValueError("on_tokens streams one prompt: with a batch, use on_finished(row, generation)")
+    if rows and len(prompt) == 0:
+        raise ValueError("the batch is empty: give at least one prompt")
+    return (list(prompt), True) if rows else ([prompt], False)
+
+
+def check_models_and_prompts(prompts: list, max_new_tokens: int, generator, eos_token_id, *, target: GPT2,
+                             draft: GPT2 | None = None) -> list[torch.Tensor]:
+    """`check_models_and_prompt` for every prompt of a batch; an error names the prompt's index."""
+    if len(prompts) == 1:
+        return [check_models_and_prompt(prompts[0], max_new_tokens, generator, eos_token_id, target=target,
+                                        draft=draft)]
+    checked = []
+    for i, prompt in enumerate(prompts):
+        try:
+            checked.append(check_models_and_prompt(prompt, max_new_tokens, generator, eos_token_id, target=target,
+                                                   draft=draft))
+        except ValueError as e:
+            raise ValueError(f"prompt {i} of the batch: {e}") from None
+    return checked
 
 
 def check_models_and_prompt(prompt, max_new_tokens: int, generator, eos_token_id, *, target: GPT2,

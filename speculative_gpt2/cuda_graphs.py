@@ -70,7 +70,7 @@ class CUDAGraphs:
 
 
 class _Graph:
-    """One captured pass: static inputs idx (B, T) and positions (T,), the cache's buffers, output logits."""
+    """One captured pass: static inputs idx (B, T) and positions (B, T), the cache's buffers, output logits."""
 
     def __init__(self, model, idx: torch.Tensor, positions: torch.Tensor, cache, pool):
         with torch.cuda.device(idx.device):  # capture on the model's GPU, whichever is current

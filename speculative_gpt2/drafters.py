@@ -8,8 +8,10 @@ A deterministic proposer's p is one-hot on its token (`one_hot`): a draft x is t
 and a rejected one is replaced from norm(max(0, q - p)), which is q without x. At temperature 0 the output is the
 target's greedy output whatever the drafter proposes.
 
-`ModelDrafter` wraps a GPT-2 (the default: `speculative_sample(target, GPT2, ...)` wraps it). `PromptLookupDrafter`
-copies what followed the most recent earlier occurrence of the last n tokens (prompt lookup decoding).
+`PromptLookupDrafter` copies what followed the most recent earlier occurrence of the last n tokens (prompt lookup
+decoding). For a batch of prompts the sampler runs a copy of a drafter per row (`EachRow`). A draft model is the
+exception: `ModelDrafter` (what `speculative_sample(target, GPT2, ...)` makes) drafts for every row of a batch in
+one pass per draft step, so it speaks the samplers' batch protocol (`BatchDrafter`) directly.
 """
 
 from __future__ import annotations
@@ -60,41 +62,116 @@ def one_hot(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return torch.zeros(len(tokens), vocab_size, device=tokens.device).scatter_(1, tokens[:, None], 1.0)
 
 
+class BatchProposal(NamedTuple):
+    """What a batch drafter proposes for all rows of a batch: drafts (B, K) long and their p (B, K, V) float32 on
+    the target's device; row b's first counts[b] drafts are proposals, the rest padding (p zero there); and each
+    row's `source` line, or None."""
+
+    tokens: torch.Tensor
+    p: torch.Tensor
+    counts: list[int]
+    sources: list[str | None]
+
+
+class BatchDrafter(Protocol):
+    """What the samplers' loop talks to: one drafter for all the rows of a batch (a batch of one for one prompt).
+    `ModelDrafter` is one (a draft pass serves every row); `EachRow` makes one of per-row `Drafter`s."""
+
+    def start(self, prompts: list[torch.Tensor], max_len: int, sampling: Sampling) -> None:
+        """A call begins with these prompts (n_b,), on the target's device; no row reaches past `max_len`."""
+
+    def propose(self, ids: torch.Tensor, lengths: list[int], lookahead: int, active: list[bool]) -> BatchProposal:
+        """Up to `lookahead` drafts for every active row b, to follow its committed tokens ids[b, :lengths[b]]."""
+
+    def commit(self, new: list[list[int] | None]) -> None:
+        """What each row committed this round (None: the row has finished and will not be asked again)."""
+
+
 class ModelDrafter:
-    """A small GPT-2 samples K drafts autoregressively from p, with its own KV cache; its pending tokens (the
-    committed tokens not yet in its cache, 1 or 2) are fed first. Rolling back after a round is an integer."""
+    """A small GPT-2 samples K drafts autoregressively from p, for all rows at once, with its own KV cache.
+
+    Nothing to do at commit: before drafting, a row's cache is cut back to its committed tokens, and its pending
+    ones (committed, not yet in the cache: 1, or 2 after a round that kept every draft) are fed first; rows with
+    fewer pending tokens than others feed their last cached one again, so that the pass has one shape. Finished
+    rows are parked at position 0. Rolling back is an integer per row."""
 
     def __init__(self, model: GPT2):
         self.model = model
         self.cache: KVCache | None = None
-        self.length = 0  # committed tokens
 
-    def start(self, prompt: torch.Tensor, max_len: int, sampling: Sampling) -> None:
-        self.sampling, self.length = sampling, len(prompt)
-        self.cache = self.model.new_cache(max_len=max_len)
-        if len(prompt) > 1:  # the prompt minus its last token, which is then pending
-            self.model(prompt[None, :-1], cache=self.cache)
+    def start(self, prompts: list[torch.Tensor], max_len: int, sampling: Sampling) -> None:
+        self.sampling = sampling
+        self.cache = self.model.new_cache(len(prompts), max_len=max_len)
+        longest = max(len(p) for p in prompts) - 1
+        if longest > 0:  # every prompt minus its last token, which is then pending; shorter rows cropped after
+            ids = torch.stack([torch.cat([p, p.new_zeros(longest + 1 - len(p))]) for p in prompts])
+            self.model(ids[:, :longest], cache=self.cache)
+            self.cache.crop([len(p) - 1 for p in prompts])
 
-    def propose(self, tokens: torch.Tensor, lookahead: int) -> Proposal:
+    def propose(self, ids: torch.Tensor, lengths: list[int], lookahead: int, active: list[bool]) -> BatchProposal:
+        cached = [min(c, n - 1) for c, n in zip(self.cache.lengths, lengths)]
+        T = max(n - c for n, c, a in zip(lengths, cached, active) if a)  # the most pending tokens of a row
+        starts = [n - T if a else 0 for n, a in zip(lengths, active)]
+        self.cache.crop(starts)
+        x = ids.gather(1, torch.tensor(starts, device=ids.device)[:, None] + torch.arange(T, device=ids.device))
         drafts, p = [], []
-        x = tokens[None, self.cache.length :]  # (1, pending)
         for _ in range(lookahead):
-            p_i = self.sampling.process(self.model(x, cache=self.cache)[0, -1])  # (V,)
-            x_i = self.sampling.draw(p_i)
+            p_i = self.sampling.process(self.model(x, cache=self.cache)[:, -1])  # (B, V)
+            x_i = self.sampling.draw(p_i)  # (B,)
             drafts.append(x_i)
             p.append(p_i)
-            x = x_i.view(1, 1)
+            x = x_i[:, None]
         # The last draft is not fed back: it is pending for the next round, if it is kept.
-        return Proposal(torch.stack(drafts), torch.stack(p))
+        counts = [lookahead if a else 0 for a in active]
+        return BatchProposal(torch.stack(drafts, 1), torch.stack(p, 1), counts, [None] * len(active))
 
-    def commit(self, new: list[int]) -> None:
-        # The cache keeps the committed prefix it holds; the last token stays pending (and also the last kept
-        # draft when all were kept: it was never fed).
-        self.length += len(new)
-        self.cache.crop(min(self.cache.length, self.length - 1))
+    def commit(self, new: list[list[int] | None]) -> None:
+        pass
 
     def __repr__(self) -> str:
         return f"ModelDrafter({self.model.config.n_layer} layers, {self.model.config.n_embd} wide)"
+
+
+class EachRow:
+    """A batch drafter made of one `Drafter` per row: each proposes for its own row, in turn."""
+
+    def __init__(self, drafters: list[Drafter]):
+        self.drafters = drafters
+
+    def start(self, prompts: list[torch.Tensor], max_len: int, sampling: Sampling) -> None:
+        self.vocab_size = sampling.vocab_size
+        for drafter, prompt in zip(self.drafters, prompts):
+            drafter.start(prompt, max_len, sampling)
+
+    def propose(self, ids: torch.Tensor, lengths: list[int], lookahead: int, active: list[bool]) -> BatchProposal:
+        B = len(self.drafters)
+        tokens = ids.new_zeros(B, lookahead)
+        p = torch.zeros(B, lookahead, self.vocab_size, device=ids.device)
+        counts, sources = [0] * B, [None] * B
+        for b, drafter in enumerate(self.drafters):
+            if active[b]:
+                x, p_b, sources[b] = checked_proposal(drafter.propose(ids[b, : lengths[b]], lookahead), lookahead,
+                                                      self.vocab_size)
+                counts[b] = len(x)
+                tokens[b, : len(x)], p[b, : len(x)] = x, p_b
+        return BatchProposal(tokens, p, counts, sources)
+
+    def commit(self, new: list[list[int] | None]) -> None:
+        for drafter, tokens in zip(self.drafters, new):
+            if tokens is not None:
+                drafter.commit(tokens)
+
+
+def checked_proposal(proposal, lookahead: int, vocab_size: int) -> Proposal:
+    """A drafter's proposal, checked for what would otherwise fail deep inside the round."""
+    drafts, p, *source = proposal
+    if drafts.dim() != 1 or len(drafts) > lookahead or drafts.dtype != torch.long:
+        raise ValueError(f"the drafter proposed {list(drafts.shape)} {drafts.dtype} tokens for K={lookahead}: "
+                         f"propose a 1-D long tensor of at most K tokens")
+    if p.shape != (len(drafts), vocab_size):
+        raise ValueError(f"the drafter's p has shape {list(p.shape)}: give one distribution over the {vocab_size} "
+                         f"tokens per draft, ({len(drafts)}, {vocab_size}) (one_hot(tokens, V) for fixed tokens)")
+    return Proposal(drafts, p, *source)
 
 
 class PromptLookupDrafter:

@@ -319,7 +319,7 @@ def test_every_pass_of_T_tokens_has_the_same_shapes(monkeypatch):
         shapes.clear()
         for _ in range(4):
             model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
-    assert shapes == [((1, 2, 3, 8), (1, 2, 20, 8), (3, 20))] * 4
+    assert shapes == [((1, 2, 3, 8), (1, 2, 20, 8), (1, 1, 3, 20))] * 4
 
 
 def test_a_cache_that_does_not_fit_the_model_is_refused():

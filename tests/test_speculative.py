@@ -313,7 +313,7 @@ def test_on_tokens_streams_each_round(target, drafts):
     [
         (dict(prompt=[]), "prompt is empty"),
         (dict(prompt=[5, 1000]), r"token ids in \[0, 1000\)"),
-        (dict(prompt=torch.zeros(2, 3, dtype=torch.long)), "1-D array of token ids"),
+        (dict(prompt=torch.zeros(2, 3, 4, dtype=torch.long)), "1-D array of token ids"),  # 2-D: a batch
         (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
         (dict(lookahead=0), "lookahead must be an integer >= 1"),
         (dict(lookahead="fast"), "lookahead must be an integer >= 1, .auto., or a policy"),
