@@ -12,7 +12,8 @@ seed, slices of one text) are decoded greedily, every row to exactly --max-new-t
   transformers assisted  generate(assistant_model=the small draft): it refuses a batch of more than one prompt; the
                          table records its error instead of leaving the cell out
 
-and, at batch 1, each of our decoders called with one prompt (not a list): today's single-prompt path. Runs are
+and, at batch 1, each of our decoders called with one prompt (not a list): the single-prompt path, today's or,
+with --before COMMIT, the code of that commit (e.g. the last one before batching) on the same weights. Runs are
 interleaved (every method at every batch size, then again), and medians are reported. Throughput is new tokens over
 all rows per second of the call, prefill included, and decode-only: the tokens made after the prefill over the
 seconds after it (ours: the prefill is the prompt minus its last token and makes no token; transformers': its
@@ -51,6 +52,7 @@ from speculative_gpt2.tokenizer import load_tokenizer  # noqa: E402
 PLAIN, SELF, LOOKUP = "plain", "speculative, target itself", "speculative, prompt lookup"
 HF_GENERATE, HF_ASSISTED = "transformers generate", "transformers assisted, small draft"
 OURS = (PLAIN, SELF, LOOKUP)
+SINGLE = "1 (single-prompt call)"
 METHODS = (*OURS, HF_GENERATE, HF_ASSISTED)
 
 # The prompts are slices of this text (public-domain prose: Turing, "Computing Machinery and Intelligence", 1950).
@@ -99,35 +101,6 @@ def kv_cache_bytes(config, dtype: torch.dtype, positions: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# TEMPORARY (until the batched core of issue 18 is on main): loops the single-prompt call over a batch's rows.
-
-
-def _batch_shim(sampler):
-    def call(*args, on_finished=None, **kwargs):
-        *models, prompt, n = args
-        if not (isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (list, tuple, torch.Tensor))):
-            out = sampler(*models, prompt, n, **kwargs)
-            if on_finished is not None:
-                on_finished(0, out)
-            return out
-        start, outs = time.perf_counter(), []
-        for i, row in enumerate(prompt):
-            row_models = [m if isinstance(m, GPT2) else copy.deepcopy(m) for m in models]
-            out = sampler(*row_models, row, n, **kwargs)
-            out.seconds = time.perf_counter() - start
-            outs.append(out)
-            if on_finished is not None:
-                on_finished(i, out)
-        return outs
-
-    return call
-
-
-speculative_sample = _batch_shim(speculative_sample)  # noqa: F811
-autoregressive_sample = _batch_shim(autoregressive_sample)  # noqa: F811
-
-
-# ----------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -148,6 +121,9 @@ def parse_args(argv=None):
     parser.add_argument("--references", type=int, default=1, metavar="N",
                         help="the first N prompts are also decoded alone by each of our decoders, to check the "
                         "batched rows' tokens (prompt 0 costs nothing when batch 1 runs: its timed single call)")
+    parser.add_argument("--before", metavar="COMMIT", default=None,
+                        help="the single-prompt calls run speculative.py and gpt2_model.py as of this commit (the "
+                        "single-prompt path before batching), on the same weights; default: today's")
     parser.add_argument("--tolerance", type=float, default=0.02,
                         help="relative noise allowed by the 'batch 1 no slower than the single-prompt call' target")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -181,11 +157,12 @@ def run(args) -> dict:
             SELF: lambda batch, tokens, **kw: speculative_sample(target, target, batch, tokens, lookahead=K, **kw),
             LOOKUP: lambda batch, tokens, **kw: speculative_sample(
                 target, PromptLookupDrafter(args.ngram_max, args.ngram_min), batch, tokens, lookahead=K, **kw)}
+    single = ours if args.before is None else _single_prompt_before(args.before, target, K, args)
     cells = {}
     for method in methods:
         if method in ours:
             if 1 in args.batch_sizes:
-                cells[Cell(method, 1, single=True)] = _ours(ours[method], prompts[0], n)
+                cells[Cell(method, 1, single=True)] = _ours(single[method], prompts[0], n)
             for B in args.batch_sizes:
                 cells[Cell(method, B)] = _ours(ours[method], prompts[:B], n)
     hf = {m for m in methods if m not in ours}
@@ -209,7 +186,7 @@ def run(args) -> dict:
     for method in tqdm([m for m in methods if m in ours and args.references], desc="single-prompt references",
                        file=sys.stderr):
         reference[method] = [raw[Cell(method, 1, True)][0]["tokens"][0] if Cell(method, 1, True) in raw and i == 0
-                             else _ours(ours[method], prompt, n)()["tokens"][0]
+                             else _ours(single[method], prompt, n)()["tokens"][0]
                              for i, prompt in enumerate(prompts[: args.references])]
     return {
         "meta": {
@@ -218,6 +195,7 @@ def run(args) -> dict:
             "transformers": _transformers_version(), "avx512_bf16": "avx512_bf16" in cpu_flags(),
             "max_new_tokens": n, "lookahead": K, "prompt_lengths": args.prompt_lengths, "seed": args.seed,
             "ngram": [args.ngram_max, args.ngram_min], "repeats": args.repeats, "tolerance": args.tolerance,
+            "before": args.before,
             "command": "python benchmarks/batched.py " + " ".join(sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         },
@@ -226,6 +204,47 @@ def run(args) -> dict:
         "runs": {cell.name: {**asdict(cell), "repeats": runs} for cell, runs in raw.items()},
         "reference": reference,
     }
+
+
+def _single_prompt_before(commit: str, target: GPT2, K: int, args) -> dict:
+    """Our three decoders as of `commit` (speculative.py, gpt2_model.py, speculative_gpt2/), imported beside today's
+    under the same names and put back, on a model of that commit that shares `target`'s weights (no copy)."""
+    import importlib
+    import io
+    import subprocess
+    import tarfile
+    import tempfile
+
+    folder = tempfile.mkdtemp()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "speculative.py", "gpt2_model.py",
+                              "speculative_gpt2"], check=True, capture_output=True).stdout
+    tarfile.open(fileobj=io.BytesIO(archive)).extractall(folder, filter="data")
+    names = ("speculative", "gpt2_model", "speculative_gpt2")
+    today = {name: sys.modules.pop(name) for name in list(sys.modules) if name.split(".")[0] in names}
+    sys.path.insert(0, folder)
+    try:
+        old, old_model = importlib.import_module("speculative"), importlib.import_module("gpt2_model")
+    finally:
+        sys.path.remove(folder)
+        for name in [name for name in sys.modules if name.split(".")[0] in names]:
+            del sys.modules[name]
+        sys.modules.update(today)
+    with torch.device("meta"):
+        model = old_model.GPT2(old_model.GPT2Config(**asdict(target.config)))
+    model.load_state_dict(target.state_dict(), assign=True)
+    model.eval()
+
+    def finished(out, on_finished):  # that code has no on_finished: one prompt, done when the call returns
+        on_finished(0, out)
+        return out
+
+    return {PLAIN: lambda prompt, tokens, on_finished: finished(
+                old.autoregressive_sample(model, prompt, tokens), on_finished),
+            SELF: lambda prompt, tokens, on_finished: finished(
+                old.speculative_sample(model, model, prompt, tokens, lookahead=K), on_finished),
+            LOOKUP: lambda prompt, tokens, on_finished: finished(old.speculative_sample(
+                model, old.PromptLookupDrafter(args.ngram_max, args.ngram_min), prompt, tokens, lookahead=K),
+                on_finished)}
 
 
 def _ours(sample, batch, n):
@@ -410,15 +429,18 @@ def markdown(results: dict) -> str:
         f"{'yes' if meta['avx512_bf16'] else 'no'}), torch {meta['torch']}, transformers {meta['transformers']}; "
         f"greedy, {meta['max_new_tokens']} new tokens per row (no EOS), K = {meta['lookahead']}, prompt lookup "
         f"n-grams {meta['ngram']} (max, min); prompt lengths {lengths} (seed {meta['seed']}; batch B takes the first "
-        f"B); median of {meta['repeats']} interleaved runs; {meta['date']}.",
+        f"B); median of {meta['repeats']} interleaved runs; {meta['date']}. {SINGLE}: "
+        + (f"speculative.py and gpt2_model.py as of {meta['before']}, on the same weights." if meta.get("before")
+           else "today's code, called with one prompt, not a list."),
         f"Command: `{meta['command']}`",
         "",
         "| method | batch | seconds | tokens/s (all rows) | decode-only tokens/s | x batch 1 | plain / transformers "
-        "| tokens per target pass | acceptance | rows equal to the single-prompt call (transformers: to plain's) |",
+        "| tokens per target pass (all rows) | acceptance "
+        "| rows equal to the single-prompt call (transformers: to plain's) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in sorted(table, key=lambda r: (METHODS.index(r["method"]), r["batch"], not r["single"])):
-        batch = "1 (single-prompt call)" if row["single"] else str(row["batch"])
+        batch = SINGLE if row["single"] else str(row["batch"])
         if row["error"] is not None:
             lines.append(f"| {row['method']} | {batch} | refused: {row['error']} | | | | | | | |")
             continue
@@ -430,7 +452,7 @@ def markdown(results: dict) -> str:
             f"{_fmt(row.get('acceptance'))} | {equal} |")
     lines += [
         "",
-        f"KV cache: {kv['per_token']} bytes per token ({kv['per_token'] / 1024:.0f} KiB: 2 x n_layer x n_embd x "
+        f"KV cache: {kv['per_token']} bytes per token ({kv['per_token'] / 1024:.1f} KiB: 2 x n_layer x n_embd x "
         f"{meta['dtype']}), "
         f"{kv['per_row'] / 2**20:.1f} MiB per row at {kv['positions']} positions (longest prompt + new tokens); "
         f"the target as its own draft keeps a second cache of the same size per row.",
@@ -466,6 +488,7 @@ def _merged(earlier: dict, new: dict) -> dict:
                            for method in earlier["reference"] | new["reference"]}
     merged["prompts"] = max(earlier["prompts"], new["prompts"], key=len)
     merged["meta"]["command"] = earlier["meta"]["command"] + "; " + new["meta"]["command"]
+    merged["meta"]["before"] = new["meta"]["before"] or earlier["meta"]["before"]
     return merged
 
 

@@ -37,7 +37,8 @@ def bench(tmp_path_factory):
     noisy_copy(target, noise=0.08, seed=1).save_pretrained(folder / "draft")
     result = subprocess.run(
         [sys.executable, SCRIPT, "--target", str(folder / "target"), "--draft", str(folder / "draft"),
-         "--batch-sizes", "1", "3", "--max-new-tokens", str(N), "--repeats", "2", "--prompt-lengths", "4", "12", "--references", "3",
+         "--batch-sizes", "1", "3", "--max-new-tokens", str(N), "--repeats", "2", "--prompt-lengths", "4", "12",
+         "--references", "3", "--before", "HEAD",
          "--dtype", "float32", "--out", str(folder / "batched.json")],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -159,13 +160,14 @@ def test_targets_arithmetic_on_made_up_times():
 
 def test_append_refuses_other_settings_and_merges_cells():
     meta = {"target": "t", "dtype": "float32", "device": "cpu", "max_new_tokens": 4, "lookahead": 4,
-            "prompt_lengths": [8, 40], "seed": 0, "ngram": [3, 1], "command": "a"}
+            "prompt_lengths": [8, 40], "seed": 0, "ngram": [3, 1], "command": "a", "before": "abc"}
     earlier = {"meta": meta, "prompts": [[1]] * 4, "runs": {"x @ batch 4": 1, "y @ batch 4": 2},
                "reference": {batched.PLAIN: [[1]] * 4}}
-    new = {"meta": meta | {"command": "b"}, "prompts": [[1]] * 2, "runs": {"x @ batch 4": 3, "x @ batch 2": 4},
-           "reference": {batched.PLAIN: [[1]] * 2}}
+    new = {"meta": meta | {"command": "b", "before": None}, "prompts": [[1]] * 2,
+           "runs": {"x @ batch 4": 3, "x @ batch 2": 4}, "reference": {batched.PLAIN: [[1]] * 2}}
     merged = batched._merged(earlier, new)
     assert merged["runs"] == {"x @ batch 4": 3, "y @ batch 4": 2, "x @ batch 2": 4}
     assert len(merged["prompts"]) == 4 and len(merged["reference"][batched.PLAIN]) == 4
+    assert merged["meta"]["before"] == "abc" and merged["meta"]["command"] == "a; b"
     with pytest.raises(SystemExit, match="dtype"):
         batched._merged(earlier, new | {"meta": meta | {"dtype": "bfloat16"}})
