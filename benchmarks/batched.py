@@ -423,7 +423,7 @@ def _fmt(x, spec=".2f"):
 def markdown(results: dict) -> str:
     meta, kv = results["meta"], results["kv_cache"]
     table = derive(results)
-    lengths = sorted(map(len, results["prompts"]))
+    lengths = [len(p) for p in results["prompts"]]
     lines = [
         f"Target {meta['target']} ({meta['dtype']} on {meta['device']}: {meta['hardware']}, avx512_bf16: "
         f"{'yes' if meta['avx512_bf16'] else 'no'}), torch {meta['torch']}, transformers {meta['transformers']}; "
