@@ -118,9 +118,10 @@ class KVCache:
     `keys` and `values` are (n_layer, B, n_head, max_len, head_dim). A pass writes each row's new keys and values at
     that row's positions and attends over the whole buffer, each new token masking out the positions after its own,
     so a pass of T new tokens has the same tensor shapes wherever each row is in its sequence: nothing is sliced to
-    a row's length (what CUDA graphs need, what keeps cuDNN from planning anew for every key length, and what lets
-    the rows of a batch sit at different lengths). Only eager CPU passes outside exact mode cut the buffer, to the
-    slots that some row uses (`GPT2.forward`).
+    a length (what CUDA graphs need, what keeps cuDNN from planning anew for every key length, and what lets the
+    rows of a batch sit at different lengths). It also keeps a position's rounding the same in every pass of a call:
+    attention cut to the slots in use rounds differently per key length, and in bfloat16 the target as its own
+    draft then kept 4.00 tokens per pass instead of 4.92 (docs/bench-batched.md).
     """
 
     def __init__(self, config: GPT2Config, batch_size: int, max_len: int, dtype, device, buffers=None):
@@ -212,13 +213,12 @@ class CausalSelfAttention(nn.Module):
             # Write each row's new keys/values at its own positions (B, T), then attend over the whole buffer; the
             # mask (B, 1, T, max_len) hides the positions a new token may not see, and the stale ones.
             # index_put_ by (row, position) pairs (B, T), not scatter_: on CPU in bfloat16, scatter_ copies the whole
-            # buffer (B, nh, max_len, hs) at every call (figures: docs/bench-batched.md).
+            # buffer at every call (figures: docs/bench-batched.md).
             cache_k, cache_v = kv  # (B, nh, max_len, hs)
             rows = torch.arange(B, device=positions.device)[:, None].expand_as(positions)  # (B, T)
             cache_k.transpose(1, 2).index_put_((rows, positions), k.transpose(1, 2))  # (B, max_len, nh, hs) view
             cache_v.transpose(1, 2).index_put_((rows, positions), v.transpose(1, 2))
-            span = mask.shape[-1]  # the first `span` slots: all of them, or those in use (`GPT2.forward`)
-            y = F.scaled_dot_product_attention(q, cache_k[:, :, :span], cache_v[:, :, :span], attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.c_proj(y)
 
@@ -360,11 +360,7 @@ class GPT2(nn.Module):
         if graphed and not torch.is_grad_enabled():
             logits = self.cuda_graphs.run(self, idx, positions, cache)
         else:
-            # Eager on CPU, outside exact mode, attention reads only the slots in use, not the whole buffer: a long
-            # buffer would otherwise cost every pass (figures: docs/bench-batched.md). Exact mode and CUDA keep the
-            # whole buffer: one key length for every pass of a position (and no new cuDNN plan per length).
-            sliced = cache is not None and idx.device.type == "cpu" and self.pass_rows is None
-            logits = self.forward_at(idx, positions, cache, span=max(starts) + rows if sliced else None)
+            logits = self.forward_at(idx, positions, cache)
         if cache is not None:
             cache.lengths = [start + T for start in starts]
         return logits[:, :T]
@@ -390,17 +386,15 @@ class GPT2(nn.Module):
         self.cuda_graphs = CUDAGraphs(self.wte.weight.device) if enabled else None
         return self
 
-    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
-                   span: int | None = None) -> torch.Tensor:
+    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for tokens `idx` (B, T) at `positions` (B, T), a device tensor; with a cache,
-        their keys and values are written there, and attention reads its first `span` slots (None: all). The
-        static-shape core of `forward`: with span None no host value decides a shape, so a pass of T tokens can be
-        captured once and replayed anywhere in the sequence."""
+        their keys and values are written there. The static-shape core of `forward`: no host value decides a
+        shape, so a pass of T tokens can be captured once and replayed anywhere in the sequence."""
         # Padding rows may lie past the context (their slots do not): any position embedding serves them.
         x = self.wte(idx) + self.wpe(positions.clamp_max(self.config.n_positions - 1))  # (B, T, C)
-        # New token i of row b at position p may see the slots at positions <= p: (B, 1, T, span or max_len), the
-        # same for every layer and head.
-        mask = None if cache is None else (positions[:, :, None] >= cache.key_positions[:span])[:, None]
+        # New token i of row b at position p may see the slots at positions <= p: (B, 1, T, max_len), the same for
+        # every layer and head.
+        mask = None if cache is None else (positions[:, :, None] >= cache.key_positions)[:, None]
         for i, block in enumerate(self.h):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             x = block(x, kv, positions, mask)
