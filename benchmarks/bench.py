@@ -127,6 +127,10 @@ def parse_args(argv=None):
     parser.add_argument("--random-weights", action="store_true",
                         help="use random checkpoints of the presets' real shapes (written once to weights/random-*); "
                         "the drafts are then the small model (acceptance ~0) and the target itself (acceptance 1)")
+    parser.add_argument("--looping-target", action="store_true",
+                        help="with --random-weights: the target's random weights use GPT-2's scaled residual "
+                        "projections (weights/random-*-looping, written once), so that its greedy text repeats a "
+                        "token: the case prompt lookup is for")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt (default: the toyllm blog post's)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per run (default 64)")
     parser.add_argument("--lookahead", type=int, nargs="+", default=[1, 2, 4, 8], help="values of K (default 1 2 4 8)")
@@ -160,6 +164,8 @@ def parse_args(argv=None):
         args.drafts = ["small", "target itself", "ngram"] if args.random_weights else ["small", "ngram"]
     if "target itself" in args.drafts and not args.random_weights:
         parser.error("--drafts 'target itself' needs --random-weights")
+    if args.looping_target and not args.random_weights:
+        parser.error("--looping-target needs --random-weights")
     if args.temperature > 0:
         args.no_transformers = True
     return args
@@ -169,11 +175,11 @@ def checkpoint_folders(args) -> tuple[Path | str, Path | str]:
     if not args.random_weights:
         return args.target, args.draft
     folders = []
-    for name in (args.target, args.draft):
-        folder = Path(args.weights_dir) / f"random-{name}"
+    for name, looping in ((args.target, args.looping_target), (args.draft, False)):
+        folder = Path(args.weights_dir) / (f"random-{name}-looping" if looping else f"random-{name}")
         if not (folder / "model.safetensors").exists():
             print(f"writing a random checkpoint of {name}'s shape to {folder} (once) ...", file=sys.stderr)
-            write_random_checkpoint(name, folder, seed=0)
+            write_random_checkpoint(name, folder, seed=0, scaled_residuals=looping)
         folders.append(folder)
     return tuple(folders)
 
@@ -247,6 +253,7 @@ def run(args) -> dict:
     results = {
         "meta": {
             "target": str(target_path), "draft": str(draft_path), "random_weights": args.random_weights,
+            "looping_target": args.looping_target,
             "dtype": dtype_name(dtype), "device": str(device), "torch": torch.__version__,
             "hardware": hardware_name(device), "prompt": args.prompt, "prompt_tokens": len(prompt),
             "max_new_tokens": n, "lookahead": Ks, "repeats": args.repeats, "cuda_graphs": args.cuda_graphs,
@@ -392,6 +399,8 @@ def _break_even(row: dict) -> str:
 def markdown(results: dict) -> str:
     meta, costs = results["meta"], results["costs"]
     weights = "random weights of the real shapes" if meta["random_weights"] else "real checkpoints"
+    if meta.get("looping_target"):
+        weights += "; the target's with GPT-2's scaled residual projections, so that its greedy text loops"
     lines = [
         f"Target {meta['target']}, draft {meta['draft']} ({weights}); {meta['dtype']} on {meta['device']}"
         f"{' with CUDA graphs' if meta.get('cuda_graphs') else ''} "

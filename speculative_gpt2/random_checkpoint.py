@@ -6,6 +6,7 @@ make loading, memory and speed measurable anyway. Acceptance rates on them mean 
     python -m speculative_gpt2.random_checkpoint gpt2-xl weights/random-gpt2-xl
     python -m speculative_gpt2.random_checkpoint gpt2 weights/random-gpt2
     python -m speculative_gpt2.random_checkpoint gpt2-xl /tmp/small-xl --n-layer 2   # a quick, small stand-in
+    python -m speculative_gpt2.random_checkpoint gpt2-xl weights/looping-gpt2-xl --scaled-residuals  # a target that loops
 """
 
 import argparse
@@ -19,15 +20,22 @@ import torch
 from gpt2_model import PRESETS, GPT2, GPT2Config
 
 
-def random_model(config: GPT2Config, seed: int, scale: float = 1.0) -> GPT2:
+def random_model(config: GPT2Config, seed: int, scale: float = 1.0, scaled_residuals: bool = False) -> GPT2:
     """A GPT-2 in eval mode with N(0, 0.02 * scale) weight matrices. A scale of 5 gives peaked logits, so that
-    greedy choices are rarely near-ties and greedy text is not one token repeated."""
+    greedy choices are rarely near-ties and greedy text is not one token repeated.
+
+    `scaled_residuals` divides the projections that write into the residual stream (attn.c_proj, mlp.c_proj) by
+    sqrt(2 * n_layer), GPT-2's own initialization (Radford et al. 2019, section 2.3). The stream then stays close to
+    the input token's embedding, which the tied LM head scores highest: greedy text repeats a token, a target that
+    loops (what prompt lookup is for; docs/bench-drafters.md)."""
     torch.manual_seed(seed)
     model = GPT2(config).eval()
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.mul_(scale)
+                if scaled_residuals and name.endswith("c_proj.weight"):
+                    p.div_((2 * config.n_layer) ** 0.5)
     return model
 
 
@@ -50,13 +58,14 @@ def tiny_pair(n_positions: int = 256) -> tuple[GPT2, GPT2]:
 
 
 def write_random_checkpoint(name: str, folder: str | Path, seed: int = 0, std: float = 0.02,
-                            n_layer: int | None = None) -> Path:
+                            n_layer: int | None = None, scaled_residuals: bool = False) -> Path:
     """Writes `config.json` and `model.safetensors` of preset `name` (with `n_layer` layers instead of the preset's,
-    if given) with N(0, std) weights; returns the folder. A failed write leaves no new folder behind."""
+    if given) with N(0, std) weights (see `random_model` for `scaled_residuals`); returns the folder. A failed write
+    leaves no new folder behind."""
     config = GPT2Config.from_name(name)
     if n_layer is not None:
         config = dataclasses.replace(config, n_layer=n_layer)
-    random_model(config, seed=seed, scale=std / 0.02).save_pretrained(folder)
+    random_model(config, seed=seed, scale=std / 0.02, scaled_residuals=scaled_residuals).save_pretrained(folder)
     return Path(folder)
 
 
@@ -69,12 +78,16 @@ if __name__ == "__main__":
     parser.add_argument("--std", type=float, default=0.02, help="std of the weight matrices (default 0.02)")
     parser.add_argument("--n-layer", type=int, default=None,
                         help="layers, instead of the preset's (a small, quick stand-in of the same width)")
+    parser.add_argument("--scaled-residuals", action="store_true",
+                        help="GPT-2's own initialization: attn.c_proj and mlp.c_proj divided by sqrt(2 * n_layer); "
+                        "greedy text then repeats a token (a target that loops)")
     args = parser.parse_args()
     if args.n_layer is not None and args.n_layer < 1:
         parser.error(f"argument --n-layer: invalid value {args.n_layer}: must be >= 1")
     start = time.perf_counter()
     try:
-        out = write_random_checkpoint(args.name, args.folder, seed=args.seed, std=args.std, n_layer=args.n_layer)
+        out = write_random_checkpoint(args.name, args.folder, seed=args.seed, std=args.std, n_layer=args.n_layer,
+                                     scaled_residuals=args.scaled_residuals)
     except (OSError, ValueError, ImportError) as e:  # one line; the folder it made is gone
         sys.exit(f"{parser.prog}: error: cannot write {args.folder}: {e}")
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s")

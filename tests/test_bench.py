@@ -1,5 +1,6 @@
 """Smoke test of benchmarks/bench.py on tiny random checkpoints: every row, derived figures, the plot."""
 
+import importlib.util
 import json
 import os
 import statistics
@@ -94,3 +95,21 @@ def test_projection_and_costs_are_printed(bench):
 def test_plot_is_a_png(bench):
     _, _, out, _ = bench
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_looping_target_is_the_presets_random_checkpoint_with_scaled_residuals(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_script", os.path.join(ROOT, "benchmarks", "bench.py"))
+    bench_module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_script", bench_module)  # its dataclasses look themselves up there
+    spec.loader.exec_module(bench_module)
+
+    written = []
+    monkeypatch.setattr(bench_module, "write_random_checkpoint",
+                        lambda name, folder, seed, scaled_residuals: written.append((name, folder.name, scaled_residuals)))
+    args = bench_module.parse_args(["--random-weights", "--looping-target", "--weights-dir", str(tmp_path)])
+    target, draft = bench_module.checkpoint_folders(args)
+    assert written == [("gpt2-xl", "random-gpt2-xl-looping", True), ("gpt2", "random-gpt2", False)]
+    assert (target.name, draft.name) == ("random-gpt2-xl-looping", "random-gpt2")
+    with pytest.raises(SystemExit) as exit_info:
+        bench_module.parse_args(["--looping-target"])
+    assert exit_info.value.code == 2

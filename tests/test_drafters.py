@@ -148,6 +148,18 @@ def test_lookup_drafts_are_kept_where_the_target_loops():
     assert out.acceptance_rate > 0.5 and out.tokens_per_target_call > 2.5, (out.acceptance_rate, out.target_calls)
 
 
+def test_scaled_residuals_are_the_seeds_weights_with_gpt2s_residual_scaling():
+    # The benchmark's looping target (random_checkpoint --scaled-residuals, docs/bench-drafters.md): the same seed's
+    # weights, with only the projections into the residual stream divided by sqrt(2 * n_layer).
+    config = GPT2Config(n_positions=32, n_embd=32, n_layer=3, n_head=2)
+    plain = random_model(config, seed=0).state_dict()
+    scaled = random_model(config, seed=0, scaled_residuals=True).state_dict()
+    assert sum(name.endswith("c_proj.weight") for name in plain) == 2 * config.n_layer
+    for name, tensor in plain.items():
+        expected = tensor / 6 ** 0.5 if name.endswith("c_proj.weight") else tensor
+        torch.testing.assert_close(scaled[name], expected, rtol=1e-6, atol=0)
+
+
 def test_adaptive_lookahead_learns_that_lookup_drafts_cost_nearly_nothing():
     target = tiny_target(2, 1.0)
     policy = AdaptiveLookahead(max_lookahead=12)
