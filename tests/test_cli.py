@@ -195,7 +195,12 @@ def test_ctrl_c_exits_quietly_with_130(checkpoints):
     deadline = time.monotonic() + 120
     while "=== Naive decoding without KV cache ===" not in seen and time.monotonic() < deadline:
         seen += process.stdout.readline()
-    time.sleep(0.5)
+    # Interrupt as soon as that section streams (its 200 uncached passes take a fraction of a second: a fixed sleep
+    # here could outlast them).
+    section = ""
+    while "Generated: hello" not in section and (char := process.stdout.read(1)):
+        section += char
+    seen += section
     process.send_signal(signal.SIGINT)
     process.wait(timeout=60)
     stdout, stderr = process.stdout.read(), process.stderr.read()  # through the buffers readline already filled
