@@ -282,7 +282,8 @@ def test_a_real_ctrl_c_leaves_only_whole_lines(checkpoints, tmp_path):
     process = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "speculative.py"), *models(checkpoints), "--prompts-file", str(prompts),
          "--batch-size", "1", "--max-new-tokens", "40", "--ignore-eos", "--output", str(output), "--mode",
-         "speculative", "--dtype", "float32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "speculative", "--dtype", "float32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even where this process ignores Ctrl-C
     deadline = time.monotonic() + 120
     while (not output.exists() or output.read_text().count("\n") < 2) and time.monotonic() < deadline:
         time.sleep(0.05)
