@@ -203,7 +203,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x, kv=None, positions=None, mask=None):
+    def forward(self, x, kv=None, slots=None, mask=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -212,12 +212,11 @@ class CausalSelfAttention(nn.Module):
         else:
             # Write each row's new keys/values at its own positions (B, T), then attend over the whole buffer; the
             # mask (B, 1, T, max_len) hides the positions a new token may not see, and the stale ones.
-            # index_put_ by (row, position) pairs (B, T), not scatter_: on CPU in bfloat16, scatter_ copies the whole
-            # buffer at every call (figures: docs/bench-batched.md).
+            # index_put_ at the (row, position) pairs `slots`, not scatter_: on CPU in bfloat16, scatter_ copies the
+            # whole buffer at every call (figures: docs/bench-batched.md).
             cache_k, cache_v = kv  # (B, nh, max_len, hs)
-            rows = torch.arange(B, device=positions.device)[:, None].expand_as(positions)  # (B, T)
-            cache_k.transpose(1, 2).index_put_((rows, positions), k.transpose(1, 2))  # (B, max_len, nh, hs) view
-            cache_v.transpose(1, 2).index_put_((rows, positions), v.transpose(1, 2))
+            cache_k.transpose(1, 2).index_put_(slots, k.transpose(1, 2))  # (B, max_len, nh, hs) view
+            cache_v.transpose(1, 2).index_put_(slots, v.transpose(1, 2))
             y = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.c_proj(y)
@@ -242,8 +241,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv=None, positions=None, mask=None):
-        x = x + self.attn(self.ln_1(x), kv, positions, mask)
+    def forward(self, x, kv=None, slots=None, mask=None):
+        x = x + self.attn(self.ln_1(x), kv, slots, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -395,9 +394,12 @@ class GPT2(nn.Module):
         # New token i of row b at position p may see the slots at positions <= p: (B, 1, T, max_len), the same for
         # every layer and head.
         mask = None if cache is None else (positions[:, :, None] >= cache.key_positions)[:, None]
+        # Where every layer writes the new keys and values: (row, position) index pairs, each (B, T).
+        slots = None if cache is None else (torch.arange(len(idx), device=idx.device)[:, None].expand_as(positions),
+                                            positions)
         for i, block in enumerate(self.h):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x = block(x, kv, positions, mask)
+            x = block(x, kv, slots, mask)
         # Tied LM head: (B, T, vocab_size).
         return linear(self.ln_f(x), self.wte.weight, one_row_weight=one_row_weight(self.wte))
 

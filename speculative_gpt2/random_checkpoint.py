@@ -25,9 +25,9 @@ def random_model(config: GPT2Config, seed: int, scale: float = 1.0, scaled_resid
     greedy choices are rarely near-ties and greedy text is not one token repeated.
 
     `scaled_residuals` divides the projections that write into the residual stream (attn.c_proj, mlp.c_proj) by
-    sqrt(2 * n_layer), GPT-2's own initialization (Radford et al. 2019, section 2.3). The stream then stays close to
-    the input token's embedding, which the tied LM head scores highest: greedy text repeats a token, a target that
-    loops (what prompt lookup is for; docs/bench-drafters.md)."""
+    sqrt(2 * n_layer), GPT-2's own initialization (Radford et al. 2019, section 2.3). Measured on the GPT-2 small
+    and XL shapes: greedy text is then runs of one token, up to 40 long, a target that loops (what prompt lookup is
+    for; docs/bench-drafters.md)."""
     torch.manual_seed(seed)
     model = GPT2(config).eval()
     with torch.no_grad():
