@@ -40,6 +40,9 @@ MAX_GRAPHED_ROWS = 16  # passes of more new tokens (a long prefill) stay eager u
 # fixed_pass_rows() rounds a pass up to a multiple of this: MKL's float32 kernels compute the last rows of a 5-7 or
 # 9-11-row product apart from the others, so there a row's result depends on its place (tests/test_exact_dtype.py).
 PASS_ROW_MULTIPLE = 4
+# oneDNN lays a weight out one way for 1-row products and another for more rows; the second runs 1-row products as
+# fast here and K + 1-row ones several times faster (docs/bench-drafters.md, "oneDNN"), so one copy serves every pass.
+PACK_ROWS = 2
 
 
 @dataclass(frozen=True)
@@ -160,31 +163,20 @@ class KVCache:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           one_row_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias for x (..., in) and weight (out, in), whichever way round the weight lies in memory
-    (see `GPT2.prepare_for`); `one_row_weight`, the same values [in, out] in memory, serves a 1-row x.
-
-    On CPU in float32, a few rows (the K + 1 rows of a verification pass) on [out, in] memory go through
-    (weight @ x.T).T, which MKL runs 2-3x faster than F.linear's small-M path (figures: README, "Results").
-    Elsewhere, F.linear.
-    """
-    rows = x.numel() // x.shape[-1]
-    if rows == 1 and one_row_weight is not None:
-        return F.linear(x, one_row_weight, bias)
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not 1 < rows <= 16 or not weight.is_contiguous():
-        return F.linear(x, weight, bias)
-    # (in, rows) as a transposed view of contiguous rows: MKL is several times slower when the (in, rows) operand is
-    # itself contiguous, as the output of a previous linear would make it.
-    xt = x.reshape(rows, x.shape[-1]).contiguous().t()
-    y = torch.mm(weight, xt) if bias is None else torch.addmm(bias[:, None], weight, xt)  # (out, rows)
-    return y.t().reshape(*x.shape[:-1], weight.shape[0])
+           packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias for x (..., in) and weight (out, in); with `packed`, the same weight in oneDNN's blocked
+    layout (`GPT2.prepare`), through oneDNN's linear, else through F.linear."""
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
-def one_row_weight(module: nn.Module) -> torch.Tensor | None:
-    """The [in, out] copy of `module.weight` that `GPT2.prepare_for(rows > 1)` keeps for 1-row passes, or None: none
-    was made, or the weight has changed since (loaded, trained or moved: a stale copy is never used)."""
-    kept = getattr(module, "one_row", None)
-    if kept is None:
+def packed_weight(module: nn.Module) -> torch.Tensor | None:
+    """The oneDNN copy of `module.weight` that `GPT2.prepare` made, or None: none was made, the weight has changed
+    since (loaded, trained or moved: a stale copy is never used), or autograd is recording (oneDNN's linear has no
+    backward here)."""
+    kept = getattr(module, "packed", None)
+    if kept is None or torch.is_grad_enabled():
         return None
     copy, address, version = kept
     weight = module.weight
@@ -193,7 +185,7 @@ def one_row_weight(module: nn.Module) -> torch.Tensor | None:
 
 class Linear(nn.Linear):
     def forward(self, x):
-        return linear(x, self.weight, self.bias, one_row_weight(self))
+        return linear(x, self.weight, self.bias, packed_weight(self))
 
 
 class CausalSelfAttention(nn.Module):
@@ -270,41 +262,36 @@ class GPT2(nn.Module):
             return self.cuda_graphs.new_cache(KVCache, self.config, int(batch_size), int(max_len), self.wte.weight.dtype)
         return KVCache(self.config, int(batch_size), int(max_len), self.wte.weight.dtype, self.wte.weight.device)
 
-    def prepare_for(self, rows: int) -> GPT2:
-        """Lays out the weights in memory for passes of `rows` new tokens; values and shapes do not change.
+    def prepare(self) -> GPT2:
+        """Readies the weights for fast passes on the model's device; values, shapes and results do not change.
+        Returns the model.
 
         The one place where a fast path changes the model, called by whoever owns it (the CLI, the benchmark, a
-        notebook), never by the samplers. On CPU in float32, one row (plain decoding) runs fastest as x @ W on
-        [in, out] memory, except for contracting layers (the MLP's c_proj), and 2-16 rows (speculative sampling:
-        drafting after a full acceptance, verification) as (W @ x.T).T on [out, in] memory, the layout a model is
-        loaded in (figures: README, "Results"). Speculative sampling makes 1-row passes too (a draft model's
-        drafting, a round in which prompt lookup proposes nothing), so for rows > 1 the expanding layers and the LM
-        head also keep an [in, out] copy for 1-row passes (`one_row_weight`): those run as plain decoding's do, for
-        the memory of a second copy of those weights (GPT-2 XL: 4.25 GB more in float32). Elsewhere (CUDA, bfloat16)
-        the weights stay [out, in] and nothing is copied. A change of layout copies the weights once (GPT-2 XL:
-        seconds).
+        notebook), never by the samplers. On CPU in float32 it keeps a copy of every projection weight and of the LM
+        head in oneDNN's blocked layout, and passes run on those copies: F.linear reads a weight more slowly than
+        its size allows, at one row and more so at the few rows of a verification, which oneDNN's copies run at
+        less than a one-row pass costs (figures: docs/bench-drafters.md, "oneDNN"). The copies cost the weights'
+        memory once more (GPT-2 XL: 6.2 GB in float32) and seconds to make; calling again keeps them while the
+        weights are unchanged. Elsewhere (CUDA, bfloat16, a build without oneDNN) nothing is copied.
         """
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-            raise ValueError(f"rows must be an integer >= 1 (new tokens per pass), got {rows!r}")
-        cpu_float32 = self.wte.weight.device.type == "cpu" and self.wte.weight.dtype == torch.float32
+        w = self.wte.weight
+        pack = w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
         # New Parameters made outside inference mode: ordinary tensors that autograd can use later, even when the
-        # model was made under torch.inference_mode() (whose tensors refuse `p.data = ...`).
+        # model was made under torch.inference_mode() (whose tensors have no version to check a copy by).
         with torch.inference_mode(False), torch.no_grad():
             for module in [self.wte] + [m for m in self.modules() if isinstance(m, nn.Linear)]:
+                if not pack:
+                    module.packed = None
+                    continue
+                if packed_weight(module) is not None:  # still the weight's copy
+                    continue
+                if module.weight.is_inference():
+                    module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
                 w = module.weight
-                # One row: [in, out], except where the layer contracts (in > out: the MLP's c_proj), which MKL runs
-                # faster on [out, in].
-                one_row_faster_in_out = cpu_float32 and w.shape[1] <= w.shape[0]
-                to_in_out = rows == 1 and one_row_faster_in_out
-                keep_copy = rows > 1 and one_row_faster_in_out
-                if w.is_contiguous() == to_in_out:  # [out, in] memory is the contiguous one
-                    data = w.detach().t().contiguous().t() if to_in_out else w.detach().contiguous()
-                    module.weight = nn.Parameter(data, requires_grad=w.requires_grad)
-                elif keep_copy and w.is_inference():  # an inference tensor has no version to check the copy by
-                    module.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
-                w = module.weight
-                # The copy is used while the weight keeps its memory and version (`one_row_weight`).
-                module.one_row = (w.detach().t().contiguous().t(), w.data_ptr(), w._version) if keep_copy else None
+                module.packed = None  # a stale copy goes before the new one is made
+                # Packed for products of PACK_ROWS rows; any number of rows runs on it. The copy is used while the
+                # weight keeps its memory and version (`packed_weight`).
+                module.packed = (torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS), w.data_ptr(), w._version)
         return self
 
     def fixed_pass_rows(self, rows: int | None) -> GPT2:
@@ -321,10 +308,10 @@ class GPT2(nn.Module):
         fixed_pass_rows(max_lookahead + 1) for the adaptive lookahead. A longer pass (a long prompt's prefill, the
         same in both decoders) runs as it is. Padding rows go to cache slots past the new tokens: masked, then
         overwritten by the next pass (the cache has pass_rows - 1 extra slots, `new_cache`), never seen. Compared
-        runs need the same weight layout too (`prepare_for`): it decides which kernel runs. The rounding to a
+        runs need the same weights too (`prepare` or not): they decide which kernel runs. The rounding to a
         multiple of PASS_ROW_MULTIPLE is for MKL's float32 kernels, which are row-invariant only at some counts.
 
-        Like `prepare_for` and `use_cuda_graphs`, the choice of whoever owns the model; plain decoding pays for
+        Like `prepare` and `use_cuda_graphs`, the choice of whoever owns the model; plain decoding pays for
         the padded rows (figures: docs/exact-dtype.md). Make caches after turning it on.
         """
         if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
@@ -365,8 +352,12 @@ class GPT2(nn.Module):
         return logits[:, :T]
 
     def _apply(self, fn, *args, **kwargs):
-        # .to(), .cuda(), .half() ... give the weights new addresses: graphs captured on the old ones must go.
+        # .to(), .cuda(), .half() ... give the weights new addresses: graphs captured on the old ones must go, and
+        # oneDNN copies of the old weights (never used again: `packed_weight`) free their memory.
         module = super()._apply(fn, *args, **kwargs)
+        for m in self.modules():
+            if getattr(m, "packed", None) is not None and m.weight.data_ptr() != m.packed[1]:
+                m.packed = None
         if self.cuda_graphs is not None:
             self.use_cuda_graphs(self.wte.weight.device.type == "cuda")
         return module
@@ -374,7 +365,7 @@ class GPT2(nn.Module):
     def use_cuda_graphs(self, enabled: bool = True) -> GPT2:
         """Replays captured CUDA graphs for the cached passes of decoding (cuda_graphs.py), or stops and frees them.
 
-        Like `prepare_for`, a choice of whoever owns the model, made once and visibly: the samplers never make it.
+        Like `prepare`, a choice of whoever owns the model, made once and visibly: the samplers never make it.
         Call it after moving the model to its CUDA device; moving it later needs a new call. Results equal the
         eager passes'; the memory the graphs keep is described in cuda_graphs.py.
         """
@@ -401,7 +392,7 @@ class GPT2(nn.Module):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             x = block(x, kv, slots, mask)
         # Tied LM head: (B, T, vocab_size).
-        return linear(self.ln_f(x), self.wte.weight, one_row_weight=one_row_weight(self.wte))
+        return linear(self.ln_f(x), self.wte.weight, packed=packed_weight(self.wte))
 
     def _check_cache(self, cache: KVCache, batch_size: int) -> None:
         if not isinstance(cache, KVCache):
@@ -431,7 +422,7 @@ class GPT2(nn.Module):
         `openai-community/gpt2-xl`) from `weights_dir` (default: see `checkpoints.default_weights_dir`), the Hugging
         Face cache, or the hub (see speculative_gpt2/checkpoints.py). `dtype` is a torch.dtype or its name
         ("float32", "bfloat16", "float16"); `device` a torch.device or a name ("cpu", "cuda:0"). Returns the model
-        in eval mode, its weights [out, in] (`prepare_for` changes that)."""
+        in eval mode (`prepare` makes its fast weight copies)."""
         from speculative_gpt2.checkpoints import find_checkpoint, preset_of
         from speculative_gpt2.hardware import DTYPES, resolve_device
 

@@ -26,8 +26,8 @@ At temperature 0 both distributions are one-hot, so the output is the target's g
 Token for token in every dtype when every target pass has one shape (`GPT2.fixed_pass_rows`); otherwise 1-row
 and (K+1)-row passes round differently, which flips near-ties often in bfloat16 and rarely in float32.
 
-The samplers change nothing outside the call: they do not touch the models' weights (a fast weight layout is
-the caller's choice, `GPT2.prepare_for`), and K comes from a policy object the caller may pass (speculative_gpt2/lookahead.py).
+The samplers change nothing outside the call: they do not touch the models' weights (fast weight copies are
+the caller's choice, `GPT2.prepare`), and K comes from a policy object the caller may pass (speculative_gpt2/lookahead.py).
 Argument checks are at the end of the file; the command line is speculative_gpt2/cli.py (`python speculative.py
 --help`, or the `speculative-gpt2` command).
 """

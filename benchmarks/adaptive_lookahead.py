@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from the checkout
 from speculative_gpt2.lookahead import AdaptiveLookahead, FixedLookahead, LookaheadPolicy, Round, interpolate  # noqa: E402
 
-# GPT-2 XL 1-row and (K+1)-row passes in the verification layout (GPT2.prepare_for(2)) and the GPT-2 small 1-row
-# pass, fp32, ms: medians of 4 interleaved rounds on a 2-core AMD EPYC (AVX2), torch 2.13 (README, "Results").
+# GPT-2 XL 1-row and (K+1)-row passes (weights [out, in], before GPT2.prepare's oneDNN copies) and the GPT-2 small
+# 1-row pass, fp32, ms: medians of 4 interleaved rounds on a 2-core AMD EPYC (AVX2), torch 2.13 (README, "Results").
 XL_SMALL_FP32 = {"target_ms": 677.8, "draft_ms": 63.2, "verify_ms": {"2": 646.2, "3": 812.2, "5": 808.6, "9": 1150.2}}
 
 

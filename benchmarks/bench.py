@@ -92,11 +92,10 @@ def pass_ms(model: GPT2, prompt_len: int, rows: int, repeats: int = 5) -> float:
 
 
 def pass_costs(target: GPT2, draft: GPT2, prompt_len: int, Ks: list[int]) -> dict:
-    """Each pass in the weight layout its decoder runs in (GPT2.prepare_for): the target's one-row pass as in naive
-    decoding; the draft's, the target-as-draft's and the verification passes as in speculative sampling."""
-    return {"target_ms": pass_ms(target.prepare_for(1), prompt_len, 1),
-            "draft_ms": pass_ms(draft.prepare_for(2), prompt_len, 1),
-            "target_as_draft_ms": pass_ms(target.prepare_for(2), prompt_len, 1),
+    """The target's one-row pass (naive decoding; the target as its own draft), the draft's one-row pass, and the
+    target's verification passes: cached passes after `prompt_len` tokens."""
+    return {"target_ms": pass_ms(target, prompt_len, 1),
+            "draft_ms": pass_ms(draft, prompt_len, 1),
             "verify_ms": {str(K): pass_ms(target, prompt_len, K + 1) for K in Ks}}  # str: JSON keys
 
 
@@ -191,7 +190,8 @@ def run(args) -> dict:
     dtype = resolve_dtype(args.dtype, device)
     target_path, draft_path = checkpoint_folders(args)
     load = dict(weights_dir=args.weights_dir, dtype=dtype, device=device)
-    target, small = GPT2.from_pretrained(target_path, **load), GPT2.from_pretrained(draft_path, **load)
+    # prepare(): the fast weight copies (CPU float32), made once, before any clock starts.
+    target, small = GPT2.from_pretrained(target_path, **load).prepare(), GPT2.from_pretrained(draft_path, **load).prepare()
     if args.cuda_graphs:
         target.use_cuda_graphs(), small.use_cuda_graphs()
     lookup = partial(PromptLookupDrafter, args.ngram_max, args.ngram_min)
@@ -205,15 +205,14 @@ def run(args) -> dict:
     def seeded():  # every run samples from the same seed
         return dict(generator=torch.Generator(device).manual_seed(0)) if args.temperature > 0 else {}
 
-    # Every row is a function returning a dict: seconds, tokens and, for ours, the rounds' statistics. Our decoders
-    # run in the weight layout each is fastest in (GPT2.prepare_for), set before the row's clock starts.
+    # Every row is a function returning a dict: seconds, tokens and, for ours, the rounds' statistics.
     def naive():
-        return _ours(autoregressive_sample(target.prepare_for(1), prompt, n, **sampling, **seeded()))
+        return _ours(autoregressive_sample(target, prompt, n, **sampling, **seeded()))
 
     def speculative(draft, K, sampler=speculative_sample):
         policy = AdaptiveLookahead() if K is None else K  # a fresh policy for every run
-        draft = draft.prepare_for(2) if isinstance(draft, GPT2) else draft()  # a fresh lookup drafter too
-        return _ours(sampler(target.prepare_for(2), draft, prompt, n, lookahead=policy, **sampling, **seeded()))
+        draft = draft if isinstance(draft, GPT2) else draft()  # a fresh lookup drafter too
+        return _ours(sampler(target, draft, prompt, n, lookahead=policy, **sampling, **seeded()))
 
     rows = {Row(NAIVE): naive}
     for draft_name, draft in drafts.items():
@@ -229,12 +228,12 @@ def run(args) -> dict:
     rows = {row: fn for row, fn in rows.items() if row.name not in args.skip or row == Row(NAIVE)}
     once = {}
     if not args.no_uncached:
-        once[Row(UNCACHED)] = lambda: _ours(autoregressive_sample(target.prepare_for(2), prompt, n, use_cache=False))
+        once[Row(UNCACHED)] = lambda: _ours(autoregressive_sample(target, prompt, n, use_cache=False))
 
     # Warm-up: allocations, kernel selection and caches, outside the timings.
-    autoregressive_sample(target.prepare_for(1), prompt, 4)
-    speculative_sample(target.prepare_for(2), small.prepare_for(2), prompt, 4, lookahead=2)
-    speculative_sample(target.prepare_for(2), lookup(), prompt, 4, lookahead=2)
+    autoregressive_sample(target, prompt, 4)
+    speculative_sample(target, small, prompt, 4, lookahead=2)
+    speculative_sample(target, lookup(), prompt, 4, lookahead=2)
     raw = {row: [] for row in [*rows, *once]}
     raw_costs = []
     with tqdm(total=len(rows) * args.repeats + len(once), desc="benchmark", unit="run", file=sys.stderr) as bar:
@@ -372,7 +371,7 @@ def derive(results: dict) -> list[dict]:
             K = r["lookahead"]
             # No prediction for the lookup: it proposes nothing in some rounds, which E(alpha, K) does not model.
             if K is not None and r["draft"] != "ngram":
-                draft_ms = costs["target_as_draft_ms"] if r["draft"] == "target itself" else costs["draft_ms"]
+                draft_ms = costs["target_ms"] if r["draft"] == "target itself" else costs["draft_ms"]
                 row["predicted"] = predicted_speedup(row["alpha"], K, draft_ms, costs["verify_ms"][str(K)],
                                                      costs["target_ms"])
                 row["break_even"] = break_even_alpha(K, draft_ms, costs["verify_ms"][str(K)], costs["target_ms"])
@@ -424,8 +423,7 @@ def markdown(results: dict) -> str:
                        for K, ms in costs["verify_ms"].items())
     lines += [
         "",
-        f"Per pass: target {costs['target_ms']:.1f} ms/token (one-row layout; "
-        f"{costs['target_as_draft_ms']:.1f} in the verification layout), draft {costs['draft_ms']:.1f} ms/token "
+        f"Per pass: target {costs['target_ms']:.1f} ms/token, draft {costs['draft_ms']:.1f} ms/token "
         f"(cost ratio {costs['draft_ms'] / costs['target_ms']:.3f}); target verification {verify}.",
         f"Memory: bandwidth {costs['bandwidth_gbs']:.1f} GB/s; weights {costs['target_bytes'] / 1e9:.2f} GB (target), "
         f"{costs['draft_bytes'] / 1e9:.2f} GB (draft); bandwidth floor {costs['target_floor_ms']:.1f} and "

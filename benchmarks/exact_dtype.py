@@ -2,7 +2,7 @@
 is no slower than before it, in one run.
 
 1. Pass cost: ms of one cached target pass of 1 row (plain decoding) and of the fixed pass shapes (4 to 16 rows),
-   per dtype, in the weight layout each would run in (`prepare_for`).
+   per dtype, on the prepared weights (`GPT2.prepare`).
 2. Plain decoding, 1-row passes against exact mode (passes of 8 rows, the CLI's): tokens/s per dtype.
 3. Speculative sampling, K = 4 and the adaptive lookahead, before (the code of --before, a checkout) and after
    (exact mode off and on), interleaved repetitions, medians.
@@ -88,11 +88,10 @@ def main() -> None:
                "prompt": DEFAULT_PROMPT, "pass_ms": {}, "plain_tokens_per_s": {}, "speculative_tokens_per_s": {}}
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        target = GPT2.from_pretrained(args.target, dtype=dtype, download=False)
-        # 1. One pass of each shape, in the layout its decoder runs in.
+        target = GPT2.from_pretrained(args.target, dtype=dtype, download=False).prepare()
+        # 1. One pass of each shape.
         ms = {}
         for rows in (1, 4, 5, 8, 12, 16):
-            target.prepare_for(rows=1 if rows == 1 else 2)
             ms[rows] = pass_ms(target, rows, repeats=5)
         results["pass_ms"][dtype_name] = ms
         print(dtype_name, "ms per pass by rows:", {k: round(v, 1) for k, v in ms.items()}, flush=True)
@@ -100,7 +99,7 @@ def main() -> None:
         runs = {"1-row": [], "exact 8 rows": []}
         for _ in range(args.repeats):
             for name, rows in (("1-row", None), ("exact 8 rows", 8)):
-                target.prepare_for(rows=1 if rows is None else 2).fixed_pass_rows(rows)
+                target.fixed_pass_rows(rows)
                 runs[name].append(speculative.autoregressive_sample(target, prompt, n).decode_tokens_per_second)
         target.fixed_pass_rows(None)
         results["plain_tokens_per_s"][dtype_name] = {k: statistics.median(v) for k, v in runs.items()}
@@ -109,8 +108,7 @@ def main() -> None:
             del target
             continue
         # 3. Speculative sampling before and after, interleaved (bfloat16).
-        draft = GPT2.from_pretrained(args.draft, dtype=dtype, download=False)
-        target.prepare_for(rows=2), draft.prepare_for(rows=2)
+        draft = GPT2.from_pretrained(args.draft, dtype=dtype, download=False).prepare()
         variants = {}
         if args.before is not None:
             old_model, old_speculative = load_before(args.before)

@@ -1,12 +1,13 @@
-"""The target's weight layouts, per pass and end to end where nothing repeats (issue 17), in one process.
+"""The target's weights unprepared (F.linear) and prepared (`GPT2.prepare`: oneDNN copies on CPU in float32), per
+pass and end to end where nothing repeats (issue 17), in one process.
 
 Per pass: the median time of a cached pass of 1, 5 and 9 new tokens (plain decoding; verification at K = 4 and 8)
-in each layout, interleaved. Layouts: "[out, in]" (every weight as loaded: `prepare_for(2)` before issue 17) and
-`prepare_for(1)` / `prepare_for(2)` as this checkout makes them (`--layouts`).
+in each, interleaved. Until 2 December 2026 the layouts were "[out, in]", `prepare_for(1)` and `prepare_for(2)`
+(weights transposed in memory, docs/bench-drafters.md); oneDNN's copies replaced them.
 
 End to end, where nothing repeats: temperature 1, seed 0, so that the random target's nearly flat distribution
 gives text without a repeated token (checked: the lookup proposes nothing in any round). Rows, interleaved: plain
-decoding (`prepare_for(1)`), then prompt lookup (K = 4) with the target in each layout.
+decoding and prompt lookup (K = 4), each with the target in each layout; speedups against prepared plain decoding.
 
     python benchmarks/pass_layouts.py --target /work/ckpt/random-gpt2-xl --dtype float32
 """
@@ -21,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -35,19 +35,15 @@ from speculative_gpt2.hardware import hardware_name  # noqa: E402
 from speculative_gpt2.tokenizer import load_tokenizer  # noqa: E402
 
 
-def out_in(model: GPT2) -> GPT2:
-    """Every weight [out, in] in memory, as loaded, and no one-row copies: what prepare_for(rows > 1) did before
-    issue 17."""
-    with torch.inference_mode(False), torch.no_grad():
-        for module in [model.wte] + [m for m in model.modules() if isinstance(m, nn.Linear)]:
-            module.one_row = None
-            if not module.weight.is_contiguous():
-                module.weight = nn.Parameter(module.weight.detach().contiguous(), requires_grad=False)
+def unprepared(model: GPT2) -> GPT2:
+    """Drops the copies `prepare()` made: every product through F.linear, on the weights as loaded."""
+    for module in model.modules():
+        module.packed = None
     return model
 
 
-LAYOUTS = {"[out, in]": out_in, "prepare_for(1)": lambda m: m.prepare_for(1),
-           "prepare_for(2)": lambda m: m.prepare_for(2)}
+LAYOUTS = {"F.linear": unprepared, "prepare()": lambda m: m.prepare()}
+BASELINE = "prepare()"  # the end-to-end speedups are against plain decoding in this layout
 
 
 def main(argv=None) -> None:
@@ -81,28 +77,29 @@ def main(argv=None) -> None:
     for name, by_rows in passes.items():
         print(f"| {name} | " + " | ".join(f"{statistics.median(t):.1f}" for t in by_rows.values()) + " |", flush=True)
 
-    def plain():
+    def plain(lay_out):
         gen = torch.Generator().manual_seed(0)
-        return autoregressive_sample(target.prepare_for(1), prompt, args.max_new_tokens, temperature=1.0, generator=gen)
+        return autoregressive_sample(lay_out(target), prompt, args.max_new_tokens, temperature=1.0, generator=gen)
 
     def lookup(lay_out):
         gen = torch.Generator().manual_seed(0)
         return speculative_sample(lay_out(target), PromptLookupDrafter(), prompt, args.max_new_tokens, lookahead=4,
                                   temperature=1.0, generator=gen)
 
-    runs = {"plain decoding, prepare_for(1)": plain}
-    runs |= {f"lookup, {name}": (lambda lay_out=lay_out: lookup(lay_out)) for name, lay_out in layouts.items()}
+    runs = {f"{method}, {name}": (lambda fn=fn, lay_out=lay_out: fn(lay_out))
+            for method, fn in (("plain decoding", plain), ("lookup", lookup)) for name, lay_out in LAYOUTS.items()
+            if name in layouts or (method, name) == ("plain decoding", BASELINE)}
     e2e = {name: [] for name in runs}
     for _ in range(args.repeats):
         for name, fn in runs.items():
             e2e[name].append(fn())
             print(f"{name}: {e2e[name][-1].seconds:.2f} s", file=sys.stderr, flush=True)
     if args.repeats:
-        plain_tokens = e2e["plain decoding, prepare_for(1)"][0].tokens
-        base = statistics.median(g.seconds for g in e2e["plain decoding, prepare_for(1)"])
+        plain_tokens = e2e[f"plain decoding, {BASELINE}"][0].tokens
+        base = statistics.median(g.seconds for g in e2e[f"plain decoding, {BASELINE}"])
         print(f"\nEnd to end, {args.max_new_tokens} new tokens, temperature 1 (seed 0), K = 4, "
               f"median of {args.repeats}:\n")
-        print("| run | seconds | speedup vs plain | target passes | drafts proposed | same tokens as plain |")
+        print(f"| run | seconds | speedup vs plain ({BASELINE}) | target passes | drafts proposed | same tokens |")
         print("|---|---:|---:|---:|---:|---|")
         for name, gens in e2e.items():
             seconds = statistics.median(g.seconds for g in gens)

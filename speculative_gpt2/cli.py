@@ -281,8 +281,9 @@ def _run(args) -> int:
     for role in folders:
         print(f"Loading {role} {printable(names[role])} ({dtype_name(dtype)}, {device}) ...", file=sys.stderr)
         started = time.perf_counter()
+        # found above: already here; prepare(): the fast weight copies (CPU float32), made before any clock starts
         models[role] = GPT2.from_pretrained(names[role], weights_dir=args.weights_dir, dtype=dtype, device=device,
-                                            download=False)  # found above: already here
+                                            download=False).prepare()
         load_seconds[role] = time.perf_counter() - started
     target, draft = models["target"], models.get("draft")
     if args.cuda_graphs:  # on CUDA: checked before loading
@@ -316,14 +317,9 @@ def _run(args) -> int:
 
     rows = padded_rows(max_lookahead + 1)  # what exact mode pads every target pass to
 
-    def prepare(mode, rows_per_pass=1):
+    def prepare(mode):
         # Exact mode (GPT2.fixed_pass_rows) for the two runs whose texts are compared; plain NAIVE stays the fastest.
         target.fixed_pass_rows(rows if exact and mode in (EXACT, SPECULATIVE) else None)
-        # The weight layout each decoder runs fastest in (CPU float32; a no-op elsewhere): one-row passes for plain
-        # decoding of one prompt, several rows for speculative sampling and exact mode (compared runs need the same
-        # layout: it chooses the kernel). Set visibly, before the clock starts.
-        for model in (target, draft) if mode == SPECULATIVE and not lookup else (target,):
-            model.prepare_for(rows=rows_per_pass if mode == NAIVE else 2)
 
     if args.prompts_file is not None:
         return run_prompts_file(args, file_prompts, enc=enc, device=device, decode=decode, prepare=prepare,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
-from gpt2_model import GPT2Config, linear
+from gpt2_model import PACK_ROWS, GPT2Config, linear
 from speculative import autoregressive_sample, speculative_sample
 from speculative_gpt2.lookahead import AdaptiveLookahead
 from speculative_gpt2.random_checkpoint import random_model
@@ -42,22 +42,30 @@ def linear_shapes(width: int) -> list[tuple[int, int]]:
     return [(3 * width, width), (width, width), (4 * width, width), (width, 4 * width), (50257, width)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+# F.linear in every dtype (unprepared models), and oneDNN's linear on GPT2.prepare's copies (CPU float32).
+KERNELS = [(dtype, "F.linear") for dtype in DTYPES] + [("float32", "oneDNN")]
+
+
+@pytest.mark.parametrize("dtype,kernel", KERNELS)
 @pytest.mark.parametrize("width", WIDTHS)
-def test_platform_linear_row_does_not_depend_on_its_place_or_neighbours_at_a_fixed_row_count(width, dtype):
+def test_platform_linear_row_does_not_depend_on_its_place_or_neighbours_at_a_fixed_row_count(width, dtype, kernel):
+    if kernel == "oneDNN" and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN: GPT2.prepare copies nothing")
     gen = torch.Generator().manual_seed(width)
     for out_features, in_features in linear_shapes(width):
         w, b = (t.to(DTYPES[dtype]) for t in weights(out_features, in_features))
         bias = None if out_features == 50257 else b  # the tied LM head has no bias
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS) if kernel == "oneDNN" else None
         for rows in PASS_ROWS:
             x = torch.randn(1, rows, in_features, generator=gen).to(w.dtype)  # (B, rows, in), as the model calls it
-            y = linear(x, w, bias)
+            y = linear(x, w, bias, packed)
             # Every row at the mirrored place; then row 0 at place rows // 2 among new neighbours.
             other = torch.randn(1, rows, in_features, generator=gen).to(w.dtype)
             other[0, rows // 2] = x[0, 0]
-            for moved, same in ((linear(x.flip(1), w, bias).flip(1), y), (linear(other, w, bias)[:, rows // 2], y[:, 0])):
+            for moved, same in ((linear(x.flip(1), w, bias, packed).flip(1), y),
+                                (linear(other, w, bias, packed)[:, rows // 2], y[:, 0])):
                 assert torch.equal(moved, same), (
-                    f"F.linear {dtype} [{out_features}, {in_features}]: a row gives another result at another place "
+                    f"{kernel} {dtype} [{out_features}, {in_features}]: a row gives another result at another place "
                     f"among {rows} rows: fixed_pass_rows cannot make decoding exact on this platform")
 
 
@@ -98,14 +106,14 @@ def test_platform_attention_row_does_not_depend_on_its_place_or_neighbours_at_a_
 @lru_cache(maxsize=None)
 def target(width: int, dtype_name: str):
     config = GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=width, n_layer=2, n_head=width // 64)
-    return random_model(config, seed=0).to(DTYPES[dtype_name])
+    return random_model(config, seed=0).to(DTYPES[dtype_name]).prepare()  # as the CLI runs it
 
 
 @lru_cache(maxsize=None)
 def small_draft(dtype_name: str):
     """An unrelated 64-wide draft: cheap, and its drafts are mostly rejected (verification after verification)."""
     config = GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=64, n_layer=1, n_head=4)
-    return random_model(config, seed=1).to(DTYPES[dtype_name])
+    return random_model(config, seed=1).to(DTYPES[dtype_name]).prepare()
 
 
 cases = st.fixed_dictionaries({

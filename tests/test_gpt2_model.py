@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from speculative_gpt2.checkpoints import find_checkpoint
-from gpt2_model import GPT2, CheckpointError, GPT2Config, KVCache, linear, one_row_weight
+from gpt2_model import PACK_ROWS, GPT2, CheckpointError, GPT2Config, KVCache, linear, packed_weight
 
 TOL = 1e-4  # fp32; the measured gap is about 1e-6
 
@@ -95,59 +95,19 @@ def test_cache_one_and_several_tokens_at_a_time_match_full_pass(reference_folder
     torch.testing.assert_close(full, reference_logits(reference, idx), atol=TOL, rtol=0)
 
 
-def _one_row_layout(model):
-    """True when the weights lie as GPT2.prepare_for(1) puts them on CPU float32: [in, out] in memory, except the
-    MLP's c_proj (in > out); False when all lie [out, in]."""
-    weights = [model.wte.weight] + [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    in_out = [not w.is_contiguous() and w.t().is_contiguous() for w in weights]
-    if not any(in_out):
-        return False
-    assert in_out == [w.shape[1] <= w.shape[0] for w in weights], "a weight in the wrong layout"
-    return True
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                  reason="this torch build has no oneDNN: prepare() copies nothing")
 
 
-def test_prepare_for_changes_the_memory_layout_not_the_model(reference_folder, tmp_path):
-    folder, reference = reference_folder
-    model = GPT2.from_pretrained(folder)
-    assert not _one_row_layout(model)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    idx = torch.randint(0, 50257, (1, 20), generator=torch.Generator().manual_seed(4))
-    for rows in (1, 5, 1, 16, 17, 2):
-        assert model.prepare_for(rows) is model
-        assert _one_row_layout(model) == (rows == 1)
-        for k, v in model.state_dict().items():
-            assert v.shape == state[k].shape and torch.equal(v, state[k]), k
-        with torch.no_grad():  # 1, 2, 3 and 14 new tokens: the one-row path, the few-row path, F.linear
-            cache = model.new_cache()
-            pieces = [model(idx[:, :3], cache=cache), model(idx[:, 3:4], cache=cache), model(idx[:, 4:6], cache=cache),
-                      model(idx[:, 6:], cache=cache)]
-        torch.testing.assert_close(torch.cat(pieces, dim=1), reference_logits(reference, idx), atol=TOL, rtol=0)
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="rows must be an integer"):
-            model.prepare_for(bad)
-    model.prepare_for(1).save_pretrained(tmp_path)  # safetensors needs contiguous tensors: save must not care
-    assert_parity(tmp_path, reference)
+def _weighted(model):
+    """Every module whose product can run on a oneDNN copy: the LM head (wte) and the projections."""
+    return [model.wte] + [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 
-def test_prepare_for_inside_inference_mode_leaves_a_trainable_model():
-    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=11, n_positions=16))
-    with torch.inference_mode():  # as inside speculative_sample and autoregressive_sample
-        model.prepare_for(1)
-    assert _one_row_layout(model) and not any(p.is_inference() for p in model.parameters())
-    model(torch.tensor([[1, 2, 3]])).sum().backward()
-    assert model.h[0].mlp.c_fc.weight.grad is not None
-
-
-def test_prepare_for_keeps_bfloat16_in_the_usual_layout(reference_folder):
-    model = GPT2.from_pretrained(reference_folder[0], dtype=torch.bfloat16).prepare_for(1)
-    assert not _one_row_layout(model)  # [in, out] helps float32 only: bfloat16 x @ W was 10-20x slower
-
-
-def _one_token_at_a_time(model, idx):
-    """Logits of `idx` (1, T) fed one token per cached pass: plain decoding's passes."""
-    cache = model.new_cache()
+def _running_on_copies(model):
+    """The modules whose products run on a oneDNN copy now (GPT2.prepare), outside autograd."""
     with torch.no_grad():
-        return torch.cat([model(idx[:, i : i + 1], cache=cache) for i in range(idx.shape[1])], dim=1)
+        return [m for m in _weighted(model) if packed_weight(m) is not None]
 
 
 def _tiny_model(seed=0):
@@ -155,53 +115,89 @@ def _tiny_model(seed=0):
     return GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=97, n_positions=32)).eval()
 
 
-def test_prepare_for_more_rows_runs_one_row_passes_as_plain_decoding_does():
-    # Speculative sampling makes 1-row passes too (a round with no drafts): in float32 on CPU they use the [in, out]
-    # copy that prepare_for(rows > 1) keeps, so they are plain decoding's passes bit for bit.
-    model, idx = _tiny_model(), torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(2))
-    plain = _one_token_at_a_time(model.prepare_for(1), idx)
-    assert all(one_row_weight(m) is None for m in model.modules())
-    model.prepare_for(5)
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    expanding = [model.wte] + [m for m in linears if m.in_features <= m.out_features]
-    assert all(one_row_weight(m) is not None and one_row_weight(m).t().is_contiguous() for m in expanding)
-    assert all(one_row_weight(block.mlp.c_proj) is None for block in model.h)  # contracting: [out, in] is faster
-    assert torch.equal(_one_token_at_a_time(model, idx), plain)
-    # The copies are what 1-row passes read, and only they: spoil them, and only 1-row passes change.
-    cache = model.new_cache()
+@needs_onednn
+def test_prepare_changes_how_products_run_not_the_model(reference_folder, tmp_path):
+    folder, reference = reference_folder
+    model = GPT2.from_pretrained(folder)
+    assert _running_on_copies(model) == []
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = torch.randint(0, 50257, (1, 20), generator=torch.Generator().manual_seed(4))
+    assert model.prepare() is model
+    assert _running_on_copies(model) == _weighted(model)
+    copies = [m.packed[0] for m in _weighted(model)]
+    model.prepare()  # again: the copies are kept, not made anew
+    assert all(m.packed[0] is copy for m, copy in zip(_weighted(model), copies))
+    for k, v in model.state_dict().items():
+        assert v.shape == state[k].shape and torch.equal(v, state[k]), k
+    with torch.no_grad():  # 3, 1, 2 and 14 new tokens
+        cache = model.new_cache()
+        pieces = [model(idx[:, :3], cache=cache), model(idx[:, 3:4], cache=cache), model(idx[:, 4:6], cache=cache),
+                  model(idx[:, 6:], cache=cache)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), reference_logits(reference, idx), atol=TOL, rtol=0)
+    model.save_pretrained(tmp_path)
+    assert_parity(tmp_path, reference)
+
+
+@needs_onednn
+def test_passes_run_on_the_copies_and_autograd_on_the_weights():
+    model = _tiny_model().prepare()
+    idx = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        several = model(idx[:, :5], cache=cache)
-        for m in expanding:
-            m.one_row[0].zero_()
-        torch.testing.assert_close(model(idx[:, :5], cache=model.new_cache()), several, atol=0, rtol=0)
-    assert not torch.allclose(_one_token_at_a_time(model, idx), plain)
+        expected = model(idx)
+    c_fc = model.h[0].mlp.c_fc
+    # Spoil one copy (zero weights, still current): passes outside autograd change, passes under it do not.
+    c_fc.packed = (torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(c_fc.weight.detach()), PACK_ROWS),
+                   c_fc.weight.data_ptr(), c_fc.weight._version)
+    with torch.no_grad():
+        assert not torch.allclose(model(idx), expected, atol=1e-3)
+    logits = model(idx)  # autograd records: F.linear on the weights, which oneDNN's linear cannot differentiate
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    logits.sum().backward()
+    assert c_fc.weight.grad is not None
 
 
-def test_a_stale_one_row_copy_is_never_used():
-    model, other = _tiny_model(0).prepare_for(2), _tiny_model(1)
+@needs_onednn
+def test_a_stale_copy_is_never_used():
+    model, other = _tiny_model(0).prepare(), _tiny_model(1)
     idx = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(3))
     model.load_state_dict(other.state_dict())  # the weights change in place: the copies are stale
-    assert all(one_row_weight(m) is None for m in model.modules())
-    torch.testing.assert_close(_one_token_at_a_time(model, idx), _one_token_at_a_time(other, idx), atol=1e-5, rtol=0)
-    model.prepare_for(2)
+    assert _running_on_copies(model) == []
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), other(idx), atol=1e-5, rtol=0)
+    model.prepare()
     with torch.no_grad():  # a training step, in place
         model.h[0].attn.c_attn.weight.add_(0.1)
-    assert one_row_weight(model.h[0].attn.c_attn) is None and one_row_weight(model.h[0].mlp.c_fc) is not None
-    model.prepare_for(2).double()  # moved: new memory
-    assert all(one_row_weight(m) is None for m in model.modules())
-    bf16 = _tiny_model().to(torch.bfloat16).prepare_for(2)  # [in, out] helps float32 only: no copies
-    assert all(getattr(m, "one_row", None) is None for m in bf16.modules())
+    running = _running_on_copies(model)
+    assert model.h[0].attn.c_attn not in running and model.h[0].mlp.c_fc in running
+    model.prepare().double()  # moved: new memory, and the old copies are let go
+    assert all(getattr(m, "packed", None) is None for m in model.modules())
+    bf16 = _tiny_model().to(torch.bfloat16).prepare()  # the copies are for float32 on CPU only
+    assert all(getattr(m, "packed", None) is None for m in bf16.modules())
 
 
-def test_linear_uses_the_one_row_weight_for_one_row_only():
+def test_prepare_inside_inference_mode_leaves_a_trainable_model():
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=11, n_positions=16))
+    with torch.inference_mode():  # as inside speculative_sample and autoregressive_sample
+        model.prepare()
+    assert not any(p.is_inference() for p in model.parameters())
+    if torch.backends.mkldnn.is_available():
+        assert _running_on_copies(model) == _weighted(model)
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    assert model.h[0].mlp.c_fc.weight.grad is not None
+
+
+@needs_onednn
+def test_linear_on_a_copy_computes_what_f_linear_does():
     gen = torch.Generator().manual_seed(5)
     w, b = torch.randn(48, 32, generator=gen), torch.randn(48, generator=gen)
-    for rows in (1, 2, 5):
-        x = torch.randn(1, rows, 32, generator=gen)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+    for shape in ((1, 1, 32), (1, 5, 32), (3, 2, 32), (40, 32)):
+        x = torch.randn(*shape, generator=gen)
         expected = torch.nn.functional.linear(x, w, b)
-        torch.testing.assert_close(linear(x, w, b, one_row_weight=w.t().contiguous().t()), expected)
-        spoiled = linear(x, w, b, one_row_weight=torch.zeros_like(w))
-        assert torch.equal(spoiled, b.expand_as(expected)) if rows == 1 else torch.allclose(spoiled, expected)
+        assert torch.equal(linear(x, w, b), expected)
+        for bias in (b, None):
+            torch.testing.assert_close(linear(x, w, bias, packed=packed),
+                                       torch.nn.functional.linear(x, w, bias), atol=1e-5, rtol=0)
 
 
 def test_crop_then_refeed_different_tokens(reference_folder):

@@ -90,9 +90,8 @@ def test_models_made_under_inference_mode_or_no_grad_work_everywhere(context):
         target, draft = random_model(TINY, seed=0, scale=5), random_model(TINY, seed=1, scale=5)
     expected = autoregressive_sample(target, [1, 2, 3], 12).tokens
     assert speculative_sample(target, draft, [1, 2, 3], 12).tokens == expected
-    target.prepare_for(1)
+    target.prepare()
     assert autoregressive_sample(target, [1, 2, 3], 12).tokens == expected
-    target.prepare_for(2)
     with torch.no_grad():
         assert target(torch.tensor([[1, 2, 3]])).shape == (1, 3, 100)
 
