@@ -285,13 +285,14 @@ class GPT2(nn.Module):
                     continue
                 if packed_weight(module) is not None:  # still the weight's copy
                     continue
-                if module.weight.is_inference():
-                    module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
                 w = module.weight
+                if w.is_inference():
+                    w = module.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
                 module.packed = None  # a stale copy goes before the new one is made
                 # Packed for products of PACK_ROWS rows; any number of rows runs on it. The copy is used while the
                 # weight keeps its memory and version (`packed_weight`).
-                module.packed = (torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS), w.data_ptr(), w._version)
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), PACK_ROWS)
+                module.packed = (packed, w.data_ptr(), w._version)
         return self
 
     def fixed_pass_rows(self, rows: int | None) -> GPT2:

@@ -191,7 +191,7 @@ def run(args) -> dict:
     target_path, draft_path = checkpoint_folders(args)
     load = dict(weights_dir=args.weights_dir, dtype=dtype, device=device)
     # prepare(): the fast weight copies (CPU float32), made once, before any clock starts.
-    target, small = GPT2.from_pretrained(target_path, **load).prepare(), GPT2.from_pretrained(draft_path, **load).prepare()
+    target, small = (GPT2.from_pretrained(path, **load).prepare() for path in (target_path, draft_path))
     if args.cuda_graphs:
         target.use_cuda_graphs(), small.use_cuda_graphs()
     lookup = partial(PromptLookupDrafter, args.ngram_max, args.ngram_min)

@@ -558,21 +558,30 @@ def why_slower(spec: Generation, naive: Generation, *, auto: bool, dtype: torch.
     need = break_even_alpha(K, t_draft, t_verify, t_target)
     costs = (f"at K={K} a round costs {K} draft passes ({t_draft / t_target:.2f} of a target pass each) and a "
              f"{K + 1}-token verification ({t_verify / t_target:.2f} target passes)")
+    # The prediction assumes K drafts in every round; a drafter may propose fewer, or none (prompt lookup without a
+    # match). Only time that the rounds' passes do not account for is blamed on the machine.
+    decode_seconds = spec.seconds - spec.prefill_seconds
+    busy = decode_seconds - sum(r.draft_ms + r.verify_ms for r in spec.rounds) / 1e3 > 0.2 * decode_seconds
     if need is None:
         lines = [f"why: {costs}: that is more than the {K + 1} plain passes a round can save, so no acceptance "
                  f"rate breaks even (measured alpha {alpha:.2f})"]
     elif alpha < need:
         lines = [f"why: {costs}: breaking even needs each draft kept with probability alpha >= {need:.2f}; "
                  f"measured alpha {alpha:.2f}"]
-    else:
+    elif busy:
         lines = [f"why: measured {measured:.2f}x where these pass costs and alpha {alpha:.2f} predict "
                  f"{predicted:.2f}x: time went outside the passes (a busy machine, threads waiting for each other)"]
+    else:
+        lines = [f"why: measured {measured:.2f}x where alpha {alpha:.2f} with K={K} drafts in every round would give "
+                 f"{predicted:.2f}x: the drafter proposed {spec.proposed / len(spec.rounds):.2f} per round "
+                 f"({len(spec.rounds) - len(drafted)} of {len(spec.rounds)} rounds none), "
+                 f"{spec.tokens_per_target_call:.2f} tokens per target pass"]
     tries = [] if auto else ["--lookahead auto (it lowers K when drafts are rejected)"]
     if alpha < 0.5:
         tries.append("a draft that agrees more with the target (random weights never agree)")
     if dtype != torch.bfloat16 and resolve_dtype("auto", device) == torch.bfloat16:
         tries.append("--dtype bfloat16 (native on this hardware: cheaper passes)")
-    if need is not None and alpha >= need:
+    if need is not None and alpha >= need and busy:
         tries.append("--threads with the number of idle cores")
     return lines + ([f"try: {'; '.join(tries)}"] if tries else [])
 

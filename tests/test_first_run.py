@@ -62,6 +62,18 @@ def test_slower_than_predicted_blames_time_outside_the_passes():
     assert lines[0].startswith("why: measured ") and "time went outside the passes" in lines[0]
 
 
+def test_rounds_with_fewer_drafts_are_not_blamed_on_the_machine():
+    # A lookup's rounds: 3 propose nothing, 3 propose 2 (kept) of K = 4 asked; the passes take all the time.
+    rounds = [Round(0, 0, draft_ms=0.2, verify_ms=100)] * 3 + [Round(2, 2, draft_ms=0.2, verify_ms=100)] * 3
+    spec = speculative_run(rounds, seconds=0.61)
+    lines = why_slower(spec, naive_run(12), auto=False, dtype=torch.float32, device=CPU)
+    assert lines[0].endswith("the drafter proposed 1.00 per round (3 of 6 rounds none), 2.00 tokens per target pass")
+    assert not any("outside the passes" in line or "--threads" in line for line in lines)
+    # The same rounds taking three times as long: then the machine is blamed.
+    lines = why_slower(speculative_run(rounds, seconds=1.8), naive_run(12), auto=False, dtype=torch.float32, device=CPU)
+    assert "time went outside the passes" in lines[0] and "--threads" in lines[1]
+
+
 def test_a_fast_run_needs_no_explanation():
     spec = speculative_run([Round(4, 4, draft_ms=40, verify_ms=120)] * 4, seconds=0.7)
     assert why_slower(spec, naive_run(20), auto=False, dtype=torch.float32, device=CPU) == []
