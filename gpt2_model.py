@@ -37,11 +37,12 @@ PRESETS = {
 }
 CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin")
 MAX_GRAPHED_ROWS = 16  # passes of more new tokens (a long prefill) stay eager under use_cuda_graphs()
-# fixed_pass_rows() rounds a pass up to a multiple of this: MKL's float32 kernels compute the last rows of a 5-7 or
-# 9-11-row product apart from the others, so there a row's result depends on its place (tests/test_exact_dtype.py).
+# fixed_pass_rows() rounds a pass up to a multiple of this: MKL's float32 kernels (F.linear: an unprepared model)
+# compute the last rows of a 5-7 or 9-11-row product apart from the others, so there a row's result depends on its
+# place (tests/test_exact_dtype.py); oneDNN's (`prepare`) are row-invariant at every count from 1 to 16.
 PASS_ROW_MULTIPLE = 4
-# oneDNN lays a weight out one way for 1-row products and another for more rows; the second runs 1-row products as
-# fast here and K + 1-row ones several times faster (docs/bench-drafters.md, "oneDNN"), so one copy serves every pass.
+# oneDNN lays a weight out one way for 1-row products and another for more rows; the second runs 1-row products within
+# a few percent as fast here and 5-row ones 1.7x faster (docs/bench-drafters.md, "oneDNN"): one copy serves every pass.
 PACK_ROWS = 2
 
 
@@ -162,6 +163,12 @@ class KVCache:
         self.lengths = [int(n) for n in lengths]
 
 
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` (out, in), float32 on CPU, copied into oneDNN's blocked layout for products of PACK_ROWS rows (any
+    number of rows runs on it): the opaque tensor `linear` takes as `packed`."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias for x (..., in) and weight (out, in); with `packed`, the same weight in oneDNN's blocked
@@ -171,16 +178,35 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+class PackedWeight:
+    """A oneDNN copy of a weight (`GPT2.prepare`) and the weight it was made from: its address and version.
+
+    Never copied or pickled (a copy or a loaded model has new weights, for which it would be stale; and the opaque
+    tensor has no storage to copy): `copy.deepcopy` and pickling give None in its place.
+    """
+
+    __slots__ = ("tensor", "address", "version")
+
+    def __init__(self, tensor: torch.Tensor, weight: torch.Tensor):
+        self.tensor, self.address, self.version = tensor, weight.data_ptr(), weight._version
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return type(None), ()
+
+
 def packed_weight(module: nn.Module) -> torch.Tensor | None:
     """The oneDNN copy of `module.weight` that `GPT2.prepare` made, or None: none was made, the weight has changed
-    since (loaded, trained or moved: a stale copy is never used), or autograd is recording (oneDNN's linear has no
-    backward here)."""
+    since (loaded, trained in place or moved; a write through `.data` bumps no version and is not seen: call
+    `prepare()` again), autograd is recording (oneDNN's linear has no backward here), or autocast is on (its products
+    run in the autocast dtype, as F.linear's do)."""
     kept = getattr(module, "packed", None)
-    if kept is None or torch.is_grad_enabled():
+    if kept is None or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return None
-    copy, address, version = kept
     weight = module.weight
-    return copy if weight.data_ptr() == address and weight._version == version else None
+    return kept.tensor if weight.data_ptr() == kept.address and weight._version == kept.version else None
 
 
 class Linear(nn.Linear):
@@ -263,8 +289,9 @@ class GPT2(nn.Module):
         return KVCache(self.config, int(batch_size), int(max_len), self.wte.weight.dtype, self.wte.weight.device)
 
     def prepare(self) -> GPT2:
-        """Readies the weights for fast passes on the model's device; values, shapes and results do not change.
-        Returns the model.
+        """Readies the weights for fast passes on the model's device; values and shapes do not change, results only
+        within rounding (another kernel). Returns the model; raises OutOfMemory (a ValueError) if the copies do not
+        fit, leaving none.
 
         The one place where a fast path changes the model, called by whoever owns it (the CLI, the benchmark, a
         notebook), never by the samplers. On CPU in float32 it keeps a copy of every projection weight and of the LM
@@ -274,25 +301,30 @@ class GPT2(nn.Module):
         memory once more (GPT-2 XL: 6.2 GB in float32) and seconds to make; calling again keeps them while the
         weights are unchanged. Elsewhere (CUDA, bfloat16, a build without oneDNN) nothing is copied.
         """
-        w = self.wte.weight
-        pack = w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-        # New Parameters made outside inference mode: ordinary tensors that autograd can use later, even when the
-        # model was made under torch.inference_mode() (whose tensors have no version to check a copy by).
-        with torch.inference_mode(False), torch.no_grad():
-            for module in [self.wte] + [m for m in self.modules() if isinstance(m, nn.Linear)]:
-                if not pack:
-                    module.packed = None
-                    continue
-                if packed_weight(module) is not None:  # still the weight's copy
-                    continue
-                w = module.weight
-                if w.is_inference():
-                    w = module.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
-                module.packed = None  # a stale copy goes before the new one is made
-                # Packed for products of PACK_ROWS rows; any number of rows runs on it. The copy is used while the
-                # weight keeps its memory and version (`packed_weight`).
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), PACK_ROWS)
-                module.packed = (packed, w.data_ptr(), w._version)
+        modules = [self.wte] + [m for m in self.modules() if isinstance(m, nn.Linear)]
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                for module in modules:
+                    w = module.weight
+                    if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+                        module.packed = None
+                        continue
+                    if packed_weight(module) is not None:  # still the weight's copy
+                        continue
+                    # A new Parameter made outside inference mode: an ordinary tensor that autograd can use later,
+                    # where a model made under torch.inference_mode() has tensors with no version to check a copy by.
+                    if w.is_inference():
+                        w = module.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+                    module.packed = None  # a stale copy goes before the new one is made
+                    module.packed = PackedWeight(pack(w.detach()), w)
+        except (MemoryError, RuntimeError) as e:
+            if not _is_out_of_memory(e):
+                raise
+            for module in modules:  # all or nothing: the memory goes back
+                module.packed = None
+            raise OutOfMemory("out of memory while making the oneDNN copies of the weights (GPT2.prepare: their size "
+                              "once more): the model runs without them, slower in float32; free memory, or use "
+                              "bfloat16") from None
         return self
 
     def fixed_pass_rows(self, rows: int | None) -> GPT2:
@@ -310,7 +342,7 @@ class GPT2(nn.Module):
         same in both decoders) runs as it is. Padding rows go to cache slots past the new tokens: masked, then
         overwritten by the next pass (the cache has pass_rows - 1 extra slots, `new_cache`), never seen. Compared
         runs need the same weights too (`prepare` or not): they decide which kernel runs. The rounding to a
-        multiple of PASS_ROW_MULTIPLE is for MKL's float32 kernels, which are row-invariant only at some counts.
+        multiple of PASS_ROW_MULTIPLE is for MKL's float32 kernels (unprepared models), row-invariant only at some counts.
 
         Like `prepare` and `use_cuda_graphs`, the choice of whoever owns the model; plain decoding pays for
         the padded rows (figures: docs/exact-dtype.md). Make caches after turning it on.
@@ -357,7 +389,7 @@ class GPT2(nn.Module):
         # oneDNN copies of the old weights (never used again: `packed_weight`) free their memory.
         module = super()._apply(fn, *args, **kwargs)
         for m in self.modules():
-            if getattr(m, "packed", None) is not None and m.weight.data_ptr() != m.packed[1]:
+            if getattr(m, "packed", None) is not None and m.weight.data_ptr() != m.packed.address:
                 m.packed = None
         if self.cuda_graphs is not None:
             self.use_cuda_graphs(self.wte.weight.device.type == "cuda")

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench import pass_ms  # noqa: E402
-from gpt2_model import GPT2  # noqa: E402
+from gpt2_model import GPT2, PackedWeight  # noqa: E402
 from speculative import autoregressive_sample, speculative_sample  # noqa: E402
 from speculative_gpt2.cli import DEFAULT_PROMPT  # noqa: E402
 from speculative_gpt2.drafters import PromptLookupDrafter  # noqa: E402
@@ -58,7 +58,17 @@ def in_out(model: GPT2) -> GPT2:
     return model
 
 
-LAYOUTS = {"F.linear": unprepared, "prepare()": lambda m: unprepared(m).prepare(), "[in, out] (before)": in_out}
+def packed_for_one_row(model: GPT2) -> GPT2:
+    """`prepare()`'s copies, but packed for 1-row products (oneDNN's other blocked layout) instead of PACK_ROWS."""
+    unprepared(model)
+    for module in [model.wte] + [m for m in model.modules() if isinstance(m, nn.Linear)]:
+        w = module.weight.detach()
+        module.packed = PackedWeight(torch.ops.mkldnn._reorder_linear_weight(w, 1), w)
+    return model
+
+
+LAYOUTS = {"F.linear": unprepared, "prepare()": lambda m: unprepared(m).prepare(), "[in, out] (before)": in_out,
+           "oneDNN packed for 1 row": packed_for_one_row}
 BASELINE = "prepare()"  # the end-to-end speedups are against plain decoding in this layout
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from speculative_gpt2.checkpoints import ENV_WEIGHTS, DownloadError, default_weights_dir, find_checkpoint, preset_of
-from gpt2_model import GPT2, PRESETS, checkpoint_config, padded_rows, write_atomically
+from gpt2_model import GPT2, PRESETS, OutOfMemory, checkpoint_config, padded_rows, write_atomically
 from speculative_gpt2.drafters import PromptLookupDrafter
 from speculative_gpt2.hardware import DTYPES, dtype_name, hardware_name, resolve_device, resolve_dtype
 from speculative_gpt2.lookahead import AdaptiveLookahead, break_even_alpha, estimated_alpha, predicted_speedup
@@ -281,9 +281,12 @@ def _run(args) -> int:
     for role in folders:
         print(f"Loading {role} {printable(names[role])} ({dtype_name(dtype)}, {device}) ...", file=sys.stderr)
         started = time.perf_counter()
-        # found above: already here; prepare(): the fast weight copies (CPU float32), made before any clock starts
         models[role] = GPT2.from_pretrained(names[role], weights_dir=args.weights_dir, dtype=dtype, device=device,
-                                            download=False).prepare()
+                                            download=False)  # found above: already here
+        try:  # the fast weight copies (CPU float32), made before any clock starts
+            models[role].prepare()
+        except OutOfMemory as e:  # the model still runs, on F.linear
+            print(f"{PROG}: note: {role}: {e}", file=sys.stderr)
         load_seconds[role] = time.perf_counter() - started
     target, draft = models["target"], models.get("draft")
     if args.cuda_graphs:  # on CUDA: checked before loading
@@ -317,12 +320,12 @@ def _run(args) -> int:
 
     rows = padded_rows(max_lookahead + 1)  # what exact mode pads every target pass to
 
-    def prepare(mode):
+    def exact_mode_for(mode):
         # Exact mode (GPT2.fixed_pass_rows) for the two runs whose texts are compared; plain NAIVE stays the fastest.
         target.fixed_pass_rows(rows if exact and mode in (EXACT, SPECULATIVE) else None)
 
     if args.prompts_file is not None:
-        return run_prompts_file(args, file_prompts, enc=enc, device=device, decode=decode, prepare=prepare,
+        return run_prompts_file(args, file_prompts, enc=enc, device=device, decode=decode, exact_mode_for=exact_mode_for,
                                 options=options, exact=exact, pass_rows=rows,
                                 setup=_setup_lines(args, models, load_seconds, device, dtype))
     titles = {UNCACHED: "Naive decoding without KV cache", NAIVE: "Naive decoding",
@@ -333,7 +336,7 @@ def _run(args) -> int:
                                  (SPECULATIVE, args.mode != "naive")) if wanted]
     results, warm_up_seconds = {}, {}
     for mode in modes:
-        prepare(mode)
+        exact_mode_for(mode)
         if mode != UNCACHED:  # recomputing everything, the uncached run has no warm-up worth the wait
             # Warm-up: the first passes pay for allocations, kernel selection and CUDA graph capture; reported, and
             # kept out of the timings.
@@ -571,11 +574,15 @@ def why_slower(spec: Generation, naive: Generation, *, auto: bool, dtype: torch.
     elif busy:
         lines = [f"why: measured {measured:.2f}x where these pass costs and alpha {alpha:.2f} predict "
                  f"{predicted:.2f}x: time went outside the passes (a busy machine, threads waiting for each other)"]
-    else:
+    elif spec.proposed < K * len(spec.rounds):
         lines = [f"why: measured {measured:.2f}x where alpha {alpha:.2f} with K={K} drafts in every round would give "
                  f"{predicted:.2f}x: the drafter proposed {spec.proposed / len(spec.rounds):.2f} per round "
                  f"({len(spec.rounds) - len(drafted)} of {len(spec.rounds)} rounds none), "
                  f"{spec.tokens_per_target_call:.2f} tokens per target pass"]
+    else:
+        lines = [f"why: measured {measured:.2f}x where these pass costs and alpha {alpha:.2f} predict "
+                 f"{predicted:.2f}x: the rounds kept fewer drafts than alpha says on average "
+                 f"({spec.tokens_per_target_call:.2f} tokens per target pass)"]
     tries = [] if auto else ["--lookahead auto (it lowers K when drafts are rejected)"]
     if alpha < 0.5:
         tries.append("a draft that agrees more with the target (random weights never agree)")

@@ -121,8 +121,8 @@ class JsonLines:
             self.fd = None
 
 
-def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, decode, prepare, options: dict, exact: bool,
-                     pass_rows: int, setup: list[str]) -> int:
+def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, decode, exact_mode_for, options: dict,
+                     exact: bool, pass_rows: int, setup: list[str]) -> int:
     """Decodes `prompts` in batches of --batch-size, every mode of --mode on each batch (plain decoding first),
     and writes each prompt's JSON line as soon as its last run finishes it; then the summary on stderr. A failure
     or Ctrl-C keeps the lines written so far and says how many."""
@@ -135,7 +135,7 @@ def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, decode, pr
     warm_up_seconds, totals, done = {}, {mode: [0, 0.0] for mode in modes}, []  # totals: [tokens, seconds]
     for mode in modes:
         # The first passes pay for allocations and kernel selection: a short run on the first batch, not timed.
-        prepare(mode)
+        exact_mode_for(mode)
         started = time.perf_counter()
         decode(mode, [p.tokens for p in batches[0]], min(8, n), **options | {"temperature": 0.0, "eos_token_id": None})
         warm_up_seconds[mode] = time.perf_counter() - started
@@ -153,7 +153,7 @@ def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, decode, pr
         for batch in batches:
             results = {}  # this batch's earlier runs, by mode
             for mode in modes:
-                prepare(mode)
+                exact_mode_for(mode)
                 generator = torch.Generator(device).manual_seed(args.seed)  # every run of every batch: the same seed
                 started = time.perf_counter()
                 results[mode] = decode(mode, [p.tokens for p in batch], n, generator, **options,

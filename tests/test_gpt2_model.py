@@ -1,7 +1,9 @@
 """The from-scratch GPT-2 against `transformers` on the same weights, its KV cache, and its loader's errors."""
 
+import copy
 import gc
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from speculative_gpt2.checkpoints import find_checkpoint
-from gpt2_model import PACK_ROWS, GPT2, CheckpointError, GPT2Config, KVCache, linear, packed_weight
+import gpt2_model
+from gpt2_model import GPT2, CheckpointError, GPT2Config, KVCache, PackedWeight, linear, pack, packed_weight
 
 TOL = 1e-4  # fp32; the measured gap is about 1e-6
 
@@ -124,9 +127,9 @@ def test_prepare_changes_how_products_run_not_the_model(reference_folder, tmp_pa
     idx = torch.randint(0, 50257, (1, 20), generator=torch.Generator().manual_seed(4))
     assert model.prepare() is model
     assert _running_on_copies(model) == _weighted(model)
-    copies = [m.packed[0] for m in _weighted(model)]
+    copies = [m.packed.tensor for m in _weighted(model)]
     model.prepare()  # again: the copies are kept, not made anew
-    assert all(m.packed[0] is copy for m, copy in zip(_weighted(model), copies))
+    assert all(m.packed.tensor is kept for m, kept in zip(_weighted(model), copies))
     for k, v in model.state_dict().items():
         assert v.shape == state[k].shape and torch.equal(v, state[k]), k
     with torch.no_grad():  # 3, 1, 2 and 14 new tokens
@@ -146,8 +149,7 @@ def test_passes_run_on_the_copies_and_autograd_on_the_weights():
         expected = model(idx)
     c_fc = model.h[0].mlp.c_fc
     # Spoil one copy (zero weights, still current): passes outside autograd change, passes under it do not.
-    c_fc.packed = (torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(c_fc.weight.detach()), PACK_ROWS),
-                   c_fc.weight.data_ptr(), c_fc.weight._version)
+    c_fc.packed = PackedWeight(pack(torch.zeros_like(c_fc.weight.detach())), c_fc.weight)
     with torch.no_grad():
         assert not torch.allclose(model(idx), expected, atol=1e-3)
     logits = model(idx)  # autograd records: F.linear on the weights, which oneDNN's linear cannot differentiate
@@ -175,6 +177,51 @@ def test_a_stale_copy_is_never_used():
     assert all(getattr(m, "packed", None) is None for m in bf16.modules())
 
 
+@needs_onednn
+def test_a_prepared_model_copies_pickles_and_moves():
+    model = _tiny_model().prepare()
+    idx = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = model(idx)
+        twin = copy.deepcopy(model)  # new weights: the copies stay behind (a per-row drafter copy does this)
+        loaded = pickle.loads(pickle.dumps(model))
+        for other in (twin, loaded):
+            assert all(getattr(m, "packed", None) is None for m in other.modules())
+            torch.testing.assert_close(other(idx), expected, atol=1e-5, rtol=0)
+            assert _running_on_copies(other.prepare()) == _weighted(other)
+    assert model.to(torch.float32).cpu() is model and _running_on_copies(model) == _weighted(model)  # no move
+
+
+@needs_onednn
+def test_autocast_runs_in_its_own_dtype_not_on_the_copies():
+    model = _tiny_model().prepare()
+    idx = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(idx)
+        assert _running_on_copies(model) == []
+    assert logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("DefaultCPUAllocator: not enough memory: you tried "
+                                                               "to allocate 6400000000 bytes.")])
+@needs_onednn
+def test_running_out_of_memory_while_preparing_leaves_no_copies(monkeypatch, error):
+    model, made, real_pack = _tiny_model(), [], gpt2_model.pack
+
+    def pack_twice(weight):  # memory runs out at the third copy
+        if len(made) == 2:
+            raise error
+        made.append(weight)
+        return real_pack(weight)
+
+    monkeypatch.setattr(gpt2_model, "pack", pack_twice)
+    with pytest.raises(ValueError, match="out of memory while making the oneDNN copies .* runs without them"):
+        model.prepare()
+    assert len(made) == 2 and all(getattr(m, "packed", None) is None for m in model.modules())
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 97)  # still runs, on F.linear
+
+
 def test_prepare_inside_inference_mode_leaves_a_trainable_model():
     model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=11, n_positions=16))
     with torch.inference_mode():  # as inside speculative_sample and autoregressive_sample
@@ -190,7 +237,7 @@ def test_prepare_inside_inference_mode_leaves_a_trainable_model():
 def test_linear_on_a_copy_computes_what_f_linear_does():
     gen = torch.Generator().manual_seed(5)
     w, b = torch.randn(48, 32, generator=gen), torch.randn(48, generator=gen)
-    packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+    packed = pack(w)
     for shape in ((1, 1, 32), (1, 5, 32), (3, 2, 32), (40, 32)):
         x = torch.randn(*shape, generator=gen)
         expected = torch.nn.functional.linear(x, w, b)

@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+import gpt2_model
 from gpt2_model import GPT2, PRESETS, CheckpointError, GPT2Config, _TensorFile, expected_shapes, write_atomically
 from speculative import Generation, autoregressive_sample, speculative_sample
-from speculative_gpt2 import render
+from speculative_gpt2 import cli, render
 from speculative_gpt2.checkpoints import find_checkpoint
 from speculative_gpt2.hardware import resolve_device
 from speculative_gpt2.lookahead import AdaptiveLookahead, Round
@@ -367,6 +368,20 @@ def test_running_out_of_memory_while_loading_is_named_as_such(reference_folder, 
         with _TensorFile(reference_folder[0] / "model.safetensors") as tensors:
             tensors._read(no_memory)
     assert "delete" not in str(e.value)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN: the CLI makes no copies to run out on")
+def test_running_out_of_memory_for_the_weight_copies_runs_on_without_them(folders, monkeypatch, capsys):
+    def no_memory(weight):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 6400000000 bytes.")
+
+    monkeypatch.setattr(gpt2_model, "pack", no_memory)  # GPT2.prepare's copies: the CLI makes them for every model
+    status = cli.main(["--target", str(folders / "target"), "--draft", str(folders / "draft"), "--device", "cpu",
+                       "--dtype", "float32", "--max-new-tokens", "4", "--no-stream"])
+    err = capsys.readouterr().err
+    assert status == 0 and "Traceback" not in err
+    for role in ("target", "draft"):
+        assert f"note: {role}: out of memory while making the oneDNN copies of the weights" in err
 
 
 def test_threads_have_an_upper_bound(folders):
