@@ -163,10 +163,10 @@ class KVCache:
         self.lengths = [int(n) for n in lengths]
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` (out, in), float32 on CPU, copied into oneDNN's blocked layout for products of PACK_ROWS rows (any
+def pack(weight: torch.Tensor, rows: int = PACK_ROWS) -> torch.Tensor:
+    """`weight` (out, in), float32 on CPU, copied into oneDNN's blocked layout for products of `rows` rows (any
     number of rows runs on it): the opaque tensor `linear` takes as `packed`."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS)
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -301,7 +301,7 @@ class GPT2(nn.Module):
         memory once more (GPT-2 XL: 6.2 GB in float32) and seconds to make; calling again keeps them while the
         weights are unchanged. Elsewhere (CUDA, bfloat16, a build without oneDNN) nothing is copied.
         """
-        modules = [self.wte] + [m for m in self.modules() if isinstance(m, nn.Linear)]
+        modules = self.linear_modules()
         try:
             with torch.inference_mode(False), torch.no_grad():
                 for module in modules:
@@ -327,6 +327,10 @@ class GPT2(nn.Module):
                               "bfloat16") from None
         return self
 
+    def linear_modules(self) -> list[nn.Module]:
+        """The modules whose weight a matrix product reads: the tied LM head (`wte`) and every projection."""
+        return [self.wte] + [m for m in self.modules() if isinstance(m, nn.Linear)]
+
     def fixed_pass_rows(self, rows: int | None) -> GPT2:
         """Pads every cached pass of up to `rows` new tokens to one fixed number of rows, `rows` rounded up to a
         multiple of PASS_ROW_MULTIPLE (`model.pass_rows`); None turns it off. Returns the model.
@@ -342,7 +346,8 @@ class GPT2(nn.Module):
         same in both decoders) runs as it is. Padding rows go to cache slots past the new tokens: masked, then
         overwritten by the next pass (the cache has pass_rows - 1 extra slots, `new_cache`), never seen. Compared
         runs need the same weights too (`prepare` or not): they decide which kernel runs. The rounding to a
-        multiple of PASS_ROW_MULTIPLE is for MKL's float32 kernels (unprepared models), row-invariant only at some counts.
+        multiple of PASS_ROW_MULTIPLE is for MKL's float32 kernels (unprepared models), row-invariant only at some
+        counts.
 
         Like `prepare` and `use_cuda_graphs`, the choice of whoever owns the model; plain decoding pays for
         the padded rows (figures: docs/exact-dtype.md). Make caches after turning it on.

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench import pass_ms  # noqa: E402
-from gpt2_model import GPT2, PackedWeight  # noqa: E402
+from gpt2_model import GPT2, PackedWeight, pack  # noqa: E402
 from speculative import autoregressive_sample, speculative_sample  # noqa: E402
 from speculative_gpt2.cli import DEFAULT_PROMPT  # noqa: E402
 from speculative_gpt2.drafters import PromptLookupDrafter  # noqa: E402
@@ -40,7 +40,7 @@ from speculative_gpt2.tokenizer import load_tokenizer  # noqa: E402
 def unprepared(model: GPT2) -> GPT2:
     """Drops the copies `prepare()` made: every product through F.linear, on the weights [out, in] as loaded."""
     with torch.inference_mode(False), torch.no_grad():
-        for module in [model.wte] + [m for m in model.modules() if isinstance(m, nn.Linear)]:
+        for module in model.linear_modules():
             module.packed = None
             if not module.weight.is_contiguous():
                 module.weight = nn.Parameter(module.weight.detach().contiguous(), requires_grad=False)
@@ -52,7 +52,7 @@ def in_out(model: GPT2) -> GPT2:
     memory, except the contracting layers (the MLP's c_proj), which stay [out, in]. For 1-row passes only."""
     unprepared(model)
     with torch.inference_mode(False), torch.no_grad():
-        for module in [model.wte] + [m for m in model.modules() if isinstance(m, nn.Linear)]:
+        for module in model.linear_modules():
             if module.weight.shape[1] <= module.weight.shape[0]:
                 module.weight = nn.Parameter(module.weight.detach().t().contiguous().t(), requires_grad=False)
     return model
@@ -61,9 +61,9 @@ def in_out(model: GPT2) -> GPT2:
 def packed_for_one_row(model: GPT2) -> GPT2:
     """`prepare()`'s copies, but packed for 1-row products (oneDNN's other blocked layout) instead of PACK_ROWS."""
     unprepared(model)
-    for module in [model.wte] + [m for m in model.modules() if isinstance(m, nn.Linear)]:
+    for module in model.linear_modules():
         w = module.weight.detach()
-        module.packed = PackedWeight(torch.ops.mkldnn._reorder_linear_weight(w, 1), w)
+        module.packed = PackedWeight(pack(w, rows=1), w)
     return model
 
 

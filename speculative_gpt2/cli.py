@@ -325,8 +325,8 @@ def _run(args) -> int:
         target.fixed_pass_rows(rows if exact and mode in (EXACT, SPECULATIVE) else None)
 
     if args.prompts_file is not None:
-        return run_prompts_file(args, file_prompts, enc=enc, device=device, decode=decode, exact_mode_for=exact_mode_for,
-                                options=options, exact=exact, pass_rows=rows,
+        return run_prompts_file(args, file_prompts, enc=enc, device=device, decode=decode,
+                                exact_mode_for=exact_mode_for, options=options, exact=exact, pass_rows=rows,
                                 setup=_setup_lines(args, models, load_seconds, device, dtype))
     titles = {UNCACHED: "Naive decoding without KV cache", NAIVE: "Naive decoding",
               EXACT: f"Naive decoding, exact mode (every pass {rows} rows, as speculative sampling's)",

@@ -102,15 +102,10 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                   reason="this torch build has no oneDNN: prepare() copies nothing")
 
 
-def _weighted(model):
-    """Every module whose product can run on a oneDNN copy: the LM head (wte) and the projections."""
-    return [model.wte] + [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-
-
 def _running_on_copies(model):
     """The modules whose products run on a oneDNN copy now (GPT2.prepare), outside autograd."""
     with torch.no_grad():
-        return [m for m in _weighted(model) if packed_weight(m) is not None]
+        return [m for m in model.linear_modules() if packed_weight(m) is not None]
 
 
 def _tiny_model(seed=0):
@@ -126,10 +121,10 @@ def test_prepare_changes_how_products_run_not_the_model(reference_folder, tmp_pa
     state = {k: v.clone() for k, v in model.state_dict().items()}
     idx = torch.randint(0, 50257, (1, 20), generator=torch.Generator().manual_seed(4))
     assert model.prepare() is model
-    assert _running_on_copies(model) == _weighted(model)
-    copies = [m.packed.tensor for m in _weighted(model)]
+    assert _running_on_copies(model) == model.linear_modules()
+    copies = [m.packed.tensor for m in model.linear_modules()]
     model.prepare()  # again: the copies are kept, not made anew
-    assert all(m.packed.tensor is kept for m, kept in zip(_weighted(model), copies))
+    assert all(m.packed.tensor is kept for m, kept in zip(model.linear_modules(), copies))
     for k, v in model.state_dict().items():
         assert v.shape == state[k].shape and torch.equal(v, state[k]), k
     with torch.no_grad():  # 3, 1, 2 and 14 new tokens
@@ -188,8 +183,8 @@ def test_a_prepared_model_copies_pickles_and_moves():
         for other in (twin, loaded):
             assert all(getattr(m, "packed", None) is None for m in other.modules())
             torch.testing.assert_close(other(idx), expected, atol=1e-5, rtol=0)
-            assert _running_on_copies(other.prepare()) == _weighted(other)
-    assert model.to(torch.float32).cpu() is model and _running_on_copies(model) == _weighted(model)  # no move
+            assert _running_on_copies(other.prepare()) == other.linear_modules()
+    assert model.to(torch.float32).cpu() is model and _running_on_copies(model) == model.linear_modules()  # no move
 
 
 @needs_onednn
@@ -228,7 +223,7 @@ def test_prepare_inside_inference_mode_leaves_a_trainable_model():
         model.prepare()
     assert not any(p.is_inference() for p in model.parameters())
     if torch.backends.mkldnn.is_available():
-        assert _running_on_copies(model) == _weighted(model)
+        assert _running_on_copies(model) == model.linear_modules()
     model(torch.tensor([[1, 2, 3]])).sum().backward()
     assert model.h[0].mlp.c_fc.weight.grad is not None
 
