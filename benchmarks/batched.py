@@ -45,7 +45,7 @@ from gpt2_model import GPT2  # noqa: E402
 from speculative import autoregressive_sample, speculative_sample  # noqa: E402
 from speculative_gpt2.checkpoints import find_checkpoint  # noqa: E402
 from speculative_gpt2.drafters import PromptLookupDrafter  # noqa: E402
-from speculative_gpt2.hardware import (  # noqa: E402
+from speculative_gpt2.machine import (  # noqa: E402
     cpu_flags, dtype_name, hardware_name, resolve_device, resolve_dtype, synchronize)
 from speculative_gpt2.tokenizer import load_tokenizer  # noqa: E402
 

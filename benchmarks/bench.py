@@ -12,7 +12,7 @@ where a is the chance that one draft is kept, estimated as kept / (kept + reject
 
     python benchmarks/bench.py --random-weights             # GPT-2 XL / small shapes, random weights
     python benchmarks/bench.py --random-weights --quick     # a short look
-    python benchmarks/bench.py --drafts small ngram --before main   # drafters, and the small draft before / after
+    python benchmarks/bench.py --drafts small ngram   # drafters (before / after a change: benchmarks/before_after.py)
 
 The drafts: "small" (the draft model), "target itself" (with --random-weights: acceptance 1) and "ngram" (prompt
 lookup, speculative_gpt2/drafters.py), beside transformers' assisted generation and its own prompt lookup
@@ -39,10 +39,11 @@ from speculative_gpt2.random_checkpoint import write_random_checkpoint  # noqa: 
 from speculative_gpt2.checkpoints import default_weights_dir  # noqa: E402
 from speculative_gpt2.cli import DEFAULT_PROMPT  # noqa: E402
 from gpt2_model import GPT2  # noqa: E402
-from speculative_gpt2.hardware import dtype_name, hardware_name, resolve_device, resolve_dtype, synchronize  # noqa: E402
+from speculative_gpt2.machine import dtype_name, hardware_name, resolve_device, resolve_dtype, synchronize  # noqa: E402
 from speculative_gpt2.lookahead import AdaptiveLookahead, break_even_alpha, estimated_alpha, predicted_speedup  # noqa: E402
 from speculative import Origin, autoregressive_sample, speculative_sample  # noqa: E402
 from speculative_gpt2.drafters import PromptLookupDrafter  # noqa: E402
+from speculative_gpt2.packing import pack_linears  # noqa: E402
 from speculative_gpt2.tokenizer import load_tokenizer  # noqa: E402
 
 # The toyllm blog post ("Implementing LLM Speculative Sampling in Under 100 Lines of Code"): GPT-2 XL / small,
@@ -63,12 +64,11 @@ class Row:
     def name(self) -> str:
         if self.draft is None:
             return self.method
-        K = self.lookahead if self.lookahead is not None else "auto" if self.method in (SPECULATIVE, BEFORE) else None
+        K = self.lookahead if self.lookahead is not None else "auto" if self.method == SPECULATIVE else None
         return f"{self.method}, {self.draft}, " + (f"K={K}" if K is not None else "defaults")
 
 
 NAIVE, UNCACHED, SPECULATIVE = "naive (KV cache)", "naive (no cache)", "speculative"
-BEFORE = "speculative before"  # speculative.py of the --before commit, same models and drafts
 HF_GENERATE, HF_ASSISTED, HF_LOOKUP = "transformers generate", "transformers assisted", "transformers prompt lookup"
 DRAFTS = ("small", "target itself", "ngram")
 
@@ -141,8 +141,6 @@ def parse_args(argv=None):
     parser.add_argument("--no-auto", action="store_true", help="skip the K=auto rows")
     parser.add_argument("--skip", nargs="+", default=[], metavar="ROW",
                         help='rows not to run, by name, e.g. "transformers generate"')
-    parser.add_argument("--before", metavar="COMMIT", default=None,
-                        help="also run speculative.py as of this git commit with the small draft (before / after)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 (default) is greedy; > 0 samples, every run from the same seed (no transformers rows)")
     parser.add_argument("--quick", action="store_true", help="32 tokens, K in {2, 4}, 1 repetition")
@@ -190,10 +188,12 @@ def run(args) -> dict:
     dtype = resolve_dtype(args.dtype, device)
     target_path, draft_path = checkpoint_folders(args)
     load = dict(weights_dir=args.weights_dir, dtype=dtype, device=device)
-    # prepare(): the fast weight copies (CPU float32), made once, before any clock starts.
-    target, small = (GPT2.from_pretrained(path, **load).prepare() for path in (target_path, draft_path))
+    # Packed weights (CPU float32), made once, before any clock starts; CUDA graphs through runners.
+    target, small = (pack_linears(GPT2.from_pretrained(path, **load)) for path in (target_path, draft_path))
     if args.cuda_graphs:
-        target.use_cuda_graphs(), small.use_cuda_graphs()
+        from speculative_gpt2.cuda_graphs import CUDAGraphRunner
+
+        target, small = CUDAGraphRunner(target), CUDAGraphRunner(small)
     lookup = partial(PromptLookupDrafter, args.ngram_max, args.ngram_min)
     drafts = {name: {"small": small, "target itself": target, "ngram": lookup}[name] for name in args.drafts}
     prompt = load_tokenizer().encode(args.prompt)
@@ -211,17 +211,13 @@ def run(args) -> dict:
 
     def speculative(draft, K, sampler=speculative_sample):
         policy = AdaptiveLookahead() if K is None else K  # a fresh policy for every run
-        draft = draft if isinstance(draft, GPT2) else draft()  # a fresh lookup drafter too
+        draft = draft() if isinstance(draft, partial) else draft  # a fresh lookup drafter too
         return _ours(sampler(target, draft, prompt, n, lookahead=policy, **sampling, **seeded()))
 
     rows = {Row(NAIVE): naive}
     for draft_name, draft in drafts.items():
         for K in [*Ks, *auto]:
             rows[Row(SPECULATIVE, draft_name, K)] = partial(speculative, draft, K)
-    if args.before is not None:
-        before = _speculative_before(args.before).speculative_sample
-        for K in [*Ks, *auto]:
-            rows[Row(BEFORE, "small", K)] = partial(speculative, small, K, before)
     if not args.no_transformers:
         rows.update(_transformers_rows(target_path, draft_path, drafts, Ks, auto, prompt, n, dtype, device,
                                        args.ngram_max))
@@ -256,7 +252,7 @@ def run(args) -> dict:
             "dtype": dtype_name(dtype), "device": str(device), "torch": torch.__version__,
             "hardware": hardware_name(device), "prompt": args.prompt, "prompt_tokens": len(prompt),
             "max_new_tokens": n, "lookahead": Ks, "repeats": args.repeats, "cuda_graphs": args.cuda_graphs,
-            "temperature": args.temperature, "ngram": [args.ngram_max, args.ngram_min], "before": args.before,
+            "temperature": args.temperature, "ngram": [args.ngram_max, args.ngram_min],
             "command": "python benchmarks/bench.py " + " ".join(sys.argv[1:]),
         },
         "raw_costs": raw_costs,
@@ -280,23 +276,6 @@ def _ours(out) -> dict:
     return {"seconds": out.seconds, "tokens": out.tokens, "accepted": out.accepted, "proposed": out.proposed,
             "rejections": out.origins.count(Origin.RESAMPLED), "lookahead_per_round": out.lookahead_per_round,
             "rounds": len(out.accepted_per_round) if out.draft_calls else None}
-
-
-def _speculative_before(commit: str):
-    """speculative.py as of `commit`, imported under another name beside today's (the same gpt2_model)."""
-    import importlib.util
-    import subprocess
-    import tempfile
-
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:speculative.py"], check=True,
-                            capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "speculative_before.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("speculative_before", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _transformers_rows(target_path, draft_path, drafts, Ks, auto, prompt, n, dtype, device, ngram_max) -> dict:
@@ -364,7 +343,7 @@ def derive(results: dict) -> list[dict]:
                "speedup": naive / seconds, "acceptance": None, "alpha": None, "tokens_per_round": None,
                "predicted": None, "break_even": None, "efficiency": None, "identical": r["identical"],
                "first_difference": r["first_difference"]}
-        if r["method"] in (SPECULATIVE, BEFORE):
+        if r["method"] == SPECULATIVE:
             row["acceptance"] = r["accepted"] / r["proposed"] if r["proposed"] else None
             row["alpha"] = estimated_alpha(r["accepted"], r["rejections"])
             row["tokens_per_round"] = len(r["tokens"]) / len(r["lookahead_per_round"])

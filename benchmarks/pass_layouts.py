@@ -1,16 +1,15 @@
-"""The target's weights unprepared (F.linear) and prepared (`GPT2.prepare`: oneDNN copies on CPU in float32), per
-pass and end to end where nothing repeats (issue 17), in one process.
+"""The target's weights unpacked (F.linear) and packed for oneDNN (`pack_linears`, CPU float32), per pass and end to
+end where nothing repeats, in one process.
 
 Per pass: the median time of a cached pass of 1, 5 and 9 new tokens (plain decoding; verification at K = 4 and 8)
-in each, interleaved. Until 2 December 2026 the layouts were "[out, in]", `prepare_for(1)` and `prepare_for(2)`
-(weights transposed in memory, docs/bench-drafters.md); oneDNN's copies replaced them. "[in, out] (before)" is
-`prepare_for(1)`'s, the fastest 1-row pass before them (its few-row passes are not the old code's: time 1 row).
+in each, interleaved. "packed for 1 row" is oneDNN's other blocked layout (`pack(w, rows=1)`), which serves 1-row
+products only about as well and few-row ones worse (docs/bench-drafters.md, "oneDNN").
 
 End to end, where nothing repeats: temperature 1, seed 0, so that the random target's nearly flat distribution
 gives text without a repeated token (checked: the lookup proposes nothing in any round). Rows, interleaved: plain
-decoding and prompt lookup (K = 4), each with the target in each layout; speedups against prepared plain decoding.
+decoding and prompt lookup (K = 4), each with the target in each layout; speedups against packed plain decoding.
 
-    python benchmarks/pass_layouts.py --target /work/ckpt/random-gpt2-xl --dtype float32
+    python benchmarks/pass_layouts.py --target weights/random-gpt2-xl --dtype float32
 """
 
 from __future__ import annotations
@@ -23,60 +22,47 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench import pass_ms  # noqa: E402
-from gpt2_model import GPT2, PackedWeight, pack  # noqa: E402
+from gpt2_model import GPT2  # noqa: E402
+from speculative_gpt2 import packing  # noqa: E402
+from speculative_gpt2.packing import pack_linears, unpack_linears  # noqa: E402
 from speculative import autoregressive_sample, speculative_sample  # noqa: E402
 from speculative_gpt2.cli import DEFAULT_PROMPT  # noqa: E402
 from speculative_gpt2.drafters import PromptLookupDrafter  # noqa: E402
-from speculative_gpt2.hardware import hardware_name  # noqa: E402
+from speculative_gpt2.machine import hardware_name  # noqa: E402
 from speculative_gpt2.tokenizer import load_tokenizer  # noqa: E402
 
 
-def unprepared(model: GPT2) -> GPT2:
-    """Drops the copies `prepare()` made: every product through F.linear, on the weights [out, in] as loaded."""
-    with torch.inference_mode(False), torch.no_grad():
-        for module in model.linear_modules():
-            module.packed = None
-            if not module.weight.is_contiguous():
-                module.weight = nn.Parameter(module.weight.detach().contiguous(), requires_grad=False)
-    return model
+def unpacked(model: GPT2) -> GPT2:
+    """Every product through F.linear, on the weights [out, in]."""
+    return unpack_linears(model)
 
 
-def in_out(model: GPT2) -> GPT2:
-    """Plain decoding's layout before `prepare()` (`prepare_for(1)` until 2 December 2026): F.linear on [in, out]
-    memory, except the contracting layers (the MLP's c_proj), which stay [out, in]. For 1-row passes only."""
-    unprepared(model)
-    with torch.inference_mode(False), torch.no_grad():
-        for module in model.linear_modules():
-            if module.weight.shape[1] <= module.weight.shape[0]:
-                module.weight = nn.Parameter(module.weight.detach().t().contiguous().t(), requires_grad=False)
-    return model
+def packed_for_rows(rows: int):
+    def lay_out(model: GPT2) -> GPT2:
+        unpack_linears(model)
+        packing.PACK_ROWS, default = rows, packing.PACK_ROWS
+        try:
+            return pack_linears(model)
+        finally:
+            packing.PACK_ROWS = default
+    return lay_out
 
 
-def packed_for_one_row(model: GPT2) -> GPT2:
-    """`prepare()`'s copies, but packed for 1-row products (oneDNN's other blocked layout) instead of PACK_ROWS."""
-    unprepared(model)
-    for module in model.linear_modules():
-        w = module.weight.detach()
-        module.packed = PackedWeight(pack(w, rows=1), w)
-    return model
-
-
-LAYOUTS = {"F.linear": unprepared, "prepare()": lambda m: unprepared(m).prepare(), "[in, out] (before)": in_out,
-           "oneDNN packed for 1 row": packed_for_one_row}
-BASELINE = "prepare()"  # the end-to-end speedups are against plain decoding in this layout
+LAYOUTS = {"F.linear": unpacked, "pack_linears": packed_for_rows(packing.PACK_ROWS),
+           "packed for 1 row": packed_for_rows(1)}
+BASELINE = "pack_linears"  # the end-to-end speedups are against plain decoding in this layout
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="/work/ckpt/random-gpt2-xl")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--layouts", nargs="+", default=["F.linear", "prepare()"], choices=list(LAYOUTS),
+    parser.add_argument("--layouts", nargs="+", default=["F.linear", "pack_linears"], choices=list(LAYOUTS),
                         help="the target's layouts to time, per pass and (for prompt lookup) end to end")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 5, 9])
     parser.add_argument("--pass-repeats", type=int, default=5, help="timed passes per layout and row count")

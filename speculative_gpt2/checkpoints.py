@@ -29,9 +29,19 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from gpt2_model import (PRESETS, CheckpointError, GPT2Config, checkpoint_config, checkpoint_files, describe, same_shape,
-                        write_atomically)
+from speculative_gpt2.errors import CheckpointError
+from speculative_gpt2.files import write_atomically
+from speculative_gpt2.state_dict import CONFIG_DEFAULTS, checkpoint_files, describe, read_config
+from speculative_gpt2.text import printable
 
+# name: (n_layer, n_head, n_embd); parameter counts with the tied LM head.
+PRESETS = {
+    "distilgpt2": (6, 12, 768),  # 82M
+    "gpt2": (12, 12, 768),  # 124M
+    "gpt2-medium": (24, 16, 1024),  # 355M
+    "gpt2-large": (36, 20, 1280),  # 774M
+    "gpt2-xl": (48, 25, 1600),  # 1558M
+}
 ENV_WEIGHTS = "SPECULATIVE_GPT2_WEIGHTS"
 HUB_REPOS = {
     "distilgpt2": "distilbert/distilgpt2",
@@ -96,6 +106,21 @@ def _find_preset(name: str, weights_dir, allow_download: bool) -> Path:
     return check_preset_folder(download(name, weights_dir), name)
 
 
+def checkpoint_config(folder: Path, preset: str | None = None) -> dict:
+    """The config fields of the checkpoint in `folder`: its config.json, or the preset's when it has none."""
+    if (folder / "config.json").exists():
+        return read_config(folder / "config.json")
+    if preset in PRESETS:
+        return preset_config(preset)
+    raise ValueError(f"{folder}: no config.json; add one (it says n_layer, n_head, n_embd)")
+
+
+def preset_config(name: str) -> dict:
+    """A preset's config fields (the rest are GPT-2's defaults)."""
+    n_layer, n_head, n_embd = PRESETS[name]
+    return CONFIG_DEFAULTS | {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd}
+
+
 def check_preset_folder(folder: Path, name: str) -> Path:
     """`folder` if it holds the preset as a download verified it; CheckpointError otherwise.
 
@@ -104,10 +129,10 @@ def check_preset_folder(folder: Path, name: str) -> Path:
     file against the hash the hub announced, with each file's size and modification time then; a file changed
     since, or a folder without the record, is refused, and the message says how to load it as a plain folder.
     """
-    config, want = checkpoint_config(folder, name), GPT2Config.from_name(name)
+    config, want = checkpoint_config(folder, name), preset_config(name)
     as_folder = (f"to load it anyway as an unverified checkpoint, pass its path (--target/--draft {folder}); to get "
                  f"the preset, move it elsewhere and run again")
-    if not same_shape(config, want):
+    if any(config[k] != want[k] for k in ("n_layer", "n_head", "n_embd")):
         raise CheckpointError(f"{folder} holds a model with {describe(config)}, not the preset {name} "
                               f"({describe(want)}): move it elsewhere and pass its folder instead")
     record = _read_record(folder)
@@ -398,8 +423,6 @@ if __name__ == "__main__":
     parser.add_argument("names", nargs="+", choices=list(HUB_REPOS), metavar="NAME", help=", ".join(HUB_REPOS))
     parser.add_argument("--weights-dir", default=str(default_weights_dir()), help=f"where checkpoints go (${ENV_WEIGHTS} sets it)")
     args = parser.parse_args()
-    from speculative_gpt2.render import printable  # paths and messages may hold characters a terminal acts on
-
     for preset in args.names:
         try:  # a copy already in weights/ or the Hugging Face cache is reported, not downloaded again
             print(printable(str(find_checkpoint(preset, weights_dir=args.weights_dir))))

@@ -4,7 +4,7 @@
 
 It loads both models, warms up, runs plain decoding with the target and then speculative sampling with the same
 seed, streaming each text, and prints a summary. When it compares the greedy texts (both decoders, temperature
-0) it also runs plain decoding in exact mode (`GPT2.fixed_pass_rows`: every target pass of the verification's
+0) it also runs plain decoding in exact mode (speculative_gpt2/exact.py: every target pass of the verification's
 shape), so that the texts are identical in every dtype; the speedup stays measured against the fastest plain
 decoding (1-row passes), and the summary says what exact mode cost it. Bad input, missing weights and failed downloads print one line
 and exit with status 2.
@@ -27,13 +27,21 @@ from pathlib import Path
 
 import torch
 
-from speculative_gpt2.checkpoints import ENV_WEIGHTS, DownloadError, default_weights_dir, find_checkpoint, preset_of
-from gpt2_model import GPT2, PRESETS, OutOfMemory, checkpoint_config, padded_rows, write_atomically
+from gpt2_model import GPT2, GPT2Config
+from speculative import autoregressive_sample, speculative_sample
+from speculative_gpt2.checkpoints import (ENV_WEIGHTS, PRESETS, DownloadError, checkpoint_config, default_weights_dir,
+                                          find_checkpoint, preset_of)
+from speculative_gpt2.checks import check_integer, check_real
 from speculative_gpt2.drafters import PromptLookupDrafter
-from speculative_gpt2.hardware import DTYPES, dtype_name, hardware_name, resolve_device, resolve_dtype
-from speculative_gpt2.lookahead import AdaptiveLookahead, break_even_alpha, estimated_alpha, predicted_speedup
-from speculative_gpt2.render import printable
-from speculative import Generation, Origin, autoregressive_sample, check_integer, check_real, speculative_sample
+from speculative_gpt2.errors import OutOfMemory
+from speculative_gpt2.exact import padded_rows
+from speculative_gpt2.files import write_atomically
+from speculative_gpt2.lookahead import AdaptiveLookahead
+from speculative_gpt2.machine import DTYPES, dtype_name, hardware_name, peak_memory, resolve_device, resolve_dtype
+from speculative_gpt2.packing import pack_linears
+from speculative_gpt2.records import Generation
+from speculative_gpt2.report import EXACT, NAIVE, SPECULATIVE, UNCACHED, cost_ratio, parted, why_slower
+from speculative_gpt2.text import printable
 from speculative_gpt2.tokenizer import load_tokenizer
 
 # The name errors and --help go by: the script a checkout runs, or the installed console command.
@@ -240,8 +248,6 @@ def _quiet_exit_after_broken_pipe() -> int:
     return 141
 
 
-# The runs, in the order they are made; EXACT is plain decoding in the passes speculative sampling is compared in.
-NAIVE, UNCACHED, EXACT, SPECULATIVE = "naive", "uncached", "exact", "speculative"
 # The adaptive lookahead's largest K in exact mode: every target pass is padded to K + 1 rows (rounded up to 8).
 EXACT_MAX_LOOKAHEAD = 7
 
@@ -272,7 +278,7 @@ def _run(args) -> int:
     for role, name in names.items():
         try:
             folders[role] = find_checkpoint(name, weights_dir=args.weights_dir, allow_download=not args.no_download)
-            config = checkpoint_config(folders[role], preset_of(name))
+            config = GPT2Config(**checkpoint_config(folders[role], preset_of(name)))
         except (ValueError, DownloadError) as e:
             raise type(e)(f"--{role} {name}: {e}") from None
         for tokens, where, shorten in checked:
@@ -283,15 +289,16 @@ def _run(args) -> int:
         started = time.perf_counter()
         models[role] = GPT2.from_pretrained(names[role], weights_dir=args.weights_dir, dtype=dtype, device=device,
                                             download=False)  # found above: already here
-        try:  # the fast weight copies (CPU float32), made before any clock starts
-            models[role].prepare()
-        except OutOfMemory as e:  # the model still runs, on F.linear
+        try:  # oneDNN's packed weights (CPU float32), made before any clock starts
+            pack_linears(models[role])
+        except OutOfMemory as e:  # the model still runs, unpacked
             print(f"{PROG}: note: {role}: {e}", file=sys.stderr)
         load_seconds[role] = time.perf_counter() - started
+    if args.cuda_graphs:  # on CUDA (checked before loading): the samplers run the models through graph runners
+        from speculative_gpt2.cuda_graphs import CUDAGraphRunner
+
+        models = {role: CUDAGraphRunner(model) for role, model in models.items()}
     target, draft = models["target"], models.get("draft")
-    if args.cuda_graphs:  # on CUDA: checked before loading
-        for model in models.values():
-            model.use_cuda_graphs()
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    eos_token_id=None if args.ignore_eos else enc.eot_token)
     n = args.max_new_tokens
@@ -311,22 +318,20 @@ def _run(args) -> int:
     def drafter():  # a fresh lookup drafter for every call, as for the policy
         return PromptLookupDrafter(args.ngram_max, args.ngram_min) if lookup else draft
 
-    def decode(mode, prompt, max_new_tokens, generator=None, **options):  # options: sampling and callbacks
-        if mode == SPECULATIVE:
-            return speculative_sample(target, drafter(), prompt, max_new_tokens, lookahead=lookahead(),
-                                      generator=generator, trace=args.trace is not None, **options)
-        return autoregressive_sample(target, prompt, max_new_tokens, use_cache=mode != UNCACHED, generator=generator,
-                                     **options)
-
     rows = padded_rows(max_lookahead + 1)  # what exact mode pads every target pass to
 
-    def exact_mode_for(mode):
-        # Exact mode (GPT2.fixed_pass_rows) for the two runs whose texts are compared; plain NAIVE stays the fastest.
-        target.fixed_pass_rows(rows if exact and mode in (EXACT, SPECULATIVE) else None)
+    def decode(mode, prompt, max_new_tokens, generator=None, **options):  # options: sampling and callbacks
+        # Exact mode for the two runs whose texts are compared; plain NAIVE stays the fastest (1-row passes).
+        fixed = rows if exact and mode in (EXACT, SPECULATIVE) else None
+        if mode == SPECULATIVE:
+            return speculative_sample(target, drafter(), prompt, max_new_tokens, lookahead=lookahead(), exact=fixed,
+                                      generator=generator, trace=args.trace is not None, **options)
+        return autoregressive_sample(target, prompt, max_new_tokens, use_cache=mode != UNCACHED, generator=generator,
+                                     exact=fixed, **options)
 
     if args.prompts_file is not None:
-        return run_prompts_file(args, file_prompts, enc=enc, device=device, decode=decode,
-                                exact_mode_for=exact_mode_for, options=options, exact=exact, pass_rows=rows,
+        return run_prompts_file(args, file_prompts, enc=enc, device=device, decode=decode, options=options,
+                                exact=exact, pass_rows=rows,
                                 setup=_setup_lines(args, models, load_seconds, device, dtype))
     titles = {UNCACHED: "Naive decoding without KV cache", NAIVE: "Naive decoding",
               EXACT: f"Naive decoding, exact mode (every pass {rows} rows, as speculative sampling's)",
@@ -336,7 +341,6 @@ def _run(args) -> int:
                                  (SPECULATIVE, args.mode != "naive")) if wanted]
     results, warm_up_seconds = {}, {}
     for mode in modes:
-        exact_mode_for(mode)
         if mode != UNCACHED:  # recomputing everything, the uncached run has no warm-up worth the wait
             # Warm-up: the first passes pay for allocations, kernel selection and CUDA graph capture; reported, and
             # kept out of the timings.
@@ -347,7 +351,7 @@ def _run(args) -> int:
         # Every run streams, or none does: writing to the terminal is part of what is timed.
         results[mode] = _run_and_show(titles[mode], partial(decode, mode, prompt, n, generator, **options), prompt,
                                       enc, n, stream=not args.no_stream)
-    _print_summary(args, results, models, load_seconds, warm_up_seconds, device, dtype)
+    _print_summary(args, results, models, load_seconds, warm_up_seconds, device, dtype, rows)
     if args.show_acceptance:
         _show_acceptance(args, results.get(SPECULATIVE), enc, prompt)
     if args.trace is not None:
@@ -462,7 +466,7 @@ def _show_acceptance(args, spec: Generation | None, enc, prompt: list[int]) -> N
 
 
 def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2], load_seconds: dict[str, float],
-                   warm_up_seconds: dict[str, float], device, dtype) -> None:
+                   warm_up_seconds: dict[str, float], device, dtype, rows: int) -> None:
     naive, uncached, spec = results.get(NAIVE), results.get(UNCACHED), results.get(SPECULATIVE)
     exact = results.get(EXACT)
     print("\n=== Summary ===")
@@ -481,7 +485,7 @@ def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2]
             print(f"{name}: prefill {1e3 * out.prefill_seconds:.0f} ms, decode {out.decode_tokens_per_second:.2f} "
                   f"tokens/s; {passes}")
     if exact is not None and naive is not None:
-        print(f"exact mode (every target pass {models['target'].pass_rows} rows, so that the texts compare equal in any "
+        print(f"exact mode (every target pass {rows} rows, so that the texts compare equal in any "
               f"dtype) cost plain decoding {naive.tokens_per_second / exact.tokens_per_second:.2f}x its time; "
               f"speedups below are over the fastest plain decoding (1-row passes)")
     if spec is not None:
@@ -505,19 +509,19 @@ def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2]
         if naive is not None:
             for line in why_slower(spec, naive, auto=args.lookahead == "auto", dtype=dtype, device=device):
                 print(line)
-    print(f"peak memory: {_peak_memory(device)}")
+    print(f"peak memory: {peak_memory(device)}")
     reference = exact or naive  # at temperature 0, what the speculative text must equal token for token
     if spec is not None and reference is not None:
         if args.temperature == 0 and spec.tokens == reference.tokens:
             print("identical outputs: yes")
         elif args.temperature == 0:
-            print(f"identical outputs: no, from new token {_parted(spec.tokens, reference.tokens)}: in exact mode "
+            print(f"identical outputs: no, from new token {parted(spec.tokens, reference.tokens)}: in exact mode "
                   f"this platform breaks its premise (run tests/test_exact_dtype.py)")
         else:
             print("identical outputs: not expected at temperature > 0 (both are samples from the target)")
     if exact is not None and naive is not None and args.temperature == 0 and naive.tokens != exact.tokens:
-        print(f"plain decoding in 1-row passes parted from new token {_parted(naive.tokens, exact.tokens)}: in "
-              f"{dtype_name(dtype)}, 1-row and {models['target'].pass_rows}-row passes round differently and a "
+        print(f"plain decoding in 1-row passes parted from new token {parted(naive.tokens, exact.tokens)}: in "
+              f"{dtype_name(dtype)}, 1-row and {rows}-row passes round differently and a "
               f"near-tie flipped (why exact mode exists)")
 
 
@@ -525,7 +529,7 @@ def _setup_lines(args, models: dict[str, GPT2], load_seconds: dict[str, float], 
     """The summary's first lines: the models, where they came from, and what they run on."""
     lines = []
     for role, model in models.items():
-        name, folder = getattr(args, role), model.checkpoint_folder
+        name, folder = getattr(args, role), getattr(model, 'model', model).checkpoint_folder
         where = "" if Path(name) == folder else f" from {folder}"  # a preset: the folder or cache snapshot used
         lines.append(printable(f"{role}: {name}{where}, loaded in {load_seconds[role]:.1f} s"))
     if args.draft == NGRAM and args.mode != "naive":
@@ -536,76 +540,3 @@ def _setup_lines(args, models: dict[str, GPT2], load_seconds: dict[str, float], 
     hardware = hardware_name(device).split(",")[0]
     lines.append(f"dtype: {dtype_name(dtype)}, device: {device} ({hardware}{threads}){graphs}")
     return lines
-
-
-def _parted(tokens: list[int], other: list[int]) -> int:
-    """The index of the first new token where two outputs differ."""
-    return next((i for i, (a, b) in enumerate(zip(tokens, other)) if a != b), min(len(tokens), len(other)))
-
-
-def why_slower(spec: Generation, naive: Generation, *, auto: bool, dtype: torch.dtype, device) -> list[str]:
-    """When speculative sampling was slower than plain decoding, or well below what its measured pass costs
-    predict, one or two lines that say why from the measured figures, and what to try; otherwise none."""
-    drafted = [r for r in spec.rounds if r.lookahead > 0]
-    if not drafted or naive.target_calls == 0:
-        return []
-    measured = spec.tokens_per_second / naive.tokens_per_second
-    K = round(sum(r.lookahead for r in drafted) / len(drafted))
-    t_target = 1e3 * (naive.seconds - naive.prefill_seconds) / naive.target_calls  # a 1-row pass, in the loop
-    t_draft = sum(r.draft_ms for r in drafted) / sum(r.lookahead for r in drafted)
-    t_verify = sum(r.verify_ms for r in drafted) / len(drafted)
-    alpha = estimated_alpha(spec.accepted, spec.origins.count(Origin.RESAMPLED))
-    predicted = predicted_speedup(alpha, K, t_draft, t_verify, t_target)
-    if measured >= 1 and measured >= 0.8 * predicted:
-        return []
-    need = break_even_alpha(K, t_draft, t_verify, t_target)
-    costs = (f"at K={K} a round costs {K} draft passes ({t_draft / t_target:.2f} of a target pass each) and a "
-             f"{K + 1}-token verification ({t_verify / t_target:.2f} target passes)")
-    # The prediction assumes K drafts in every round; a drafter may propose fewer, or none (prompt lookup without a
-    # match). Only time that the rounds' passes do not account for is blamed on the machine.
-    decode_seconds = spec.seconds - spec.prefill_seconds
-    busy = decode_seconds - sum(r.draft_ms + r.verify_ms for r in spec.rounds) / 1e3 > 0.2 * decode_seconds
-    if need is None:
-        lines = [f"why: {costs}: that is more than the {K + 1} plain passes a round can save, so no acceptance "
-                 f"rate breaks even (measured alpha {alpha:.2f})"]
-    elif alpha < need:
-        lines = [f"why: {costs}: breaking even needs each draft kept with probability alpha >= {need:.2f}; "
-                 f"measured alpha {alpha:.2f}"]
-    elif busy:
-        lines = [f"why: measured {measured:.2f}x where these pass costs and alpha {alpha:.2f} predict "
-                 f"{predicted:.2f}x: time went outside the passes (a busy machine, threads waiting for each other)"]
-    elif spec.proposed < K * len(spec.rounds):
-        lines = [f"why: measured {measured:.2f}x where alpha {alpha:.2f} with K={K} drafts in every round would give "
-                 f"{predicted:.2f}x: the drafter proposed {spec.proposed / len(spec.rounds):.2f} per round "
-                 f"({len(spec.rounds) - len(drafted)} of {len(spec.rounds)} rounds none), "
-                 f"{spec.tokens_per_target_call:.2f} tokens per target pass"]
-    else:
-        lines = [f"why: measured {measured:.2f}x where these pass costs and alpha {alpha:.2f} predict "
-                 f"{predicted:.2f}x: the rounds kept fewer drafts than alpha says on average "
-                 f"({spec.tokens_per_target_call:.2f} tokens per target pass)"]
-    tries = [] if auto else ["--lookahead auto (it lowers K when drafts are rejected)"]
-    if alpha < 0.5:
-        tries.append("a draft that agrees more with the target (random weights never agree)")
-    if dtype != torch.bfloat16 and resolve_dtype("auto", device) == torch.bfloat16:
-        tries.append("--dtype bfloat16 (native on this hardware: cheaper passes)")
-    if need is not None and alpha >= need and busy:
-        tries.append("--threads with the number of idle cores")
-    return lines + ([f"try: {'; '.join(tries)}"] if tries else [])
-
-
-def cost_ratio(target: GPT2, draft: GPT2 | None) -> float:
-    """c, a draft pass's cost in target passes, taken as the ratio of parameter counts: decoding reads every
-    weight once per pass. A number of the models, not a measurement, so a run's K sequence can be reproduced.
-    Without a draft model (prompt lookup) it is 0: a lookup reads no weights."""
-    if draft is None:
-        return 0.0
-    return sum(p.numel() for p in draft.parameters()) / sum(p.numel() for p in target.parameters())
-
-
-def _peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on {device}"
-    import resource
-
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return f"{kib / 2**20:.2f} GiB resident (RSS)"

@@ -1,15 +1,14 @@
 """CUDA graphs for the cached passes of decoding: captured once per (cache buffers, new tokens), then replayed.
 
 Eager decoding on a GPU is bound by the CPU launching the hundreds of small kernels of a pass (GPT-2 XL: about
-600); a captured graph launches them all at once. With `model.use_cuda_graphs()`, `GPT2.forward` replays a graph
-for every cached pass of at most gpt2_model.MAX_GRAPHED_ROWS new tokens (draft passes, verification, plain decoding); under
-`model.fixed_pass_rows(n)` every such pass has n rows, so one graph serves them all; longer passes
-(a long prompt's prefill) and passes without a cache stay eager. The static-shape cache (gpt2_model.KVCache) is
-what makes this possible: a pass of T tokens has the same shapes wherever it is in the sequence, its positions
-live in a device tensor, and nothing on the host decides a shape.
+600); a captured graph launches them all at once. `CUDAGraphRunner(model)` wraps a model on a CUDA device and is
+passed to the samplers in its place: it replays a graph for every cached pass of at most MAX_GRAPHED_ROWS new
+tokens (draft passes, verification, plain decoding; in exact mode every such pass has the same rows, so one graph
+serves them all); longer passes (a long prompt's prefill) and passes without a cache run eagerly. The static-shape
+cache (gpt2_model.KVCache) is what makes this possible: a pass of T tokens has the same shapes wherever it is in
+the sequence, its positions live in a device tensor, and nothing on the host decides a shape.
 
-Graphs also record the weights' addresses: moving or converting the model (`.to`, `.half`) captures anew
-(GPT2._apply), but weights replaced by hand (`load_state_dict(assign=True)`) need `use_cuda_graphs()` again.
+Graphs record the weights' addresses: after moving, converting or reloading the model, make a new runner.
 
 Memory, kept until `model.use_cuda_graphs(False)` or the model is dropped: every graph's static inputs and output
 logits (T, vocab), one pool of activations shared by all graphs of the model, and the cache buffers the graphs
@@ -24,7 +23,45 @@ import weakref
 
 import torch
 
+from gpt2_model import KVCache
+from speculative_gpt2.checks import check_integer
+
 BUCKET = 256  # cache lengths are rounded up to a multiple of this, so that calls of similar lengths share graphs
+MAX_GRAPHED_ROWS = 16  # passes of more new tokens (a long prefill) run eagerly
+
+
+class CUDAGraphRunner:
+    """A GPT2 on a CUDA device whose cached passes replay captured graphs; used by the samplers as the model is."""
+
+    def __init__(self, model):
+        if model.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {model.device}")
+        self.model, self.config, self.device, self.dtype = model, model.config, model.device, model.dtype
+        self.graphs = CUDAGraphs(model.device)
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None, room: int = 0):
+        """As GPT2.new_cache, on recycled buffers, so that the next call replays this call's graphs."""
+        check_integer("batch_size", batch_size, minimum=1)
+        n = self.config.n_positions
+        max_len = check_integer("max_len", max_len or n, 1, n) + check_integer("room", room, 0)
+        return self.graphs.new_cache(KVCache, self.config, batch_size, max_len, self.dtype)
+
+    def positions(self, idx: torch.Tensor, cache, rows: int | None = None) -> torch.Tensor:
+        return self.model.positions(idx, cache, rows)
+
+    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        if cache is None or idx.shape[1] > MAX_GRAPHED_ROWS or torch.is_grad_enabled():
+            return self.model.forward_at(idx, positions, cache)
+        return self.graphs.run(self.model, idx, positions, cache)
+
+    def __call__(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
+        logits = self.forward_at(idx, self.positions(idx, cache), cache)
+        if cache is not None:
+            cache.lengths = [n + idx.shape[1] for n in cache.lengths]
+        return logits
+
+    def parameters(self):
+        return self.model.parameters()
 
 
 class CUDAGraphs:

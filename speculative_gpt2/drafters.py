@@ -9,9 +9,9 @@ and a rejected one is replaced from norm(max(0, q - p)), which is q without x. A
 target's greedy output whatever the drafter proposes.
 
 `PromptLookupDrafter` copies what followed the most recent earlier occurrence of the last n tokens (prompt lookup
-decoding). For a batch of prompts the sampler runs a copy of a drafter per row (`EachRow`). A draft model is the
-exception: `ModelDrafter` (what `speculative_sample(target, GPT2, ...)` makes) drafts for every row of a batch in
-one pass per draft step, so it speaks the samplers' batch protocol (`BatchDrafter`) directly.
+decoding). For a batch of prompts the sampler runs a copy of a drafter per row (`PerRowDrafters`). A draft model is the
+exception: `ModelDrafter` (speculative.py, beside the loop that uses it) drafts for every row of a batch in one pass
+per draft step, so it speaks the samplers' batch protocol (`BatchDrafter`) directly.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Protocol
 
 import torch
 
-from gpt2_model import GPT2, KVCache
+from speculative_gpt2.checks import check_integer
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class BatchProposal(NamedTuple):
 
 class BatchDrafter(Protocol):
     """What the samplers' loop talks to: one drafter for all the rows of a batch (a batch of one for one prompt).
-    `ModelDrafter` is one (a draft pass serves every row); `EachRow` makes one of per-row `Drafter`s."""
+    `ModelDrafter` is one (a draft pass serves every row); `PerRowDrafters` makes one of per-row `Drafter`s."""
 
     def start(self, prompts: list[torch.Tensor], max_len: int, sampling: Sampling) -> None:
         """A call begins with these prompts (n_b,), on the target's device; no row reaches past `max_len`."""
@@ -87,52 +87,7 @@ class BatchDrafter(Protocol):
         """What each row committed this round (None: the row has finished and will not be asked again)."""
 
 
-class ModelDrafter:
-    """A small GPT-2 samples K drafts autoregressively from p, for all rows at once, with its own KV cache.
-
-    Nothing to do at commit: before drafting, a row's cache is cut back to its committed tokens, and its pending
-    ones (committed, not yet in the cache: 1, or 2 after a round that kept every draft) are fed first; rows with
-    fewer pending tokens than others feed their last cached one again, so that the pass has one shape. Finished
-    rows are parked at position 0. Rolling back is an integer per row."""
-
-    def __init__(self, model: GPT2):
-        self.model = model
-        self.cache: KVCache | None = None
-
-    def start(self, prompts: list[torch.Tensor], max_len: int, sampling: Sampling) -> None:
-        self.sampling = sampling
-        self.cache = self.model.new_cache(len(prompts), max_len=max_len)
-        longest = max(len(p) for p in prompts) - 1
-        if longest > 0:  # every prompt minus its last token, which is then pending; shorter rows cropped after
-            ids = torch.stack([torch.cat([p, p.new_zeros(longest + 1 - len(p))]) for p in prompts])
-            self.model(ids[:, :longest], cache=self.cache)
-            self.cache.crop([len(p) - 1 for p in prompts])
-
-    def propose(self, ids: torch.Tensor, lengths: list[int], lookahead: int, active: list[bool]) -> BatchProposal:
-        cached = [min(c, n - 1) for c, n in zip(self.cache.lengths, lengths)]
-        T = max(n - c for n, c, a in zip(lengths, cached, active) if a)  # the most pending tokens of a row
-        starts = [n - T if a else 0 for n, a in zip(lengths, active)]
-        self.cache.crop(starts)
-        x = ids.gather(1, torch.tensor(starts, device=ids.device)[:, None] + torch.arange(T, device=ids.device))
-        drafts, p = [], []
-        for _ in range(lookahead):
-            p_i = self.sampling.process(self.model(x, cache=self.cache)[:, -1])  # (B, V)
-            x_i = self.sampling.draw(p_i)  # (B,)
-            drafts.append(x_i)
-            p.append(p_i)
-            x = x_i[:, None]
-        # The last draft is not fed back: it is pending for the next round, if it is kept.
-        counts = [lookahead if a else 0 for a in active]
-        return BatchProposal(torch.stack(drafts, 1), torch.stack(p, 1), counts, [None] * len(active))
-
-    def commit(self, new: list[list[int] | None]) -> None:
-        pass
-
-    def __repr__(self) -> str:
-        return f"ModelDrafter({self.model.config.n_layer} layers, {self.model.config.n_embd} wide)"
-
-
-class EachRow:
+class PerRowDrafters:
     """A batch drafter made of one `Drafter` per row: each proposes for its own row, in turn."""
 
     def __init__(self, drafters: list[Drafter]):
@@ -185,11 +140,8 @@ class PromptLookupDrafter:
     """
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
-        if isinstance(min_ngram, bool) or not isinstance(min_ngram, int) or min_ngram < 1:
-            raise ValueError(f"min_ngram must be an integer >= 1, got {min_ngram!r}")
-        if isinstance(max_ngram, bool) or not isinstance(max_ngram, int) or max_ngram < min_ngram:
-            raise ValueError(f"max_ngram must be an integer >= min_ngram ({min_ngram}), got {max_ngram!r}")
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.min_ngram = check_integer("min_ngram", min_ngram, minimum=1)
+        self.max_ngram = check_integer("max_ngram", max_ngram, minimum=self.min_ngram)
 
     def start(self, prompt: torch.Tensor, max_len: int, sampling: Sampling) -> None:
         self.vocab_size, self.device = sampling.vocab_size, prompt.device

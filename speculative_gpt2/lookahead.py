@@ -8,21 +8,10 @@ call to call: pass a new one for a fresh start. (transformers' candidate generat
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from numbers import Integral, Real
 from typing import Protocol
 
-
-@dataclass(frozen=True)
-class Round:
-    """One round of speculative sampling: `lookahead` drafts proposed (K), `kept` of them kept by the target,
-    and the measured milliseconds of the draft passes and of the verification pass."""
-
-    lookahead: int
-    kept: int
-    draft_ms: float = 0.0
-    verify_ms: float = 0.0
+from speculative_gpt2.checks import check_integer, check_real
+from speculative_gpt2.records import Round
 
 
 class LookaheadPolicy(Protocol):
@@ -37,7 +26,7 @@ class FixedLookahead:
     """The same K every round."""
 
     def __init__(self, lookahead: int):
-        self.lookahead = lookahead
+        self.lookahead = self.max_lookahead = lookahead
 
     def choose(self) -> int:
         return self.lookahead
@@ -117,19 +106,12 @@ class AdaptiveLookahead:
                  cost_ratio: float | None = None):
         """`first`: K of the first round (default 4, or max_lookahead if smaller); `decay`: the weight that past
         rounds keep at each update; `cost_ratio`: see the class docstring."""
-        if isinstance(max_lookahead, bool) or not isinstance(max_lookahead, Integral) or max_lookahead < 1:
-            raise ValueError(f"max_lookahead={max_lookahead!r} must be an integer >= 1")
-        first = min(4, max_lookahead) if first is None else first
-        if isinstance(first, bool) or not isinstance(first, Integral) or not 1 <= first <= max_lookahead:
-            raise ValueError(f"first={first!r} must be an integer from 1 to max_lookahead={max_lookahead}")
-        if isinstance(decay, bool) or not isinstance(decay, Real) or not 0 < decay < 1:  # NaN fails too
-            raise ValueError(f"decay={decay!r} must be a number in (0, 1): the weight kept by past rounds")
-        if cost_ratio is not None and (isinstance(cost_ratio, bool) or not isinstance(cost_ratio, Real)
-                                       or not 0 <= cost_ratio < math.inf):
-            raise ValueError(f"cost_ratio={cost_ratio!r} must be a finite number >= 0 (a draft pass's cost in "
-                             f"target passes), or None to measure times")
-        self.max_lookahead, self.first, self.decay = int(max_lookahead), int(first), float(decay)
-        self.cost_ratio = None if cost_ratio is None else float(cost_ratio)
+        self.max_lookahead = check_integer("max_lookahead", max_lookahead, minimum=1)
+        self.first = check_integer("first", min(4, max_lookahead) if first is None else first, 1, max_lookahead)
+        self.decay = check_real("decay (the weight kept by past rounds)", decay, 0, 1, open_below=True)
+        if self.decay == 1:
+            raise ValueError("decay (the weight kept by past rounds) must be below 1, got 1")
+        self.cost_ratio = None if cost_ratio is None else check_real("cost_ratio", cost_ratio, minimum=0)
         self.kept, self.rejected = 1.0, 1.0  # a uniform prior: alpha = 0.5 until rounds say otherwise
         self.draft_ms: float | None = None
         self.verify_ms: dict[int, float] = {}  # rows -> ms
@@ -165,3 +147,16 @@ class AdaptiveLookahead:
 
 def _average(old: float | None, new: float, weight: float = 0.3) -> float:
     return new if old is None else (1 - weight) * old + weight * new
+
+
+def as_policy(lookahead) -> LookaheadPolicy:
+    """A lookahead as the samplers take it: K (an integer >= 1), "auto" (a fresh AdaptiveLookahead), or a policy."""
+    if callable(getattr(lookahead, "choose", None)) and callable(getattr(lookahead, "update", None)):
+        return lookahead
+    if isinstance(lookahead, str) and lookahead == "auto":  # as on the command line: a fresh policy for this call
+        return AdaptiveLookahead()
+    try:
+        return FixedLookahead(check_integer("lookahead", lookahead, minimum=1))
+    except ValueError:
+        raise ValueError(f"lookahead must be an integer >= 1, 'auto', or a policy such as AdaptiveLookahead(), "
+                         f"got {lookahead!r}") from None

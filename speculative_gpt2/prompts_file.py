@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from gpt2_model import write_atomically
-from speculative import Generation
-from speculative_gpt2.cli import EXACT, NAIVE, SPECULATIVE, _peak_memory
-from speculative_gpt2.render import printable
+from speculative_gpt2.files import write_atomically
+from speculative_gpt2.machine import peak_memory
+from speculative_gpt2.records import Generation
+from speculative_gpt2.report import EXACT, NAIVE, SPECULATIVE
+from speculative_gpt2.text import printable
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,8 @@ class JsonLines:
             self.fd = None
 
 
-def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, decode, exact_mode_for, options: dict,
-                     exact: bool, pass_rows: int, setup: list[str]) -> int:
+def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, decode, options: dict, exact: bool,
+                     pass_rows: int, setup: list[str]) -> int:
     """Decodes `prompts` in batches of --batch-size, every mode of --mode on each batch (plain decoding first),
     and writes each prompt's JSON line as soon as its last run finishes it; then the summary on stderr. A failure
     or Ctrl-C keeps the lines written so far and says how many."""
@@ -135,7 +136,6 @@ def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, decode, ex
     warm_up_seconds, totals, done = {}, {mode: [0, 0.0] for mode in modes}, []  # totals: [tokens, seconds]
     for mode in modes:
         # The first passes pay for allocations and kernel selection: a short run on the first batch, not timed.
-        exact_mode_for(mode)
         started = time.perf_counter()
         decode(mode, [p.tokens for p in batches[0]], min(8, n), **options | {"temperature": 0.0, "eos_token_id": None})
         warm_up_seconds[mode] = time.perf_counter() - started
@@ -153,7 +153,6 @@ def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, decode, ex
         for batch in batches:
             results = {}  # this batch's earlier runs, by mode
             for mode in modes:
-                exact_mode_for(mode)
                 generator = torch.Generator(device).manual_seed(args.seed)  # every run of every batch: the same seed
                 started = time.perf_counter()
                 results[mode] = decode(mode, [p.tokens for p in batch], n, generator, **options,
@@ -245,7 +244,7 @@ def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], *, batc
             f"tests/test_exact_dtype.py)" if parted else ""))
     elif verdicts:
         lines.append("identical outputs: not expected at temperature > 0 (both are samples from the target)")
-    lines.append(f"peak memory: {_peak_memory(device)}")
+    lines.append(f"peak memory: {peak_memory(device)}")
     where = "on stdout" if args.output is None else f"in {printable(args.output)}"
     lines.append(f"output: {len(done)} JSON lines {where}")
     return lines

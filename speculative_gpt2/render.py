@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import codecs
 import html
-import re
 from typing import IO
 
-from speculative import Origin, _token_list
+from speculative_gpt2.arguments import token_list
+from speculative_gpt2.records import Origin
+from speculative_gpt2.text import printable
 
 ORIGINS = tuple(Origin)
 
@@ -45,15 +46,6 @@ class HTML(str):
     def _repr_html_(self) -> str:
         return str(self)
 
-# What a terminal may act on, shown as visible symbols: model output must not move the cursor, start escape
-# sequences of its own (ESC, and the C1 controls: CSI U+009B, OSC U+009D, ST U+009C ...) or reorder the text on
-# screen (bidirectional overrides, isolates and marks). Newlines and tabs stay. C0 and DEL show as their Unicode
-# pictures (ESC as ␛); the others, which have no picture, as <U+XXXX>; so do lone surrogates (undecodable bytes
-# of a file name), which an encoder would refuse.
-_CONTROL_PICTURES = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"} | {0x7F: 0x2421}
-_ESCAPED = re.compile("[\x80-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
-
-
 def _decoder():
     # errors="replace": bytes that can never become a character (a stray continuation byte, or a sequence cut
     # off by the end of the generation) show as U+FFFD, as in `tokenizer.decode`.
@@ -68,7 +60,7 @@ def text_groups(generation, tokenizer, prompt_tokens=None) -> tuple[str, list[tu
     """
     decoder = _decoder()
     # A list, a 1-D tensor or a numpy array, as the samplers take: never a truth test (`tensor([0])` is false).
-    prompt_tokens = [] if prompt_tokens is None else _token_list(prompt_tokens)
+    prompt_tokens = [] if prompt_tokens is None else token_list(prompt_tokens)
     prompt_text = "".join(decoder.decode(tokenizer.decode_single_token_bytes(t)) for t in prompt_tokens)
     groups, text = [], ""
     for token, origin in zip(generation.tokens, map(Origin, generation.origins), strict=True):
@@ -138,17 +130,6 @@ def origin_counts(generation) -> str:
     """How many new tokens came from each origin, as "draft 40, resampled 10, bonus 5, target 1"."""
     origins = [Origin(o) for o in generation.origins]
     return ", ".join(f"{o} {origins.count(o)}" for o in ORIGINS)
-
-
-def printable(text: str) -> str:
-    """`text` safe to write to a terminal: C0 controls other than newline and tab, and DEL, shown as their Unicode
-    pictures (ESC as ␛); C1 controls (U+0080-U+009F), bidirectional controls and lone surrogates as <U+XXXX>."""
-    return _ESCAPED.sub(lambda m: f"<U+{ord(m.group()):04X}>", text.translate(_CONTROL_PICTURES))
-
-
-def strip_ansi(text: str) -> str:
-    """`text` without its ANSI colour codes (what a terminal shows)."""
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 class TextStream:

@@ -179,10 +179,10 @@ def test_in_exact_mode_batched_speculative_rows_are_batched_plain_decodings_in_b
     model = random_model(config, seed=3).to(torch.bfloat16)
     draft = random_model(GPT2Config(vocab_size=1000, n_positions=128, n_embd=64, n_layer=1, n_head=4),
                          seed=4).to(torch.bfloat16)
-    model.fixed_pass_rows(lookahead + 1)
-    plain = autoregressive_sample(model, prompts, 16)
+    rows = lookahead + 1
+    plain = autoregressive_sample(model, prompts, 16, exact=rows)
     eos = None if eos_at is None else plain[0].tokens[eos_at]
-    expected = [g.tokens for g in autoregressive_sample(model, prompts, 16, eos_token_id=eos)]
+    expected = [g.tokens for g in autoregressive_sample(model, prompts, 16, eos_token_id=eos, exact=rows)]
     for d in (model, draft, PromptLookupDrafter()):  # every draft kept, most rejected, lookups
-        out = speculative_sample(model, d, prompts, 16, lookahead=lookahead, eos_token_id=eos)
+        out = speculative_sample(model, d, prompts, 16, lookahead=lookahead, eos_token_id=eos, exact=True)
         assert [g.tokens for g in out] == expected

@@ -24,7 +24,7 @@ def bench(tmp_path_factory):
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--target", str(folder / "target"),
          "--draft", str(folder / "draft"), "--max-new-tokens", "12", "--lookahead", "2", "4", "--repeats", "2",
-         "--dtype", "float32", "--before", "HEAD", "--out", str(folder / "out")],
+         "--dtype", "float32", "--out", str(folder / "out")],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     data = json.loads((folder / "out" / "bench.json").read_text())
@@ -38,8 +38,7 @@ def test_every_row_is_there(bench):
     data, table, _, _ = bench
     expected = {"naive (KV cache)", "naive (no cache)", "speculative, small, K=2", "speculative, small, K=4",
                 "speculative, small, K=auto", "speculative, ngram, K=2", "speculative, ngram, K=4",
-                "speculative, ngram, K=auto", "speculative before, small, K=2", "speculative before, small, K=4",
-                "speculative before, small, K=auto", "transformers generate", "transformers assisted, small, K=2",
+                "speculative, ngram, K=auto", "transformers generate", "transformers assisted, small, K=2",
                 "transformers assisted, small, K=4", "transformers assisted, small, defaults",
                 "transformers prompt lookup, ngram, K=2", "transformers prompt lookup, ngram, K=4"}
     assert set(data["runs"]) == expected == set(table)
@@ -57,7 +56,7 @@ def test_derived_figures_match_the_raw_times(bench):
         seconds = statistics.median(run["seconds"])
         assert table[name][1] == f"{seconds:.2f}"
         assert table[name][3] == f"{naive / seconds:.2f}"
-        if run["method"] in ("speculative", "speculative before"):
+        if run["method"] == "speculative":
             assert table[name][4] == (f"{run['accepted'] / run['proposed']:.2f}" if run["proposed"] else "")
             alpha = run["accepted"] / (run["accepted"] + run["rejections"]) if run["accepted"] else 0.0
             assert table[name][5] == f"{alpha:.2f}"

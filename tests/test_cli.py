@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpt2_model import GPT2Config
-from speculative_gpt2.hardware import dtype_name, resolve_dtype
+from speculative_gpt2.machine import dtype_name, resolve_dtype
 from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

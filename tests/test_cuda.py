@@ -9,6 +9,7 @@ from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 from gpt2_model import GPT2Config
 from speculative_gpt2.lookahead import AdaptiveLookahead
 from speculative import autoregressive_sample, speculative_sample
+from speculative_gpt2.cuda_graphs import CUDAGraphRunner
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -67,7 +68,7 @@ def test_cuda_graphs_give_the_eager_tokens(dtype):
     draft = noisy_copy(random_model(CONFIG, seed=0, scale=5), noise=0.08, seed=2).to("cuda", dtype)
     runs = {}
     for graphs in (False, True):
-        target.use_cuda_graphs(graphs), draft.use_cuda_graphs(graphs)
+        target, draft = (CUDAGraphRunner(m) if graphs else getattr(m, "model", m) for m in (target, draft))
         runs[graphs] = [(speculative_sample(target, draft, [1, 2, 3], 80, lookahead=K).tokens,
                          autoregressive_sample(target, [1, 2, 3], 80).tokens) for K in (1, 4, 8)]
     assert runs[True] == runs[False]
@@ -76,17 +77,15 @@ def test_cuda_graphs_give_the_eager_tokens(dtype):
 def test_cuda_graphs_are_reused_by_the_next_call():
     target = random_model(CONFIG, seed=0, scale=5).cuda()
     draft = noisy_copy(random_model(CONFIG, seed=0, scale=5), noise=0.08, seed=2).cuda()
-    target.use_cuda_graphs(), draft.use_cuda_graphs()
+    target, draft = CUDAGraphRunner(target), CUDAGraphRunner(draft)
     speculative_sample(target, draft, [1, 2, 3], 40, lookahead=4)
-    captured = (len(target.cuda_graphs.graphs), len(draft.cuda_graphs.graphs))
+    captured = (len(target.graphs.graphs), len(draft.graphs.graphs))
     speculative_sample(target, draft, [4, 5, 6], 40, lookahead=4)  # same lengths: the same buffers and graphs
-    assert (len(target.cuda_graphs.graphs), len(draft.cuda_graphs.graphs)) == captured
-    draft.use_cuda_graphs(False)
-    assert draft.cuda_graphs is None
+    assert (len(target.graphs.graphs), len(draft.graphs.graphs)) == captured
 
 
 def test_graphed_models_work_outside_inference_mode_after_a_sampler_call():
-    model = random_model(CONFIG, seed=0, scale=5).cuda().use_cuda_graphs()
+    model = CUDAGraphRunner(random_model(CONFIG, seed=0, scale=5).cuda())
     expected = autoregressive_sample(model, [1, 2, 3], 20).tokens  # the buffers are made under inference_mode
     with torch.no_grad():
         cache = model.new_cache(max_len=30)  # recycled buffers: must be writable here too
@@ -94,35 +93,30 @@ def test_graphed_models_work_outside_inference_mode_after_a_sampler_call():
         assert model(torch.tensor([[3]], device="cuda"), cache=cache)[0, -1].argmax().item() == expected[0]
 
 
-def test_moving_a_graphed_model_captures_anew():
-    model = random_model(CONFIG, seed=0, scale=5).cuda().use_cuda_graphs()
-    autoregressive_sample(model, [1, 2, 3], 10)
-    assert model.cuda_graphs.graphs
-    model.to(torch.bfloat16)
-    assert model.cuda_graphs is not None and not model.cuda_graphs.graphs
-    model.cpu()
-    assert model.cuda_graphs is None
+def test_a_runner_needs_a_model_on_cuda():
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        CUDAGraphRunner(random_model(CONFIG, seed=0))
 
 
-# Exact mode (GPT2.fixed_pass_rows) on CUDA, with and without CUDA graphs: real inner width, bfloat16 and float16.
+# Exact mode on CUDA, with and without CUDA graphs: real inner width, bfloat16 and float16.
 WIDE = GPT2Config(vocab_size=1000, n_positions=320, n_embd=1600, n_layer=2, n_head=25)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("graphs", [False, True])
 def test_exact_mode_gives_plain_decodings_tokens_on_cuda(dtype, graphs):
-    target = random_model(WIDE, seed=0).to("cuda", dtype).fixed_pass_rows(9)
+    target = random_model(WIDE, seed=0).to("cuda", dtype)
     draft = random_model(GPT2Config(vocab_size=1000, n_positions=320, n_embd=64, n_layer=1, n_head=4), seed=1)
     draft = draft.to("cuda", dtype)
-    target.use_cuda_graphs(graphs)
+    target = CUDAGraphRunner(target) if graphs else target
     gen = torch.Generator().manual_seed(0)
     for lookahead in (1, 4, 8, "auto"):
         prompt = torch.randint(0, 1000, (int(torch.randint(1, 200, (1,), generator=gen)),), generator=gen).tolist()
         policy = AdaptiveLookahead(max_lookahead=8) if lookahead == "auto" else lookahead
-        assert speculative_sample(target, draft, prompt, 48, lookahead=policy).tokens == \
-            autoregressive_sample(target, prompt, 48).tokens
+        assert speculative_sample(target, draft, prompt, 48, lookahead=policy, exact=9).tokens == \
+            autoregressive_sample(target, prompt, 48, exact=9).tokens
     if graphs:  # every cached pass of up to 12 tokens has the fixed shape (a prefill of 13 to 16 tokens has its own)
-        assert {rows for _, _, rows in target.cuda_graphs.graphs if rows <= 12} == {12}
+        assert {rows for _, _, rows in target.graphs.graphs if rows <= 12} == {12}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -134,4 +128,4 @@ def test_platform_linear_row_does_not_depend_on_its_place_or_neighbours_on_cuda(
             x = torch.randn(1, rows, in_features, device="cuda", generator=gen).to(dtype)
             assert torch.equal(F.linear(x.flip(1), w).flip(1), F.linear(x, w)), (
                 f"F.linear {dtype} [{out_features}, {in_features}] on CUDA: a row gives another result at another "
-                f"place among {rows} rows: fixed_pass_rows cannot make decoding exact on this GPU")
+                f"place among {rows} rows: exact mode cannot make decoding exact on this GPU")

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from speculative_gpt2.checkpoints import DownloadError, download
-from gpt2_model import GPT2, PRESETS, CheckpointError
+from gpt2_model import GPT2
+from speculative_gpt2.checkpoints import PRESETS
+from speculative_gpt2.errors import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 import speculative
 from gpt2_model import GPT2Config
-from speculative import Origin, autoregressive_sample, speculative_sample
-from speculative_gpt2.drafters import ModelDrafter, PromptLookupDrafter, Proposal, Sampling, one_hot
+from speculative import ModelDrafter, Origin, autoregressive_sample, speculative_sample
+from speculative_gpt2.drafters import PromptLookupDrafter, Proposal, Sampling, one_hot
 from speculative_gpt2.lookahead import AdaptiveLookahead
 from speculative_gpt2.random_checkpoint import random_model
 from test_speculative import LEVEL, SMALL, chi_square_p_value, exact_first_two

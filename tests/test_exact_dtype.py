@@ -1,4 +1,4 @@
-"""Exact in every dtype (`GPT2.fixed_pass_rows`): greedy speculative output equals plain decoding's bit for bit in
+"""Exact in every dtype (the samplers' `exact`, speculative_gpt2/exact.py): greedy speculative output equals plain decoding's bit for bit in
 bfloat16, float16 and float32, and the property of the platform that this rests on.
 
 The models have GPT-2's real inner widths (768 and 1600: small widths hide the effect, their sums are too short to
@@ -13,20 +13,30 @@ import torch.nn.functional as F
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
-from gpt2_model import GPT2Config, linear, pack
+from gpt2_model import GPT2Config
 from speculative import autoregressive_sample, speculative_sample
+from speculative_gpt2.exact import fixed_rows_pass, padded_rows
 from speculative_gpt2.lookahead import AdaptiveLookahead
+from speculative_gpt2.packing import PackedLinear, pack_linears
 from speculative_gpt2.random_checkpoint import random_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WIDTHS = (768, 1600)
 VOCAB = 512
-PASS_ROWS = (4, 8, 12, 16)  # fixed_pass_rows rounds to a multiple of 4; up to K = 12, AdaptiveLookahead's default
+PASS_ROWS = (4, 8, 12, 16)  # exact mode rounds to a multiple of 4; up to K = 12, AdaptiveLookahead's default
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The platform's property: at a fixed number of rows, a row's result does not depend on its place among the rows
 # or on what the other rows (or the masked cache slots) hold. A torch or BLAS upgrade that breaks it fails here.
+
+
+def product(x, w, bias, packed):
+    """x @ w.T + bias through F.linear, or through oneDNN's linear on the packed weight."""
+    if packed is None:
+        return F.linear(x, w, bias)
+    with torch.no_grad():
+        return packed(x)
 
 
 @lru_cache(maxsize=None)
@@ -42,7 +52,7 @@ def linear_shapes(width: int) -> list[tuple[int, int]]:
     return [(3 * width, width), (width, width), (4 * width, width), (width, 4 * width), (50257, width)]
 
 
-# F.linear in every dtype (unprepared models), and oneDNN's linear on GPT2.prepare's copies (CPU float32).
+# F.linear in every dtype (unpacked models), and oneDNN's linear on packed weights (pack_linears, CPU float32).
 KERNELS = [(dtype, "F.linear") for dtype in DTYPES] + [("float32", "oneDNN")]
 
 
@@ -50,23 +60,23 @@ KERNELS = [(dtype, "F.linear") for dtype in DTYPES] + [("float32", "oneDNN")]
 @pytest.mark.parametrize("width", WIDTHS)
 def test_platform_linear_row_does_not_depend_on_its_place_or_neighbours_at_a_fixed_row_count(width, dtype, kernel):
     if kernel == "oneDNN" and not torch.backends.mkldnn.is_available():
-        pytest.skip("this torch build has no oneDNN: GPT2.prepare copies nothing")
+        pytest.skip("this torch build has no oneDNN: pack_linears packs nothing")
     gen = torch.Generator().manual_seed(width)
     for out_features, in_features in linear_shapes(width):
         w, b = (t.to(DTYPES[dtype]) for t in weights(out_features, in_features))
         bias = None if out_features == 50257 else b  # the tied LM head has no bias
-        packed = pack(w) if kernel == "oneDNN" else None
+        packed = PackedLinear(w, bias) if kernel == "oneDNN" else None
         for rows in PASS_ROWS if kernel == "F.linear" else range(1, 17):  # oneDNN: every count, measured invariant
             x = torch.randn(1, rows, in_features, generator=gen).to(w.dtype)  # (B, rows, in), as the model calls it
-            y = linear(x, w, bias, packed)
+            y = product(x, w, bias, packed)
             # Every row at the mirrored place; then row 0 at place rows // 2 among new neighbours.
             other = torch.randn(1, rows, in_features, generator=gen).to(w.dtype)
             other[0, rows // 2] = x[0, 0]
-            for moved, same in ((linear(x.flip(1), w, bias, packed).flip(1), y),
-                                (linear(other, w, bias, packed)[:, rows // 2], y[:, 0])):
+            for moved, same in ((product(x.flip(1), w, bias, packed).flip(1), y),
+                                (product(other, w, bias, packed)[:, rows // 2], y[:, 0])):
                 assert torch.equal(moved, same), (
                     f"{kernel} {dtype} [{out_features}, {in_features}]: a row gives another result at another place "
-                    f"among {rows} rows: fixed_pass_rows cannot make decoding exact on this platform")
+                    f"among {rows} rows: exact mode cannot make decoding exact on this platform")
 
 
 @pytest.mark.parametrize("rows", PASS_ROWS)
@@ -96,7 +106,7 @@ def test_platform_attention_row_does_not_depend_on_its_place_or_neighbours_at_a_
     for place in sorted({rows - 1, rows // 2}):
         assert torch.equal(attention_at(place), reference), (
             f"scaled_dot_product_attention {dtype}, {n_head} heads: a query row gives another result as row "
-            f"{place} of {rows} than as row 0: fixed_pass_rows cannot make decoding exact on this platform")
+            f"{place} of {rows} than as row 0: exact mode cannot make decoding exact on this platform")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -106,14 +116,14 @@ def test_platform_attention_row_does_not_depend_on_its_place_or_neighbours_at_a_
 @lru_cache(maxsize=None)
 def target(width: int, dtype_name: str):
     config = GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=width, n_layer=2, n_head=width // 64)
-    return random_model(config, seed=0).to(DTYPES[dtype_name]).prepare()  # as the CLI runs it
+    return pack_linears(random_model(config, seed=0).to(DTYPES[dtype_name]))  # as the CLI runs it
 
 
 @lru_cache(maxsize=None)
 def small_draft(dtype_name: str):
     """An unrelated 64-wide draft: cheap, and its drafts are mostly rejected (verification after verification)."""
     config = GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=64, n_layer=1, n_head=4)
-    return random_model(config, seed=1).to(DTYPES[dtype_name]).prepare()
+    return pack_linears(random_model(config, seed=1).to(DTYPES[dtype_name]))
 
 
 cases = st.fixed_dictionaries({
@@ -132,18 +142,15 @@ def check_greedy_identity(case, dtype: str, max_new_tokens: int = 24) -> None:
     model = target(case["width"], dtype)
     draft = model if case["draft"] == "target" else small_draft(dtype)
     max_lookahead = 8 if case["lookahead"] == "auto" else case["lookahead"]
-    model.fixed_pass_rows(max_lookahead + 1 + case["extra_rows"])
-    try:
-        gen = torch.Generator().manual_seed(case["prompt_seed"])
-        prompt = torch.randint(0, VOCAB, (case["prompt_length"],), generator=gen)
-        plain = autoregressive_sample(model, prompt, max_new_tokens).tokens
-        # Plain greedy decoding with an EOS stops at its first occurrence: the same tokens, cut there.
-        eos = None if case["eos_at"] is None else plain[case["eos_at"]]
-        expected = plain if eos is None else plain[: plain.index(eos) + 1]
-        lookahead = AdaptiveLookahead(max_lookahead=8) if case["lookahead"] == "auto" else case["lookahead"]
-        out = speculative_sample(model, draft, prompt, max_new_tokens, lookahead=lookahead, eos_token_id=eos)
-    finally:
-        model.fixed_pass_rows(None)
+    rows = max_lookahead + 1 + case["extra_rows"]
+    gen = torch.Generator().manual_seed(case["prompt_seed"])
+    prompt = torch.randint(0, VOCAB, (case["prompt_length"],), generator=gen)
+    plain = autoregressive_sample(model, prompt, max_new_tokens, exact=rows).tokens
+    # Plain greedy decoding with an EOS stops at its first occurrence: the same tokens, cut there.
+    eos = None if case["eos_at"] is None else plain[case["eos_at"]]
+    expected = plain if eos is None else plain[: plain.index(eos) + 1]
+    lookahead = AdaptiveLookahead(max_lookahead=8) if case["lookahead"] == "auto" else case["lookahead"]
+    out = speculative_sample(model, draft, prompt, max_new_tokens, lookahead=lookahead, eos_token_id=eos, exact=rows)
     parted = next((i for i, (a, b) in enumerate(zip(out.tokens, expected)) if a != b), None)
     assert out.tokens == expected, f"speculative output parted from plain decoding's at new token {parted}"
 
@@ -154,7 +161,7 @@ def bounded(max_examples: int):
                     phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
-# Without fixed_pass_rows (the code before it) this case parts at new token 19: 1-row and 12-row passes round
+# Without exact mode (the code before it) this case parts at new token 19: 1-row and 12-row passes round
 # differently in bfloat16. In float16 and float32 the parting is rarer (no case here parts on that code).
 @bounded(max_examples=6)
 @given(cases)
@@ -183,16 +190,16 @@ TINY = GPT2Config(vocab_size=VOCAB, n_positions=48, n_embd=64, n_layer=2, n_head
 
 
 def test_padded_passes_give_the_logits_of_a_full_pass_and_advance_the_cache_by_the_real_tokens():
-    model = random_model(TINY, seed=0).fixed_pass_rows(6)
-    assert model.pass_rows == 8
+    model, rows = random_model(TINY, seed=0), padded_rows(6)
+    assert rows == 8
     idx = torch.randint(0, VOCAB, (1, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(idx)
-        cache = model.new_cache()  # the whole context, plus 7 slots for the last pass's padding rows
+        cache = model.new_cache(room=rows - 1)  # the whole context, plus 7 slots for the last pass's padding rows
         assert cache.max_len == 48 + 7
         pieces, start = [], 0
         for T in (20, 1, 3, 8, 2, 5, 1, 6, 2):  # a long prefill (unpadded), then passes of 1 to 8 tokens
-            logits = model(idx[:, start : start + T], cache=cache)
+            logits = fixed_rows_pass(model, idx[:, start : start + T], cache, rows)
             start += T
             assert logits.shape == (1, T, VOCAB) and cache.length == start
             pieces.append(logits)
@@ -200,16 +207,28 @@ def test_padded_passes_give_the_logits_of_a_full_pass_and_advance_the_cache_by_t
 
 
 def test_a_lookahead_wider_than_the_fixed_passes_is_refused():
-    model = random_model(TINY, seed=0).fixed_pass_rows(5)
-    with pytest.raises(ValueError, match=r"K=8 needs verification passes of 9 rows.*fixed_pass_rows\(9\)"):
-        speculative_sample(model, model, [1, 2, 3], 12, lookahead=8)
-    with pytest.raises(ValueError, match="has no room for the padding rows"):
-        cache = model.fixed_pass_rows(None).new_cache(max_len=10)
-        model.fixed_pass_rows(5)(torch.tensor([[1, 2, 3]]), cache=cache)
-        model(torch.tensor([[1] * 4]), cache=cache)
+    model = random_model(TINY, seed=0)
+    with pytest.raises(ValueError, match=r"K=8 needs verification passes of 9 rows.*exact=9"):
+        speculative_sample(model, model, [1, 2, 3], 12, lookahead=8, exact=5)
+    with pytest.raises(ValueError, match="has no room for 5 padding rows"):
+        cache = model.new_cache(max_len=10)
+        fixed_rows_pass(model, torch.tensor([[1, 2, 3]]), cache, 8)
+        fixed_rows_pass(model, torch.tensor([[1] * 4]), cache, 8)
 
 
-@pytest.mark.parametrize("rows", [0, -1, 2.0, True, "4"])
-def test_fixed_pass_rows_needs_a_positive_integer_or_none(rows):
-    with pytest.raises(ValueError, match="rows must be an integer >= 1"):
-        random_model(TINY, seed=0).fixed_pass_rows(rows)
+def test_the_adaptive_lookahead_is_capped_by_the_fixed_passes_from_the_start():
+    model, prompt = random_model(TINY, seed=0), [1, 2, 3]
+    out = speculative_sample(model, model, prompt, 40, lookahead=AdaptiveLookahead(max_lookahead=12), exact=5)
+    assert max(out.lookahead_per_round) <= 7  # 5 rows, rounded up to 8: K + 1 <= 8
+    assert out.tokens == autoregressive_sample(model, prompt, 40, exact=5).tokens
+
+
+@pytest.mark.parametrize("rows", [0, -1, 2.0, "4"])
+def test_exact_needs_a_positive_row_count_or_a_bool(rows):
+    model = random_model(TINY, seed=0)
+    for run in (speculative_sample, autoregressive_sample):
+        args = (model, model) if run is speculative_sample else (model,)
+        with pytest.raises(ValueError, match=r"exact \(rows per target pass\) must be an integer >= 1"):
+            run(*args, [1, 2], 4, exact=rows)
+    with pytest.raises(ValueError, match=r"exact=True takes its rows from K.*exact=K \+ 1"):
+        autoregressive_sample(model, [1, 2], 4, exact=True)

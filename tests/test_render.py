@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from speculative_gpt2 import render
+from speculative_gpt2.text import strip_ansi
 from gpt2_model import GPT2Config
 from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 from speculative import Generation, speculative_sample
@@ -29,7 +30,7 @@ def html_text(fragment: str) -> str:
 
 def ansi_text(text: str) -> str:
     """What `to_ansi` shows above its legend line."""
-    return render.strip_ansi(text).rsplit("\nlegend: ", 1)[0]
+    return strip_ansi(text).rsplit("\nlegend: ", 1)[0]
 
 
 def test_each_token_has_its_origins_colour(enc):

@@ -202,18 +202,14 @@ def test_speculative_samples_follow_the_target_distribution(small_pair, lookahea
 
 
 def test_speculative_samples_in_exact_mode_follow_the_target_distribution(small_pair):
-    # Exact mode (fixed_pass_rows) pads the target's passes; the padding rows must not leak into q.
+    # Exact mode pads the target's passes; the padding rows must not leak into q.
     target, draft = small_pair
     options = dict(temperature=1.0)
 
     def sampler(generator):
-        return speculative_sample(target, draft, [3], 4, lookahead=3, generator=generator, **options).tokens
+        return speculative_sample(target, draft, [3], 4, lookahead=3, generator=generator, exact=4, **options).tokens
 
-    target.fixed_pass_rows(4)
-    try:
-        p_value = chi_square_p_value(first_two_counts(sampler, 8, seed=7), exact_first_two(target, [3], **options))
-    finally:
-        target.fixed_pass_rows(None)
+    p_value = chi_square_p_value(first_two_counts(sampler, 8, seed=7), exact_first_two(target, [3], **options))
     assert p_value > LEVEL, p_value
 
 
@@ -346,13 +342,13 @@ def test_mismatched_models(target):
 
 
 def test_dtype_auto_follows_the_hardware(monkeypatch):
-    from speculative_gpt2 import hardware
+    from speculative_gpt2 import machine
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "fma"})
-    assert hardware.resolve_dtype("auto", cpu) == torch.float32  # bf16 would be emulated: slower
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    assert hardware.resolve_dtype("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"amx_bf16", "amx_tile"})
-    assert hardware.resolve_dtype("auto", cpu) == torch.bfloat16
-    assert hardware.resolve_dtype("float16", cpu) == torch.float16
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "fma"})
+    assert machine.resolve_dtype("auto", cpu) == torch.float32  # bf16 would be emulated: slower
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert machine.resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"amx_bf16", "amx_tile"})
+    assert machine.resolve_dtype("auto", cpu) == torch.bfloat16
+    assert machine.resolve_dtype("float16", cpu) == torch.float16

@@ -1,6 +1,6 @@
-"""Issue 19, a second adversarial round: what reaches the terminal, what the project writes to disk, what the
-trace claims, what a preset name promises, resources, pipes and policy objects. One section per category; each
-named case has its test, beside tests of its neighbours."""
+"""Adversarial cases: what reaches the terminal, what the project writes to disk, what the trace claims, what a
+preset name promises, resources, pipes and policy objects. One section per category; each named case has its test,
+beside tests of its neighbours."""
 
 import json
 import os
@@ -16,12 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-import gpt2_model
-from gpt2_model import GPT2, PRESETS, CheckpointError, GPT2Config, _TensorFile, expected_shapes, write_atomically
+from gpt2_model import GPT2, GPT2Config
+from speculative_gpt2.checkpoints import PRESETS
+from speculative_gpt2.errors import CheckpointError
+from speculative_gpt2.files import write_atomically
+from speculative_gpt2.state_dict import _TensorFile, expected_shapes
 from speculative import Generation, autoregressive_sample, speculative_sample
-from speculative_gpt2 import cli, render
+from speculative_gpt2 import cli, packing, render
+from speculative_gpt2.text import strip_ansi
 from speculative_gpt2.checkpoints import find_checkpoint
-from speculative_gpt2.hardware import resolve_device
+from speculative_gpt2.machine import resolve_device
 from speculative_gpt2.lookahead import AdaptiveLookahead, Round
 from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 from speculative_gpt2.tokenizer import load_tokenizer
@@ -91,7 +95,7 @@ def test_model_text_with_c1_controls_is_escaped_in_every_renderer(enc):
     tokens = enc.encode(attack)
     gen = Generation(tokens=tokens, origins=["draft"] * (len(tokens) - 1) + ["bonus"])
     prompt = enc.encode("\x9b1;1H")
-    outputs = [render.to_text(gen, enc, prompt), render.strip_ansi(render.to_ansi(gen, enc, prompt))]
+    outputs = [render.to_text(gen, enc, prompt), strip_ansi(render.to_ansi(gen, enc, prompt))]
     stream = render.TextStream(enc, escape=True)
     outputs.append("".join(stream([t]) for t in tokens) + stream.flush())
     for shown in outputs:
@@ -107,7 +111,7 @@ def test_cli_escapes_c1_and_bidi_in_every_path(folders):
     for extra in (["--show-acceptance", "--color", "always"], ["--no-stream", "--show-acceptance"]):
         result = run_cli(*base, *extra, text=True)
         assert result.returncode == 0, result.stderr
-        shown = render.strip_ansi(result.stdout)  # our own colour codes are the only escapes
+        shown = strip_ansi(result.stdout)  # our own colour codes are the only escapes
         assert safe(shown) and "hi <U+009B>2J<U+009D>0;t<U+009C> <U+202E>ab<U+2066>" in shown
     # Errors that quote the user's text: a folder name, a flag's value.
     for args in (["--target", "/nonexistent/\x9b2J\u202e"], ["--top-k", "\x9b2J"]):
@@ -201,7 +205,7 @@ def test_renderers_take_every_prompt_the_samplers_take(pair, enc, kind):
     text = enc.decode(ids)
     assert render.text_groups(out, enc, prompt)[0] == text
     assert render.to_text(out, enc, prompt).startswith(text)
-    assert render.strip_ansi(render.to_ansi(out, enc, prompt)).startswith(text)
+    assert strip_ansi(render.to_ansi(out, enc, prompt)).startswith(text)
     for page in (render.to_html(out, enc, prompt), render.trace_page(out, enc, prompt)):
         assert f'title="prompt">{text}</span>' in page
 
@@ -372,16 +376,16 @@ def test_running_out_of_memory_while_loading_is_named_as_such(reference_folder, 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN: the CLI makes no copies to run out on")
 def test_running_out_of_memory_for_the_weight_copies_runs_on_without_them(folders, monkeypatch, capsys):
-    def no_memory(weight):
+    def no_memory(weight, rows=None):
         raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 6400000000 bytes.")
 
-    monkeypatch.setattr(gpt2_model, "pack", no_memory)  # GPT2.prepare's copies: the CLI makes them for every model
+    monkeypatch.setattr(packing, "pack", no_memory)  # the CLI packs every model's weights
     status = cli.main(["--target", str(folders / "target"), "--draft", str(folders / "draft"), "--device", "cpu",
                        "--dtype", "float32", "--max-new-tokens", "4", "--no-stream"])
     err = capsys.readouterr().err
     assert status == 0 and "Traceback" not in err
     for role in ("target", "draft"):
-        assert f"note: {role}: out of memory while making the oneDNN copies of the weights" in err
+        assert f"note: {role}: out of memory while packing the weights for oneDNN" in err
 
 
 def test_threads_have_an_upper_bound(folders):

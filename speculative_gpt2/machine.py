@@ -1,6 +1,6 @@
-"""The machine: which device and dtype to run on, and how to time work on it.
+"""The machine: which device and dtype to run on, how to time work on it, and how much memory it used.
 
-Shared by the samplers (their clock), the command line and the benchmark, so that each rule lives here once.
+Shared by the model, the samplers (their clock), the command line and the benchmark, so that each rule lives here once.
 """
 
 from __future__ import annotations
@@ -31,6 +31,15 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def check_dtype(dtype) -> torch.dtype:
+    """A torch dtype the models run in, given as one (torch.float32) or by name ("float32", "bfloat16", "float16")."""
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype={dtype!r} is not supported: use one of {', '.join(DTYPES)} (or torch's dtypes)")
+    return dtype
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -99,3 +108,13 @@ class DeviceClock:
 
     def ms(self, start, end) -> float:
         return start.elapsed_time(end) if self.cuda else 1e3 * (end - start)
+
+
+def peak_memory(device: torch.device) -> str:
+    """The most memory this process has held: allocated on a CUDA device, else resident."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on {device}"
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return f"{kib / 2**20:.2f} GiB resident (RSS)"

@@ -1,0 +1,163 @@
+"""What the samplers return: a `Generation` per prompt, a `Round` per target pass, an `Origin` per token, and, when
+asked for, a `TraceRound` per round (the numbers of the trace page)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+
+class Origin(str, Enum):
+    """Where a new token came from. A str, so that `origin == "draft"` holds."""
+
+    DRAFT = "draft"  # a draft token the target kept
+    RESAMPLED = "resampled"  # drawn from norm(max(0, q - p)) at a rejection
+    BONUS = "bonus"  # drawn from q after all K drafts were kept
+    TARGET = "target"  # plain decoding: one target pass for this token
+
+    def __str__(self) -> str:
+        return self.value
+
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round of speculative sampling: `lookahead` drafts proposed (K), `kept` of them kept by the target,
+    and the measured milliseconds of the draft passes and of the verification pass."""
+
+    lookahead: int
+    kept: int
+    draft_ms: float = 0.0
+    verify_ms: float = 0.0
+
+
+@dataclass
+class Generation:
+    """What a sampling call produced, and how.
+
+    `tokens` are the new tokens (never the prompt); `origins[i]` says where `tokens[i]` came from (an `Origin`).
+    `rounds` holds one `Round` per target pass of speculative sampling: K proposed (fewer when an EOS among the
+    kept drafts ended the output), drafts kept, and the measured ms of its draft and verification passes.
+    `draft_calls` counts the tokens the drafter proposed (an EOS may drop some): for a model drafter one forward
+    pass each; a prompt lookup makes no pass. Call counts exclude the prefill; `seconds` includes it,
+    `prefill_seconds` is its share. `trace` holds a `TraceRound` per round when the call asked for it.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    origins: list[Origin] = field(default_factory=list)
+    rounds: list[Round] = field(default_factory=list)
+    target_calls: int = 0
+    draft_calls: int = 0
+    seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    trace: list[TraceRound] | None = None
+
+    def commit_round(self, drafts: list[int], round: Round, next_token: int, eos_token_id: int | None) -> list[int]:
+        """Records a round that kept drafts[:round.kept] and then emitted `next_token`; returns the committed tokens.
+
+        An EOS ends the output: what follows it is dropped and not counted as proposed or accepted.
+        """
+        kept, K = round.kept, len(drafts)
+        new = drafts[:kept] + [next_token]
+        # With no drafts (the last token of a call) the round is a plain target step.
+        last = Origin.TARGET if K == 0 else Origin.BONUS if kept == K else Origin.RESAMPLED
+        origins = [Origin.DRAFT] * kept + [last]
+        if eos_token_id in new:
+            end = new.index(eos_token_id) + 1
+            new, origins = new[:end], origins[:end]
+            if end <= kept:  # the EOS was a kept draft: the drafts after it were never needed
+                round = Round(end, end, round.draft_ms, round.verify_ms)
+        self.tokens += new
+        self.origins += origins
+        self.rounds.append(round)
+        return new
+
+    @property
+    def accepted_per_round(self) -> list[int]:
+        return [r.kept for r in self.rounds]
+
+    @property
+    def lookahead_per_round(self) -> list[int]:
+        return [r.lookahead for r in self.rounds]
+
+    @property
+    def accepted(self) -> int:
+        return sum(r.kept for r in self.rounds)
+
+    @property
+    def proposed(self) -> int:
+        return sum(r.lookahead for r in self.rounds)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / proposed draft tokens, or None when nothing was proposed."""
+        return self.accepted / self.proposed if self.proposed else None
+
+    @property
+    def tokens_per_target_call(self) -> float:
+        return len(self.tokens) / self.target_calls if self.target_calls else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """New tokens per second after the prefill."""
+        decode = self.seconds - self.prefill_seconds
+        return len(self.tokens) / decode if decode > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class TraceRound:
+    """One round's numbers, to watch the algorithm work (`speculative_sample(..., trace=True)`).
+
+    `drafts` x1..xK with `p` = p(xi) and `q` = q(xi); `r` the uniform draws (None at temperature 0, where a draft
+    is kept iff it is the target's argmax); `kept` drafts kept; then `next_token`, drawn from norm(max(0, q - p))
+    after a rejection or from q after all K were kept, with `next_probability` under that distribution; `source`
+    the drafter's word on where the drafts came from, if it gave one (a lookup: the position it copied from). As in
+    the Generation, a kept EOS ends the round: `drafts` stop at it and `next_token` is None (nothing came after it).
+    """
+
+    drafts: list[int]
+    p: list[float]
+    q: list[float]
+    r: list[float] | None
+    kept: int
+    next_token: int | None
+    next_probability: float | None
+    draft_ms: float
+    verify_ms: float
+    source: str | None = None
+
+    @property
+    def acceptance_probabilities(self) -> list[float]:
+        """min(1, q(xi) / p(xi)) for each draft."""
+        return [min(1.0, q / p) if p > 0 else 1.0 for p, q in zip(self.p, self.q)]
+
+    @property
+    def next_origin(self) -> Origin | None:
+        """Where `next_token` came from; None when a kept EOS ended the round before it."""
+        K = len(self.drafts)
+        if self.next_token is None:
+            return None
+        return Origin.TARGET if K == 0 else Origin.BONUS if self.kept == K else Origin.RESAMPLED
+
+    @classmethod
+    def of(cls, drafts, p, q, r, round: Round, next_token: int | None, source: str | None, residual) -> TraceRound:
+        """A row's round read back from the device (only when tracing: extra transfers), as the Generation committed
+        it: `round` and `next_token` after an EOS cut. drafts (K,), p (K, V), q (K + 1, V), r (K,) or None;
+        `residual(q, p)` is the distribution a rejected draft is replaced from."""
+        K, kept = round.lookahead, round.kept
+        drafts, p, q, r = drafts[:K], p[:K], q[: K + 1], None if r is None else r[:K]
+        rows = torch.arange(K, device=drafts.device)
+        probability = None
+        if next_token is not None:
+            p_next = p[kept] if kept < K else torch.zeros_like(q[kept])  # the bonus is drawn from q itself
+            following = residual(q[kept], p_next)
+            probability = (following[next_token] / following.sum()).item()
+        return cls(drafts=drafts.tolist(), p=p[rows, drafts].tolist(), q=q[rows, drafts].tolist(),
+                   r=None if r is None else r.tolist(), kept=kept, next_token=next_token,
+                   next_probability=probability, draft_ms=round.draft_ms, verify_ms=round.verify_ms, source=source)
