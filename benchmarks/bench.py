@@ -76,7 +76,7 @@ DRAFTS = ("small", "target itself", "ngram")
 @torch.inference_mode()
 def pass_ms(model: GPT2, prompt_len: int, rows: int, repeats: int = 5) -> float:
     """Median ms of one cached forward pass over `rows` new tokens after a `prompt_len`-token prefix."""
-    device = model.wte.weight.device
+    device = model.device
     cache = model.new_cache(max_len=prompt_len + rows)
     model(torch.arange(prompt_len, device=device)[None], cache=cache)
     x = torch.arange(rows, device=device)[None]
