@@ -74,6 +74,7 @@ class KVCache:
             buffers = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
                        torch.arange(max_len, device=device))
         self.keys, self.values, self.key_positions = buffers  # key_positions (max_len,): each slot's position
+        self.config = config  # the model's it was made for
         self.lengths = [0] * batch_size  # per row, on the host: the samplers decide with them
 
     @property
@@ -199,9 +200,9 @@ class GPT2(nn.Module):
         """(B, rows) positions of a pass of the new tokens `idx` (B, T) and, past them, rows - T padding rows (whose
         slots must fit in the cache): row b's from cache.lengths[b] on. Checks the cache and the context."""
         B, T = idx.shape
-        starts = [0] * B if cache is None else cache.lengths
         if cache is not None:
             self._check_cache(cache, B)
+        starts = [0] * B if cache is None else cache.lengths
         limit = self.config.n_positions if cache is None else min(cache.max_len, self.config.n_positions)
         if max(starts) + T > limit:
             raise ValueError(f"the context is full: {max(starts)} + {T} tokens exceed the limit of {limit} positions")
@@ -231,13 +232,12 @@ class GPT2(nn.Module):
     def _check_cache(self, cache: KVCache, batch_size: int) -> None:
         if not isinstance(cache, KVCache):
             raise ValueError(f"cache must be a KVCache made with model.new_cache(), got {type(cache).__name__}")
-        c = self.config
-        expected = (c.n_layer, batch_size, c.n_head, c.n_embd // c.n_head)
-        actual = tuple(cache.keys.shape[i] for i in (0, 1, 2, 4))
-        if actual != expected or cache.keys.device != self.device or cache.keys.dtype != self.dtype:
-            raise ValueError(f"this cache (n_layer, batch, n_head, head_dim = {actual}, {cache.keys.dtype} on "
-                             f"{cache.keys.device}) was not made for this model and batch ({expected}, {self.dtype} "
-                             f"on {self.device}): make it with model.new_cache()")
+        if cache.config != self.config or len(cache.lengths) != batch_size:
+            raise ValueError(f"this cache (batch {len(cache.lengths)}) was not made for this model and batch "
+                             f"{batch_size}: make it with model.new_cache()")
+        if cache.keys.device != self.device or cache.keys.dtype != self.dtype:
+            raise ValueError(f"the cache is {cache.keys.dtype} on {cache.keys.device}, the model {self.dtype} on "
+                             f"{self.device}: make it with model.new_cache()")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, weights_dir: str | os.PathLike | None = None,

@@ -10,7 +10,7 @@ the sequence, its positions live in a device tensor, and nothing on the host dec
 
 Graphs record the weights' addresses: after moving, converting or reloading the model, make a new runner.
 
-Memory, kept until `model.use_cuda_graphs(False)` or the model is dropped: every graph's static inputs and output
+Memory, kept until the runner is dropped: every graph's static inputs and output
 logits (T, vocab), one pool of activations shared by all graphs of the model, and the cache buffers the graphs
 were captured on. Those buffers are recycled: `new_cache` hands a dropped cache's buffers to the next call (its
 length rounded up to a multiple of BUCKET), so that a later call replays the graphs of an earlier one instead of
@@ -76,7 +76,7 @@ class CUDAGraphs:
     def new_cache(self, cache_class, config, batch_size: int, max_len: int, dtype: torch.dtype):
         """A cache of at least `max_len` positions on recycled buffers when some fit, else on new ones; its
         buffers come back here when it is dropped."""
-        # Never shorter than asked: under fixed_pass_rows the padding slots may reach past the context.
+        # Never shorter than asked: in exact mode the padding slots may reach past the context.
         max_len = max(max_len, min(-(-max_len // BUCKET) * BUCKET, config.n_positions))
         # Ordinary tensors even when called under inference_mode (as the samplers are): a buffer made there could
         # not be written outside it later.

@@ -98,7 +98,7 @@ def test_sampling_mode_and_options(checkpoints):
     "args, message",
     [
         (["--lookahead", "0"], "argument --lookahead/-K: invalid value '0': give an integer >= 1, or auto"),
-        (["--temperature", "-1"], "argument --temperature: invalid value '-1': must be >= 0"),
+        (["--temperature", "-1"], "argument --temperature: invalid value '-1': must be a finite number >= 0"),
         (["--temperature", "inf"], "argument --temperature: invalid value 'inf': must be a finite number"),
         (["--top-p", "2"], "argument --top-p: invalid value '2': must be in (0, 1]"),
         (["--top-k", "2.5"], "argument --top-k: invalid value '2.5'"),
