@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -137,7 +138,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"with --prompts-file: prompts decoded together, in the file's order (default: "
                         f"{DEFAULT_BATCH_SIZE})")
     parser.add_argument("--output", metavar="FILE.jsonl", default=None,
-                        help="with --prompts-file: write the JSON lines to this file instead of stdout. It is emptied "
+                        help="with --prompts-file: write the JSON lines to this file instead of stdout: a regular file or a new "
+                        "one, never a symbolic link, a FIFO or a device. It is emptied "
                         "when decoding starts (a run that fails earlier leaves it as it was); each line is written "
                         "whole as soon as its prompt finishes, so an interrupted or failed run keeps every line "
                         "written so far, and never half a line")
@@ -268,15 +270,25 @@ def _run(args) -> int:
     names = {"target": args.target} | ({"draft": args.draft} if args.mode != "naive" and not lookup else {})
     _check_before_loading(args, names, device)
     # Find both checkpoints (downloading if needed), check them against the prompt, and only then load them.
-    folders = {}
+    # Every check that can fail runs here, before loading, warm-up or --output: a run that cannot finish stops
+    # before it has emptied an older file.
+    folders, configs = {}, {}
     for role, name in names.items():
         try:
             folders[role] = find_checkpoint(name, weights_dir=args.weights_dir, allow_download=not args.no_download)
-            config = checkpoint_config(folders[role], preset_of(name))
+            configs[role] = config = checkpoint_config(folders[role], preset_of(name))
         except (ValueError, DownloadError) as e:
             raise type(e)(f"--{role} {name}: {e}") from None
+        if not args.ignore_eos and enc.eot_token >= config.vocab_size:
+            raise ValueError(f"--{role} {name}: its vocabulary of {config.vocab_size} tokens lacks GPT-2's end-of-text "
+                             f"id {enc.eot_token}, where decoding stops: pass --ignore-eos (it then stops after "
+                             f"--max-new-tokens), or use a checkpoint with the GPT-2 vocabulary")
         for tokens, where, shorten in checked:
             _check_config(role, config, tokens, args.max_new_tokens, enc.n_vocab, where, shorten)
+    if "draft" in configs and configs["draft"].vocab_size != configs["target"].vocab_size:
+        raise ValueError(f"the draft has {configs['draft'].vocab_size} tokens, the target "
+                         f"{configs['target'].vocab_size}: a draft proposes the target's tokens, so they must share "
+                         f"one vocabulary: use a draft with the target's")
     models, load_seconds = {}, {}
     for role in folders:
         print(f"Loading {role} {printable(names[role])} ({dtype_name(dtype)}, {device}) ...", file=sys.stderr)
@@ -375,27 +387,90 @@ def _check_before_loading(args, names: dict[str, str], device: torch.device) -> 
         raise ValueError("--show-acceptance marks speculative sampling's tokens: use --mode both or --mode speculative")
     if args.output is not None:
         _check_writable("--output", args.output, "results.jsonl")
-    named = (("--prompts-file", args.prompts_file), ("--output", args.output), ("--trace", args.trace))
-    files = {flag: Path(name).resolve() for flag, name in named if name}
-    for i, (flag, path) in enumerate(files.items()):
-        for other, other_path in list(files.items())[i + 1:]:
-            if path == other_path:
-                raise ValueError(f"{other} {files[other]} is the {flag} file too: give it another name")
+    named = [(flag, name) for flag, name in (("--prompts-file", args.prompts_file), ("--output", args.output),
+                                             ("--trace", args.trace)) if name]
+    for i, (flag, name) in enumerate(named):
+        for other, other_name in named[i + 1:]:
+            if _same_file(name, other_name):
+                raise ValueError(f"{other} {Path(other_name).resolve()} is the {flag} file too: give it another name")
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two names are one file: one path, or (a hard link has a path of its own) one device and inode."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        first, second = os.stat(a), os.stat(b)
+    except OSError:  # one of them is a new file
+        return False
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
 def _check_writable(flag: str, name: str, example: str) -> None:
     """Refuses, before any model loads, an output file that could not be written."""
     path = Path(name)
+    if flag == "--output":
+        try:  # a look at the name itself (lstat), never through a link, never an open of a FIFO or device
+            _refuse_unless_regular(name, os.lstat(path))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise ValueError(f"{flag} {name}: cannot reach it ({e.strerror or e}): choose another file") from None
     if path.is_dir() or not path.parent.is_dir():
         raise ValueError(f"{flag} {name}: give a file in an existing folder, e.g. {example}")
+    if flag == "--output" and os.path.lexists(path):  # written in place: the file itself must open for writing
+        os.close(open_output(name, truncate=False))
+        return
     try:  # a real try, not os.access: root passes access() checks, yet cannot write to /sys
-        if flag == "--output" and path.exists():  # written in place: the file itself must open for writing
-            open(path, "ab").close()
-        else:  # a new file, or the trace page, which is written beside its name, then renamed
-            tempfile.TemporaryFile(dir=path.parent).close()
+        tempfile.TemporaryFile(dir=path.parent).close()  # a new file, or the trace page (written beside, renamed)
     except OSError as e:
-        where = path if flag == "--output" and path.exists() else f"a file in {path.parent}"
-        raise ValueError(f"{flag} {name}: cannot write {where} ({e.strerror or e}): choose another folder") from None
+        raise ValueError(f"{flag} {name}: cannot write a file in {path.parent} ({e.strerror or e}): choose another "
+                         f"folder") from None
+
+
+def open_output(name: str, *, truncate: bool) -> int:
+    """A descriptor that appends to --output `name`, a regular file (emptied if `truncate`) or a new one.
+
+    Never written through a symbolic link, and never opened for writing when it is not a regular file: a FIFO
+    would block until a reader comes and hand that reader an end of file, a device may act on being opened.
+    ValueError, one line, for what is refused or cannot be opened.
+    """
+    try:
+        before = os.lstat(name)
+    except FileNotFoundError:
+        before = None
+    except OSError as e:
+        raise ValueError(f"--output {name}: cannot reach it ({e.strerror or e}): choose another file") from None
+    if before is not None:
+        _refuse_unless_regular(name, before)
+    # O_NOFOLLOW and O_EXCL: should a link or a FIFO take the name after the look above, the open fails rather than
+    # following it; O_NONBLOCK: nor can it wait (on a regular file the flag changes nothing).
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags | (os.O_CREAT | os.O_EXCL if before is None else 0), 0o666)
+    except OSError as e:
+        raise ValueError(f"--output {name}: cannot write it ({e.strerror or e}): choose another file") from None
+    after = os.fstat(fd)
+    if not stat.S_ISREG(after.st_mode) or (before is not None and (before.st_dev, before.st_ino) != (
+            after.st_dev, after.st_ino)):
+        os.close(fd)
+        raise ValueError(f"--output {name} changed while it was opened: run again")
+    if truncate:
+        os.ftruncate(fd, 0)
+    return fd
+
+
+def _refuse_unless_regular(name: str, status: os.stat_result) -> None:
+    """ValueError unless `status` (an lstat) is a regular file's."""
+    mode = status.st_mode
+    if stat.S_ISLNK(mode):
+        raise ValueError(f"--output {name} is a symbolic link, which is never written through: give the file it "
+                         f"points to, or a new name")
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else
+                "a socket" if stat.S_ISSOCK(mode) else "a device")
+        raise ValueError(f"--output {name} is {kind}, not a regular file: give a regular file or a new name (or "
+                         f"leave out --output to write the lines to stdout)")
 
 
 def _check_config(role: str, config, prompt: list[int], max_new_tokens: int, tokenizer_vocab: int, where: str = "",

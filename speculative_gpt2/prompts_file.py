@@ -10,7 +10,6 @@ from __future__ import annotations
 import codecs
 import json
 import os
-import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import torch
 
 from gpt2_model import write_atomically
 from speculative import Generation
-from speculative_gpt2.cli import EXACT, NAIVE, SPECULATIVE, _peak_memory
+from speculative_gpt2.cli import EXACT, NAIVE, SPECULATIVE, _peak_memory, open_output
 from speculative_gpt2.render import printable
 
 
@@ -82,7 +81,8 @@ def _json_prompt(line: str, where: str) -> str:
 
 
 class JsonLines:
-    """Writes one JSON object per line, to a file (emptied when opened) or to stdout, each line whole and at once.
+    """Writes one JSON object per line, to a regular file (emptied when opened) or to stdout, each line whole and
+    at once.
 
     A file is written in place, not renamed into place at the end: a reader (`tail -f`) sees every finished line,
     and a run that is killed keeps them. Should a write stop midway (a full disk, Ctrl-C between two partial
@@ -92,10 +92,8 @@ class JsonLines:
 
     def __init__(self, path: str | None):
         self.path, self.count, self.size = path, 0, 0
-        self.fd = None if path is None else os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o666)
-        # Only a regular file can be cut back; a pipe or a terminal gets each line in one write call.
-        self.regular = self.fd is not None and stat.S_ISREG(os.fstat(self.fd).st_mode)
+        # A regular file or a new one, never through a link (cli.open_output), so that it can always be cut back.
+        self.fd = None if path is None else open_output(path, truncate=True)
 
     def write(self, record: dict) -> None:
         line = json.dumps(record) + "\n"
@@ -109,8 +107,7 @@ class JsonLines:
                 while done < len(data):
                     done += os.write(self.fd, data[done:])
             except BaseException:
-                if self.regular:
-                    os.ftruncate(self.fd, self.size)
+                os.ftruncate(self.fd, self.size)
                 raise
             self.size += len(data)
         self.count += 1
