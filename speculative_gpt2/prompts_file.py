@@ -75,6 +75,15 @@ def _json_prompt(line: str, where: str) -> str:
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: invalid JSON ({e.msg}, column {e.colno}): the file's first line starts with {{, "
                          f"so every line must be a JSON object with a \"prompt\" string") from None
+    except RecursionError:  # the parser recurses once per bracket: thousands of them exhaust Python's stack
+        raise ValueError(f"{where}: nested too deeply to read (thousands of brackets): write "
+                         f"{{\"prompt\": \"your text\"}}") from None
+    except Exception as e:  # whatever else the parser raises: still this line's fault, named
+        if isinstance(e, ValueError) and "digits" in str(e):  # Python converts at most this many digits to an int
+            raise ValueError(f"{where}: a number with more than {sys.get_int_max_str_digits()} digits, more than "
+                             f"Python reads: shorten it, or write it as a string") from None
+        raise ValueError(f"{where}: cannot be read as JSON ({type(e).__name__}: {e}): write "
+                         f"{{\"prompt\": \"your text\"}}") from None
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
         raise ValueError(f'{where}: this JSON line has no "prompt" string: write {{"prompt": "your text"}}')
     return record["prompt"]
