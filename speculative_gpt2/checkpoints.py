@@ -11,7 +11,8 @@ take turns on a lock file.
 
 The weights folder (`default_weights_dir()`): $SPECULATIVE_GPT2_WEIGHTS if set; else `weights/` of a source checkout
 (the folder beside gpt2_model.py, when it has one); else the user's cache, `$XDG_CACHE_HOME/speculative-gpt2`
-(default `~/.cache/speculative-gpt2`), so that an installed package works from any directory.
+(default `~/.cache/speculative-gpt2`; a relative XDG_CACHE_HOME is ignored, as the XDG specification says), so
+that an installed package works from any directory.
 """
 
 from __future__ import annotations
@@ -43,13 +44,62 @@ HUB_REPOS = {
 
 
 def default_weights_dir() -> Path:
-    """Where preset checkpoints live by default (see the module docstring); read anew at every call."""
-    if os.environ.get(ENV_WEIGHTS):
-        return Path(os.environ[ENV_WEIGHTS]).expanduser()
+    """Where preset checkpoints live by default (see the module docstring); read anew at every call. ValueError,
+    naming the variable to set, when the environment names a folder that cannot be found (`~user` unknown)."""
+    weights = _environment_path(ENV_WEIGHTS)
+    if weights is not None:
+        return weights
     checkout = Path(__file__).resolve().parent.parent
     if (checkout / "weights").is_dir() and (checkout / "pyproject.toml").is_file():
         return checkout / "weights"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "speculative-gpt2"
+    return _cache_home(f"set {ENV_WEIGHTS} (or pass --weights-dir)") / "speculative-gpt2"
+
+
+def describe_default_weights_dir() -> str:
+    """`default_weights_dir()` as text for a --help, which must show even when the environment is wrong."""
+    try:
+        return str(default_weights_dir())
+    except ValueError as e:
+        return f"none, {e}"
+
+
+def _environment_path(variable: str) -> Path | None:
+    """The folder an environment variable names, a leading `~` or `~user` expanded; None when it is unset or
+    empty. ValueError naming the variable when the home folder it refers to cannot be found."""
+    value = os.environ.get(variable)
+    if not value:
+        return None
+    if not value.startswith("~"):
+        return Path(value)
+    user = value[1:].split("/")[0]
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # an unknown user, or no HOME and no entry in the password database
+        path = None
+    if path is None or not path.is_absolute():
+        whose = f"user {user!r} has no home folder here" if user else "HOME is unset or not an absolute path"
+        raise ValueError(f"{variable}={value!r}: {whose}, so its ~ cannot be expanded: set {variable} to an "
+                         f"absolute path{'' if user else ', or set HOME'}")
+    return path
+
+
+def _home(instead: str) -> Path:
+    """The user's home folder; ValueError naming what to set when there is none (`instead`: what else would do)."""
+    try:
+        home = Path.home()
+    except RuntimeError:  # no HOME, and no entry in the password database
+        home = None
+    if home is None or not home.is_absolute():
+        raise ValueError(f"cannot find your home folder (HOME is unset or not an absolute path): set HOME to it, or "
+                         f"{instead}")
+    return home
+
+
+def _cache_home(instead: str) -> Path:
+    """$XDG_CACHE_HOME, else ~/.cache. A relative value is ignored, as the XDG Base Directory specification says:
+    it would mean another folder in every working folder."""
+    cache = _environment_path("XDG_CACHE_HOME")
+    return cache if cache is not None and cache.is_absolute() else _home(instead) / ".cache"
 
 
 def find_checkpoint(name_or_path, *, weights_dir=None, allow_download=True) -> Path:
@@ -191,10 +241,15 @@ def _cache_note(name: str) -> str:
 
 
 def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+    """The Hugging Face hub cache, where huggingface_hub puts it: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub (a `~` expanded in each). ValueError naming the
+    variable when one cannot be expanded."""
+    hub = _environment_path("HF_HUB_CACHE")
+    if hub is not None:
+        return hub
+    home = _environment_path("HF_HOME")
+    instead = "set HF_HUB_CACHE or HF_HOME to the Hugging Face cache"
+    return (home if home is not None else _cache_home(instead) / "huggingface") / "hub"
 
 
 def hf_cache_snapshot(name: str) -> Path | None:
@@ -390,15 +445,17 @@ def _hash(path: Path, kind: str) -> str:
 if __name__ == "__main__":
     import argparse
 
+    from speculative_gpt2.render import printable  # paths and messages may hold characters a terminal acts on
+
     parser = argparse.ArgumentParser(
         description="Download GPT-2 checkpoints from the Hugging Face hub into <weights-dir>/<name>/ (unless it or the "
         "Hugging Face cache already has them: then their folder is printed).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("names", nargs="+", choices=list(HUB_REPOS), metavar="NAME", help=", ".join(HUB_REPOS))
-    parser.add_argument("--weights-dir", default=str(default_weights_dir()), help=f"where checkpoints go (${ENV_WEIGHTS} sets it)")
+    # The default as text only: a wrong environment is reported when a download needs the folder, not by --help.
+    parser.add_argument("--weights-dir", default=None, help=f"where checkpoints go (default: "
+                        f"{printable(describe_default_weights_dir()).replace('%', '%%')}; ${ENV_WEIGHTS} sets it)")
     args = parser.parse_args()
-    from speculative_gpt2.render import printable  # paths and messages may hold characters a terminal acts on
 
     for preset in args.names:
         try:  # a copy already in weights/ or the Hugging Face cache is reported, not downloaded again

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from speculative_gpt2.checkpoints import ENV_WEIGHTS, DownloadError, default_weights_dir, find_checkpoint, preset_of
+from speculative_gpt2.checkpoints import (ENV_WEIGHTS, DownloadError, describe_default_weights_dir, find_checkpoint,
+                                          preset_of)
 from gpt2_model import GPT2, PRESETS, OutOfMemory, checkpoint_config, padded_rows, write_atomically
 from speculative_gpt2.drafters import PromptLookupDrafter
 from speculative_gpt2.hardware import DTYPES, dtype_name, hardware_name, resolve_device, resolve_dtype
@@ -194,8 +195,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="write a self-contained page of the speculative run, round by round: drafts, p, q, "
                         "min(1, q/p), the draws r, verdicts and times; with --prompts-file, one page with a section "
                         "per prompt (written at the end, or with the prompts finished when a run stops early)")
-    parser.add_argument("--weights-dir", default=str(default_weights_dir()),
-                        help=f"where preset checkpoints live and downloads go (${ENV_WEIGHTS} sets the default)")
+    # The default is shown as text and found again when a preset needs it: a wrong environment (a `~user` that
+    # does not exist) is then one error of that run, and never stops --help.
+    parser.add_argument("--weights-dir", default=None,
+                        help=f"where preset checkpoints live and downloads go (default: "
+                        f"{printable(describe_default_weights_dir()).replace('%', '%%')}; ${ENV_WEIGHTS} sets the default)")
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
     args = parser.parse_args(argv)
     if args.ngram_min > args.ngram_max:
