@@ -139,8 +139,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"with --prompts-file: prompts decoded together, in the file's order (default: "
                         f"{DEFAULT_BATCH_SIZE})")
     parser.add_argument("--output", metavar="FILE.jsonl", default=None,
-                        help="with --prompts-file: write the JSON lines to this file instead of stdout: a regular file or a new "
-                        "one, never a symbolic link, a FIFO or a device. It is emptied "
+                        help="with --prompts-file: write the JSON lines to this file instead of stdout: a regular file "
+                        "or a new one, never a symbolic link, a FIFO or a device. It is emptied "
                         "when decoding starts (a run that fails earlier leaves it as it was); each line is written "
                         "whole as soon as its prompt finishes, so an interrupted or failed run keeps every line "
                         "written so far, and never half a line")
@@ -199,7 +199,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # does not exist) is then one error of that run, and never stops --help.
     parser.add_argument("--weights-dir", default=None,
                         help=f"where preset checkpoints live and downloads go (default: "
-                        f"{printable(describe_default_weights_dir()).replace('%', '%%')}; ${ENV_WEIGHTS} sets the default)")
+                        f"{printable(describe_default_weights_dir()).replace('%', '%%')}; ${ENV_WEIGHTS} sets the "
+                        f"default)")
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
     args = parser.parse_args(argv)
     if args.ngram_min > args.ngram_max:
