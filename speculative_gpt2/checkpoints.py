@@ -24,6 +24,7 @@ import json
 import http.client
 import os
 import re
+import stat
 import sys
 import time
 import urllib.error
@@ -160,37 +161,82 @@ def check_preset_folder(folder: Path, name: str) -> Path:
     if not same_shape(config, want):
         raise CheckpointError(f"{folder} holds a model with {describe(config)}, not the preset {name} "
                               f"({describe(want)}): move it elsewhere and pass its folder instead")
-    record = _read_record(folder)
+    record, why = _read_record(folder)
     if record is None:
-        raise CheckpointError(f"{folder} has no record of a verified download ({RECORD}), so it may not be the "
-                              f"official {name} (files placed by hand, random weights): {as_folder}")
+        what = f"no record of a verified download ({RECORD})" if why is None else (
+            f"no valid record of a verified download ({RECORD} {why})")
+        raise CheckpointError(f"{folder} has {what}, so it may not be the official {name} (files placed by hand, "
+                              f"random weights): {as_folder}")
     for path in [folder / "config.json", *checkpoint_files(folder)]:
-        entry, stat = record.get(path.name), path.stat() if path.exists() else None
-        if entry is None or stat is None or (entry.get("size"), entry.get("mtime_ns")) != (stat.st_size,
-                                                                                          stat.st_mtime_ns):
+        entry, status = record.get(path.name), path.stat() if path.exists() else None
+        if entry is None or status is None or (entry.get("size"), entry.get("mtime_ns")) != (status.st_size,
+                                                                                            status.st_mtime_ns):
             raise CheckpointError(f"{path} is not the file whose download was verified ({RECORD} records another "
                                   f"size or time, or none): {as_folder}")
     return folder
 
 
 RECORD = ".verified.json"
+# A record is a few hundred bytes: a file much larger is not one, and is not read.
+RECORD_LIMIT = 1 << 20
 
 
-def _read_record(folder: Path) -> dict | None:
-    """The files of `folder`'s verification record ({name: {"size", "mtime_ns", hash kind: hex}}), or None."""
+def _read_record(folder: Path) -> tuple[dict | None, str | None]:
+    """The files of `folder`'s verification record ({name: {"size", "mtime_ns", hash kind: hex}}), or None and why
+    it is not valid (None when there is no record).
+
+    Only a regular file of at most RECORD_LIMIT bytes is read, opened without following a link and without
+    waiting: a link to /dev/zero, a FIFO or a huge sparse file under the name is no record, found at once.
+    """
+    path = folder / RECORD
     try:
-        files = json.loads((folder / RECORD).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return files if isinstance(files, dict) and all(isinstance(v, dict) for v in files.values()) else None
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"cannot be read: {e.strerror or e}"
+    if (why := _not_a_record_file(status)) is not None:
+        return None, why
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        return None, f"cannot be read: {e.strerror or e}"
+    with os.fdopen(fd, "rb") as f:
+        why = _not_a_record_file(os.fstat(fd))  # what was opened: the name may have changed since the look
+        data = f.read(RECORD_LIMIT + 1) if why is None else b""
+    if why is None and len(data) > RECORD_LIMIT:  # it grew since the look
+        why = f"is more than a record's {RECORD_LIMIT // 2**20} MiB at most"
+    if why is not None:
+        return None, why
+    try:
+        files = json.loads(data)["files"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None, "is not a record: invalid JSON, or no \"files\""
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        return None, "is not a record: its \"files\" are not a table of files"
+    return files, None
+
+
+def _not_a_record_file(status: os.stat_result) -> str | None:
+    """Why a file (its lstat or fstat) cannot be a verification record, or None."""
+    mode = status.st_mode
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link, which is not followed"
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else (
+            "a socket" if stat.S_ISSOCK(mode) else "a device")
+        return f"is {kind}, not a regular file"
+    if status.st_size > RECORD_LIMIT:
+        return f"is {status.st_size:,} bytes, more than a record's {RECORD_LIMIT // 2**20} MiB at most"
+    return None
 
 
 def _write_record(folder: Path, name: str, hashes: dict[str, tuple[str, str]]) -> None:
     """Writes what the download verified: each file's hash, and its size and time for cheap checks later."""
     files = {}
     for filename, (kind, digest) in hashes.items():
-        stat = (folder / filename).stat()
-        files[filename] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, kind: digest}
+        status = (folder / filename).stat()
+        files[filename] = {"size": status.st_size, "mtime_ns": status.st_mtime_ns, kind: digest}
     record = {"preset": name, "from": _hub_url(name, ""), "files": files}
     write_atomically(folder / RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
 
@@ -302,7 +348,7 @@ def download(name: str, weights_dir: str | os.PathLike | None = None, *, retries
         raise DownloadError(f"cannot create {folder} for the download ({e.strerror or e}): choose another "
                             f"--weights-dir") from None
     with _download_lock(folder):
-        if _read_record(folder) is not None and all((folder / f).exists() for f in urls):
+        if _read_record(folder)[0] is not None and all((folder / f).exists() for f in urls):
             return folder  # another process downloaded it while this one waited: check_preset_folder checks it
         created = not folder.exists()
         folder.mkdir(exist_ok=True)
