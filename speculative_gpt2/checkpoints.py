@@ -244,7 +244,8 @@ def _write_record(folder: Path, name: str, hashes: dict[str, tuple[str, str]]) -
 @contextlib.contextmanager
 def _download_lock(folder: Path):
     """Holds an exclusive lock on `<weights_dir>/.<name>.lock` (beside the folder, which a failed download may
-    remove): a second process downloading the same preset waits here, then finds the files verified."""
+    remove): a second process downloading the same preset waits here, saying so on stderr, then finds the files
+    verified."""
     lock = folder.with_name(f".{folder.name}.lock")
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
@@ -252,7 +253,12 @@ def _download_lock(folder: Path):
         raise DownloadError(f"cannot create the lock file {lock} for the download ({e.strerror or e}): choose "
                             f"another --weights-dir") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: say once what this process waits for, rather than seem to hang
+            print(f"waiting for another process that is downloading {folder.name} into {str(folder.parent)!r} to "
+                  f"finish (it holds the lock file {str(lock)!r}) ...", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing releases the lock
