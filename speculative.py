@@ -34,6 +34,14 @@ Argument checks are at the end of the file; the command line is speculative_gpt2
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # the command line; before the imports below, so that a Ctrl-C while torch loads ends
+    # quietly too (speculative_gpt2/command.py)
+    import sys
+
+    from speculative_gpt2.command import main
+
+    sys.exit(main())
+
 import copy
 import math
 import time
@@ -650,10 +658,3 @@ def _token_list(prompt) -> list[int]:
         raise ValueError("prompt must hold integer token ids")
     return [int(t) for t in prompt]
 
-
-if __name__ == "__main__":
-    import sys
-
-    from speculative_gpt2.cli import main
-
-    sys.exit(main())
