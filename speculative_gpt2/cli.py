@@ -30,22 +30,29 @@ import torch
 
 from speculative_gpt2.checkpoints import (ENV_WEIGHTS, DownloadError, describe_default_weights_dir, find_checkpoint,
                                           preset_of)
-from gpt2_model import GPT2, PRESETS, OutOfMemory, checkpoint_config, padded_rows, write_atomically
+from gpt2_model import (GPT2, PRESETS, OutOfMemory, _is_out_of_memory, checkpoint_config, padded_rows,
+                        write_atomically)
 from speculative_gpt2.drafters import PromptLookupDrafter
 from speculative_gpt2.hardware import DTYPES, dtype_name, hardware_name, resolve_device, resolve_dtype
 from speculative_gpt2.lookahead import AdaptiveLookahead, break_even_alpha, estimated_alpha, predicted_speedup
 from speculative_gpt2.render import printable
-from speculative import Generation, Origin, autoregressive_sample, check_integer, check_real, speculative_sample
+from speculative import Generation, Origin, autoregressive_sample, speculative_sample
+from speculative_gpt2.checks import check_integer, check_real
 from speculative_gpt2.tokenizer import load_tokenizer
 
 # The name errors and --help go by: the script a checkout runs, or the installed console command.
 PROG = "speculative.py" if sys.argv and sys.argv[0].endswith("speculative.py") else "speculative-gpt2"
 # --draft ngram: prompt lookup drafting, no draft model.
 NGRAM = "ngram"
+MAX_NGRAM = PromptLookupDrafter.MAX_NGRAM
 # The toyllm blog post's prompt ("Implementing LLM Speculative Sampling in Under 100 Lines of Code").
 DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
 # --prompts-file: prompts decoded together when --batch-size is not given.
 DEFAULT_BATCH_SIZE = 8
+# The largest --lookahead. All K drafts are kept with probability about alpha^K, so a K of dozens gains nothing
+# over a few, while exact mode pads every target pass to K + 1 rows and the caches grow by K: a huge K only
+# allocates (10^9: gigabytes) or runs for minutes. K + 1 must also fit the target's context.
+MAX_LOOKAHEAD = 64
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -90,9 +97,10 @@ def _lookahead(text: str) -> int | str:
     if text == "auto":
         return text
     try:
-        return _checked(int, check_integer, minimum=1)(text)
+        return _checked(int, check_integer, minimum=1, maximum=MAX_LOOKAHEAD)(text)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give an integer >= 1, or auto") from None
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give an integer from 1 to {MAX_LOOKAHEAD}, or "
+                                         f"auto") from None
 
 
 def _prompt(text: str) -> str:
@@ -148,17 +156,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--draft", default="gpt2",
                         help=f"draft model: a preset name or a checkpoint folder; or {NGRAM}: prompt lookup, which "
                         "copies what followed the latest earlier match of the last n tokens (no draft model)")
-    parser.add_argument("--ngram-max", type=_checked(int, check_integer, minimum=1), default=3,
-                        help=f"--draft {NGRAM}: the longest n-gram matched first")
-    parser.add_argument("--ngram-min", type=_checked(int, check_integer, minimum=1), default=1,
+    parser.add_argument("--ngram-max", type=_checked(int, check_integer, minimum=1, maximum=MAX_NGRAM), default=3,
+                        help=f"--draft {NGRAM}: the longest n-gram matched first (at most {MAX_NGRAM})")
+    parser.add_argument("--ngram-min", type=_checked(int, check_integer, minimum=1, maximum=MAX_NGRAM), default=1,
                         help=f"--draft {NGRAM}: the shortest n-gram matched when no longer one is found")
     parser.add_argument("--max-new-tokens", type=_checked(int, check_integer, minimum=1), default=128,
                         help="tokens to generate")
     parser.add_argument("--lookahead", "-K", type=_lookahead, default=4,
-                        help="draft tokens proposed per round (K), or auto: chosen every round from the acceptance "
-                        "rate so far and the pass costs: measured at temperature 0 (where K cannot change the text "
-                        "in float32); at temperature > 0 the paper's cost model (a draft pass costs c target passes, "
-                        "c = draft / target parameters), so that --seed still decides the text")
+                        help=f"draft tokens proposed per round (K), from 1 to {MAX_LOOKAHEAD} (and K + 1 within the "
+                        "target's context: a round verifies K + 1 tokens in one pass), or auto: chosen every round "
+                        "from the acceptance rate so far and the pass costs: measured at temperature 0 (where K "
+                        "cannot change the text in float32); at temperature > 0 the paper's cost model (a draft pass "
+                        "costs c target passes, c = draft / target parameters), so that --seed still decides the text")
     parser.add_argument("--temperature", type=_checked(float, check_real, minimum=0), default=0.0,
                         help="0 is greedy; >0 samples")
     parser.add_argument("--top-k", type=_checked(int, check_integer, minimum=1), default=None,
@@ -224,12 +233,16 @@ def main(argv=None) -> int:
         return _run(args)
     except BrokenPipeError:  # the reader went away (`| head`): end quietly, as Unix tools do
         return _quiet_exit_after_broken_pipe()
-    except (MemoryError, torch.OutOfMemoryError):
-        print(f"{PROG}: error: out of memory: use a smaller model, --dtype bfloat16 or fewer --max-new-tokens",
-              file=sys.stderr)
-        return 2
     except (ValueError, DownloadError, OSError) as e:  # bad input, weights or files: one line, no traceback
         print(f"{PROG}: error: {printable(str(e))}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        # torch's OutOfMemoryError is a RuntimeError, and an allocator's refusal may be a plain one
+        # ("DefaultCPUAllocator: can't allocate memory"); any other RuntimeError is a bug, whose traceback helps.
+        if not _is_out_of_memory(e):
+            raise
+        print(f"{PROG}: error: out of memory: use a smaller model, --dtype bfloat16 or fewer --max-new-tokens",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # what was generated is already on the screen
         print(f"\n{PROG}: interrupted", file=sys.stderr)
@@ -288,6 +301,10 @@ def _run(args) -> int:
             raise ValueError(f"--{role} {name}: its vocabulary of {config.vocab_size} tokens lacks GPT-2's end-of-text "
                              f"id {enc.eot_token}, where decoding stops: pass --ignore-eos (it then stops after "
                              f"--max-new-tokens), or use a checkpoint with the GPT-2 vocabulary")
+        if role == "target" and args.lookahead != "auto" and args.lookahead + 1 > config.n_positions:
+            raise ValueError(f"--lookahead {args.lookahead}: a round verifies K + 1 = {args.lookahead + 1} tokens in "
+                             f"one pass of the target, whose context holds {config.n_positions}: give at most "
+                             f"{config.n_positions - 1}")
         for tokens, where, shorten in checked:
             _check_config(role, config, tokens, args.max_new_tokens, enc.n_vocab, where, shorten)
     if "draft" in configs and configs["draft"].vocab_size != configs["target"].vocab_size:
