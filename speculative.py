@@ -22,6 +22,11 @@ argument checks and the command line live in speculative_gpt2/ (records.py, argu
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # the command line, before torch loads: a Ctrl-C then ends quietly (command.py)
+    from speculative_gpt2.command import main
+
+    raise SystemExit(main())
+
 import copy
 import time
 from functools import partial
@@ -391,10 +396,3 @@ def _batch_drafter(draft, batch_size: int) -> BatchDrafter:
                          f"speculative_gpt2/drafters.py), got {type(draft).__name__}")
     return PerRowDrafters([draft] if batch_size == 1 else [copy.deepcopy(draft) for _ in range(batch_size)])
 
-
-if __name__ == "__main__":
-    import sys
-
-    from speculative_gpt2.cli import main
-
-    sys.exit(main())

@@ -11,7 +11,8 @@ take turns on a lock file.
 
 The weights folder (`default_weights_dir()`): $SPECULATIVE_GPT2_WEIGHTS if set; else `weights/` of a source checkout
 (the folder beside gpt2_model.py, when it has one); else the user's cache, `$XDG_CACHE_HOME/speculative-gpt2`
-(default `~/.cache/speculative-gpt2`), so that an installed package works from any directory.
+(default `~/.cache/speculative-gpt2`; a relative XDG_CACHE_HOME is ignored, as the XDG specification says), so
+that an installed package works from any directory.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import http.client
 import os
 import re
+import stat
 import sys
 import time
 import urllib.error
@@ -53,13 +55,62 @@ HUB_REPOS = {
 
 
 def default_weights_dir() -> Path:
-    """Where preset checkpoints live by default (see the module docstring); read anew at every call."""
-    if os.environ.get(ENV_WEIGHTS):
-        return Path(os.environ[ENV_WEIGHTS]).expanduser()
+    """Where preset checkpoints live by default (see the module docstring); read anew at every call. ValueError,
+    naming the variable to set, when the environment names a folder that cannot be found (`~user` unknown)."""
+    weights = _environment_path(ENV_WEIGHTS)
+    if weights is not None:
+        return weights
     checkout = Path(__file__).resolve().parent.parent
     if (checkout / "weights").is_dir() and (checkout / "pyproject.toml").is_file():
         return checkout / "weights"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "speculative-gpt2"
+    return _cache_home(f"set {ENV_WEIGHTS} (or pass --weights-dir)") / "speculative-gpt2"
+
+
+def describe_default_weights_dir() -> str:
+    """`default_weights_dir()` as text for a --help, which must show even when the environment is wrong."""
+    try:
+        return str(default_weights_dir())
+    except ValueError as e:
+        return f"none, {e}"
+
+
+def _environment_path(variable: str) -> Path | None:
+    """The folder an environment variable names, a leading `~` or `~user` expanded; None when it is unset or
+    empty. ValueError naming the variable when the home folder it refers to cannot be found."""
+    value = os.environ.get(variable)
+    if not value:
+        return None
+    if not value.startswith("~"):
+        return Path(value)
+    user = value[1:].split("/")[0]
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # an unknown user, or no HOME and no entry in the password database
+        path = None
+    if path is None or not path.is_absolute():
+        whose = f"user {user!r} has no home folder here" if user else "HOME is unset or not an absolute path"
+        raise ValueError(f"{variable}={value!r}: {whose}, so its ~ cannot be expanded: set {variable} to an "
+                         f"absolute path{'' if user else ', or set HOME'}")
+    return path
+
+
+def _home(instead: str) -> Path:
+    """The user's home folder; ValueError naming what to set when there is none (`instead`: what else would do)."""
+    try:
+        home = Path.home()
+    except RuntimeError:  # no HOME, and no entry in the password database
+        home = None
+    if home is None or not home.is_absolute():
+        raise ValueError(f"cannot find your home folder (HOME is unset or not an absolute path): set HOME to it, or "
+                         f"{instead}")
+    return home
+
+
+def _cache_home(instead: str) -> Path:
+    """$XDG_CACHE_HOME, else ~/.cache. A relative value is ignored, as the XDG Base Directory specification says:
+    it would mean another folder in every working folder."""
+    cache = _environment_path("XDG_CACHE_HOME")
+    return cache if cache is not None and cache.is_absolute() else _home(instead) / ".cache"
 
 
 def find_checkpoint(name_or_path, *, weights_dir=None, allow_download=True) -> Path:
@@ -135,37 +186,82 @@ def check_preset_folder(folder: Path, name: str) -> Path:
     if any(config[k] != want[k] for k in ("n_layer", "n_head", "n_embd")):
         raise CheckpointError(f"{folder} holds a model with {describe(config)}, not the preset {name} "
                               f"({describe(want)}): move it elsewhere and pass its folder instead")
-    record = _read_record(folder)
+    record, why = _read_record(folder)
     if record is None:
-        raise CheckpointError(f"{folder} has no record of a verified download ({RECORD}), so it may not be the "
-                              f"official {name} (files placed by hand, random weights): {as_folder}")
+        what = f"no record of a verified download ({RECORD})" if why is None else (
+            f"no valid record of a verified download ({RECORD} {why})")
+        raise CheckpointError(f"{folder} has {what}, so it may not be the official {name} (files placed by hand, "
+                              f"random weights): {as_folder}")
     for path in [folder / "config.json", *checkpoint_files(folder)]:
-        entry, stat = record.get(path.name), path.stat() if path.exists() else None
-        if entry is None or stat is None or (entry.get("size"), entry.get("mtime_ns")) != (stat.st_size,
-                                                                                          stat.st_mtime_ns):
+        entry, status = record.get(path.name), path.stat() if path.exists() else None
+        if entry is None or status is None or (entry.get("size"), entry.get("mtime_ns")) != (status.st_size,
+                                                                                            status.st_mtime_ns):
             raise CheckpointError(f"{path} is not the file whose download was verified ({RECORD} records another "
                                   f"size or time, or none): {as_folder}")
     return folder
 
 
 RECORD = ".verified.json"
+# A record is a few hundred bytes: a file much larger is not one, and is not read.
+RECORD_LIMIT = 1 << 20
 
 
-def _read_record(folder: Path) -> dict | None:
-    """The files of `folder`'s verification record ({name: {"size", "mtime_ns", hash kind: hex}}), or None."""
+def _read_record(folder: Path) -> tuple[dict | None, str | None]:
+    """The files of `folder`'s verification record ({name: {"size", "mtime_ns", hash kind: hex}}), or None and why
+    it is not valid (None when there is no record).
+
+    Only a regular file of at most RECORD_LIMIT bytes is read, opened without following a link and without
+    waiting: a link to /dev/zero, a FIFO or a huge sparse file under the name is no record, found at once.
+    """
+    path = folder / RECORD
     try:
-        files = json.loads((folder / RECORD).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return files if isinstance(files, dict) and all(isinstance(v, dict) for v in files.values()) else None
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"cannot be read: {e.strerror or e}"
+    if (why := _not_a_record_file(status)) is not None:
+        return None, why
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        return None, f"cannot be read: {e.strerror or e}"
+    with os.fdopen(fd, "rb") as f:
+        why = _not_a_record_file(os.fstat(fd))  # what was opened: the name may have changed since the look
+        data = f.read(RECORD_LIMIT + 1) if why is None else b""
+    if why is None and len(data) > RECORD_LIMIT:  # it grew since the look
+        why = f"is more than a record's {RECORD_LIMIT // 2**20} MiB at most"
+    if why is not None:
+        return None, why
+    try:
+        files = json.loads(data)["files"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None, "is not a record: invalid JSON, or no \"files\""
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        return None, "is not a record: its \"files\" are not a table of files"
+    return files, None
+
+
+def _not_a_record_file(status: os.stat_result) -> str | None:
+    """Why a file (its lstat or fstat) cannot be a verification record, or None."""
+    mode = status.st_mode
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link, which is not followed"
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else (
+            "a socket" if stat.S_ISSOCK(mode) else "a device")
+        return f"is {kind}, not a regular file"
+    if status.st_size > RECORD_LIMIT:
+        return f"is {status.st_size:,} bytes, more than a record's {RECORD_LIMIT // 2**20} MiB at most"
+    return None
 
 
 def _write_record(folder: Path, name: str, hashes: dict[str, tuple[str, str]]) -> None:
     """Writes what the download verified: each file's hash, and its size and time for cheap checks later."""
     files = {}
     for filename, (kind, digest) in hashes.items():
-        stat = (folder / filename).stat()
-        files[filename] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, kind: digest}
+        status = (folder / filename).stat()
+        files[filename] = {"size": status.st_size, "mtime_ns": status.st_mtime_ns, kind: digest}
     record = {"preset": name, "from": _hub_url(name, ""), "files": files}
     write_atomically(folder / RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
 
@@ -173,7 +269,8 @@ def _write_record(folder: Path, name: str, hashes: dict[str, tuple[str, str]]) -
 @contextlib.contextmanager
 def _download_lock(folder: Path):
     """Holds an exclusive lock on `<weights_dir>/.<name>.lock` (beside the folder, which a failed download may
-    remove): a second process downloading the same preset waits here, then finds the files verified."""
+    remove): a second process downloading the same preset waits here, saying so on stderr, then finds the files
+    verified."""
     lock = folder.with_name(f".{folder.name}.lock")
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
@@ -181,7 +278,12 @@ def _download_lock(folder: Path):
         raise DownloadError(f"cannot create the lock file {lock} for the download ({e.strerror or e}): choose "
                             f"another --weights-dir") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: say once what this process waits for, rather than seem to hang
+            print(f"waiting for another process that is downloading {folder.name} into {str(folder.parent)!r} to "
+                  f"finish (it holds the lock file {str(lock)!r}) ...", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing releases the lock
@@ -216,10 +318,15 @@ def _cache_note(name: str) -> str:
 
 
 def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+    """The Hugging Face hub cache, where huggingface_hub puts it: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub (a `~` expanded in each). ValueError naming the
+    variable when one cannot be expanded."""
+    hub = _environment_path("HF_HUB_CACHE")
+    if hub is not None:
+        return hub
+    home = _environment_path("HF_HOME")
+    instead = "set HF_HUB_CACHE or HF_HOME to the Hugging Face cache"
+    return (home if home is not None else _cache_home(instead) / "huggingface") / "hub"
 
 
 def hf_cache_snapshot(name: str) -> Path | None:
@@ -272,7 +379,7 @@ def download(name: str, weights_dir: str | os.PathLike | None = None, *, retries
         raise DownloadError(f"cannot create {folder} for the download ({e.strerror or e}): choose another "
                             f"--weights-dir") from None
     with _download_lock(folder):
-        if _read_record(folder) is not None and all((folder / f).exists() for f in urls):
+        if _read_record(folder)[0] is not None and all((folder / f).exists() for f in urls):
             return folder  # another process downloaded it while this one waited: check_preset_folder checks it
         created = not folder.exists()
         folder.mkdir(exist_ok=True)
@@ -418,11 +525,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description="Download GPT-2 checkpoints from the Hugging Face hub into <weights-dir>/<name>/ (unless it or the "
         "Hugging Face cache already has them: then their folder is printed).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("names", nargs="+", choices=list(HUB_REPOS), metavar="NAME", help=", ".join(HUB_REPOS))
-    parser.add_argument("--weights-dir", default=str(default_weights_dir()), help=f"where checkpoints go (${ENV_WEIGHTS} sets it)")
+    # The default as text only: a wrong environment is reported when a download needs the folder, not by --help.
+    parser.add_argument("--weights-dir", default=None, help=f"where checkpoints go (default: "
+                        f"{printable(describe_default_weights_dir()).replace('%', '%%')}; ${ENV_WEIGHTS} sets it)")
     args = parser.parse_args()
+
     for preset in args.names:
         try:  # a copy already in weights/ or the Hugging Face cache is reported, not downloaded again
             print(printable(str(find_checkpoint(preset, weights_dir=args.weights_dir))))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -29,13 +30,13 @@ import torch
 
 from gpt2_model import GPT2, GPT2Config
 from speculative import autoregressive_sample, speculative_sample
-from speculative_gpt2.checkpoints import (ENV_WEIGHTS, PRESETS, DownloadError, checkpoint_config, default_weights_dir,
-                                          find_checkpoint, preset_of)
+from speculative_gpt2.checkpoints import (ENV_WEIGHTS, PRESETS, DownloadError, checkpoint_config,
+                                          describe_default_weights_dir, find_checkpoint, preset_of)
 from speculative_gpt2.checks import check_integer, check_real
 from speculative_gpt2.drafters import PromptLookupDrafter
-from speculative_gpt2.errors import OutOfMemory
+from speculative_gpt2.errors import OutOfMemory, is_out_of_memory
 from speculative_gpt2.exact import padded_rows
-from speculative_gpt2.files import write_atomically
+from speculative_gpt2.files import open_output, refuse_unless_regular, write_atomically
 from speculative_gpt2.lookahead import AdaptiveLookahead
 from speculative_gpt2.machine import DTYPES, dtype_name, hardware_name, peak_memory, resolve_device, resolve_dtype
 from speculative_gpt2.packing import pack_linears
@@ -48,10 +49,15 @@ from speculative_gpt2.tokenizer import load_tokenizer
 PROG = "speculative.py" if sys.argv and sys.argv[0].endswith("speculative.py") else "speculative-gpt2"
 # --draft ngram: prompt lookup drafting, no draft model.
 NGRAM = "ngram"
+MAX_NGRAM = PromptLookupDrafter.MAX_NGRAM
 # The toyllm blog post's prompt ("Implementing LLM Speculative Sampling in Under 100 Lines of Code").
 DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
 # --prompts-file: prompts decoded together when --batch-size is not given.
 DEFAULT_BATCH_SIZE = 8
+# The largest --lookahead. All K drafts are kept with probability about alpha^K, so a K of dozens gains nothing
+# over a few, while exact mode pads every target pass to K + 1 rows and the caches grow by K: a huge K only
+# allocates (10^9: gigabytes) or runs for minutes. K + 1 must also fit the target's context.
+MAX_LOOKAHEAD = 64
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -96,9 +102,10 @@ def _lookahead(text: str) -> int | str:
     if text == "auto":
         return text
     try:
-        return _checked(int, check_integer, minimum=1)(text)
+        return _checked(int, check_integer, minimum=1, maximum=MAX_LOOKAHEAD)(text)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give an integer >= 1, or auto") from None
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give an integer from 1 to {MAX_LOOKAHEAD}, or "
+                                         f"auto") from None
 
 
 def _prompt(text: str) -> str:
@@ -145,7 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"with --prompts-file: prompts decoded together, in the file's order (default: "
                         f"{DEFAULT_BATCH_SIZE})")
     parser.add_argument("--output", metavar="FILE.jsonl", default=None,
-                        help="with --prompts-file: write the JSON lines to this file instead of stdout. It is emptied "
+                        help="with --prompts-file: write the JSON lines to this file instead of stdout: a regular file "
+                        "or a new one, never a symbolic link, a FIFO or a device. It is emptied "
                         "when decoding starts (a run that fails earlier leaves it as it was); each line is written "
                         "whole as soon as its prompt finishes, so an interrupted or failed run keeps every line "
                         "written so far, and never half a line")
@@ -153,17 +161,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--draft", default="gpt2",
                         help=f"draft model: a preset name or a checkpoint folder; or {NGRAM}: prompt lookup, which "
                         "copies what followed the latest earlier match of the last n tokens (no draft model)")
-    parser.add_argument("--ngram-max", type=_checked(int, check_integer, minimum=1), default=3,
-                        help=f"--draft {NGRAM}: the longest n-gram matched first")
-    parser.add_argument("--ngram-min", type=_checked(int, check_integer, minimum=1), default=1,
+    parser.add_argument("--ngram-max", type=_checked(int, check_integer, minimum=1, maximum=MAX_NGRAM), default=3,
+                        help=f"--draft {NGRAM}: the longest n-gram matched first (at most {MAX_NGRAM})")
+    parser.add_argument("--ngram-min", type=_checked(int, check_integer, minimum=1, maximum=MAX_NGRAM), default=1,
                         help=f"--draft {NGRAM}: the shortest n-gram matched when no longer one is found")
     parser.add_argument("--max-new-tokens", type=_checked(int, check_integer, minimum=1), default=128,
                         help="tokens to generate")
     parser.add_argument("--lookahead", "-K", type=_lookahead, default=4,
-                        help="draft tokens proposed per round (K), or auto: chosen every round from the acceptance "
-                        "rate so far and the pass costs: measured at temperature 0 (where K cannot change the text "
-                        "in float32); at temperature > 0 the paper's cost model (a draft pass costs c target passes, "
-                        "c = draft / target parameters), so that --seed still decides the text")
+                        help=f"draft tokens proposed per round (K), from 1 to {MAX_LOOKAHEAD} (and K + 1 within the "
+                        "target's context: a round verifies K + 1 tokens in one pass), or auto: chosen every round "
+                        "from the acceptance rate so far and the pass costs: measured at temperature 0 (where K "
+                        "cannot change the text in float32); at temperature > 0 the paper's cost model (a draft pass "
+                        "costs c target passes, c = draft / target parameters), so that --seed still decides the text")
     parser.add_argument("--temperature", type=_checked(float, check_real, minimum=0), default=0.0,
                         help="0 is greedy; >0 samples")
     parser.add_argument("--top-k", type=_checked(int, check_integer, minimum=1), default=None,
@@ -200,8 +209,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="write a self-contained page of the speculative run, round by round: drafts, p, q, "
                         "min(1, q/p), the draws r, verdicts and times; with --prompts-file, one page with a section "
                         "per prompt (written at the end, or with the prompts finished when a run stops early)")
-    parser.add_argument("--weights-dir", default=str(default_weights_dir()),
-                        help=f"where preset checkpoints live and downloads go (${ENV_WEIGHTS} sets the default)")
+    # The default is shown as text and found again when a preset needs it: a wrong environment (a `~user` that
+    # does not exist) is then one error of that run, and never stops --help.
+    parser.add_argument("--weights-dir", default=None,
+                        help=f"where preset checkpoints live and downloads go (default: "
+                        f"{printable(describe_default_weights_dir()).replace('%', '%%')}; ${ENV_WEIGHTS} sets the "
+                        f"default)")
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
     args = parser.parse_args(argv)
     if args.ngram_min > args.ngram_max:
@@ -225,12 +238,16 @@ def main(argv=None) -> int:
         return _run(args)
     except BrokenPipeError:  # the reader went away (`| head`): end quietly, as Unix tools do
         return _quiet_exit_after_broken_pipe()
-    except (MemoryError, torch.OutOfMemoryError):
-        print(f"{PROG}: error: out of memory: use a smaller model, --dtype bfloat16 or fewer --max-new-tokens",
-              file=sys.stderr)
-        return 2
     except (ValueError, DownloadError, OSError) as e:  # bad input, weights or files: one line, no traceback
         print(f"{PROG}: error: {printable(str(e))}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        # torch's OutOfMemoryError is a RuntimeError, and an allocator's refusal may be a plain one
+        # ("DefaultCPUAllocator: can't allocate memory"); any other RuntimeError is a bug, whose traceback helps.
+        if not is_out_of_memory(e):
+            raise
+        print(f"{PROG}: error: out of memory: use a smaller model, --dtype bfloat16 or fewer --max-new-tokens",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # what was generated is already on the screen
         print(f"\n{PROG}: interrupted", file=sys.stderr)
@@ -274,15 +291,29 @@ def _run(args) -> int:
     names = {"target": args.target} | ({"draft": args.draft} if args.mode != "naive" and not lookup else {})
     _check_before_loading(args, names, device)
     # Find both checkpoints (downloading if needed), check them against the prompt, and only then load them.
-    folders = {}
+    # Every check that can fail runs here, before loading, warm-up or --output: a run that cannot finish stops
+    # before it has emptied an older file.
+    folders, configs = {}, {}
     for role, name in names.items():
         try:
             folders[role] = find_checkpoint(name, weights_dir=args.weights_dir, allow_download=not args.no_download)
-            config = GPT2Config(**checkpoint_config(folders[role], preset_of(name)))
+            configs[role] = config = GPT2Config(**checkpoint_config(folders[role], preset_of(name)))
         except (ValueError, DownloadError) as e:
             raise type(e)(f"--{role} {name}: {e}") from None
+        if not args.ignore_eos and enc.eot_token >= config.vocab_size:
+            raise ValueError(f"--{role} {name}: its vocabulary of {config.vocab_size} tokens lacks GPT-2's end-of-text "
+                             f"id {enc.eot_token}, where decoding stops: pass --ignore-eos (it then stops after "
+                             f"--max-new-tokens), or use a checkpoint with the GPT-2 vocabulary")
+        if role == "target" and args.lookahead != "auto" and args.lookahead + 1 > config.n_positions:
+            raise ValueError(f"--lookahead {args.lookahead}: a round verifies K + 1 = {args.lookahead + 1} tokens in "
+                             f"one pass of the target, whose context holds {config.n_positions}: give at most "
+                             f"{config.n_positions - 1}")
         for tokens, where, shorten in checked:
             _check_config(role, config, tokens, args.max_new_tokens, enc.n_vocab, where, shorten)
+    if "draft" in configs and configs["draft"].vocab_size != configs["target"].vocab_size:
+        raise ValueError(f"the draft has {configs['draft'].vocab_size} tokens, the target "
+                         f"{configs['target'].vocab_size}: a draft proposes the target's tokens, so they must share "
+                         f"one vocabulary: use a draft with the target's")
     models, load_seconds = {}, {}
     for role in folders:
         print(f"Loading {role} {printable(names[role])} ({dtype_name(dtype)}, {device}) ...", file=sys.stderr)
@@ -379,27 +410,45 @@ def _check_before_loading(args, names: dict[str, str], device: torch.device) -> 
         raise ValueError("--show-acceptance marks speculative sampling's tokens: use --mode both or --mode speculative")
     if args.output is not None:
         _check_writable("--output", args.output, "results.jsonl")
-    named = (("--prompts-file", args.prompts_file), ("--output", args.output), ("--trace", args.trace))
-    files = {flag: Path(name).resolve() for flag, name in named if name}
-    for i, (flag, path) in enumerate(files.items()):
-        for other, other_path in list(files.items())[i + 1:]:
-            if path == other_path:
-                raise ValueError(f"{other} {files[other]} is the {flag} file too: give it another name")
+    named = [(flag, name) for flag, name in (("--prompts-file", args.prompts_file), ("--output", args.output),
+                                             ("--trace", args.trace)) if name]
+    for i, (flag, name) in enumerate(named):
+        for other, other_name in named[i + 1:]:
+            if _same_file(name, other_name):
+                raise ValueError(f"{other} {Path(other_name).resolve()} is the {flag} file too: give it another name")
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two names are one file: one path, or (a hard link has a path of its own) one device and inode."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        first, second = os.stat(a), os.stat(b)
+    except OSError:  # one of them is a new file
+        return False
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
 def _check_writable(flag: str, name: str, example: str) -> None:
     """Refuses, before any model loads, an output file that could not be written."""
     path = Path(name)
+    if flag == "--output":
+        try:  # a look at the name itself (lstat), never through a link, never an open of a FIFO or device
+            refuse_unless_regular(name, os.lstat(path))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise ValueError(f"{flag} {name}: cannot reach it ({e.strerror or e}): choose another file") from None
     if path.is_dir() or not path.parent.is_dir():
         raise ValueError(f"{flag} {name}: give a file in an existing folder, e.g. {example}")
+    if flag == "--output" and os.path.lexists(path):  # written in place: the file itself must open for writing
+        os.close(open_output(name, truncate=False))
+        return
     try:  # a real try, not os.access: root passes access() checks, yet cannot write to /sys
-        if flag == "--output" and path.exists():  # written in place: the file itself must open for writing
-            open(path, "ab").close()
-        else:  # a new file, or the trace page, which is written beside its name, then renamed
-            tempfile.TemporaryFile(dir=path.parent).close()
+        tempfile.TemporaryFile(dir=path.parent).close()  # a new file, or the trace page (written beside, renamed)
     except OSError as e:
-        where = path if flag == "--output" and path.exists() else f"a file in {path.parent}"
-        raise ValueError(f"{flag} {name}: cannot write {where} ({e.strerror or e}): choose another folder") from None
+        raise ValueError(f"{flag} {name}: cannot write a file in {path.parent} ({e.strerror or e}): choose another "
+                         f"folder") from None
 
 
 def _check_config(role: str, config, prompt: list[int], max_new_tokens: int, tokenizer_vocab: int, where: str = "",

@@ -135,41 +135,60 @@ class PromptLookupDrafter:
     into what it proposes (as LZ77 does): in a loop of period d the match sits d tokens back, and the copy repeats
     the loop for all K tokens instead of stopping at the end of the context. No match: no drafts.
 
-    The search is a dict per n from n-gram to the position after its most recent occurrence, updated as tokens
-    are committed: O(max_ngram) per token and per round, whatever the context length. p is one-hot.
+    The search is a trie of the n-grams read backwards (last token first), n up to `max_ngram` (at most
+    MAX_NGRAM): its node at depth n is the n-gram that ends with the path's tokens, and holds the position after
+    its most recent occurrence. Every committed token adds at most `max_ngram` nodes, each an entry of one dict
+    and of one list, so memory grows linearly with the context; a lookup or a commit walks at most `max_ngram`
+    nodes. p is one-hot.
     """
 
+    # Prompt lookup copies matches of a few tokens; a longer n-gram rarely matches, and each n costs a node per
+    # committed token.
+    MAX_NGRAM = 64
+
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
-        self.min_ngram = check_integer("min_ngram", min_ngram, minimum=1)
-        self.max_ngram = check_integer("max_ngram", max_ngram, minimum=self.min_ngram)
+        self.max_ngram = check_integer("max_ngram", max_ngram, 1, self.MAX_NGRAM)
+        self.min_ngram = check_integer("min_ngram", min_ngram, 1, self.max_ngram)
 
     def start(self, prompt: torch.Tensor, max_len: int, sampling: Sampling) -> None:
         self.vocab_size, self.device = sampling.vocab_size, prompt.device
         self.history: list[int] = []
-        self.follower: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token after its latest occurrence
+        self.child: dict[tuple[int, int], int] = {}  # (node, the token before its n-gram) -> node one deeper
+        self.follower: list[int] = [0]  # node -> index of the token after its n-gram's latest occurrence; 0: root
         self.commit(prompt.tolist())
 
     def propose(self, tokens: torch.Tensor, lookahead: int) -> Proposal:
-        history = self.history
-        for n in range(min(self.max_ngram, len(history) - 1), self.min_ngram - 1, -1):
-            start = self.follower.get(tuple(history[-n:]))
-            if start is not None:
-                drafts = []
-                for i in range(lookahead):  # copy forward from `start`, reading what was just copied if needed
-                    j = start + i
-                    drafts.append(history[j] if j < len(history) else drafts[j - len(history)])
-                x = torch.tensor(drafts, device=self.device)
-                return Proposal(x, one_hot(x, self.vocab_size),
-                                f"lookup: copied from position {start} of prompt + output ({n}-gram match)")
+        history, node, match = self.history, 0, None
+        for n in range(1, min(self.max_ngram, len(history) - 1) + 1):  # the last n tokens, longer and longer
+            node = self.child.get((node, history[-n]))
+            if node is None:  # no longer n-gram has occurred either
+                break
+            if n >= self.min_ngram:
+                match = n, self.follower[node]
+        if match is not None:
+            n, start = match
+            drafts = []
+            for i in range(lookahead):  # copy forward from `start`, reading what was just copied if needed
+                j = start + i
+                drafts.append(history[j] if j < len(history) else drafts[j - len(history)])
+            x = torch.tensor(drafts, device=self.device)
+            return Proposal(x, one_hot(x, self.vocab_size),
+                            f"lookup: copied from position {start} of prompt + output ({n}-gram match)")
         x = torch.empty(0, dtype=torch.long, device=self.device)
         return Proposal(x, one_hot(x, self.vocab_size), "lookup: no match, nothing drafted")
 
     def commit(self, new: list[int]) -> None:
-        history = self.history
+        history, child, follower = self.history, self.child, self.follower
         for token in new:
             # Every n-gram that ends just before this token is now followed by it: its latest occurrence.
-            for n in range(self.min_ngram, min(self.max_ngram, len(history)) + 1):
-                self.follower[tuple(history[-n:])] = len(history)
+            node = 0
+            for n in range(1, min(self.max_ngram, len(history)) + 1):
+                key = node, history[-n]
+                node = child.get(key)
+                if node is None:
+                    node = child[key] = len(follower)
+                    follower.append(0)
+                follower[node] = len(history)
             history.append(token)
 
     def __repr__(self) -> str:

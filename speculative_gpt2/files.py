@@ -1,9 +1,11 @@
-"""Files written whole or not at all: a crash or an error never leaves a half-written file under its name."""
+"""Files the project writes: whole or not at all (`write_atomically`), or, for --output, appended to in place but never
+through a link or into a FIFO or device (`open_output`)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -41,3 +43,48 @@ def _umask() -> int:
     mask = os.umask(0o22)
     os.umask(mask)
     return mask
+
+
+def open_output(name: str, *, truncate: bool) -> int:
+    """A descriptor that appends to --output `name`, a regular file (emptied if `truncate`) or a new one.
+
+    Never written through a symbolic link, and never opened for writing when it is not a regular file: a FIFO
+    would block until a reader comes and hand that reader an end of file, a device may act on being opened.
+    ValueError, one line, for what is refused or cannot be opened.
+    """
+    try:
+        before = os.lstat(name)
+    except FileNotFoundError:
+        before = None
+    except OSError as e:
+        raise ValueError(f"--output {name}: cannot reach it ({e.strerror or e}): choose another file") from None
+    if before is not None:
+        refuse_unless_regular(name, before)
+    # O_NOFOLLOW and O_EXCL: should a link or a FIFO take the name after the look above, the open fails rather than
+    # following it; O_NONBLOCK: nor can it wait (on a regular file the flag changes nothing).
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags | (os.O_CREAT | os.O_EXCL if before is None else 0), 0o666)
+    except OSError as e:
+        raise ValueError(f"--output {name}: cannot write it ({e.strerror or e}): choose another file") from None
+    after = os.fstat(fd)
+    if not stat.S_ISREG(after.st_mode) or (before is not None and (before.st_dev, before.st_ino) != (
+            after.st_dev, after.st_ino)):
+        os.close(fd)
+        raise ValueError(f"--output {name} changed while it was opened: run again")
+    if truncate:
+        os.ftruncate(fd, 0)
+    return fd
+
+
+def refuse_unless_regular(name: str, status: os.stat_result) -> None:
+    """ValueError unless `status` (an lstat) is a regular file's."""
+    mode = status.st_mode
+    if stat.S_ISLNK(mode):
+        raise ValueError(f"--output {name} is a symbolic link, which is never written through: give the file it "
+                         f"points to, or a new name")
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else
+                "a socket" if stat.S_ISSOCK(mode) else "a device")
+        raise ValueError(f"--output {name} is {kind}, not a regular file: give a regular file or a new name (or "
+                         f"leave out --output to write the lines to stdout)")

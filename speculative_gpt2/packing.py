@@ -47,7 +47,9 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.packed = pack(weight)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+        if bias is not None:  # an inference tensor (a model made under inference_mode) becomes an ordinary one
+            bias = bias.detach().clone() if bias.is_inference() else bias.detach()
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled("cpu") or (torch.is_grad_enabled() and (

@@ -10,7 +10,6 @@ from __future__ import annotations
 import codecs
 import json
 import os
-import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from speculative_gpt2.files import write_atomically
+from speculative_gpt2.files import open_output, write_atomically
 from speculative_gpt2.machine import peak_memory
 from speculative_gpt2.records import Generation
 from speculative_gpt2.report import EXACT, NAIVE, SPECULATIVE
@@ -77,13 +76,23 @@ def _json_prompt(line: str, where: str) -> str:
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: invalid JSON ({e.msg}, column {e.colno}): the file's first line starts with {{, "
                          f"so every line must be a JSON object with a \"prompt\" string") from None
+    except RecursionError:  # the parser recurses once per bracket: thousands of them exhaust Python's stack
+        raise ValueError(f"{where}: nested too deeply to read (thousands of brackets): write "
+                         f"{{\"prompt\": \"your text\"}}") from None
+    except Exception as e:  # whatever else the parser raises: still this line's fault, named
+        if isinstance(e, ValueError) and "digits" in str(e):  # Python converts at most this many digits to an int
+            raise ValueError(f"{where}: a number with more than {sys.get_int_max_str_digits()} digits, more than "
+                             f"Python reads: shorten it, or write it as a string") from None
+        raise ValueError(f"{where}: cannot be read as JSON ({type(e).__name__}: {e}): write "
+                         f"{{\"prompt\": \"your text\"}}") from None
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
         raise ValueError(f'{where}: this JSON line has no "prompt" string: write {{"prompt": "your text"}}')
     return record["prompt"]
 
 
 class JsonLines:
-    """Writes one JSON object per line, to a file (emptied when opened) or to stdout, each line whole and at once.
+    """Writes one JSON object per line, to a regular file (emptied when opened) or to stdout, each line whole and
+    at once.
 
     A file is written in place, not renamed into place at the end: a reader (`tail -f`) sees every finished line,
     and a run that is killed keeps them. Should a write stop midway (a full disk, Ctrl-C between two partial
@@ -93,10 +102,8 @@ class JsonLines:
 
     def __init__(self, path: str | None):
         self.path, self.count, self.size = path, 0, 0
-        self.fd = None if path is None else os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o666)
-        # Only a regular file can be cut back; a pipe or a terminal gets each line in one write call.
-        self.regular = self.fd is not None and stat.S_ISREG(os.fstat(self.fd).st_mode)
+        # A regular file or a new one, never through a link (cli.open_output), so that it can always be cut back.
+        self.fd = None if path is None else open_output(path, truncate=True)
 
     def write(self, record: dict) -> None:
         line = json.dumps(record) + "\n"
@@ -110,8 +117,7 @@ class JsonLines:
                 while done < len(data):
                     done += os.write(self.fd, data[done:])
             except BaseException:
-                if self.regular:
-                    os.ftruncate(self.fd, self.size)
+                os.ftruncate(self.fd, self.size)
                 raise
             self.size += len(data)
         self.count += 1

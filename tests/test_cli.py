@@ -97,7 +97,7 @@ def test_sampling_mode_and_options(checkpoints):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--lookahead", "0"], "argument --lookahead/-K: invalid value '0': give an integer >= 1, or auto"),
+        (["--lookahead", "0"], "argument --lookahead/-K: invalid value '0': give an integer from 1 to 64, or auto"),
         (["--temperature", "-1"], "argument --temperature: invalid value '-1': must be a finite number >= 0"),
         (["--temperature", "inf"], "argument --temperature: invalid value 'inf': must be a finite number"),
         (["--top-p", "2"], "argument --top-p: invalid value '2': must be in (0, 1]"),
@@ -111,7 +111,7 @@ def test_sampling_mode_and_options(checkpoints):
         (["--seed", "99999999999999999999999"], "invalid seed"),
         (["--device", "meta"], "unknown device 'meta'"),
         (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs --device cuda"),
-        (["--lookahead", "AUTO"], "invalid value 'AUTO': give an integer >= 1, or auto"),
+        (["--lookahead", "AUTO"], "invalid value 'AUTO': give an integer from 1 to 64, or auto"),
         (["--draft", "/nonexistent"], "--draft '/nonexistent' is neither a checkpoint folder nor a preset"),
         (["--trace", "/nonexistent/dir/run.html"], "--trace /nonexistent/dir/run.html: give a file in an existing"),
         (["--trace", "/tmp"], "--trace /tmp: give a file in an existing folder"),

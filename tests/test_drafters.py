@@ -66,8 +66,8 @@ def test_lookup_p_is_one_hot_on_the_device_of_the_prompt():
     assert tokens.tolist() == [4, 3, 4] and torch.equal(p, one_hot(tokens, VOCAB)) and p.dtype == torch.float32
 
 
-@pytest.mark.parametrize("sizes, message", [((2, 0), "min_ngram must be an integer >= 1"),
-                                            ((1, 2), "max_ngram must be an integer >= 2, got 1")])
+@pytest.mark.parametrize("sizes, message", [((2, 0), "min_ngram must be an integer from 1 to 2, got 0"),
+                                            ((1, 2), "min_ngram must be an integer from 1 to 1, got 2")])
 def test_bad_ngram_sizes(sizes, message):
     with pytest.raises(ValueError, match=message):
         PromptLookupDrafter(*sizes)

@@ -50,7 +50,7 @@ def test_the_wheel_holds_two_modules_one_package_and_the_tokenizer_files(install
     for name in ("encoder.json", "vocab.bpe", "SHA256SUMS"):
         assert f"speculative_gpt2/tokenizer_files/{name}" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "speculative-gpt2 = speculative_gpt2.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "speculative-gpt2 = speculative_gpt2.command:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_the_installed_command_runs_offline_from_another_folder(installed):
