@@ -27,7 +27,6 @@ if __name__ == "__main__":  # the command line, before torch loads: a Ctrl-C the
 
     raise SystemExit(main())
 
-import copy
 import time
 from functools import partial
 from typing import Callable
@@ -38,7 +37,7 @@ from gpt2_model import GPT2, KVCache
 from speculative_gpt2.arguments import (batch_of_prompts, check_finite, check_lookahead, check_models_and_prompts,
                                         check_options)
 from speculative_gpt2.drafters import (BatchDrafter, BatchProposal, Drafter, PerRowDrafters, PromptLookupDrafter,
-                                      Proposal, Sampling)
+                                      Proposal, Sampling, refuse_bad_proposal)
 from speculative_gpt2.exact import fixed_rows_pass, pass_rows
 from speculative_gpt2.lookahead import AdaptiveLookahead, FixedLookahead, LookaheadPolicy, as_policy
 from speculative_gpt2.machine import Clock, DeviceClock, synchronize
@@ -223,16 +222,16 @@ class Batch:
     def pending(self) -> torch.Tensor:  # each row's pending token, (B, 1)
         return self.ids.gather(1, torch.tensor(self.pending_at(), device=self.ids.device)[:, None])
 
-    def draft(self, drafter: BatchDrafter, K: int, V: int) -> tuple[torch.Tensor, torch.Tensor, list[int], list]:
+    def draft(self, drafter: BatchDrafter, K: int, V: int) -> tuple:
         """Step 1 for every row: drafts (B, k) and p (B, k, V), k <= K, zero past row b's counts[b] drafts (none
-        past what the row still needs); and each row's source line."""
+        past what the row still needs); each row's source line; the proposal's checks (device booleans)."""
         B = len(self.active)
         if K == 0:  # the last token of a call: a plain target step
-            return self.ids.new_empty(B, 0), torch.empty(B, 0, V, device=self.ids.device), [0] * B, [None] * B
-        drafts, p, counts, sources = drafter.propose(self.ids, self.lengths, K, self.active)
+            return self.ids.new_empty(B, 0), torch.empty(B, 0, V, device=self.ids.device), [0] * B, [None] * B, []
+        drafts, p, counts, sources, checks = drafter.propose(self.ids, self.lengths, K, self.active)
         counts = [min(c, self.remaining(b) - 1) if self.active[b] else 0 for b, c in enumerate(counts)]
         k = max(counts)  # a lookup may find nothing anywhere: the round is then a plain target step
-        return drafts[:, :k], p[:, :k], counts, sources
+        return drafts[:, :k], p[:, :k], counts, sources, [] if checks is None else list(checks)
 
     def commit(self, b: int, new: list[int], tokens: torch.Tensor) -> list[int] | None:
         """Row b committed `new`, which `tokens` (a device tensor of at least len(new)) holds too: copied from it,
@@ -294,7 +293,7 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
         K = min(check_lookahead(policy.choose(), rows, cap=isinstance(policy, AdaptiveLookahead)), batch.most_drafts())
         started = clock.mark()
         # Step 1, draft: up to K tokens per row, drafts (B, K) with their p (B, K, V).
-        drafts, p, counts, sources = batch.draft(drafter, K, V)
+        drafts, p, counts, sources, checks = batch.draft(drafter, K, V)
         K = drafts.shape[1]
         drafted = clock.mark()
         # Step 2, verify: each row's pending token and its drafts, scored in ONE pass: q at K + 1 positions.
@@ -304,8 +303,9 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
         r = torch.rand(B, K, generator=generator, device=device) if temperature > 0 else None
         kept, next_token = accept_or_resample(drafts, p, q, r, torch.tensor(counts, device=device), temperature,
                                               generator)
-        finite = torch.stack([p.isfinite().all(), q.isfinite().all()])  # NaN rows: a broken model
+        finite = torch.stack([*checks, p.isfinite().all(), q.isfinite().all()])  # a bad proposal, a broken model
         synced = torch.cat([drafts.flatten(), kept, next_token, finite]).tolist()  # the round's one host sync
+        refuse_bad_proposal(getattr(drafter, "name", ""), synced[len(synced) - len(finite) : -2])
         check_finite({"draft model": synced[-2], "target model": synced[-1]}, len(batch.outs[active[0]].tokens))
         draft_ms, verify_ms = clock.ms(started, drafted), clock.ms(drafted, verified)
         # Step 4, commit and roll back: each row keeps its kept drafts and the next token; the target's cache
@@ -389,10 +389,5 @@ def _batch_drafter(draft, batch_size: int) -> BatchDrafter:
     """A GPT2 becomes a ModelDrafter; any other drafter drafts for one row: itself, or a deep copy per row."""
     if isinstance(draft, GPT2) or isinstance(getattr(draft, "model", None), GPT2) and not hasattr(draft, "propose"):
         return ModelDrafter(draft)
-    if isinstance(draft, (ModelDrafter, PerRowDrafters)):
-        return draft
-    if not all(callable(getattr(draft, move, None)) for move in ("start", "propose", "commit")):
-        raise ValueError(f"draft must be a GPT2 model or a drafter (start, propose and commit methods, see "
-                         f"speculative_gpt2/drafters.py), got {type(draft).__name__}")
-    return PerRowDrafters([draft] if batch_size == 1 else [copy.deepcopy(draft) for _ in range(batch_size)])
+    return draft if isinstance(draft, (ModelDrafter, PerRowDrafters)) else PerRowDrafters.of(draft, batch_size)
 

@@ -16,6 +16,7 @@ per draft step, so it speaks the samplers' batch protocol (`BatchDrafter`) direc
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Protocol
 
@@ -64,13 +65,15 @@ def one_hot(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 class BatchProposal(NamedTuple):
     """What a batch drafter proposes for all rows of a batch: drafts (B, K) long and their p (B, K, V) float32 on
-    the target's device; row b's first counts[b] drafts are proposals, the rest padding (p zero there); and each
-    row's `source` line, or None."""
+    the target's device; row b's first counts[b] drafts are proposals, the rest padding (p zero there); each row's
+    `source` line, or None; and, for proposals not made by a model, `checks`: device booleans (one per rule of
+    `PROPOSAL_RULES`) that the samplers read with the round's one host sync (`refuse_bad_proposal`)."""
 
     tokens: torch.Tensor
     p: torch.Tensor
     counts: list[int]
     sources: list[str | None]
+    checks: torch.Tensor | None = None
 
 
 class BatchDrafter(Protocol):
@@ -88,28 +91,47 @@ class BatchDrafter(Protocol):
 
 
 class PerRowDrafters:
-    """A batch drafter made of one `Drafter` per row: each proposes for its own row, in turn."""
+    """A batch drafter made of one `Drafter` per row: each proposes for its own row, in turn, from a copy of the
+    row's tokens (what it does to them cannot reach the sampler). Its proposals are checked: their shapes on the
+    host at once, their values on the device, read with the round's one host sync."""
 
     def __init__(self, drafters: list[Drafter]):
         self.drafters = drafters
 
+    @classmethod
+    def of(cls, drafter, batch_size: int) -> PerRowDrafters:
+        """`drafter` for one prompt; for a batch, a deep copy of it per row."""
+        name = type(drafter).__name__
+        if not all(callable(getattr(drafter, move, None)) for move in ("start", "propose", "commit")):
+            raise ValueError(f"draft must be a GPT2 model or a drafter (start, propose and commit methods, see "
+                             f"speculative_gpt2/drafters.py), got {name}")
+        try:
+            return cls([drafter] if batch_size == 1 else [copy.deepcopy(drafter) for _ in range(batch_size)])
+        except Exception as e:  # a lock, a file, a generator ...: whatever deepcopy refuses
+            raise ValueError(f"a batch runs a copy of the drafter per row, but {name} cannot be copied "
+                             f"({type(e).__name__}: {e}): decode one prompt at a time, or make it copyable") from None
+
     def start(self, prompts: list[torch.Tensor], max_len: int, sampling: Sampling) -> None:
         self.vocab_size = sampling.vocab_size
         for drafter, prompt in zip(self.drafters, prompts):
-            drafter.start(prompt, max_len, sampling)
+            drafter.start(prompt.clone(), max_len, sampling)
 
     def propose(self, ids: torch.Tensor, lengths: list[int], lookahead: int, active: list[bool]) -> BatchProposal:
-        B = len(self.drafters)
+        B, V = len(self.drafters), self.vocab_size
         tokens = ids.new_zeros(B, lookahead)
-        p = torch.zeros(B, lookahead, self.vocab_size, device=ids.device)
-        counts, sources = [0] * B, [None] * B
+        p = torch.zeros(B, lookahead, V, device=ids.device)
+        counts, sources, checks = [0] * B, [None] * B, []
         for b, drafter in enumerate(self.drafters):
             if active[b]:
-                x, p_b, sources[b] = checked_proposal(drafter.propose(ids[b, : lengths[b]], lookahead), lookahead,
-                                                      self.vocab_size)
+                proposal = drafter.propose(ids[b, : lengths[b]].clone(), lookahead)
+                x, p_b, sources[b] = checked_proposal(proposal, lookahead, V, ids.device, type(drafter).__name__)
                 counts[b] = len(x)
-                tokens[b, : len(x)], p[b, : len(x)] = x, p_b
-        return BatchProposal(tokens, p, counts, sources)
+                checks.append(proposal_checks(x, p_b, V))
+                # Out-of-range ids would fail inside the target's embedding before the round's sync names them.
+                tokens[b, : len(x)], p[b, : len(x)] = x.clamp(0, V - 1), p_b
+        names = sorted({type(d).__name__ for d in self.drafters})
+        self.name = names[0] if len(names) == 1 else " / ".join(names)
+        return BatchProposal(tokens, p, counts, sources, torch.stack(checks).all(0) if checks else None)
 
     def commit(self, new: list[list[int] | None]) -> None:
         for drafter, tokens in zip(self.drafters, new):
@@ -117,16 +139,52 @@ class PerRowDrafters:
                 drafter.commit(tokens)
 
 
-def checked_proposal(proposal, lookahead: int, vocab_size: int) -> Proposal:
-    """A drafter's proposal, checked for what would otherwise fail deep inside the round."""
+# What a proposal's values must be, in the order of `proposal_checks`' booleans.
+PROPOSAL_RULES = (
+    "token ids in [0, vocabulary size)",
+    "p finite",
+    "p >= 0",
+    "each p row summing to 1 (within 1e-3)",
+    "each p row positive on its own draft",
+)
+
+
+def proposal_checks(tokens: torch.Tensor, p: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """One device boolean per rule of PROPOSAL_RULES for drafts (k,) and their p (k, V): no host sync."""
+    finite = p.isfinite().all()
+    safe = torch.where(p.isfinite(), p, 0.0)  # the other checks on finite values: NaN is named by its own rule
+    own = safe.gather(1, tokens.clamp(0, vocab_size - 1)[:, None])
+    return torch.stack([((tokens >= 0) & (tokens < vocab_size)).all(), finite, (safe >= 0).all(),
+                        ((safe.sum(1) - 1).abs() <= 1e-3).all(), (own > 0).all()])
+
+
+def refuse_bad_proposal(name: str, checks: list[bool]) -> None:
+    """ValueError naming the drafter and the first rule its proposal broke, if any (`checks` read back)."""
+    broken = [rule for rule, ok in zip(PROPOSAL_RULES, checks) if not ok]
+    if broken:
+        raise ValueError(f"the drafter {name} proposed drafts that break the rule {broken[0]!r} (needed: "
+                         f"{'; '.join(PROPOSAL_RULES)}): fix its propose; one_hot(tokens, V) serves fixed tokens")
+
+
+def checked_proposal(proposal, lookahead: int, vocab_size: int, device: torch.device, name: str) -> Proposal:
+    """A drafter's proposal with the shapes, dtypes and device the round needs; ValueError naming the drafter."""
+    if not (isinstance(proposal, tuple) and len(proposal) in (2, 3)
+            and all(isinstance(t, torch.Tensor) for t in proposal[:2])):
+        raise ValueError(f"the drafter {name}'s propose returned {type(proposal).__name__}: return a "
+                         f"Proposal(tokens, p) of two tensors (and optionally a source line)")
     drafts, p, *source = proposal
     if drafts.dim() != 1 or len(drafts) > lookahead or drafts.dtype != torch.long:
-        raise ValueError(f"the drafter proposed {list(drafts.shape)} {drafts.dtype} tokens for K={lookahead}: "
+        raise ValueError(f"the drafter {name} proposed {list(drafts.shape)} {drafts.dtype} tokens for K={lookahead}: "
                          f"propose a 1-D long tensor of at most K tokens")
-    if p.shape != (len(drafts), vocab_size):
-        raise ValueError(f"the drafter's p has shape {list(p.shape)}: give one distribution over the {vocab_size} "
-                         f"tokens per draft, ({len(drafts)}, {vocab_size}) (one_hot(tokens, V) for fixed tokens)")
-    return Proposal(drafts, p, *source)
+    if p.shape != (len(drafts), vocab_size) or not p.dtype.is_floating_point:
+        raise ValueError(f"the drafter {name}'s p has shape {list(p.shape)}, {p.dtype}: give one distribution over "
+                         f"the {vocab_size} tokens per draft, ({len(drafts)}, {vocab_size}) floating point "
+                         f"(one_hot(tokens, V) for fixed tokens)")
+    for what, t in (("tokens", drafts), ("p", p)):
+        if t.device != device:
+            raise ValueError(f"the drafter {name} proposed {what} on {t.device}, the target is on {device}: make "
+                             f"them on the prompt's device (start's prompt.device)")
+    return Proposal(drafts, p.float(), *source)
 
 
 class PromptLookupDrafter:

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from gpt2_model import PRESETS, CheckpointError, GPT2Config
+from gpt2_model import GPT2Config
+from speculative_gpt2.checkpoints import PRESETS
+from speculative_gpt2.errors import CheckpointError
 from speculative_gpt2.checkpoints import RECORD, RECORD_LIMIT, find_checkpoint
 from speculative_gpt2.random_checkpoint import random_model
 
