@@ -45,6 +45,10 @@ def batch_of_prompts(prompt, on_tokens) -> tuple[list, bool]:
     rows = getattr(prompt, "ndim", None) == 2 or (
         isinstance(prompt, (list, tuple)) and len(prompt) > 0
         and all(isinstance(p, (list, tuple)) or getattr(p, "ndim", 0) >= 1 for p in prompt))
+    dtype = getattr(prompt, "dtype", None)
+    if getattr(prompt, "ndim", None) == 2 and not (getattr(dtype, "kind", "") in ("i", "u") or isinstance(
+            dtype, torch.dtype) and not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)):
+        raise ValueError(f"prompt must hold integer token ids: got a batch (shape {list(prompt.shape)}) of {dtype}")
     if rows and on_tokens is not None:
         raise ValueError("on_tokens streams one prompt: with a batch, use on_finished(row, generation)")
     if rows and len(prompt) == 0:

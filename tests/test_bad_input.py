@@ -190,6 +190,19 @@ def test_numpy_integers_are_integers(tiny):
     assert out.tokens == expected
     assert autoregressive_sample(tiny, [np.int64(1), 2, 3], np.int64(3)).tokens == \
         autoregressive_sample(tiny, [1, 2, 3], 3).tokens
+    # Exact mode's row count too (it is an argument of the samplers, as every other).
+    assert autoregressive_sample(tiny, [1, 2, 3], 6, exact=np.int64(8)).tokens == \
+        speculative_sample(tiny, tiny, [1, 2, 3], 6, lookahead=np.int64(3), exact=np.int32(8)).tokens
+
+
+@pytest.mark.parametrize("prompt", [torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), np.array([[1.5, 2.0]]),
+                                    torch.tensor([[True, False]])])
+def test_a_two_dimensional_prompt_that_is_not_integer_is_named_whole(tiny, prompt):
+    for run in (lambda: speculative_sample(tiny, tiny, prompt, 4), lambda: autoregressive_sample(tiny, prompt, 4)):
+        with pytest.raises(ValueError, match=r"prompt must hold integer token ids: got a batch \(shape \[\d+, \d+\]\)"
+                                             r" of (torch\.)?(float|bool)") as e:
+            run()
+        assert "\n" not in str(e.value)
 
 
 def test_an_unreadable_checkpoint_says_so(reference_folder, tmp_path, monkeypatch):
