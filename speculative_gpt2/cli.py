@@ -34,7 +34,7 @@ from speculative_gpt2.checkpoints import (ENV_WEIGHTS, PRESETS, DownloadError, c
                                           describe_default_weights_dir, find_checkpoint, preset_of)
 from speculative_gpt2.checks import check_integer, check_real
 from speculative_gpt2.drafters import PromptLookupDrafter
-from speculative_gpt2.errors import OutOfMemory, is_out_of_memory
+from speculative_gpt2.errors import OutOfMemory, asked_size, is_out_of_memory
 from speculative_gpt2.exact import padded_rows
 from speculative_gpt2.files import open_output, refuse_unless_regular, write_atomically
 from speculative_gpt2.lookahead import AdaptiveLookahead
@@ -246,8 +246,8 @@ def main(argv=None) -> int:
         # ("DefaultCPUAllocator: can't allocate memory"); any other RuntimeError is a bug, whose traceback helps.
         if not is_out_of_memory(e):
             raise
-        print(f"{PROG}: error: out of memory: use a smaller model, --dtype bfloat16 or fewer --max-new-tokens",
-              file=sys.stderr)
+        print(f"{PROG}: error: out of memory{asked_size(e)}: use a smaller model, --dtype bfloat16, fewer "
+              f"--max-new-tokens or a smaller --lookahead", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # what was generated is already on the screen
         print(f"\n{PROG}: interrupted", file=sys.stderr)

@@ -88,8 +88,10 @@ def test_an_allocators_refusal_is_named_as_out_of_memory(target, capsys, monkeyp
     monkeypatch.setattr(cli, "autoregressive_sample", refuse)
     status, _, err = run(capsys, "--target", target, "--mode", "naive", "--device", "cpu", "--max-new-tokens", 4)
     assert status == 2 and "Traceback" not in err
-    assert err.splitlines()[-1] == ("speculative-gpt2: error: out of memory: use a smaller model, --dtype bfloat16 or "
-                                    "fewer --max-new-tokens")
+    asked = {"DefaultCPUAllocator": " (asked for 8 bytes)", "CUDA": " (asked for 2.00 GiB)", "not enough": " (asked for 9 GB)"}
+    said = next(v for k, v in asked.items() if k in text)
+    assert err.splitlines()[-1] == (f"speculative-gpt2: error: out of memory{said}: use a smaller model, --dtype "
+                                    f"bfloat16, fewer --max-new-tokens or a smaller --lookahead")
 
 
 def test_a_real_allocation_failure_is_named_as_out_of_memory(target, capsys, monkeypatch):
@@ -98,7 +100,7 @@ def test_a_real_allocation_failure_is_named_as_out_of_memory(target, capsys, mon
 
     monkeypatch.setattr(cli, "autoregressive_sample", allocate_too_much)
     status, _, err = run(capsys, "--target", target, "--mode", "naive", "--device", "cpu", "--max-new-tokens", 4)
-    assert status == 2 and "error: out of memory" in err and "Traceback" not in err
+    assert status == 2 and "error: out of memory (asked for 4.61e+18 bytes)" in err and "Traceback" not in err
 
 
 def test_other_runtime_errors_are_not_taken_for_memory(target, capsys, monkeypatch):
