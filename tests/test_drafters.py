@@ -230,9 +230,9 @@ def test_what_is_not_a_drafter_or_proposes_too_much_is_named():
     target = tiny_target(1, 5.0)
     with pytest.raises(ValueError, match="draft must be a GPT2 model or a drafter"):
         speculative_sample(target, "ngram", [1, 2], 4)
-    with pytest.raises(ValueError, match="the drafter proposed \\[3\\] torch.int64 tokens for K=2"):
+    with pytest.raises(ValueError, match="the drafter TooMany proposed \\[3\\] torch.int64 tokens for K=2"):
         speculative_sample(target, TooMany(), [1, 2], 4, lookahead=2)
-    with pytest.raises(ValueError, match="the drafter's p has shape"):
+    with pytest.raises(ValueError, match="the drafter WrongP.s p has shape"):
         speculative_sample(target, WrongP(), [1, 2], 4, lookahead=2)
 
 
