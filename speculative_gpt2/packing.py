@@ -40,8 +40,29 @@ def pack(weight: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows or PACK_ROWS)
 
 
-class PackedLinear(nn.Module):
+class _Packed(nn.Module):
+    """What the packed modules share: no `weight` to write to (reading it is refused, saying why), and no move."""
+
+    refusal = ""  # the one line that says where the weight is
+
+    def __getattr__(self, name: str):
+        if name == "weight":
+            raise AttributeError(self.refusal)
+        return super().__getattr__(name)
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.zeros(1))  # where and in what dtype `.to()`, `.half()`, `.cuda()` ... would put a weight
+        if probe.device.type != "cpu" or probe.dtype != torch.float32:
+            raise ValueError("this model's weights are packed for oneDNN on the CPU in float32 (pack_linears): call "
+                             "unpack_linears(model) before moving or converting it")
+        return super()._apply(fn, recurse)
+
+
+class PackedLinear(_Packed):
     """x @ W.T + b, with W (out, in) held only in oneDNN's blocked layout; b stays an ordinary Parameter."""
+
+    refusal = ("this Linear's weight is packed for oneDNN (pack_linears), not an ordinary tensor: read a copy with "
+               "dense_weight(), or unpack_linears(model) to change it")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -61,12 +82,6 @@ class PackedLinear(nn.Module):
         """A new (out, in) tensor holding the weight: a copy, so writing to it changes nothing."""
         return self.packed.to_dense()
 
-    def __getattr__(self, name: str):
-        if name == "weight":
-            raise AttributeError("this Linear's weight is packed for oneDNN (pack_linears), not an ordinary tensor: "
-                                 "read a copy with dense_weight(), or unpack_linears(model) to change it")
-        return super().__getattr__(name)
-
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.dense_weight()
         if self.bias is not None:
@@ -85,10 +100,6 @@ class PackedLinear(nn.Module):
             else:
                 missing_keys.append(prefix + "bias")
 
-    def _apply(self, fn, recurse=True):
-        _refuse_to_move(fn)
-        return super()._apply(fn, recurse)
-
     def __getstate__(self):  # the opaque tensor has no storage to copy: copies and pickles carry the dense weight
         return self.__dict__ | {"packed": self.dense_weight()}
 
@@ -100,9 +111,12 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class FrozenEmbedding(nn.Module):
+class FrozenEmbedding(_Packed):
     """The token embedding of a packed model, whose rows the tied LM head holds packed too: a table no optimizer or
     write reaches (it is no Parameter), so the two copies cannot part."""
+
+    refusal = ("the token embedding is tied to the packed LM head (pack_linears): read a copy with state_dict(), or "
+               "unpack_linears(model) to change it")
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -110,12 +124,6 @@ class FrozenEmbedding(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.table)
-
-    def __getattr__(self, name: str):
-        if name == "weight":
-            raise AttributeError("the token embedding is tied to the packed LM head (pack_linears): read a copy with "
-                                 "state_dict(), or unpack_linears(model) to change it")
-        return super().__getattr__(name)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.table.clone()
@@ -126,17 +134,6 @@ class FrozenEmbedding(nn.Module):
             self.table = state_dict[prefix + "weight"].detach().to(self.table.dtype).clone()
         else:
             missing_keys.append(prefix + "weight")
-
-    def _apply(self, fn, recurse=True):
-        _refuse_to_move(fn)
-        return super()._apply(fn, recurse)
-
-
-def _refuse_to_move(fn) -> None:
-    probe = fn(torch.zeros(1))  # where and in what dtype `.to()`, `.half()`, `.cuda()` ... would put a weight
-    if probe.device.type != "cpu" or probe.dtype != torch.float32:
-        raise ValueError("this model's weights are packed for oneDNN on the CPU in float32 (pack_linears): call "
-                         "unpack_linears(model) before moving or converting it")
 
 
 def pack_linears(model: GPT2) -> GPT2:

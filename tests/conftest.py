@@ -20,3 +20,35 @@ def reference_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
     model.save_pretrained(folder)
     return folder, model
+
+
+def _run_cli(capsys, *args):
+    from speculative_gpt2 import cli
+
+    try:
+        status = cli.main([str(a) for a in args])
+    except SystemExit as e:  # argparse's refusals
+        status = e.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Runs the command line in this process: run_cli(*args) -> (status, stdout, stderr)."""
+    return lambda *args: _run_cli(capsys, *args)
+
+
+@pytest.fixture
+def refused_before_loading(capsys, monkeypatch):
+    """refused_before_loading(*args) -> the one-line error of a command line run that must stop before any model
+    loads (loading one fails the test)."""
+    from gpt2_model import GPT2
+
+    def run(*args) -> str:
+        monkeypatch.setattr(GPT2, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+        status, out, err = _run_cli(capsys, *args)
+        assert status == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+        return err
+
+    return run

@@ -9,7 +9,7 @@ import tracemalloc
 import pytest
 import torch
 
-from gpt2_model import GPT2, GPT2Config
+from gpt2_model import GPT2Config
 from speculative_gpt2 import cli
 from speculative_gpt2.drafters import PromptLookupDrafter, Sampling
 from speculative_gpt2.random_checkpoint import random_model
@@ -22,20 +22,6 @@ def target(tmp_path_factory):
     return folder
 
 
-def run(capsys, *args):
-    try:
-        status = cli.main([str(a) for a in args])
-    except SystemExit as e:
-        status = e.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def refused(capsys, monkeypatch, *args) -> str:
-    monkeypatch.setattr(GPT2, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
-    status, out, err = run(capsys, *args)
-    assert status == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 # The command line ----------------------------------------------------------------------------------------------
@@ -50,22 +36,22 @@ def refused(capsys, monkeypatch, *args) -> str:
     ("--ngram-max", "65", "must be an integer from 1 to 64"),
     ("--ngram-min", "65", "argument --ngram-min: invalid value '65': must be an integer from 1 to 64"),
 ])
-def test_values_past_the_bounds_are_refused_by_the_parser(target, capsys, monkeypatch, flag, value, message):
+def test_values_past_the_bounds_are_refused_by_the_parser(target, flag, value, message, refused_before_loading):
     started = time.monotonic()
-    err = refused(capsys, monkeypatch, "--target", target, "--draft", "ngram", "--device", "cpu", "--max-new-tokens", 4,
+    err = refused_before_loading("--target", target, "--draft", "ngram", "--device", "cpu", "--max-new-tokens", 4,
                   flag, value)
     assert message in err and time.monotonic() - started < 5
 
 
-def test_k_plus_one_must_fit_the_targets_context(target, capsys, monkeypatch):
-    err = refused(capsys, monkeypatch, "--target", target, "--draft", "ngram", "--device", "cpu", "--lookahead", 64,
+def test_k_plus_one_must_fit_the_targets_context(target, refused_before_loading):
+    err = refused_before_loading("--target", target, "--draft", "ngram", "--device", "cpu", "--lookahead", 64,
                   "--max-new-tokens", 4)
     assert ("--lookahead 64: a round verifies K + 1 = 65 tokens in one pass of the target, whose context holds 64: "
             "give at most 63") in err
 
 
-def test_the_bounds_themselves_run(target, capsys):
-    status, out, err = run(capsys, "--target", target, "--draft", "ngram", "--device", "cpu", "--lookahead", 63,
+def test_the_bounds_themselves_run(target, run_cli):
+    status, out, err = run_cli("--target", target, "--draft", "ngram", "--device", "cpu", "--lookahead", 63,
                            "--ngram-max", 64, "--ngram-min", 64, "--max-new-tokens", 4, "--ignore-eos")
     assert status == 0, err
     assert "identical outputs: yes" in out
@@ -81,29 +67,30 @@ def test_help_states_the_bounds(capsys):
 @pytest.mark.parametrize("text", ["DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes",
                                   "CUDA out of memory. Tried to allocate 2.00 GiB",
                                   "not enough memory: you tried to allocate 9 GB"])
-def test_an_allocators_refusal_is_named_as_out_of_memory(target, capsys, monkeypatch, text):
+def test_an_allocators_refusal_is_named_as_out_of_memory(target, monkeypatch, text, run_cli):
     def refuse(*args, **kwargs):
         raise RuntimeError(text)
 
     monkeypatch.setattr(cli, "autoregressive_sample", refuse)
-    status, _, err = run(capsys, "--target", target, "--mode", "naive", "--device", "cpu", "--max-new-tokens", 4)
+    status, _, err = run_cli("--target", target, "--mode", "naive", "--device", "cpu", "--max-new-tokens", 4)
     assert status == 2 and "Traceback" not in err
-    asked = {"DefaultCPUAllocator": " (asked for 8 bytes)", "CUDA": " (asked for 2.00 GiB)", "not enough": " (asked for 9 GB)"}
+    asked = {"DefaultCPUAllocator": " (asked for 8 bytes)", "CUDA": " (asked for 2.00 GiB)",
+             "not enough": " (asked for 9 GB)"}
     said = next(v for k, v in asked.items() if k in text)
     assert err.splitlines()[-1] == (f"speculative-gpt2: error: out of memory{said}: use a smaller model, --dtype "
                                     f"bfloat16, fewer --max-new-tokens or a smaller --lookahead")
 
 
-def test_a_real_allocation_failure_is_named_as_out_of_memory(target, capsys, monkeypatch):
+def test_a_real_allocation_failure_is_named_as_out_of_memory(target, monkeypatch, run_cli):
     def allocate_too_much(*args, **kwargs):  # torch's own refusal, as a lookahead of 10^9 met it
         return torch.empty(2**62, dtype=torch.uint8)
 
     monkeypatch.setattr(cli, "autoregressive_sample", allocate_too_much)
-    status, _, err = run(capsys, "--target", target, "--mode", "naive", "--device", "cpu", "--max-new-tokens", 4)
+    status, _, err = run_cli("--target", target, "--mode", "naive", "--device", "cpu", "--max-new-tokens", 4)
     assert status == 2 and "error: out of memory (asked for 4.61e+18 bytes)" in err and "Traceback" not in err
 
 
-def test_other_runtime_errors_are_not_taken_for_memory(target, capsys, monkeypatch):
+def test_other_runtime_errors_are_not_taken_for_memory(target, monkeypatch):
     def bug(*args, **kwargs):
         raise RuntimeError("shape mismatch")
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from gpt2_model import GPT2, GPT2Config
+from gpt2_model import GPT2Config
 from speculative_gpt2 import cli, prompts_file
 from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 from speculative_gpt2.tokenizer import load_tokenizer
@@ -44,78 +44,63 @@ def models(checkpoints, target="target"):
             "--max-new-tokens", "4"]
 
 
-def run(capsys, *args):
-    try:
-        status = cli.main([str(a) for a in args])
-    except SystemExit as e:
-        status = e.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def refused_before_loading(capsys, monkeypatch, *args) -> str:
-    """The one-line error of a run that must stop before any model loads."""
-    monkeypatch.setattr(GPT2, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
-    status, out, err = run(capsys, *args)
-    assert status == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 # Links ---------------------------------------------------------------------------------------------------------
 
 
-def test_a_symlink_to_another_file_is_refused_and_the_file_kept(checkpoints, prompts, tmp_path, capsys, monkeypatch):
+def test_a_symlink_to_another_file_is_refused_and_the_file_kept(checkpoints, prompts, tmp_path, refused_before_loading):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
     (tmp_path / "out.jsonl").symlink_to(victim)
-    err = refused_before_loading(capsys, monkeypatch, *models(checkpoints), "--prompts-file", prompts, "--output",
+    err = refused_before_loading(*models(checkpoints), "--prompts-file", prompts, "--output",
                                  tmp_path / "out.jsonl")
     assert f"--output {tmp_path / 'out.jsonl'} is a symbolic link" in err and "never written through" in err
     assert victim.read_text() == "precious\n"
 
 
-def test_a_dangling_symlink_is_refused_and_nothing_created(checkpoints, prompts, tmp_path, capsys, monkeypatch):
+def test_a_dangling_symlink_is_refused_and_nothing_created(checkpoints, prompts, tmp_path, refused_before_loading):
     (tmp_path / "out.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
-    err = refused_before_loading(capsys, monkeypatch, *models(checkpoints), "--prompts-file", prompts, "--output",
+    err = refused_before_loading(*models(checkpoints), "--prompts-file", prompts, "--output",
                                  tmp_path / "out.jsonl")
     assert "is a symbolic link" in err and not (tmp_path / "elsewhere.jsonl").exists()
 
 
-def test_a_link_into_a_missing_folder_is_refused_before_the_models_load(checkpoints, prompts, tmp_path, capsys,
-                                                                         monkeypatch):
+def test_a_link_into_a_missing_folder_is_refused_before_the_models_load(checkpoints, prompts, tmp_path,
+                                                                        refused_before_loading):
     (tmp_path / "out.jsonl").symlink_to(tmp_path / "missing" / "out.jsonl")
-    err = refused_before_loading(capsys, monkeypatch, *models(checkpoints), "--prompts-file", prompts, "--output",
+    err = refused_before_loading(*models(checkpoints), "--prompts-file", prompts, "--output",
                                  tmp_path / "out.jsonl")
     assert "is a symbolic link" in err and "Errno" not in err
 
 
-def test_a_symlink_to_a_folder_is_refused(checkpoints, prompts, tmp_path, capsys, monkeypatch):
+def test_a_symlink_to_a_folder_is_refused(checkpoints, prompts, tmp_path, refused_before_loading):
     (tmp_path / "folder").mkdir()
     (tmp_path / "out.jsonl").symlink_to(tmp_path / "folder")
-    err = refused_before_loading(capsys, monkeypatch, *models(checkpoints), "--prompts-file", prompts, "--output",
+    err = refused_before_loading(*models(checkpoints), "--prompts-file", prompts, "--output",
                                  tmp_path / "out.jsonl")
     assert "is a symbolic link" in err
 
 
-def test_a_hard_link_to_the_prompts_file_is_the_prompts_file(checkpoints, prompts, tmp_path, capsys, monkeypatch):
+def test_a_hard_link_to_the_prompts_file_is_the_prompts_file(checkpoints, prompts, tmp_path, refused_before_loading):
     os.link(prompts, tmp_path / "out.jsonl")
     before = prompts.read_text()
-    err = refused_before_loading(capsys, monkeypatch, *models(checkpoints), "--prompts-file", prompts, "--output",
+    err = refused_before_loading(*models(checkpoints), "--prompts-file", prompts, "--output",
                                  tmp_path / "out.jsonl")
     assert f"--output {tmp_path / 'out.jsonl'} is the --prompts-file file too: give it another name" in err
     assert prompts.read_text() == before
 
 
-def test_hard_links_between_the_output_and_the_trace_are_one_file(checkpoints, prompts, tmp_path, capsys,
-                                                                  monkeypatch):
+def test_hard_links_between_the_output_and_the_trace_are_one_file(checkpoints, prompts, tmp_path,
+                                                                  refused_before_loading):
     (tmp_path / "out.jsonl").write_text(OLDER)
     os.link(tmp_path / "out.jsonl", tmp_path / "run.html")
-    err = refused_before_loading(capsys, monkeypatch, *models(checkpoints), "--prompts-file", prompts, "--output",
+    err = refused_before_loading(*models(checkpoints), "--prompts-file", prompts, "--output",
                                  tmp_path / "out.jsonl", "--trace", tmp_path / "run.html")
     assert "--trace" in err and "is the --output file too" in err
     os.unlink(tmp_path / "out.jsonl")
     os.link(prompts, tmp_path / "other.html")
-    err = refused_before_loading(capsys, monkeypatch, *models(checkpoints), "--prompts-file", prompts, "--trace",
+    err = refused_before_loading(*models(checkpoints), "--prompts-file", prompts, "--trace",
                                  tmp_path / "other.html")
     assert "is the --prompts-file file too" in err
 
@@ -138,7 +123,8 @@ def test_a_fifo_is_refused_at_once(checkpoints, prompts, tmp_path):
     assert "Loading" not in result.stderr
 
 
-def test_a_fifo_with_a_reader_is_never_opened_for_writing(checkpoints, prompts, tmp_path, capsys, monkeypatch):
+def test_a_fifo_with_a_reader_is_never_opened_for_writing(checkpoints, prompts, tmp_path, monkeypatch,
+                                                          refused_before_loading):
     # A writer that opens and closes the FIFO would hand this reader an end of file: it must see no writer at all.
     fifo = tmp_path / "out.jsonl"
     os.mkfifo(fifo)
@@ -152,7 +138,7 @@ def test_a_fifo_with_a_reader_is_never_opened_for_writing(checkpoints, prompts, 
 
     monkeypatch.setattr(os, "open", watched_open)
     try:
-        err = refused_before_loading(capsys, monkeypatch, *models(checkpoints), "--prompts-file", prompts,
+        err = refused_before_loading(*models(checkpoints), "--prompts-file", prompts,
                                      "--output", fifo)
     finally:
         os.close(reader)
@@ -160,9 +146,9 @@ def test_a_fifo_with_a_reader_is_never_opened_for_writing(checkpoints, prompts, 
 
 
 @pytest.mark.parametrize("name, kind", [("/dev/null", "a device"), ("{tmp}", "a folder")])
-def test_devices_and_folders_are_refused(checkpoints, prompts, tmp_path, capsys, monkeypatch, name, kind):
+def test_devices_and_folders_are_refused(checkpoints, prompts, tmp_path, name, kind, refused_before_loading):
     name = name.format(tmp=tmp_path)
-    err = refused_before_loading(capsys, monkeypatch, *models(checkpoints), "--prompts-file", prompts, "--output",
+    err = refused_before_loading(*models(checkpoints), "--prompts-file", prompts, "--output",
                                  name)
     assert f"--output {name} is {kind}, not a regular file" in err and "leave out --output" in err
 
@@ -215,28 +201,28 @@ def test_json_lines_refuses_a_file_that_turns_into_a_link_after_the_check(tmp_pa
 
 
 def test_a_vocabulary_without_the_eos_id_is_refused_before_the_output_is_emptied(checkpoints, prompts, tmp_path,
-                                                                                 capsys, monkeypatch):
+                                                                                 refused_before_loading):
     output = tmp_path / "out.jsonl"
     output.write_text(OLDER)
-    err = refused_before_loading(capsys, monkeypatch, *models(checkpoints, "vocab2000"), "--mode", "naive",
+    err = refused_before_loading(*models(checkpoints, "vocab2000"), "--mode", "naive",
                                  "--prompts-file", prompts, "--output", output)
     assert f"--target {checkpoints / 'vocab2000'}" in err and "end-of-text id 50256" in err and "--ignore-eos" in err
     assert "prompt 0" not in err and output.read_text() == OLDER
 
 
-def test_with_ignore_eos_that_vocabulary_runs(checkpoints, prompts, tmp_path, capsys):
+def test_with_ignore_eos_that_vocabulary_runs(checkpoints, prompts, tmp_path, run_cli):
     output = tmp_path / "out.jsonl"
-    status, _, err = run(capsys, *models(checkpoints, "vocab2000"), "--mode", "naive", "--prompts-file", prompts,
+    status, _, err = run_cli(*models(checkpoints, "vocab2000"), "--mode", "naive", "--prompts-file", prompts,
                          "--output", output, "--ignore-eos")
     assert status == 0, err
     assert len(output.read_text().splitlines()) == 2
 
 
-def test_a_draft_with_another_vocabulary_is_refused_before_loading(checkpoints, prompts, tmp_path, capsys,
-                                                                   monkeypatch):
+def test_a_draft_with_another_vocabulary_is_refused_before_loading(checkpoints, prompts, tmp_path,
+                                                                   refused_before_loading):
     output = tmp_path / "out.jsonl"
     output.write_text(OLDER)
-    err = refused_before_loading(capsys, monkeypatch, "--target", checkpoints / "target", "--draft",
+    err = refused_before_loading("--target", checkpoints / "target", "--draft",
                                  checkpoints / "vocab2000", "--device", "cpu", "--max-new-tokens", 4, "--ignore-eos",
                                  "--prompts-file",
                                  prompts, "--output", output)
@@ -244,10 +230,10 @@ def test_a_draft_with_another_vocabulary_is_refused_before_loading(checkpoints, 
     assert output.read_text() == OLDER
 
 
-def test_a_good_run_replaces_an_older_file(checkpoints, prompts, tmp_path, capsys):
+def test_a_good_run_replaces_an_older_file(checkpoints, prompts, tmp_path, run_cli):
     output = tmp_path / "out.jsonl"
     output.write_text(OLDER * 50)
-    status, _, err = run(capsys, *models(checkpoints), "--mode", "speculative", "--prompts-file", prompts,
+    status, _, err = run_cli(*models(checkpoints), "--mode", "speculative", "--prompts-file", prompts,
                          "--output", output)
     assert status == 0, err
     assert [line.startswith('{"line": ') for line in output.read_text().splitlines()] == [True, True]
