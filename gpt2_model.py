@@ -179,10 +179,13 @@ class GPT2(nn.Module):
     def new_cache(self, batch_size: int = 1, max_len: int | None = None, room: int = 0) -> KVCache:
         """An empty KV cache on the model's device and in its dtype, for `max_len` positions (default: the full
         context), plus `room` slots past them for the padding rows of fixed-shape passes (speculative_gpt2/exact.py)."""
-        check_integer("batch_size", batch_size, minimum=1)
+        return KVCache(self.config, check_integer("batch_size", batch_size, minimum=1),
+                       self.cache_length(max_len, room), self.dtype, self.device)
+
+    def cache_length(self, max_len: int | None = None, room: int = 0) -> int:
+        """The slots of a cache for `max_len` positions (default: the context) and `room` more, checked."""
         max_len = self.config.n_positions if max_len is None else max_len
-        max_len = check_integer("max_len", max_len, 1, self.config.n_positions) + check_integer("room", room, 0)
-        return KVCache(self.config, int(batch_size), max_len, self.dtype, self.device)
+        return check_integer("max_len", max_len, 1, self.config.n_positions) + check_integer("room", room, 0)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for the tokens `idx` (B, T).

@@ -36,6 +36,7 @@ import torch
 from gpt2_model import GPT2, KVCache
 from speculative_gpt2.arguments import (batch_of_prompts, check_finite, check_lookahead, check_models_and_prompts,
                                         check_options)
+from speculative_gpt2.cuda_graphs import CUDAGraphRunner
 from speculative_gpt2.drafters import (BatchDrafter, BatchProposal, Drafter, PerRowDrafters, PromptLookupDrafter,
                                       Proposal, Sampling, refuse_bad_proposal)
 from speculative_gpt2.exact import fixed_rows_pass, pass_rows
@@ -387,7 +388,7 @@ def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperatu
 
 def _batch_drafter(draft, batch_size: int) -> BatchDrafter:
     """A GPT2 becomes a ModelDrafter; any other drafter drafts for one row: itself, or a deep copy per row."""
-    if isinstance(draft, GPT2) or isinstance(getattr(draft, "model", None), GPT2) and not hasattr(draft, "propose"):
+    if isinstance(draft, (GPT2, CUDAGraphRunner)):
         return ModelDrafter(draft)
     return draft if isinstance(draft, (ModelDrafter, PerRowDrafters)) else PerRowDrafters.of(draft, batch_size)
 

@@ -1,4 +1,4 @@
-"""Benchmark of batched decoding (issue 18): throughput over all rows at several batch sizes, in one run.
+"""Benchmark of batched decoding: throughput over all rows at several batch sizes, in one run.
 
 For each batch size B (default 1, 4, 8, 16) the first B of a fixed list of prompts (lengths drawn from a range by a
 seed, slices of one text) are decoded greedily, every row to exactly --max-new-tokens tokens (no EOS), by:
@@ -21,7 +21,7 @@ prefill pass makes the first token, so its decode phase makes max_new_tokens - 1
 also called on the first --references prompts alone, and the table says how many of those rows of a batch have the
 single-prompt call's tokens (transformers' rows: plain decoding's).
 
-    python benchmarks/batched.py --target /work/ckpt/random-gpt2-xl --draft /work/ckpt/random-gpt2
+    python benchmarks/batched.py --target weights/random-gpt2-xl --draft weights/random-gpt2
     python benchmarks/batched.py ... --batch-sizes 16 --references 0 --append   # add to an earlier run's JSON
 """
 

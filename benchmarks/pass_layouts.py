@@ -44,12 +44,7 @@ def unpacked(model: GPT2) -> GPT2:
 
 def packed_for_rows(rows: int):
     def lay_out(model: GPT2) -> GPT2:
-        unpack_linears(model)
-        packing.PACK_ROWS, default = rows, packing.PACK_ROWS
-        try:
-            return pack_linears(model)
-        finally:
-            packing.PACK_ROWS = default
+        return pack_linears(unpack_linears(model), rows)
     return lay_out
 
 
@@ -60,7 +55,7 @@ BASELINE = "pack_linears"  # the end-to-end speedups are against plain decoding 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default="/work/ckpt/random-gpt2-xl")
+    parser.add_argument("--target", default="weights/random-gpt2-xl")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--layouts", nargs="+", default=["F.linear", "pack_linears"], choices=list(LAYOUTS),
                         help="the target's layouts to time, per pass and (for prompt lookup) end to end")

@@ -41,10 +41,8 @@ class CUDAGraphRunner:
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None, room: int = 0):
         """As GPT2.new_cache, on recycled buffers, so that the next call replays this call's graphs."""
-        check_integer("batch_size", batch_size, minimum=1)
-        n = self.config.n_positions
-        max_len = check_integer("max_len", max_len or n, 1, n) + check_integer("room", room, 0)
-        return self.graphs.new_cache(KVCache, self.config, batch_size, max_len, self.dtype)
+        return self.graphs.new_cache(self.config, check_integer("batch_size", batch_size, minimum=1),
+                                     self.model.cache_length(max_len, room), self.dtype)
 
     def positions(self, idx: torch.Tensor, cache, rows: int | None = None) -> torch.Tensor:
         return self.model.positions(idx, cache, rows)
@@ -73,7 +71,7 @@ class CUDAGraphs:
         self.graphs: dict[tuple, _Graph] = {}  # (keys' address, batch, new tokens) -> graph
         self.free: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # buffers of dropped caches
 
-    def new_cache(self, cache_class, config, batch_size: int, max_len: int, dtype: torch.dtype):
+    def new_cache(self, config, batch_size: int, max_len: int, dtype: torch.dtype):
         """A cache of at least `max_len` positions on recycled buffers when some fit, else on new ones; its
         buffers come back here when it is dropped."""
         # Never shorter than asked: in exact mode the padding slots may reach past the context.
@@ -81,7 +79,7 @@ class CUDAGraphs:
         # Ordinary tensors even when called under inference_mode (as the samplers are): a buffer made there could
         # not be written outside it later.
         with torch.inference_mode(False):
-            cache = cache_class(config, batch_size, max_len, dtype, self.device,
+            cache = KVCache(config, batch_size, max_len, dtype, self.device,
                                 buffers=self._take(batch_size, max_len, dtype))
         weakref.finalize(cache, self.free.append, (cache.keys, cache.values, cache.key_positions))
         return cache

@@ -97,6 +97,7 @@ class PerRowDrafters:
 
     def __init__(self, drafters: list[Drafter]):
         self.drafters = drafters
+        self.name = type(drafters[0]).__name__  # what refusals call it (a copy of one drafter per row)
 
     @classmethod
     def of(cls, drafter, batch_size: int) -> PerRowDrafters:
@@ -129,8 +130,6 @@ class PerRowDrafters:
                 checks.append(proposal_checks(x, p_b, V))
                 # Out-of-range ids would fail inside the target's embedding before the round's sync names them.
                 tokens[b, : len(x)], p[b, : len(x)] = x.clamp(0, V - 1), p_b
-        names = sorted({type(d).__name__ for d in self.drafters})
-        self.name = names[0] if len(names) == 1 else " / ".join(names)
         return BatchProposal(tokens, p, counts, sources, torch.stack(checks).all(0) if checks else None)
 
     def commit(self, new: list[list[int] | None]) -> None:

@@ -34,10 +34,10 @@ def can_pack(model: GPT2) -> bool:
     return model.device.type == "cpu" and model.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
-def pack(weight: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-    """`weight` (out, in), float32 on CPU, in oneDNN's blocked layout for products of `rows` rows (default
-    PACK_ROWS; any number of rows runs on it): an opaque tensor that only oneDNN's linear reads."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows or PACK_ROWS)
+def pack(weight: torch.Tensor, rows: int = PACK_ROWS) -> torch.Tensor:
+    """`weight` (out, in), float32 on CPU, in oneDNN's blocked layout for products of `rows` rows (any number of
+    rows runs on it): an opaque tensor that only oneDNN's linear reads."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows)
 
 
 class _Packed(nn.Module):
@@ -64,10 +64,11 @@ class PackedLinear(_Packed):
     refusal = ("this Linear's weight is packed for oneDNN (pack_linears), not an ordinary tensor: read a copy with "
                "dense_weight(), or unpack_linears(model) to change it")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int = PACK_ROWS):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed = pack(weight)
+        self.rows = rows  # the products the layout is made for; loads and copies pack for them again
+        self.packed = pack(weight, rows)
         if bias is not None:  # an inference tensor (a model made under inference_mode) becomes an ordinary one
             bias = bias.detach().clone() if bias.is_inference() else bias.detach()
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -92,7 +93,7 @@ class PackedLinear(_Packed):
         if prefix + "weight" not in state_dict:
             missing_keys.append(prefix + "weight")
         else:
-            self.packed = pack(state_dict[prefix + "weight"].to(torch.float32))
+            self.packed = pack(state_dict[prefix + "weight"].to(torch.float32), self.rows)
         if self.bias is not None:
             if prefix + "bias" in state_dict:
                 with torch.no_grad():
@@ -105,7 +106,7 @@ class PackedLinear(_Packed):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self.packed = pack(state["packed"])
+        self.packed = pack(state["packed"], self.rows)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -136,9 +137,10 @@ class FrozenEmbedding(_Packed):
             missing_keys.append(prefix + "weight")
 
 
-def pack_linears(model: GPT2) -> GPT2:
+def pack_linears(model: GPT2, rows: int = PACK_ROWS) -> GPT2:
     """Swaps every Linear of `model` for a PackedLinear (and its token embedding for a FrozenEmbedding, the LM head
     being tied to it), where the model is on the CPU in float32 and torch has oneDNN; elsewhere changes nothing.
+    `rows`: the products the layout is made for (the default serves every pass best, PACK_ROWS).
     Returns the model. All or nothing: if memory runs out, the model is left as it was and OutOfMemory (a
     ValueError) is raised."""
     if not can_pack(model) or isinstance(model.lm_head, PackedLinear):
@@ -147,7 +149,7 @@ def pack_linears(model: GPT2) -> GPT2:
     try:
         with torch.inference_mode(False), torch.no_grad():
             for parent, name, linear in _linears(model):
-                setattr(parent, name, PackedLinear(linear.weight, linear.bias))
+                setattr(parent, name, PackedLinear(linear.weight, linear.bias, rows))
                 swapped.append((parent, name, linear))
             model.wte = FrozenEmbedding(model.wte.weight)
         model.requires_grad_(False)  # an inference model: products stay on the packed weights in any grad mode

@@ -5,7 +5,7 @@ make loading, memory and speed measurable anyway. Acceptance rates on them mean 
 
     python -m speculative_gpt2.random_checkpoint gpt2-xl weights/random-gpt2-xl
     python -m speculative_gpt2.random_checkpoint gpt2 weights/random-gpt2
-    python -m speculative_gpt2.random_checkpoint gpt2-xl /tmp/small-xl --n-layer 2   # a quick, small stand-in
+    python -m speculative_gpt2.random_checkpoint gpt2-xl weights/small-xl --n-layer 2   # a quick, small stand-in
     python -m speculative_gpt2.random_checkpoint gpt2-xl weights/looping-gpt2-xl --scaled-residuals  # a target that loops
 """
 

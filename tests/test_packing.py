@@ -143,7 +143,7 @@ def test_running_out_of_memory_while_packing_leaves_the_model_as_it_was(monkeypa
     model, made, real_pack, idx = _tiny_model(), [], packing.pack, _idx(9)
     expected = _logits(model, idx)
 
-    def pack_twice(weight, rows=None):  # memory runs out at the third packed weight
+    def pack_twice(weight, rows=packing.PACK_ROWS):  # memory runs out at the third packed weight
         if len(made) == 2:
             raise error
         made.append(weight)
