@@ -58,28 +58,39 @@ class GPT2Config:
             raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
 
 
+# Attention sums over the keys in blocks of this many slots, one block after another (`attend`).
+KEY_BLOCK = 256
+
+
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` positions; row b holds positions `[0, lengths[b])`.
 
-    `keys` and `values` are (n_layer, B, n_head, max_len, head_dim). A pass writes each row's new keys and values at
-    that row's positions and attends over the whole buffer, each new token masking out the positions after its own,
-    so a pass of T new tokens has the same tensor shapes wherever each row is in its sequence: nothing is sliced to
-    a length (what CUDA graphs need, and what lets the rows of a batch sit at different lengths). Why not cut
-    attention to the slots in use: docs/design.md, "The KV cache".
+    `keys` and `values` are (n_layer, B, n_head, slots, head_dim), `slots` being `max_len` rounded up to whole key
+    blocks. A pass writes each row's new keys and values at that row's positions and attends over the blocks up to
+    its last position (`span`), each new token masking out the positions after its own; slots a token may not see
+    add exact zeros (`attend`), so the rows of a batch sit at different lengths, and a row's result does not depend
+    on the buffer's length or on its batch-mates. Design: docs/design.md, "The KV cache".
     """
 
     def __init__(self, config: GPT2Config, batch_size: int, max_len: int, dtype, device, buffers=None):
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        shape = (config.n_layer, batch_size, config.n_head, self.slots(max_len), config.n_embd // config.n_head)
         if buffers is None:  # else (keys, values, key_positions) of a dropped cache of this shape (cuda_graphs.py)
             buffers = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
-                       torch.arange(max_len, device=device))
-        self.keys, self.values, self.key_positions = buffers  # key_positions (max_len,): each slot's position
+                       torch.arange(shape[3], device=device))
+        self.keys, self.values, self.key_positions = buffers  # key_positions (slots,): each slot's position
+        self.max_len = max_len  # the positions a pass may write
         self.config = config  # the model's it was made for
         self.lengths = [0] * batch_size  # per row, on the host: the samplers decide with them
 
-    @property
-    def max_len(self) -> int:
-        return self.keys.shape[3]
+    @staticmethod
+    def slots(max_len: int) -> int:
+        """The buffer's length for `max_len` positions: whole key blocks."""
+        return -(-max_len // KEY_BLOCK) * KEY_BLOCK
+
+    def span(self, rows: int) -> int:
+        """The slots a pass of `rows` new tokens per row attends: the key blocks up to the last position it writes
+        (every row's further slots would only add zeros)."""
+        return min(self.keys.shape[3], self.slots(max(self.lengths) + rows))
 
     @property
     def length(self) -> int:
@@ -106,6 +117,22 @@ class KVCache:
         self.lengths = lengths
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs), masked) v, in float32, with the sum over keys taken one KEY_BLOCK of slots after
+    another: a query's result then depends only on the keys its mask lets it see, bit for bit, not on how many
+    slots follow (the buffer's length, a batch-mate's longer text) or on the other queries of the pass. A fused
+    kernel (scaled_dot_product_attention) splits a long sum where the length tells it to, so its rounding moves
+    with the buffer (docs/design.md, "The KV cache"). Masked slots get weight exactly 0 and add exact zeros.
+
+    q (B, nh, T, hs); k, v (B, nh, S, hs), S a multiple of KEY_BLOCK; mask (B, 1, T, S). Returns (B, nh, T, hs)."""
+    q, k, v = q.float(), k.float(), v.float()
+    weights = torch.softmax((q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")), -1)
+    y = weights[..., :KEY_BLOCK] @ v[:, :, :KEY_BLOCK]
+    for start in range(KEY_BLOCK, k.shape[2], KEY_BLOCK):
+        y = y + weights[..., start : start + KEY_BLOCK] @ v[:, :, start : start + KEY_BLOCK]
+    return y
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -120,13 +147,13 @@ class CausalSelfAttention(nn.Module):
         if kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            # Write each row's new keys/values at its own (row, position) `slots`, then attend over the whole
-            # buffer; the mask (B, 1, T, max_len) hides the positions a new token may not see, and the stale ones.
+            # Write each row's new keys/values at its own (row, position) `slots`, then attend over the cache's
+            # span; the mask (B, 1, T, S) hides the positions a new token may not see, and the stale ones.
             # index_put_, not scatter_, which copies the whole buffer per call in bfloat16 on CPU.
-            cache_k, cache_v = kv  # (B, nh, max_len, hs)
-            cache_k.transpose(1, 2).index_put_(slots, k.transpose(1, 2))  # (B, max_len, nh, hs) view
+            cache_k, cache_v = kv  # (B, nh, S, hs)
+            cache_k.transpose(1, 2).index_put_(slots, k.transpose(1, 2))  # (B, S, nh, hs) view
             cache_v.transpose(1, 2).index_put_(slots, v.transpose(1, 2))
-            y = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask)
+            y = attend(q, cache_k, cache_v, mask).to(x.dtype)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.c_proj(y)
 
@@ -183,7 +210,7 @@ class GPT2(nn.Module):
                        self.cache_length(max_len, room), self.dtype, self.device)
 
     def cache_length(self, max_len: int | None = None, room: int = 0) -> int:
-        """The slots of a cache for `max_len` positions (default: the context) and `room` more, checked."""
+        """The positions of a cache for `max_len` (default: the context) and `room` more, checked."""
         max_len = self.config.n_positions if max_len is None else max_len
         return check_integer("max_len", max_len, 1, self.config.n_positions) + check_integer("room", room, 0)
 
@@ -194,7 +221,7 @@ class GPT2(nn.Module):
         batch each where its own sequence is; their keys and values are appended to the cache. Several new tokens
         at once are scored in one pass (draft verification)."""
         positions = self.positions(idx, cache)
-        logits = self.forward_at(idx, positions, cache)
+        logits = self.forward_at(idx, positions, cache, None if cache is None else cache.span(idx.shape[1]))
         if cache is not None:
             cache.lengths = [n + idx.shape[1] for n in cache.lengths]
         return logits
@@ -216,20 +243,24 @@ class GPT2(nn.Module):
             return torch.arange(starts[0], starts[0] + rows, device=idx.device).expand(B, rows)
         return torch.tensor(starts, device=idx.device)[:, None] + torch.arange(rows, device=idx.device)
 
-    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
+                   span: int | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for tokens `idx` (B, T) at `positions` (B, T), a device tensor; with a cache,
-        their keys and values are written there. The static-shape core of `forward`: no host value decides a
-        shape, so a pass of T tokens can be captured once and replayed anywhere in the sequence."""
+        their keys and values are written there, and attention reads its first `span` slots (`cache.span(T)`;
+        None: all, the same result with more work). The static-shape core of `forward`: with span None no host
+        value decides a shape, so a pass of T tokens can be captured once and replayed anywhere in the sequence."""
+        span = None if cache is None else span or cache.keys.shape[3]
         # Only padding rows lie past the context (their cache slots do not): any position embedding serves them.
         x = self.wte(idx) + self.wpe(positions.clamp_max(self.config.n_positions - 1))  # (B, T, C)
-        # New token i of row b at position p may see the slots at positions <= p: (B, 1, T, max_len), the same for
+        # New token i of row b at position p may see the slots at positions <= p: (B, 1, T, span), the same for
         # every layer and head.
-        mask = None if cache is None else (positions[:, :, None] >= cache.key_positions)[:, None]
+        mask = None if cache is None else (positions[:, :, None] >= cache.key_positions[:span])[:, None]
         # Where every layer writes the new keys and values: (row, position) index pairs, each (B, T).
         slots = None if cache is None else (torch.arange(len(idx), device=idx.device)[:, None].expand_as(positions),
                                             positions)
         for i, block in enumerate(self.h):
-            x = block(x, None if cache is None else (cache.keys[i], cache.values[i]), slots, mask)
+            x = block(x, None if cache is None else (cache.keys[i, ..., :span, :], cache.values[i, ..., :span, :]),
+                      slots, mask)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
 
     def _check_cache(self, cache: KVCache, batch_size: int) -> None:

@@ -47,13 +47,14 @@ class CUDAGraphRunner:
     def positions(self, idx: torch.Tensor, cache, rows: int | None = None) -> torch.Tensor:
         return self.model.positions(idx, cache, rows)
 
-    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache, span: int | None = None) -> torch.Tensor:
         if cache is None or idx.shape[1] > MAX_GRAPHED_ROWS or torch.is_grad_enabled():
-            return self.model.forward_at(idx, positions, cache)
-        return self.graphs.run(self.model, idx, positions, cache)
+            return self.model.forward_at(idx, positions, cache, span)
+        return self.graphs.run(self.model, idx, positions, cache)  # the whole buffer: one shape to capture
 
     def __call__(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
-        logits = self.forward_at(idx, self.positions(idx, cache), cache)
+        span = None if cache is None else cache.span(idx.shape[1])
+        logits = self.forward_at(idx, self.positions(idx, cache), cache, span)
         if cache is not None:
             cache.lengths = [n + idx.shape[1] for n in cache.lengths]
         return logits
@@ -86,7 +87,7 @@ class CUDAGraphs:
 
     def _take(self, batch_size: int, max_len: int, dtype: torch.dtype):
         for i, (keys, values, positions) in enumerate(self.free):
-            if keys.shape[1] == batch_size and keys.shape[3] == max_len and keys.dtype == dtype:
+            if keys.shape[1] == batch_size and keys.shape[3] == KVCache.slots(max_len) and keys.dtype == dtype:
                 keys.zero_(), values.zero_()  # what a previous call left (an overflow's inf) must not carry over
                 return self.free.pop(i)
         return None

@@ -30,12 +30,14 @@ def padded_rows(rows: int) -> int:
 
 def fixed_rows_pass(model, idx: torch.Tensor, cache, rows: int | None) -> torch.Tensor:
     """model(idx, cache=cache) for the new tokens idx (B, T), computed as a pass of `rows` rows (token 0 in the
-    rows past T) when T < rows; None runs it as it is. Logits (B, T, V)."""
+    rows past T), or of T rounded up to PASS_ROW_MULTIPLE for a longer pass (a prefill); None runs it as it is.
+    Logits (B, T, V)."""
     B, T = idx.shape
-    if rows is None or T >= rows:  # a longer pass (a long prompt's prefill) runs as it is, in both decoders alike
+    if rows is None:
         return model(idx, cache=cache)
+    rows = max(rows, padded_rows(T))
     positions = model.positions(idx, cache, rows)  # (B, rows), checked against the context and the cache's room
-    logits = model.forward_at(torch.cat([idx, idx.new_zeros(B, rows - T)], 1), positions, cache)
+    logits = model.forward_at(torch.cat([idx, idx.new_zeros(B, rows - T)], 1), positions, cache, cache.span(rows))
     cache.lengths = [n + T for n in cache.lengths]
     return logits[:, :T]
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
-from gpt2_model import GPT2Config
+from gpt2_model import KEY_BLOCK, GPT2Config, attend
 from speculative import autoregressive_sample, speculative_sample
 from speculative_gpt2.exact import fixed_rows_pass, padded_rows
 from speculative_gpt2.lookahead import AdaptiveLookahead
@@ -82,31 +82,32 @@ def test_platform_linear_row_does_not_depend_on_its_place_or_neighbours_at_a_fix
 @pytest.mark.parametrize("rows", PASS_ROWS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("width", WIDTHS)
-def test_platform_attention_row_does_not_depend_on_its_place_or_neighbours_at_a_fixed_row_count(width, dtype, rows):
-    # As CausalSelfAttention calls it: queries (1, nh, rows, 64) over the whole cache buffer (1, nh, max_len, 64),
-    # with the mask positions[:, None] >= key_positions (rows, max_len).
-    n_head, max_len, p = width // 64, 240, 150  # the row under test is at position p
+def test_platform_attention_row_depends_only_on_the_keys_it_sees(width, dtype, rows):
+    # As CausalSelfAttention calls it: queries (B, nh, rows, 64) over the cache's span (B, nh, S, 64), with the mask
+    # positions >= key_positions. A row's output must not move with its place among the rows, the span's length
+    # (the buffer, a batch-mate's longer text) or the batch's other rows.
+    n_head, p = width // 64, 300  # the row under test is at position p: its keys fill one block and part of another
     gen = torch.Generator().manual_seed(width + rows)
     to = DTYPES[dtype]
-    query = torch.randn(1, n_head, 1, 64, generator=gen).to(to)
-    visible_k, visible_v = (torch.randn(1, n_head, p + 1, 64, generator=gen).to(to) for _ in range(2))
-    key_positions = torch.arange(max_len)
+    query = torch.randn(n_head, 64, generator=gen).to(to)
+    visible_k, visible_v = (torch.randn(n_head, p + 1, 64, generator=gen).to(to) for _ in range(2))
 
-    def attention_at(place: int) -> torch.Tensor:
-        """The row's output when it is row `place` of the pass, among random rows and stale, masked slots."""
-        positions = torch.arange(p - place, p - place + rows)
-        q = torch.randn(1, n_head, rows, 64, generator=gen).to(to)
-        q[:, :, place] = query[:, :, 0]
-        k, v = (torch.randn(1, n_head, max_len, 64, generator=gen).to(to) for _ in range(2))  # stale slots
-        k[:, :, : p + 1], v[:, :, : p + 1] = visible_k, visible_v
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=positions[:, None] >= key_positions)
-        return out[:, :, place]
+    def attention_at(place: int, span: int, batch: int) -> torch.Tensor:
+        """The row's output as row `place` of the pass, in the last row of a batch, among random rows and stale,
+        masked slots."""
+        positions = torch.arange(p - place, p - place + rows).expand(batch, rows)
+        q = torch.randn(batch, n_head, rows, 64, generator=gen).to(to)
+        q[-1, :, place] = query
+        k, v = (torch.randn(batch, n_head, span, 64, generator=gen).to(to) for _ in range(2))  # stale slots
+        k[-1, :, : p + 1], v[-1, :, : p + 1] = visible_k, visible_v
+        return attend(q, k, v, (positions[:, :, None] >= torch.arange(span))[:, None])[-1, :, place]
 
-    reference = attention_at(0)
-    for place in sorted({rows - 1, rows // 2}):
-        assert torch.equal(attention_at(place), reference), (
-            f"scaled_dot_product_attention {dtype}, {n_head} heads: a query row gives another result as row "
-            f"{place} of {rows} than as row 0: exact mode cannot make decoding exact on this platform")
+    reference = attention_at(0, 2 * KEY_BLOCK, 1)
+    for place, span, batch in [(rows - 1, 2 * KEY_BLOCK, 1), (rows // 2, 3 * KEY_BLOCK, 1), (0, 4 * KEY_BLOCK, 3),
+                               (rows - 1, 2 * KEY_BLOCK, 2)]:
+        assert torch.equal(attention_at(place, span, batch), reference), (
+            f"attention {dtype}, {n_head} heads: a query row gives another result as row {place} of {rows}, over "
+            f"{span} slots, in a batch of {batch}: a row's text would depend on what runs beside it here")
 
 
 # ----------------------------------------------------------------------------------------------------------

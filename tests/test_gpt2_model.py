@@ -258,25 +258,32 @@ def test_cached_passes_match_a_full_pass_at_every_position_after_crops(reference
                                        atol=1e-5, rtol=0)
 
 
-def test_every_pass_of_T_tokens_has_the_same_shapes(monkeypatch):
-    # Nothing is sliced to the current length: the attention always sees the whole buffer, so the shapes of a
-    # T-token pass do not depend on where it is (what a CUDA graph or cuDNN's plan cache needs).
-    model = GPT2(GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=50)).eval()
+def test_a_pass_over_the_whole_buffer_has_one_shape_anywhere_and_the_logits_of_its_span(monkeypatch):
+    # forward_at(..., span=None) attends over the whole buffer, so the shapes of a T-token pass do not depend on
+    # where it is (what a CUDA graph needs); `forward` attends over the key blocks in use only, and that changes
+    # the work, not one bit of the result (the slots past a row's position add exact zeros).
+    model = GPT2(GPT2Config(n_positions=600, n_embd=16, n_layer=1, n_head=2, vocab_size=50)).eval()
     shapes = []
-    attention = torch.nn.functional.scaled_dot_product_attention
+    attend = gpt2_model.attend
 
-    def record(q, k, v, **kwargs):
-        shapes.append((tuple(q.shape), tuple(k.shape), tuple(kwargs["attn_mask"].shape)))
-        return attention(q, k, v, **kwargs)
+    def record(q, k, v, mask):
+        shapes.append((tuple(q.shape), tuple(k.shape), tuple(mask.shape)))
+        return attend(q, k, v, mask)
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", record)
-    cache = model.new_cache(max_len=20)
+    monkeypatch.setattr(gpt2_model, "attend", record)
+    idx = torch.randint(0, 50, (1, 280), generator=torch.Generator().manual_seed(0))
+    whole, spans = model.new_cache(max_len=600), model.new_cache(max_len=600)
     with torch.no_grad():
-        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+        for cache in (whole, spans):
+            model(idx[:, :250], cache=cache)
         shapes.clear()
-        for _ in range(4):
-            model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
-    assert shapes == [((1, 2, 3, 8), (1, 2, 20, 8), (1, 1, 3, 20))] * 4
+        for start in range(250, 280, 3):
+            new = idx[:, start : start + 3]
+            at = model.forward_at(new, model.positions(new, whole), whole)
+            whole.lengths = [start + 3]
+            assert torch.equal(at, model(new, cache=spans))
+    assert shapes[::2] == [((1, 2, 3, 8), (1, 2, 768, 8), (1, 1, 3, 768))] * 10  # 600 positions: 3 key blocks
+    assert {s[1][2] for s in shapes[1::2]} == {256, 512}  # the spans: the blocks up to the pass's last position
 
 
 def test_a_cache_that_does_not_fit_the_model_is_refused():
