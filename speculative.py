@@ -15,7 +15,9 @@ built in). After a prefill of the prompt minus its last token, every round of `s
      roll back `crop`, `commit`      rejected positions (an integer per row, nothing copied).
 
 Every round emits 1 to K+1 tokens, distributed exactly as sampling from q; at temperature 0, the target's greedy
-tokens (in every dtype with `exact`, speculative_gpt2/exact.py). `autoregressive_sample` is plain decoding. Both
+tokens (in every dtype with `exact`, speculative_gpt2/exact.py). With `coupled=True` step 3 compares Gumbel-max
+tokens instead (`accept_coupled`, speculative_gpt2/coupling.py): the text is then the plain sampler's with the same
+seed, token for token. `autoregressive_sample` is plain decoding. Both
 take a batch of prompts (`Batch`): one target pass per round serves every row, each at its own positions. Records,
 argument checks and the command line live in speculative_gpt2/ (records.py, arguments.py, cli.py).
 """
@@ -36,6 +38,7 @@ import torch
 from gpt2_model import GPT2, KVCache
 from speculative_gpt2.arguments import (batch_of_prompts, check_finite, check_lookahead, check_models_and_prompts,
                                         check_options)
+from speculative_gpt2.coupling import GumbelNoise, check_coupling, gumbel_max
 from speculative_gpt2.cuda_graphs import CUDAGraphRunner
 from speculative_gpt2.drafters import (BatchDrafter, BatchProposal, Drafter, PerRowDrafters, PromptLookupDrafter,
                                       Proposal, Sampling, refuse_bad_proposal)
@@ -99,6 +102,15 @@ def greedy_or_sample(probs: torch.Tensor, temperature: float, generator) -> torc
     return probs.argmax(-1) if temperature == 0 else sample(probs, generator)
 
 
+def draw_tokens(probs: torch.Tensor, positions: list[int] | None = None, *, temperature: float, generator,
+                noise: GumbelNoise | None) -> torch.Tensor:
+    """One token per row of probs (B, V) for positions (B,): with coupled noise, each row's Gumbel-max at its
+    position; else (or without positions: a drafter that gives none) `greedy_or_sample`."""
+    if noise is not None and positions is not None:
+        return gumbel_max(probs, noise.at(positions, 1)[:, 0])
+    return greedy_or_sample(probs, temperature, generator)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The steps of a round
 
@@ -125,6 +137,19 @@ def accept_or_resample(drafts: torch.Tensor, p: torch.Tensor, q: torch.Tensor, r
     p_next = torch.cat([p, p.new_zeros(B, 1, p.shape[2])], 1)[rows, kept]  # (B, V)
     q_next = q[rows, kept]  # (B, V)
     return kept, greedy_or_sample(residual_distribution(q_next, p_next), temperature, generator)
+
+
+def accept_coupled(drafts: torch.Tensor, q: torch.Tensor, noise: torch.Tensor,
+                   counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 3 with coupled sampling: the target's Gumbel-max y_i = argmax(log q_i + g_i) at each of the K + 1
+    positions is an exact sample from q there; draft x_i is kept iff it equals y_i, and the next token is y at the
+    first mismatch (the bonus if all are kept). drafts (B, K), q and noise (B, K+1, V); returns kept (B,), the next
+    token (B,) and y (B, K + 1)."""
+    B, K = drafts.shape
+    choices = gumbel_max(q, noise)  # (B, K + 1)
+    keep = (drafts == choices[:, :K]) & (torch.arange(K, device=drafts.device) < counts[:, None])
+    kept = keep.int().cumprod(1).sum(1)
+    return kept, choices[torch.arange(B, device=drafts.device), kept], choices
 
 
 def residual_distribution(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -162,7 +187,8 @@ class ModelDrafter:
         drafts, p = [], []
         for _ in range(lookahead):
             p_i = self.sampling.process(self.model(x, cache=self.cache)[:, -1])  # (B, V)
-            x = self.sampling.draw(p_i)[:, None]  # (B, 1); the last draft is not fed: pending if it is kept
+            # (B, 1) at each row's position (coupled noise); the last draft is not fed: pending if it is kept
+            x = self.sampling.draw(p_i, [n + len(drafts) for n in lengths])[:, None]
             drafts.append(x[:, 0])
             p.append(p_i)
         counts = [lookahead if a else 0 for a in active]
@@ -258,15 +284,18 @@ class Batch:
 def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_tokens: int, *,
                        lookahead: int | str | LookaheadPolicy = 4, temperature: float = 0.0,
                        top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                       generator: torch.Generator | None = None, exact: bool | int = False,
-                       on_tokens: Callable[[list[int]], None] | None = None, clock: Clock | None = None, trace=False,
+                       generator: torch.Generator | None = None, exact: bool | int = False, coupled: bool = False,
+                       seed: int | list[int] | None = None, on_tokens: Callable[[list[int]], None] | None = None, clock: Clock | None = None, trace=False,
                        on_finished: Callable[[int, Generation], None] | None = None) -> Generation | list[Generation]:
     """Samples `max_new_tokens` tokens from `target`, with `draft` proposing up to `lookahead` tokens per round.
 
     `draft` is a small GPT2 or any drafter (speculative_gpt2/drafters.py), e.g. `PromptLookupDrafter()`. The output
     is distributed exactly as `autoregressive_sample(target, ...)`'s with the same temperature, top-k and top-p
     (token for token at temperature 0; in every dtype with `exact`: True pads every target pass to K + 1 rows, an
-    integer to that many, speculative_gpt2/exact.py). `prompt` is a list of ids or a 1-D integer tensor, or a batch
+    integer to that many, speculative_gpt2/exact.py). `coupled=True` samples every token as the Gumbel-max of its
+    distribution with noise fixed by `seed` (an integer, or one per prompt) and the token's position: the same text
+    as `autoregressive_sample(..., coupled=True, seed=...)` whatever K, drafter or batch (with `exact` in dtypes
+    whose rounding moves with the pass shape). `prompt` is a list of ids or a 1-D integer tensor, or a batch
     of them (any lengths), each row decoded as if alone. `lookahead` is K, "auto", or a policy
     (speculative_gpt2/lookahead.py). `on_tokens(new)` streams one prompt; `on_finished(row, generation)` reports
     each prompt when done; `trace` records every round (`TraceRound`). Returns a `Generation`, or a list of them.
@@ -279,6 +308,8 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
     prompts = check_models_and_prompts(prompts, max_new_tokens, generator, eos_token_id, target=target,
                                        draft=getattr(drafter, "model", None))
     device = prompts[0].device
+    noise = check_coupling(coupled, seed, generator, len(prompts), target.config.vocab_size,
+                           target.config.n_positions, device)
     clock = clock or DeviceClock(device)
     begun = clock.mark()
     process = partial(logits_to_probs, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -287,7 +318,7 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
     target_cache = target.new_cache(B, max_len=batch.max_len, room=(rows or 1) - 1)
     target_pass = partial(fixed_rows_pass, target, rows=rows)  # (idx, cache) -> logits, in exact mode's shape
     prefill(target_pass, target_cache, batch.ids, batch.lengths)  # each row's last prompt token is then pending
-    draw = partial(greedy_or_sample, temperature=temperature, generator=generator)
+    draw = partial(draw_tokens, temperature=temperature, generator=generator, noise=noise)
     drafter.start(prompts, batch.max_len, Sampling(process, draw, V))
     prefilled = clock.mark()
     while active := batch.rows:
@@ -301,9 +332,13 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
         q = process(target_pass(torch.cat([batch.pending(), drafts], 1), target_cache))  # (B, K + 1, V)
         verified = clock.mark()
         # Step 3, accept or resample: `kept` drafts per row (B,), then one resampled (or bonus) token (B,).
-        r = torch.rand(B, K, generator=generator, device=device) if temperature > 0 else None
-        kept, next_token = accept_or_resample(drafts, p, q, r, torch.tensor(counts, device=device), temperature,
-                                              generator)
+        r = torch.rand(B, K, generator=generator, device=device) if temperature > 0 and not coupled else None
+        if coupled:  # or compare Gumbel-max tokens: the plain sampler's text, token for token
+            kept, next_token, choices = accept_coupled(drafts, q, noise.at(batch.lengths, K + 1),
+                                                       torch.tensor(counts, device=device))
+        else:
+            kept, next_token = accept_or_resample(drafts, p, q, r, torch.tensor(counts, device=device),
+                                                  temperature, generator)
         finite = torch.stack([*checks, p.isfinite().all(), q.isfinite().all()])  # a bad proposal, a broken model
         synced = torch.cat([drafts.flatten(), kept, next_token, finite]).tolist()  # the round's one host sync
         refuse_bad_proposal(getattr(drafter, "name", ""), synced[len(synced) - len(finite) : -2])
@@ -316,7 +351,8 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
             k, kept_b, next_b = counts[b], synced[B * K + b], synced[B * K + B + b]
             round = Round(k, kept_b, draft_ms * k / K if K else 0.0, verify_ms)
             new = _record_round(batch.outs[b], synced[b * K : b * K + k], round, next_b, eos_token_id, policy,
-                                on_tokens, (drafts[b], p[b], q[b], None if r is None else r[b], sources[b]))
+                                on_tokens, (drafts[b], p[b], q[b], None if r is None else r[b], sources[b],
+                                            choices[b] if coupled else None))
             committed[b] = batch.commit(b, new, torch.cat([drafts[b, :kept_b], next_token[b : b + 1]]))
         target_cache.crop(batch.pending_at())
         drafter.commit(committed)
@@ -334,7 +370,7 @@ def _record_round(out: Generation, drafts: list[int], round: Round, next_token: 
     if out.trace is not None:  # the round as committed: an EOS among the kept drafts cuts it
         last = out.rounds[-1]
         following = next_token if len(new) > last.kept else None
-        out.trace.append(TraceRound.of(*traced[:4], last, following, traced[4], residual_distribution))
+        out.trace.append(TraceRound.of(*traced[:4], last, following, traced[4], residual_distribution, traced[5]))
     if round.lookahead > 0:
         policy.update(round)
     if on_tokens is not None:
@@ -346,11 +382,12 @@ def _record_round(out: Generation, drafts: list[int], round: Round, next_token: 
 def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperature: float = 0.0,
                           top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                           generator: torch.Generator | None = None, use_cache: bool = True, exact: int | None = None,
-                          on_tokens: Callable[[list[int]], None] | None = None,
+                          coupled: bool = False, seed: int | list[int] | None = None, on_tokens: Callable[[list[int]], None] | None = None,
                           on_finished: Callable[[int, Generation], None] | None = None) -> Generation | list[Generation]:
     """Plain decoding: one pass of `model` per new token (of every row, for a batch). `use_cache=False` recomputes
     everything each step (the toyllm blog post's uncached baseline; one prompt). `exact=n` pads each cached pass to
-    n rows, as `speculative_sample(..., exact=n)` does. Returns a `Generation`, or a list of one per prompt."""
+    n rows, as `speculative_sample(..., exact=n)` does; `coupled` and `seed` as there. Returns a `Generation`, or a
+    list of one per prompt."""
     check_options(max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
     rows = pass_rows(exact, None)
     prompts, batched = batch_of_prompts(prompt, on_tokens)
@@ -358,6 +395,8 @@ def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperatu
         raise ValueError("use_cache=False (the uncached baseline) decodes one prompt: pass one, not a batch")
     prompts = check_models_and_prompts(prompts, max_new_tokens, generator, eos_token_id, target=model)
     device = prompts[0].device
+    noise = check_coupling(coupled, seed, generator, len(prompts), model.config.vocab_size,
+                           model.config.n_positions, device)
     clock = DeviceClock(device)
     begun = clock.mark()
     batch = Batch(prompts, max_new_tokens, eos_token_id, False, on_finished)
@@ -371,7 +410,7 @@ def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperatu
             cache.crop(batch.pending_at())
         fed = batch.pending() if use_cache else batch.ids[:, : batch.lengths[0]]
         probs = logits_to_probs(model_pass(fed, cache)[:, -1], temperature, top_k, top_p)  # (B, V)
-        token = greedy_or_sample(probs, temperature, generator)  # (B,)
+        token = draw_tokens(probs, batch.lengths, temperature=temperature, generator=generator, noise=noise)  # (B,)
         *tokens, finite = torch.cat([token, probs.isfinite().all().view(1)]).tolist()  # the step's one host sync
         check_finite({"model": finite}, len(batch.outs[active[0]].tokens))
         for b in active:

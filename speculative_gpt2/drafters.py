@@ -31,7 +31,10 @@ class Sampling:
     is processed (temperature, top-k, top-p) as q is."""
 
     process: Callable[[torch.Tensor], torch.Tensor]  # logits (..., V) -> float32 probabilities (..., V)
-    draw: Callable[[torch.Tensor], torch.Tensor]  # probabilities (V,) -> a token (0-d): argmax at temperature 0
+    # probabilities (B, V) [, positions (B,) of the tokens drawn] -> tokens (B,): the argmax at temperature 0; with
+    # coupled sampling, the Gumbel-max at those positions (speculative_gpt2/coupling.py), which a draft must propose
+    # to be kept often (without positions: an ordinary sample).
+    draw: Callable[..., torch.Tensor]
     vocab_size: int
 
 

@@ -119,6 +119,9 @@ class TraceRound:
     after a rejection or from q after all K were kept, with `next_probability` under that distribution; `source`
     the drafter's word on where the drafts came from, if it gave one (a lookup: the position it copied from). As in
     the Generation, a kept EOS ends the round: `drafts` stop at it and `next_token` is None (nothing came after it).
+    With coupled sampling, `choices` are the target's Gumbel-max tokens at the K + 1 positions (a draft is kept iff
+    it equals the choice at its place, the next token is the choice after the kept ones), `r` is None and
+    `next_probability` is q(next_token).
     """
 
     drafts: list[int]
@@ -131,6 +134,7 @@ class TraceRound:
     draft_ms: float
     verify_ms: float
     source: str | None = None
+    choices: list[int] | None = None
 
     @property
     def acceptance_probabilities(self) -> list[float]:
@@ -146,18 +150,23 @@ class TraceRound:
         return Origin.TARGET if K == 0 else Origin.BONUS if self.kept == K else Origin.RESAMPLED
 
     @classmethod
-    def of(cls, drafts, p, q, r, round: Round, next_token: int | None, source: str | None, residual) -> TraceRound:
+    def of(cls, drafts, p, q, r, round: Round, next_token: int | None, source: str | None, residual,
+           choices=None) -> TraceRound:
         """A row's round read back from the device (only when tracing: extra transfers), as the Generation committed
         it: `round` and `next_token` after an EOS cut. drafts (K,), p (K, V), q (K + 1, V), r (K,) or None;
-        `residual(q, p)` is the distribution a rejected draft is replaced from."""
+        `residual(q, p)` is the distribution a rejected draft is replaced from; `choices` (K + 1,) the target's
+        Gumbel-max tokens of a coupled round, else None."""
         K, kept = round.lookahead, round.kept
         drafts, p, q, r = drafts[:K], p[:K], q[: K + 1], None if r is None else r[:K]
         rows = torch.arange(K, device=drafts.device)
         probability = None
-        if next_token is not None:
+        if next_token is not None and choices is not None:  # coupled: the next token is the target's sample
+            probability = q[kept, next_token].item()
+        elif next_token is not None:
             p_next = p[kept] if kept < K else torch.zeros_like(q[kept])  # the bonus is drawn from q itself
             following = residual(q[kept], p_next)
             probability = (following[next_token] / following.sum()).item()
         return cls(drafts=drafts.tolist(), p=p[rows, drafts].tolist(), q=q[rows, drafts].tolist(),
                    r=None if r is None else r.tolist(), kept=kept, next_token=next_token,
-                   next_probability=probability, draft_ms=round.draft_ms, verify_ms=round.verify_ms, source=source)
+                   next_probability=probability, draft_ms=round.draft_ms, verify_ms=round.verify_ms, source=source,
+                   choices=None if choices is None else choices[: K + 1].tolist())

@@ -238,7 +238,8 @@ section.row {{ border-top: 2px solid #ccc; margin-top: 1.5em }}
 proposes K tokens; draft x<sub>i</sub> is kept if r<sub>i</sub> &lt; q(x<sub>i</sub>)/p(x<sub>i</sub>), i.e. with
 probability min(1, q/p); the first rejected one is replaced by a sample from norm(max(0, q &minus; p)); if all K are
 kept, a bonus token is drawn from q. At temperature 0 there is no draw: a draft is kept iff it is the target's
-argmax.</p>
+argmax. With coupled sampling a draft is kept iff it is the target's Gumbel-max y<sub>i</sub> = argmax(log q + g), g
+fixed by the seed and the position, and the first mismatch gives way to y<sub>i</sub>.</p>
 {body}
 <script>
 // Counted from the page itself, so that a reader (or a test in a browser) can check it against the summary.
@@ -256,14 +257,18 @@ def _trace_round_html(number: int, r, tokenizer, opened: bool) -> str:
         return html.escape(repr(printable(tokenizer.decode_single_token_bytes(t).decode("utf-8", errors="replace"))))
 
     rows = []
+    coupled = r.choices is not None  # then a draft is kept iff it is the target's Gumbel-max at its place
     for i, (x, p, q, a) in enumerate(zip(r.drafts, r.p, r.q, r.acceptance_probabilities)):
         verdict = "kept" if i < r.kept else "rejected" if i == r.kept else "untested"
-        draw = "" if r.r is None else f"{r.r[i]:.3f}"
+        last = (f'<td class="token">{token(r.choices[i])}</td>' if coupled else
+                f'<td>{a:.4g}</td><td>{"" if r.r is None else f"{r.r[i]:.3f}"}</td>')
         rows.append(f'<tr class="{verdict}"><td>{i + 1}</td><td class="token">{token(x)}</td><td>{p:.4g}</td>'
-                    f'<td>{q:.4g}</td><td>{a:.4g}</td><td>{draw}</td><td class="verdict">{verdict}</td></tr>')
+                    f'<td>{q:.4g}</td>{last}<td class="verdict">{verdict}</td></tr>')
     origin = r.next_origin
+    heads = ('<th class="token">target\'s Gumbel-max y<sub>i</sub></th>' if coupled else
+             '<th>min(1, q/p)</th><th>r<sub>i</sub></th>')
     table = ('<table><tr><th>i</th><th class="token">draft x<sub>i</sub></th><th>p(x<sub>i</sub>)</th>'
-             '<th>q(x<sub>i</sub>)</th><th>min(1, q/p)</th><th>r<sub>i</sub></th><th>verdict</th></tr>'
+             f'<th>q(x<sub>i</sub>)</th>{heads}<th>verdict</th></tr>'
              f'{"".join(rows)}</table>') if rows else ""
     if r.source:  # the drafter's word on where the drafts came from, e.g. a lookup's position
         table = f'<p class="source">{html.escape(r.source)}</p>' + table
@@ -272,6 +277,9 @@ def _trace_round_html(number: int, r, tokenizer, opened: bool) -> str:
     else:
         source = {Origin.RESAMPLED: "from norm(max(0, q &minus; p))", Origin.BONUS: "from q, all drafts kept",
                   Origin.TARGET: "from q, nothing drafted"}[origin]
+        if coupled:
+            source = {Origin.RESAMPLED: "the target's Gumbel-max", Origin.BONUS: "the target's Gumbel-max, all drafts "
+                      "kept", Origin.TARGET: "the target's Gumbel-max, nothing drafted"}[origin]
         then = f"then {origin} {token(r.next_token)}"
         next_line = (f"Then <span{_html_style(origin)}>{origin}</span> {token(r.next_token)} {source}, "
                      f"probability {r.next_probability:.4g}.")

@@ -2,39 +2,20 @@
 its batch-mates, the batch's size, the length budget (hence the KV cache's length), K, the drafter, or whether
 speculation is on at all.
 
-The models are engineered to meet near-ties at every step, as trained models do often: token 2i + 1's embedding
-is token 2i's with relative noise of the dtype's epsilon, and the LM head is tied to the embedding, so the two
-tokens' logits differ in their last bits and any rounding that moves with the surroundings flips the argmax.
+The models meet near-ties at every step (tests/near_ties.py), as trained models do often.
 """
-
-from functools import lru_cache
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt2_model import KEY_BLOCK, GPT2Config
+from gpt2_model import KEY_BLOCK
+from near_ties import VOCAB, near_tie_model
 from speculative import autoregressive_sample, speculative_sample
 from speculative_gpt2.drafters import PromptLookupDrafter
-from speculative_gpt2.packing import pack_linears
-from speculative_gpt2.random_checkpoint import random_model
 
-VOCAB = 512
 BOUNDED = settings(max_examples=10, deadline=None, derandomize=True)
-
-
-@lru_cache(maxsize=None)
-def near_tie_model(dtype_name: str, n_layer: int = 2, seed: int = 0):
-    """A random GPT-2 (head size 64, as GPT-2's) whose tokens come in pairs with near-equal embeddings."""
-    config = GPT2Config(vocab_size=VOCAB, n_positions=1024, n_embd=256, n_layer=n_layer, n_head=4)
-    dtype = getattr(torch, dtype_name)
-    model = random_model(config, seed=seed, scale=5).to(dtype)
-    with torch.no_grad():
-        wte = model.wte.weight.float()
-        noise = torch.randn(VOCAB // 2, config.n_embd, generator=torch.Generator().manual_seed(seed))
-        model.wte.weight[1::2] = (wte[0::2] * (1 + torch.finfo(dtype).eps * noise)).to(dtype)
-    return pack_linears(model) if dtype_name == "float32" else model  # as the CLI runs it
 
 
 def prompts_strategy(max_prompts: int):

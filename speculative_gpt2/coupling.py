@@ -1,0 +1,73 @@
+"""Coupled sampling: every sampled token is the Gumbel-max of its distribution, with noise fixed by a seed and the
+token's position, so that one seed gives one text whatever decodes it.
+
+Gumbel-max: argmax_x (log q(x) + g(x)), with g(x) independent Gumbel(0, 1) draws, is an exact sample from q. If g
+depends only on (seed, position), plain decoding and speculative sampling meet the same g at every position, so
+they emit the same token there whenever they score it with the same q. Speculative sampling keeps a draft iff it
+equals the target's Gumbel-max at its position, and the first mismatch gives way to the target's Gumbel-max: every
+token is then the plain sampler's, whatever K, drafter or batch (Daliri, Musco and Suresh 2024, "Drafter-Invariant
+Speculative Decoding"). A draft model proposes its own Gumbel-max with the same g, which agrees with the target's
+most of the time when p is near q; the price is some acceptance against Chen's rule (docs/design.md, "Coupled
+sampling").
+
+The noise of a position is drawn on the CPU by a generator seeded from (seed, position): a counter-based draw,
+the same on every device, for every batch and pass shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from speculative_gpt2.checks import check_integer
+
+# Positions take the low bits of the generator's seed, the sampling seed the high ones: no two (seed, position)
+# pairs share a stream.
+POSITION_BITS = 20
+MAX_SEED = 2 ** (63 - POSITION_BITS) - 1
+
+
+def check_coupling(coupled, seed, generator, batch_size: int, vocab_size: int, context: int,
+                   device) -> GumbelNoise | None:
+    """The samplers' `coupled` and `seed` arguments, checked: the call's noise, or None when not coupled."""
+    if not isinstance(coupled, bool):
+        raise ValueError(f"coupled must be True or False, got {coupled!r}")
+    if not coupled:
+        if seed is not None:
+            raise ValueError("seed is for coupled sampling: pass coupled=True too, or a generator instead")
+        return None
+    if generator is not None:
+        raise ValueError("coupled sampling draws its noise from seed, not from a generator: pass seed=..., "
+                         "not generator")
+    if seed is None:
+        raise ValueError("coupled sampling needs seed=<an integer>, or a list of one per prompt")
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * batch_size
+    if len(seeds) != batch_size:
+        raise ValueError(f"seed must be an integer or a list of one per prompt ({batch_size}), got {len(seeds)}")
+    if context > 2**POSITION_BITS:
+        raise ValueError(f"coupled sampling numbers positions up to {2**POSITION_BITS}: this model's context is "
+                         f"{context}")
+    return GumbelNoise([check_integer("seed", s, 0, MAX_SEED) for s in seeds], vocab_size, device)
+
+
+def gumbel_noise(seed: int, position: int, vocab_size: int) -> torch.Tensor:
+    """g (V,) float32 on the CPU: independent Gumbel(0, 1) draws for the token at `position` under `seed`."""
+    generator = torch.Generator().manual_seed((seed << POSITION_BITS) | position)
+    u = torch.rand(vocab_size, generator=generator)  # in [0, 1): -log(-log 0) = -inf, never chosen
+    return -torch.log(-torch.log(u))
+
+
+class GumbelNoise:
+    """The noise of a call: row b's tokens draw theirs from seeds[b]."""
+
+    def __init__(self, seeds: list[int], vocab_size: int, device):
+        self.seeds, self.vocab_size, self.device = seeds, vocab_size, device
+
+    def at(self, starts: list[int], count: int) -> torch.Tensor:
+        """(B, count, V) on the device: row b's noise at positions starts[b] ... starts[b] + count - 1."""
+        return torch.stack([torch.stack([gumbel_noise(seed, start + i, self.vocab_size) for i in range(count)])
+                            for seed, start in zip(self.seeds, starts)]).to(self.device)
+
+
+def gumbel_max(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """argmax(log probs + noise) over the last dimension: a sample from probs (..., V), zeros never chosen."""
+    return (probs.log() + noise).argmax(-1)
