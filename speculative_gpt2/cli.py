@@ -180,7 +180,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling mass (temperature > 0)")
     parser.add_argument("--seed", type=_seed, default=0,
                         help="seed of the sampling generator: the same seed and flags give the same text on the same "
-                        "machine (with any --lookahead)")
+                        "machine (with any --lookahead); with --coupled, the seed of the Gumbel noise (a JSON line of "
+                        "--prompts-file may carry its own \"seed\")")
+    parser.add_argument("--coupled", action="store_true",
+                        help="coupled sampling: each token is the Gumbel-max of its distribution with noise fixed by "
+                        "--seed and its position, so that at temperature > 0 speculative sampling gives plain "
+                        "decoding's text token for token (compared, as at temperature 0), whatever K, drafter or "
+                        "batch; drafts from a model are kept somewhat less often than by Chen's rule")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="weights and activations; auto: bfloat16 where the hardware runs it natively (CUDA with "
@@ -279,6 +285,10 @@ def _run(args) -> int:
         from speculative_gpt2.prompts_file import read_prompts, run_prompts_file
 
         file_prompts = read_prompts(args.prompts_file, enc)  # every line checked before any model loads
+        seeded = next((p for p in file_prompts if p.seed is not None), None)
+        if seeded is not None and not args.coupled:
+            raise ValueError(f'--prompts-file {args.prompts_file}, line {seeded.line} has a "seed": a seed per prompt '
+                             f"is coupled sampling's (each row its own noise): add --coupled, or remove the seeds")
         # (tokens, what an error names, what to shorten): one entry per prompt.
         checked = [(p.tokens, f"--prompts-file {args.prompts_file}, line {p.line}: ", f"line {p.line}")
                    for p in file_prompts]
@@ -333,8 +343,9 @@ def _run(args) -> int:
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    eos_token_id=None if args.ignore_eos else enc.eot_token)
     n = args.max_new_tokens
-    # Comparing greedy texts: every target pass gets the verification's shape, so that they are equal in any dtype.
-    exact = args.mode == "both" and args.temperature == 0
+    # Comparing texts (greedy, or coupled): every target pass gets the verification's shape, so that they are equal
+    # in any dtype.
+    exact = args.mode == "both" and (args.temperature == 0 or args.coupled)
     max_lookahead = (EXACT_MAX_LOOKAHEAD if exact else AdaptiveLookahead().max_lookahead) if args.lookahead == "auto" \
         else args.lookahead
 
@@ -342,18 +353,20 @@ def _run(args) -> int:
         if args.lookahead != "auto":
             return args.lookahead
         # At temperature > 0, K must not follow measured times, which vary from run to run: K changes how the
-        # random stream is consumed, and the same seed must give the same text.
-        return AdaptiveLookahead(max_lookahead=max_lookahead,
-                                 cost_ratio=cost_ratio(target, draft) if args.temperature > 0 else None)
+        # random stream is consumed, and the same seed must give the same text (coupled sampling excepted).
+        return AdaptiveLookahead(max_lookahead=max_lookahead, cost_ratio=cost_ratio(target, draft)
+                                 if args.temperature > 0 and not args.coupled else None)
 
     def drafter():  # a fresh lookup drafter for every call, as for the policy
         return PromptLookupDrafter(args.ngram_max, args.ngram_min) if lookup else draft
 
     rows = padded_rows(max_lookahead + 1)  # what exact mode pads every target pass to
 
-    def decode(mode, prompt, max_new_tokens, generator=None, **options):  # options: sampling and callbacks
+    def decode(mode, prompt, max_new_tokens, generator=None, seed=None, **options):  # options: sampling, callbacks
         # Exact mode for the two runs whose texts are compared; plain NAIVE stays the fastest (1-row passes).
         fixed = rows if exact and mode in (EXACT, SPECULATIVE) else None
+        if args.coupled:  # the noise comes from the seed (one per row, or --seed), not from a generator
+            generator, options = None, options | dict(coupled=True, seed=args.seed if seed is None else seed)
         if mode == SPECULATIVE:
             return speculative_sample(target, drafter(), prompt, max_new_tokens, lookahead=lookahead(), exact=fixed,
                                       generator=generator, trace=args.trace is not None, **options)
@@ -553,22 +566,24 @@ def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2]
         chosen = [k for k in spec.lookahead_per_round if k > 0]
         if args.lookahead == "auto" and chosen:
             how = (f"from the cost model, c = {cost_ratio(models['target'], models.get('draft')):.3f}: the same seed "
-                   f"gives the same text" if args.temperature > 0 else "from measured times")
+                   f"gives the same text" if args.temperature > 0 and not args.coupled else "from measured times")
             print(f"mean K chosen per round: {sum(chosen) / len(chosen):.2f} ({how})")
         if naive is not None:
             for line in why_slower(spec, naive, auto=args.lookahead == "auto", dtype=dtype, device=device):
                 print(line)
     print(f"peak memory: {peak_memory(device)}")
-    reference = exact or naive  # at temperature 0, what the speculative text must equal token for token
+    reference = exact or naive  # greedy or coupled: what the speculative text must equal token for token
+    compared = args.temperature == 0 or args.coupled
     if spec is not None and reference is not None:
-        if args.temperature == 0 and spec.tokens == reference.tokens:
+        if compared and spec.tokens == reference.tokens:
             print("identical outputs: yes")
-        elif args.temperature == 0:
+        elif compared:
             print(f"identical outputs: no, from new token {parted(spec.tokens, reference.tokens)}: in exact mode "
                   f"this platform breaks its premise (run tests/test_exact_dtype.py)")
         else:
-            print("identical outputs: not expected at temperature > 0 (both are samples from the target)")
-    if exact is not None and naive is not None and args.temperature == 0 and naive.tokens != exact.tokens:
+            print("identical outputs: not expected at temperature > 0 (both are samples from the target; --coupled "
+                  "makes them one text)")
+    if exact is not None and naive is not None and compared and naive.tokens != exact.tokens:
         print(f"plain decoding in 1-row passes parted from new token {parted(naive.tokens, exact.tokens)}: in "
               f"{dtype_name(dtype)}, 1-row and {rows}-row passes round differently and a "
               f"near-tie flipped (why exact mode exists)")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from speculative_gpt2.coupling import MAX_SEED
 from speculative_gpt2.files import open_output, write_atomically
 from speculative_gpt2.machine import peak_memory
 from speculative_gpt2.records import Generation
@@ -27,11 +28,12 @@ from speculative_gpt2.text import printable
 
 @dataclass(frozen=True)
 class PromptLine:
-    """A prompt of a --prompts-file: its line number (from 1), its text and its tokens."""
+    """A prompt of a --prompts-file: its line number (from 1), its text, its tokens, and its JSON line's "seed"."""
 
     line: int
     text: str
     tokens: list[int]
+    seed: int | None = None
 
 
 def read_prompts(path: str, enc) -> list[PromptLine]:
@@ -39,7 +41,8 @@ def read_prompts(path: str, enc) -> list[PromptLine]:
 
     The file is UTF-8 (a BOM is skipped, CRLF line ends are fine); blank lines are skipped. Its first non-blank
     line decides its format, for every line: when it starts with `{` the file is JSON lines, each line an object
-    with a string "prompt" (other fields ignored); otherwise each line is one prompt, exactly as written.
+    with a string "prompt" and, for coupled sampling, an integer "seed" (other fields ignored); otherwise each
+    line is one prompt, exactly as written.
     """
     try:
         data = Path(path).read_bytes()
@@ -56,7 +59,7 @@ def read_prompts(path: str, enc) -> list[PromptLine]:
             continue
         if json_lines is None:
             json_lines = line.lstrip().startswith("{")
-        text = _json_prompt(line, where) if json_lines else line
+        text, seed = _json_prompt(line, where) if json_lines else (line, None)
         surrogate = next((c for c in text if "\ud800" <= c <= "\udfff"), None)
         if surrogate is not None:  # only a JSON escape can make one: it is no character
             raise ValueError(f"{where}: the prompt holds a lone surrogate \\u{ord(surrogate):04x}, which is not text: "
@@ -64,7 +67,7 @@ def read_prompts(path: str, enc) -> list[PromptLine]:
         tokens = enc.encode(text, allowed_special="all")
         if not tokens:
             raise ValueError(f'{where}: the prompt is empty: give some text, {{"prompt": "..."}}')
-        prompts.append(PromptLine(number, text, tokens))
+        prompts.append(PromptLine(number, text, tokens, seed))
     if not prompts:
         raise ValueError(f"--prompts-file {path} holds no prompt (every line is blank): write one prompt per line")
     return prompts
@@ -87,7 +90,10 @@ def _json_prompt(line: str, where: str) -> str:
                          f"{{\"prompt\": \"your text\"}}") from None
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
         raise ValueError(f'{where}: this JSON line has no "prompt" string: write {{"prompt": "your text"}}')
-    return record["prompt"]
+    seed = record.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED):
+        raise ValueError(f'{where}: "seed" must be an integer from 0 to {MAX_SEED}, got {printable(repr(seed))}')
+    return record["prompt"], seed
 
 
 class JsonLines:
@@ -150,7 +156,7 @@ def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, decode, op
 
     def finished(batch, results, index: int, generation: Generation) -> None:  # a row of the last mode: its line, now
         record = _record(batch[index], generation, enc, {mode: r[index] for mode, r in results.items()},
-                         temperature=args.temperature, show_acceptance=args.show_acceptance)
+                         compared=args.temperature == 0 or args.coupled, show_acceptance=args.show_acceptance)
         done.append((batch[index], generation, record))
         out.write(record)
         bar.update(1)
@@ -160,8 +166,9 @@ def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, decode, op
             results = {}  # this batch's earlier runs, by mode
             for mode in modes:
                 generator = torch.Generator(device).manual_seed(args.seed)  # every run of every batch: the same seed
+                seeds = [args.seed if p.seed is None else p.seed for p in batch]  # coupled: each row its own
                 started = time.perf_counter()
-                results[mode] = decode(mode, [p.tokens for p in batch], n, generator, **options,
+                results[mode] = decode(mode, [p.tokens for p in batch], n, generator, seeds, **options,
                                        on_finished=partial(finished, batch, results) if mode == modes[-1] else None)
                 totals[mode][0] += sum(len(r.tokens) for r in results[mode])
                 totals[mode][1] += time.perf_counter() - started
@@ -182,7 +189,7 @@ def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, decode, op
     return 0
 
 
-def _record(prompt: PromptLine, generation: Generation, enc, earlier: dict[str, Generation], *, temperature: float,
+def _record(prompt: PromptLine, generation: Generation, enc, earlier: dict[str, Generation], *, compared: bool,
             show_acceptance: bool) -> dict:
     """A prompt's JSON line. `earlier`: this row in the batch's runs before, plain decoding and its exact mode."""
     rate = generation.acceptance_rate
@@ -193,9 +200,9 @@ def _record(prompt: PromptLine, generation: Generation, enc, earlier: dict[str, 
     naive = earlier.get(NAIVE)
     if naive is not None:
         record["naive_seconds"] = round(naive.seconds, 4)
-        reference = earlier.get(EXACT, naive)  # at temperature 0, what the speculative tokens must equal
-        # At temperature > 0 both are samples from the target: equality is not expected.
-        record["identical"] = generation.tokens == reference.tokens if temperature == 0 else None
+        reference = earlier.get(EXACT, naive)  # greedy or coupled: what the speculative tokens must equal
+        # Else both are samples from the target: equality is not expected.
+        record["identical"] = generation.tokens == reference.tokens if compared else None
     if show_acceptance:
         from speculative_gpt2.render import marked_text, text_groups
 
@@ -243,13 +250,14 @@ def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], *, batc
                      f"prompt {per_row}")
         lines.append(f"mean tokens per target pass: {sum(len(g.tokens) for g in generations) / max(passes, 1):.2f}")
     verdicts = [r["identical"] for _, _, r in done if "identical" in r]
-    if verdicts and args.temperature == 0:
+    if verdicts and (args.temperature == 0 or args.coupled):
         parted = [str(p.line) for p, _, r in done if r.get("identical") is False]
         lines.append(f"identical outputs: {verdicts.count(True)} of {len(verdicts)} prompts" + (
             f"; not on lines {', '.join(parted)}: in exact mode this platform breaks its premise (run "
             f"tests/test_exact_dtype.py)" if parted else ""))
     elif verdicts:
-        lines.append("identical outputs: not expected at temperature > 0 (both are samples from the target)")
+        lines.append("identical outputs: not expected at temperature > 0 (both are samples from the target; "
+                     "--coupled makes them one text)")
     lines.append(f"peak memory: {peak_memory(device)}")
     where = "on stdout" if args.output is None else f"in {printable(args.output)}"
     lines.append(f"output: {len(done)} JSON lines {where}")

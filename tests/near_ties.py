@@ -15,13 +15,15 @@ VOCAB = 512
 
 
 @lru_cache(maxsize=None)
-def near_tie_model(dtype_name: str, n_layer: int = 2, seed: int = 0):
-    """A random GPT-2 (head size 64, as GPT-2's) whose tokens come in pairs with near-equal embeddings."""
-    config = GPT2Config(vocab_size=VOCAB, n_positions=1024, n_embd=256, n_layer=n_layer, n_head=4)
+def near_tie_model(dtype_name: str, n_layer: int = 2, seed: int = 0, vocab_size: int = VOCAB, pack: bool = True):
+    """A random GPT-2 (head size 64, as GPT-2's) whose tokens come in pairs with near-equal embeddings; in float32
+    packed for oneDNN (as the command line runs it) unless `pack` is False."""
+    config = GPT2Config(vocab_size=vocab_size, n_positions=1024, n_embd=256, n_layer=n_layer, n_head=4)
     dtype = getattr(torch, dtype_name)
     model = random_model(config, seed=seed, scale=5).to(dtype)
     with torch.no_grad():
         wte = model.wte.weight.float()
-        noise = torch.randn(VOCAB // 2, config.n_embd, generator=torch.Generator().manual_seed(seed))
-        model.wte.weight[1::2] = (wte[0::2] * (1 + torch.finfo(dtype).eps * noise)).to(dtype)
-    return pack_linears(model) if dtype_name == "float32" else model  # as the CLI runs it
+        pairs = vocab_size // 2
+        noise = torch.randn(pairs, config.n_embd, generator=torch.Generator().manual_seed(seed))
+        model.wte.weight[1 : 2 * pairs : 2] = (wte[0 : 2 * pairs : 2] * (1 + torch.finfo(dtype).eps * noise)).to(dtype)
+    return pack_linears(model) if dtype_name == "float32" and pack else model
