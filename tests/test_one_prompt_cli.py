@@ -5,7 +5,6 @@ near-ties at every step (tests/near_ties.py), with GPT-2's vocabulary so that re
 import json
 
 import pytest
-import torch
 
 from near_ties import near_tie_model
 from speculative_gpt2.text import printable

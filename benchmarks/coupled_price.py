@@ -1,0 +1,110 @@
+"""The price of coupled sampling: Chen's rule and the coupled rule side by side, on draft/target pairs of measured
+total variation, and with prompt lookup.
+
+Pairs: the target and noisy copies of it (its weights perturbed at several scales: the target as its own draft,
+made to disagree more and more), then an independent random draft. TV is measured on the target's own text:
+mean over positions of 0.5 * sum |p - q| at the run's temperature. Both rules decode the same prompts (one row
+each, K = 4); Chen's rule keeps a draft with probability 1 - TV on average, the coupled rule at least
+(1 - TV) / (1 + TV). With prompt lookup a one-hot p keeps x with probability q(x) under either rule: their
+acceptance should agree within sampling noise. Also the time, rules interleaved prompt by prompt.
+
+    python benchmarks/coupled_price.py --target weights/random-gpt2 --out benchmarks/results/coupled-price.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from gpt2_model import GPT2  # noqa: E402
+from speculative import autoregressive_sample, logits_to_probs, speculative_sample  # noqa: E402
+from speculative_gpt2.drafters import PromptLookupDrafter  # noqa: E402
+from speculative_gpt2.machine import hardware_name  # noqa: E402
+from speculative_gpt2.packing import can_pack, pack_linears  # noqa: E402
+from speculative_gpt2.random_checkpoint import noisy_copy, random_model  # noqa: E402
+
+
+@torch.inference_mode()
+def total_variation(target: GPT2, draft: GPT2, prompt: list[int], tokens: list[int], temperature: float) -> float:
+    """Mean TV between the draft's and the target's next-token distributions along prompt + tokens."""
+    ids = torch.tensor([prompt + tokens])
+    q = logits_to_probs(target(ids)[0, len(prompt) - 1 : -1], temperature)
+    p = logits_to_probs(draft(ids)[0, len(prompt) - 1 : -1], temperature)
+    return (0.5 * (p - q).abs().sum(-1)).mean().item()
+
+
+def run(target, drafter, prompt, n, rule: str, seed: int, temperature: float, lookahead: int) -> dict:
+    options = dict(lookahead=lookahead, temperature=temperature, exact=True)
+    started = time.perf_counter()
+    if rule == "coupled":
+        out = speculative_sample(target, drafter, prompt, n, coupled=True, seed=seed, **options)
+    else:
+        out = speculative_sample(target, drafter, prompt, n, generator=torch.Generator().manual_seed(seed), **options)
+    return {"kept": out.accepted, "proposed": out.proposed, "tokens": len(out.tokens), "passes": out.target_calls,
+            "seconds": time.perf_counter() - started}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="weights/random-gpt2", help="a checkpoint folder or preset")
+    parser.add_argument("--draft", default=None, help="also a pair with this independent draft checkpoint")
+    parser.add_argument("--noise", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4, 0.8],
+                        help="noise scales of the target's noisy copies (times each tensor's std)")
+    parser.add_argument("--prompts", type=int, default=12, help="prompts (random token ids) per pair and rule")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--lookahead", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--out", default=None, help="write the raw results to this JSON file")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    target = GPT2.from_pretrained(args.target, download=False)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, target.config.vocab_size, (8,), generator=gen).tolist() for _ in range(args.prompts)]
+    drafts = {f"noisy copy {noise}": noisy_copy(target, noise, seed=2) for noise in args.noise}
+    if args.draft:
+        drafts[f"independent {Path(args.draft).name}"] = GPT2.from_pretrained(args.draft, download=False)
+    else:
+        drafts["independent random"] = random_model(target.config, seed=3)
+    print(f"{args.target}, {hardware_name(torch.device('cpu'))}, torch {torch.__version__}, temperature "
+          f"{args.temperature}, K = {args.lookahead}, {args.prompts} prompts x {args.max_new_tokens} tokens")
+    # TV on the target's own sampled text, before packing (the full-sequence forward needs no cache).
+    texts = [autoregressive_sample(target, p, args.max_new_tokens, temperature=args.temperature,
+                                   generator=torch.Generator().manual_seed(i)).tokens for i, p in enumerate(prompts)]
+    tv = {name: sum(total_variation(target, d, p, t, args.temperature) for p, t in zip(prompts, texts)) / len(prompts)
+          for name, d in drafts.items()}
+    if can_pack(target):
+        target = pack_linears(target)
+        drafts = {name: pack_linears(d) for name, d in drafts.items()}
+    drafts["prompt lookup"] = None
+    results = {}
+    print(f"{'draft':>24} {'TV':>6} | {'rule':>7} {'kept/proposed':>13} {'tokens/pass':>11} {'tokens/s':>8} | "
+          f"{'1-TV':>5} {'(1-TV)/(1+TV)':>13}")
+    for name, draft in drafts.items():
+        totals = {rule: {"kept": 0, "proposed": 0, "tokens": 0, "passes": 0, "seconds": 0.0}
+                  for rule in ("chen", "coupled")}
+        for i, prompt in enumerate(prompts):  # the rules interleaved, prompt by prompt
+            for rule in totals:
+                drafter = PromptLookupDrafter() if draft is None else draft
+                for key, value in run(target, drafter, prompt, args.max_new_tokens, rule, i, args.temperature,
+                                      args.lookahead).items():
+                    totals[rule][key] += value
+        results[name] = {"tv": tv.get(name), "rules": totals}
+        for rule, t in totals.items():
+            rate = t["kept"] / t["proposed"] if t["proposed"] else float("nan")
+            bounds = "" if name not in tv else f"{1 - tv[name]:5.3f} {(1 - tv[name]) / (1 + tv[name]):13.3f}"
+            print(f"{name:>24} {'' if name not in tv else f'{tv[name]:.3f}':>6} | {rule:>7} {rate:13.3f} "
+                  f"{t['tokens'] / t['passes']:11.2f} {t['tokens'] / t['seconds']:8.2f} | {bounds}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "machine": hardware_name(torch.device("cpu")),
+                                              "torch": torch.__version__, "results": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
