@@ -151,8 +151,8 @@ class CausalSelfAttention(nn.Module):
             # span; the mask (B, 1, T, S) hides the positions a new token may not see, and the stale ones.
             # index_put_, not scatter_, which copies the whole buffer per call in bfloat16 on CPU.
             cache_k, cache_v = kv  # (B, nh, S, hs)
-            cache_k.transpose(1, 2).index_put_(slots, k.transpose(1, 2))  # (B, S, nh, hs) view
-            cache_v.transpose(1, 2).index_put_(slots, v.transpose(1, 2))
+            cache_k.transpose(1, 2).index_put_(slots, k.transpose(1, 2).to(cache_k.dtype))  # (B, S, nh, hs) view
+            cache_v.transpose(1, 2).index_put_(slots, v.transpose(1, 2).to(cache_v.dtype))
             y = attend(q, cache_k, cache_v, mask).to(x.dtype)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.c_proj(y)
@@ -203,11 +203,18 @@ class GPT2(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.ln_f.weight.dtype
 
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """What the KV cache stores: float32 on the CPU, where `attend` sums in float32 and converting a bfloat16
+        cache's span at every layer of every pass cost more than reading twice the bytes (docs/design.md, "The KV
+        cache"); the model's dtype elsewhere."""
+        return torch.float32 if self.device.type == "cpu" else self.dtype
+
     def new_cache(self, batch_size: int = 1, max_len: int | None = None, room: int = 0) -> KVCache:
         """An empty KV cache on the model's device and in its dtype, for `max_len` positions (default: the full
         context), plus `room` slots past them for the padding rows of fixed-shape passes (speculative_gpt2/exact.py)."""
         return KVCache(self.config, check_integer("batch_size", batch_size, minimum=1),
-                       self.cache_length(max_len, room), self.dtype, self.device)
+                       self.cache_length(max_len, room), self.cache_dtype, self.device)
 
     def cache_length(self, max_len: int | None = None, room: int = 0) -> int:
         """The positions of a cache for `max_len` (default: the context) and `room` more, checked."""
@@ -269,9 +276,9 @@ class GPT2(nn.Module):
         if cache.config != self.config or len(cache.lengths) != batch_size:
             raise ValueError(f"this cache (batch {len(cache.lengths)}) was not made for this model and batch "
                              f"{batch_size}: make it with model.new_cache()")
-        if cache.keys.device != self.device or cache.keys.dtype != self.dtype:
-            raise ValueError(f"the cache is {cache.keys.dtype} on {cache.keys.device}, the model {self.dtype} on "
-                             f"{self.device}: make it with model.new_cache()")
+        if cache.keys.device != self.device or cache.keys.dtype != self.cache_dtype:
+            raise ValueError(f"the cache is {cache.keys.dtype} on {cache.keys.device}, this model's caches are "
+                             f"{self.cache_dtype} on {self.device}: make it with model.new_cache()")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, weights_dir: str | os.PathLike | None = None,

@@ -127,7 +127,9 @@ def find_checkpoint(name_or_path, *, weights_dir=None, allow_download=True) -> P
         return _find_preset(preset_of(name_or_path), weights_dir, allow_download)
     path = Path(name_or_path)
     if not path.is_dir():
-        raise CheckpointError(f"{name!r} is neither a checkpoint folder nor a preset ({', '.join(PRESETS)})")
+        what = "is a file, not a checkpoint folder" if path.exists() else "does not exist"
+        raise CheckpointError(f"{name!r} {what}, and it is not a preset: give a checkpoint folder or one of "
+                              f"{', '.join(PRESETS)}")
     if checkpoint_files(path) is None:
         raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin (or a shard index of either) "
                               f"in this folder")

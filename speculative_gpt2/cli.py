@@ -412,7 +412,10 @@ def _check_before_loading(args, names: dict[str, str], device: torch.device) -> 
     """The checks that need no model, before minutes of loading or downloading."""
     for role, name in names.items():
         if not (preset_of(name) or Path(name).is_dir()):
-            raise ValueError(f"--{role} {name!r} is neither a checkpoint folder nor a preset ({', '.join(PRESETS)})")
+            what = "is a file, not a checkpoint folder" if Path(name).exists() else "does not exist"
+            choices = ", ".join(PRESETS) + (f" or {NGRAM}" if role == "draft" else "")
+            raise ValueError(f"--{role} {name!r} {what}, and it is not a preset: give a checkpoint folder or one of "
+                             f"{choices}")
     if args.cuda_graphs and device.type != "cuda":
         raise ValueError("--cuda-graphs needs --device cuda")
     if args.trace is not None:

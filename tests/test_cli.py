@@ -104,7 +104,7 @@ def test_sampling_mode_and_options(checkpoints):
         (["--top-k", "2.5"], "argument --top-k: invalid value '2.5'"),
         (["--max-new-tokens", "x"], "argument --max-new-tokens: invalid value 'x': must be an integer"),
         (["--dtype", "float8"], "invalid choice: 'float8'"),
-        (["--target", "no-such-model"], "--target 'no-such-model' is neither a checkpoint folder nor a preset"),
+        (["--target", "no-such-model"], "--target 'no-such-model' does not exist, and it is not a preset: give"),
         (["--target", "gpt2-xl", "--weights-dir", "/nonexistent", "--no-download"], "downloading is off"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
         (["--max-new-tokens", "2000"], "exceeds the target's context of 256 positions"),
@@ -112,7 +112,8 @@ def test_sampling_mode_and_options(checkpoints):
         (["--device", "meta"], "unknown device 'meta'"),
         (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs --device cuda"),
         (["--lookahead", "AUTO"], "invalid value 'AUTO': give an integer from 1 to 64, or auto"),
-        (["--draft", "/nonexistent"], "--draft '/nonexistent' is neither a checkpoint folder nor a preset"),
+        (["--draft", "/nonexistent"], "--draft '/nonexistent' does not exist, and it is not a preset: give a "
+         "checkpoint folder or one of distilgpt2, gpt2, gpt2-medium, gpt2-large, gpt2-xl or ngram"),
         (["--trace", "/nonexistent/dir/run.html"], "--trace /nonexistent/dir/run.html: give a file in an existing"),
         (["--trace", "/tmp"], "--trace /tmp: give a file in an existing folder"),
         (["--max-new-tokens", "250"], "plus --max-new-tokens 250 exceeds the target's context of 256 positions"),

@@ -37,7 +37,7 @@ class EveryOtherToken:
 @BOUNDED
 @given(prompts=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=40), min_size=1, max_size=3),
        temperature=st.sampled_from([0.7, 1.0]), top_k=st.sampled_from([None, 20]), top_p=st.sampled_from([None, 0.9]),
-       lookahead=st.sampled_from([1, 2, 4, 7, "auto"]), drafter=st.sampled_from(["model", "lookup", "custom"]),
+       lookahead=st.one_of(st.integers(1, 8), st.just("auto")), drafter=st.sampled_from(["model", "lookup", "custom"]),
        seed=st.integers(0, 2**20))
 def test_coupled_speculative_sampling_gives_the_plain_samplers_text(dtype_name, prompts, temperature, top_k, top_p,
                                                                     lookahead, drafter, seed):
@@ -46,7 +46,7 @@ def test_coupled_speculative_sampling_gives_the_plain_samplers_text(dtype_name, 
              "custom": EveryOtherToken()}[drafter]
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, coupled=True, seed=seed)
     plain = autoregressive_sample(target, prompts, 16, exact=4, **options)
-    spec = speculative_sample(target, draft, prompts, 16, lookahead=lookahead, exact=8, **options)
+    spec = speculative_sample(target, draft, prompts, 16, lookahead=lookahead, exact=True, **options)
     for row, prompt in enumerate(prompts):
         assert spec[row].tokens == plain[row].tokens, f"row {row}, K={lookahead}, {drafter} drafter"
         alone = autoregressive_sample(target, prompt, 16, exact=4, **options)

@@ -213,7 +213,7 @@ def test_missing_files_without_download(tmp_path):
         GPT2.from_pretrained("gpt2", weights_dir=tmp_path, download=False)
     with pytest.raises(CheckpointError, match="no model.safetensors or pytorch_model.bin"):
         GPT2.from_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="neither a checkpoint folder nor a preset"):
+    with pytest.raises(CheckpointError, match="does not exist, and it is not a preset"):
         GPT2.from_pretrained(tmp_path / "nowhere")
 
 
@@ -296,7 +296,7 @@ def test_a_cache_that_does_not_fit_the_model_is_refused():
             small(ids, cache=cache)
     with pytest.raises(ValueError, match="cache must be a KVCache"):
         small(ids, cache="cache")
-    with pytest.raises(ValueError, match="the model torch.float32"):
+    with pytest.raises(ValueError, match="this model.s caches are torch.float32"):
         small(ids, cache=KVCache(small.config, 1, 8, torch.bfloat16, "cpu"))
 
 
