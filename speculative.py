@@ -285,7 +285,8 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
                        lookahead: int | str | LookaheadPolicy = 4, temperature: float = 0.0,
                        top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                        generator: torch.Generator | None = None, exact: bool | int = False, coupled: bool = False,
-                       seed: int | list[int] | None = None, on_tokens: Callable[[list[int]], None] | None = None, clock: Clock | None = None, trace=False,
+                       seed: int | list[int] | None = None, on_tokens: Callable[[list[int]], None] | None = None,
+                       clock: Clock | None = None, trace=False,
                        on_finished: Callable[[int, Generation], None] | None = None) -> Generation | list[Generation]:
     """Samples `max_new_tokens` tokens from `target`, with `draft` proposing up to `lookahead` tokens per round.
 
@@ -382,7 +383,8 @@ def _record_round(out: Generation, drafts: list[int], round: Round, next_token: 
 def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperature: float = 0.0,
                           top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                           generator: torch.Generator | None = None, use_cache: bool = True, exact: int | None = None,
-                          coupled: bool = False, seed: int | list[int] | None = None, on_tokens: Callable[[list[int]], None] | None = None,
+                          coupled: bool = False, seed: int | list[int] | None = None,
+                          on_tokens: Callable[[list[int]], None] | None = None,
                           on_finished: Callable[[int, Generation], None] | None = None) -> Generation | list[Generation]:
     """Plain decoding: one pass of `model` per new token (of every row, for a batch). `use_cache=False` recomputes
     everything each step (the toyllm blog post's uncached baseline; one prompt). `exact=n` pads each cached pass to

@@ -113,6 +113,13 @@ def _cache_home(instead: str) -> Path:
     return cache if cache is not None and cache.is_absolute() else _home(instead) / ".cache"
 
 
+def not_a_checkpoint(name: str, also: tuple[str, ...] = ()) -> str:
+    """What to say of a name that is neither a folder nor a preset (`also`: other names the caller accepts)."""
+    what = "is a file, not a checkpoint folder" if Path(name).exists() else "does not exist"
+    return (f"{name!r} {what}, and it is not a preset: give a checkpoint folder or one of {', '.join(PRESETS)}"
+            + "".join(f" or {a}" for a in also))
+
+
 def find_checkpoint(name_or_path, *, weights_dir=None, allow_download=True) -> Path:
     """The folder that holds a checkpoint.
 
@@ -127,9 +134,7 @@ def find_checkpoint(name_or_path, *, weights_dir=None, allow_download=True) -> P
         return _find_preset(preset_of(name_or_path), weights_dir, allow_download)
     path = Path(name_or_path)
     if not path.is_dir():
-        what = "is a file, not a checkpoint folder" if path.exists() else "does not exist"
-        raise CheckpointError(f"{name!r} {what}, and it is not a preset: give a checkpoint folder or one of "
-                              f"{', '.join(PRESETS)}")
+        raise CheckpointError(not_a_checkpoint(name))
     if checkpoint_files(path) is None:
         raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin (or a shard index of either) "
                               f"in this folder")

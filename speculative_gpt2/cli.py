@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import stat
 import sys
 import tempfile
 import time
@@ -30,8 +29,8 @@ import torch
 
 from gpt2_model import GPT2, GPT2Config
 from speculative import autoregressive_sample, speculative_sample
-from speculative_gpt2.checkpoints import (ENV_WEIGHTS, PRESETS, DownloadError, checkpoint_config,
-                                          describe_default_weights_dir, find_checkpoint, preset_of)
+from speculative_gpt2.checkpoints import (ENV_WEIGHTS, DownloadError, checkpoint_config, describe_default_weights_dir,
+                                          find_checkpoint, not_a_checkpoint, preset_of)
 from speculative_gpt2.checks import check_integer, check_real
 from speculative_gpt2.drafters import PromptLookupDrafter
 from speculative_gpt2.errors import OutOfMemory, asked_size, is_out_of_memory
@@ -412,10 +411,7 @@ def _check_before_loading(args, names: dict[str, str], device: torch.device) -> 
     """The checks that need no model, before minutes of loading or downloading."""
     for role, name in names.items():
         if not (preset_of(name) or Path(name).is_dir()):
-            what = "is a file, not a checkpoint folder" if Path(name).exists() else "does not exist"
-            choices = ", ".join(PRESETS) + (f" or {NGRAM}" if role == "draft" else "")
-            raise ValueError(f"--{role} {name!r} {what}, and it is not a preset: give a checkpoint folder or one of "
-                             f"{choices}")
+            raise ValueError(f"--{role} {not_a_checkpoint(name, (NGRAM,) if role == 'draft' else ())}")
     if args.cuda_graphs and device.type != "cuda":
         raise ValueError("--cuda-graphs needs --device cuda")
     if args.trace is not None:

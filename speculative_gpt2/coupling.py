@@ -56,16 +56,28 @@ def gumbel_noise(seed: int, position: int, vocab_size: int) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
+# The draws a call keeps per row: a draft model asks for the positions that the target verifies next, and a rejected
+# position is asked again the next round (up to K + 1 <= 13 each); past that they are drawn again, identically.
+RECENT = 32
+
+
 class GumbelNoise:
-    """The noise of a call: row b's tokens draw theirs from seeds[b]."""
+    """The noise of a call: row b's tokens draw theirs from seeds[b]; each (row, position) drawn once while recent."""
 
     def __init__(self, seeds: list[int], vocab_size: int, device):
         self.seeds, self.vocab_size, self.device = seeds, vocab_size, device
+        self.drawn: dict[tuple[int, int], torch.Tensor] = {}  # (row, position) -> g (V,) on the device
 
     def at(self, starts: list[int], count: int) -> torch.Tensor:
         """(B, count, V) on the device: row b's noise at positions starts[b] ... starts[b] + count - 1."""
-        return torch.stack([torch.stack([gumbel_noise(seed, start + i, self.vocab_size) for i in range(count)])
-                            for seed, start in zip(self.seeds, starts)]).to(self.device)
+        if len(self.drawn) > RECENT * len(self.seeds):
+            self.drawn.clear()
+        for b, (seed, start) in enumerate(zip(self.seeds, starts)):
+            for position in range(start, start + count):
+                if (b, position) not in self.drawn:
+                    self.drawn[b, position] = gumbel_noise(seed, position, self.vocab_size).to(self.device)
+        return torch.stack([torch.stack([self.drawn[b, start + i] for i in range(count)])
+                            for b, start in enumerate(starts)])
 
 
 def gumbel_max(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,9 @@ Graphs record the weights' addresses: after moving, converting or reloading the 
 
 Memory, kept until the runner is dropped: every graph's static inputs and output
 logits (T, vocab), one pool of activations shared by all graphs of the model, and the cache buffers the graphs
-were captured on. Those buffers are recycled: `new_cache` hands a dropped cache's buffers to the next call (its
-length rounded up to a multiple of BUCKET), so that a later call replays the graphs of an earlier one instead of
-capturing again. A cache of another length gets new buffers and new graphs.
+were captured on. Those buffers are recycled: `new_cache` hands a dropped cache's buffers to the next call whose
+buffer has the same length (whole key blocks, `KVCache.slots`), so that a later call replays the graphs of an
+earlier one instead of capturing again. A cache of another length gets new buffers and new graphs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import torch
 from gpt2_model import KVCache
 from speculative_gpt2.checks import check_integer
 
-BUCKET = 256  # cache lengths are rounded up to a multiple of this, so that calls of similar lengths share graphs
 MAX_GRAPHED_ROWS = 16  # passes of more new tokens (a long prefill) run eagerly
 
 
@@ -73,15 +72,13 @@ class CUDAGraphs:
         self.free: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # buffers of dropped caches
 
     def new_cache(self, config, batch_size: int, max_len: int, dtype: torch.dtype):
-        """A cache of at least `max_len` positions on recycled buffers when some fit, else on new ones; its
-        buffers come back here when it is dropped."""
-        # Never shorter than asked: in exact mode the padding slots may reach past the context.
-        max_len = max(max_len, min(-(-max_len // BUCKET) * BUCKET, config.n_positions))
+        """A cache of `max_len` positions on recycled buffers when some fit, else on new ones; its buffers come back
+        here when it is dropped."""
         # Ordinary tensors even when called under inference_mode (as the samplers are): a buffer made there could
         # not be written outside it later.
         with torch.inference_mode(False):
             cache = KVCache(config, batch_size, max_len, dtype, self.device,
-                                buffers=self._take(batch_size, max_len, dtype))
+                            buffers=self._take(batch_size, max_len, dtype))
         weakref.finalize(cache, self.free.append, (cache.keys, cache.values, cache.key_positions))
         return cache
 

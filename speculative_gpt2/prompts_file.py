@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from speculative_gpt2.checks import check_integer
 from speculative_gpt2.coupling import MAX_SEED
 from speculative_gpt2.files import open_output, write_atomically
 from speculative_gpt2.machine import peak_memory
@@ -91,8 +92,11 @@ def _json_prompt(line: str, where: str) -> str:
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
         raise ValueError(f'{where}: this JSON line has no "prompt" string: write {{"prompt": "your text"}}')
     seed = record.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED):
-        raise ValueError(f'{where}: "seed" must be an integer from 0 to {MAX_SEED}, got {printable(repr(seed))}')
+    if seed is not None:
+        try:
+            seed = check_integer('"seed"', seed, 0, MAX_SEED)
+        except ValueError as e:
+            raise ValueError(f"{where}: {printable(str(e))}") from None
     return record["prompt"], seed
 
 

@@ -1,9 +1,7 @@
 """The from-scratch GPT-2 against `transformers` on the same weights, its KV cache, and its loader's errors."""
 
-import copy
 import gc
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
