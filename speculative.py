@@ -45,7 +45,7 @@ from speculative_gpt2.drafters import (BatchDrafter, BatchProposal, Drafter, Per
 from speculative_gpt2.exact import fixed_rows_pass, pass_rows
 from speculative_gpt2.lookahead import AdaptiveLookahead, FixedLookahead, LookaheadPolicy, as_policy
 from speculative_gpt2.machine import Clock, DeviceClock, synchronize
-from speculative_gpt2.records import Generation, Origin, Round, TraceRound
+from speculative_gpt2.records import Generation, Origin, Round, Step, TraceRound
 
 __all__ = ["Generation", "Origin", "Round", "TraceRound", "AdaptiveLookahead", "FixedLookahead", "logits_to_probs",
            "sample", "accept_or_resample", "residual_distribution", "speculative_sample", "autoregressive_sample",
@@ -218,8 +218,9 @@ class Batch:
     position 0: it keeps its place in the passes' fixed shapes, and nothing of it is read."""
 
     def __init__(self, prompts: list[torch.Tensor], max_new_tokens: int, eos_token_id: int | None, trace: bool,
-                 on_finished: Callable[[int, Generation], None] | None):
+                 on_tokens: Callable | None, batched: bool, on_finished: Callable[[int, Generation], None] | None):
         self.max_new_tokens, self.eos_token_id, self.on_finished = max_new_tokens, eos_token_id, on_finished
+        self.on_tokens, self.batched = on_tokens, batched
         self.start_time = time.perf_counter()
         self.lengths = [len(p) for p in prompts]
         # Every position a row can reach: the caches' length in both decoders (passes of one shape in both).
@@ -260,6 +261,11 @@ class Batch:
         k = max(counts)  # a lookup may find nothing anywhere: the round is then a plain target step
         return drafts[:, :k], p[:, :k], counts, sources, [] if checks is None else list(checks)
 
+    def stream(self, b: int, new: list[int]) -> None:
+        """Hands row b's new tokens to `on_tokens`: on_tokens(new) for one prompt, on_tokens(b, new) for a batch."""
+        if self.on_tokens is not None:
+            self.on_tokens(b, new) if self.batched else self.on_tokens(new)
+
     def commit(self, b: int, new: list[int], tokens: torch.Tensor) -> list[int] | None:
         """Row b committed `new`, which `tokens` (a device tensor of at least len(new)) holds too: copied from it,
         on the device, with no transfer from the host. Finishes the row at an EOS or at its token budget. Returns
@@ -274,6 +280,13 @@ class Batch:
                 self.on_finished(b, self.outs[b])
         return new if self.active[b] else None
 
+    def timed(self, rows: list[int], width: int, began: float) -> None:
+        """A step of `width` drafts per row that began at `began` (perf_counter) is over: its rows record it. The
+        step's host sync came before, so its passes are done."""
+        step = Step(width, 1e3 * (time.perf_counter() - began))
+        for b in rows:
+            self.outs[b].steps.append(step)
+
     def finish(self, device, clock: Clock, begun, prefilled) -> None:  # the prefill's time, once the device is done
         synchronize(device)
         for out in self.outs:
@@ -285,7 +298,7 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
                        lookahead: int | str | LookaheadPolicy = 4, temperature: float = 0.0,
                        top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                        generator: torch.Generator | None = None, exact: bool | int = False, coupled: bool = False,
-                       seed: int | list[int] | None = None, on_tokens: Callable[[list[int]], None] | None = None,
+                       seed: int | list[int] | None = None, on_tokens: Callable | None = None,
                        clock: Clock | None = None, trace=False,
                        on_finished: Callable[[int, Generation], None] | None = None) -> Generation | list[Generation]:
     """Samples `max_new_tokens` tokens from `target`, with `draft` proposing up to `lookahead` tokens per round.
@@ -298,13 +311,14 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
     as `autoregressive_sample(..., coupled=True, seed=...)` whatever K, drafter or batch (with `exact` in dtypes
     whose rounding moves with the pass shape). `prompt` is a list of ids or a 1-D integer tensor, or a batch
     of them (any lengths), each row decoded as if alone. `lookahead` is K, "auto", or a policy
-    (speculative_gpt2/lookahead.py). `on_tokens(new)` streams one prompt; `on_finished(row, generation)` reports
-    each prompt when done; `trace` records every round (`TraceRound`). Returns a `Generation`, or a list of them.
+    (speculative_gpt2/lookahead.py). `on_tokens(new)` streams one prompt's tokens as they come (a batch's:
+    `on_tokens(row, new)`); `on_finished(row, generation)` reports each prompt when done; `trace` records every
+    round (`TraceRound`). Returns a `Generation`, or a list of them.
     """
     check_options(max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
     policy = as_policy(lookahead)
     rows = pass_rows(exact, getattr(policy, "max_lookahead", None))
-    prompts, batched = batch_of_prompts(prompt, on_tokens)
+    prompts, batched = batch_of_prompts(prompt)
     drafter = _batch_drafter(draft, len(prompts))
     prompts = check_models_and_prompts(prompts, max_new_tokens, generator, eos_token_id, target=target,
                                        draft=getattr(drafter, "model", None))
@@ -314,7 +328,7 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
     clock = clock or DeviceClock(device)
     begun = clock.mark()
     process = partial(logits_to_probs, temperature=temperature, top_k=top_k, top_p=top_p)
-    batch = Batch(prompts, max_new_tokens, eos_token_id, trace, on_finished)
+    batch = Batch(prompts, max_new_tokens, eos_token_id, trace, on_tokens, batched, on_finished)
     B, V = len(prompts), target.config.vocab_size
     target_cache = target.new_cache(B, max_len=batch.max_len, room=(rows or 1) - 1)
     target_pass = partial(fixed_rows_pass, target, rows=rows)  # (idx, cache) -> logits, in exact mode's shape
@@ -323,6 +337,7 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
     drafter.start(prompts, batch.max_len, Sampling(process, draw, V))
     prefilled = clock.mark()
     while active := batch.rows:
+        step_began = time.perf_counter()
         K = min(check_lookahead(policy.choose(), rows, cap=isinstance(policy, AdaptiveLookahead)), batch.most_drafts())
         started = clock.mark()
         # Step 1, draft: up to K tokens per row, drafts (B, K) with their p (B, K, V).
@@ -352,17 +367,18 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
             k, kept_b, next_b = counts[b], synced[B * K + b], synced[B * K + B + b]
             round = Round(k, kept_b, draft_ms * k / K if K else 0.0, verify_ms)
             new = _record_round(batch.outs[b], synced[b * K : b * K + k], round, next_b, eos_token_id, policy,
-                                on_tokens, (drafts[b], p[b], q[b], None if r is None else r[b], sources[b],
+                                partial(batch.stream, b), (drafts[b], p[b], q[b], None if r is None else r[b], sources[b],
                                             choices[b] if coupled else None))
             committed[b] = batch.commit(b, new, torch.cat([drafts[b, :kept_b], next_token[b : b + 1]]))
         target_cache.crop(batch.pending_at())
         drafter.commit(committed)
+        batch.timed(active, K, step_began)
     batch.finish(device, clock, begun, prefilled)
     return batch.outs if batched else batch.outs[0]
 
 
 def _record_round(out: Generation, drafts: list[int], round: Round, next_token: int, eos_token_id, policy,
-                  on_tokens, traced: tuple) -> list[int]:
+                  stream: Callable[[list[int]], None], traced: tuple) -> list[int]:
     """Writes a row's round into its Generation (and trace), tells the policy, streams it; returns the tokens it
     committed (an EOS among them ends the row's output)."""
     new = out.commit_round(drafts, round, next_token, eos_token_id)
@@ -374,8 +390,7 @@ def _record_round(out: Generation, drafts: list[int], round: Round, next_token: 
         out.trace.append(TraceRound.of(*traced[:4], last, following, traced[4], residual_distribution, traced[5]))
     if round.lookahead > 0:
         policy.update(round)
-    if on_tokens is not None:
-        on_tokens(new)
+    stream(new)
     return new
 
 
@@ -384,7 +399,7 @@ def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperatu
                           top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                           generator: torch.Generator | None = None, use_cache: bool = True, exact: int | None = None,
                           coupled: bool = False, seed: int | list[int] | None = None,
-                          on_tokens: Callable[[list[int]], None] | None = None,
+                          on_tokens: Callable | None = None,
                           on_finished: Callable[[int, Generation], None] | None = None) -> Generation | list[Generation]:
     """Plain decoding: one pass of `model` per new token (of every row, for a batch). `use_cache=False` recomputes
     everything each step (the toyllm blog post's uncached baseline; one prompt). `exact=n` pads each cached pass to
@@ -392,7 +407,7 @@ def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperatu
     list of one per prompt."""
     check_options(max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
     rows = pass_rows(exact, None)
-    prompts, batched = batch_of_prompts(prompt, on_tokens)
+    prompts, batched = batch_of_prompts(prompt)
     if batched and not use_cache:
         raise ValueError("use_cache=False (the uncached baseline) decodes one prompt: pass one, not a batch")
     prompts = check_models_and_prompts(prompts, max_new_tokens, generator, eos_token_id, target=model)
@@ -401,13 +416,14 @@ def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperatu
                            model.config.n_positions, device)
     clock = DeviceClock(device)
     begun = clock.mark()
-    batch = Batch(prompts, max_new_tokens, eos_token_id, False, on_finished)
+    batch = Batch(prompts, max_new_tokens, eos_token_id, False, on_tokens, batched, on_finished)
     cache = model.new_cache(len(prompts), max_len=batch.max_len, room=(rows or 1) - 1) if use_cache else None
     model_pass = partial(fixed_rows_pass, model, rows=rows if use_cache else None)
     if use_cache:
         prefill(model_pass, cache, batch.ids, batch.lengths)  # as in speculative_sample
     prefilled = clock.mark()
     while active := batch.rows:
+        step_began = time.perf_counter()
         if use_cache:
             cache.crop(batch.pending_at())
         fed = batch.pending() if use_cache else batch.ids[:, : batch.lengths[0]]
@@ -420,9 +436,9 @@ def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperatu
             out.tokens.append(tokens[b])
             out.origins.append(Origin.TARGET)
             out.target_calls += 1
-            if on_tokens is not None:
-                on_tokens(out.tokens[-1:])
+            batch.stream(b, out.tokens[-1:])
             batch.commit(b, out.tokens[-1:], token[b : b + 1])
+        batch.timed(active, 0, step_began)
     batch.finish(device, clock, begun, prefilled)
     return batch.outs if batched else batch.outs[0]
 

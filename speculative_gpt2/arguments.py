@@ -39,7 +39,7 @@ def check_lookahead(K, rows: int | None = None, cap: bool = False) -> int:
     return K
 
 
-def batch_of_prompts(prompt, on_tokens) -> tuple[list, bool]:
+def batch_of_prompts(prompt) -> tuple[list, bool]:
     """The prompts of a call, and whether they came as a batch: a list or tuple of prompts, or a 2-D tensor or
     array; anything else is one prompt."""
     rows = getattr(prompt, "ndim", None) == 2 or (
@@ -49,8 +49,6 @@ def batch_of_prompts(prompt, on_tokens) -> tuple[list, bool]:
     if getattr(prompt, "ndim", None) == 2 and not (getattr(dtype, "kind", "") in ("i", "u") or isinstance(
             dtype, torch.dtype) and not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)):
         raise ValueError(f"prompt must hold integer token ids: got a batch (shape {list(prompt.shape)}) of {dtype}")
-    if rows and on_tokens is not None:
-        raise ValueError("on_tokens streams one prompt: with a batch, use on_finished(row, generation)")
     if rows and len(prompt) == 0:
         raise ValueError("the batch is empty: give at least one prompt")
     return (list(prompt), True) if rows else ([prompt], False)

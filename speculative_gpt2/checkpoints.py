@@ -159,7 +159,7 @@ def _find_preset(name: str, weights_dir, allow_download: bool) -> Path:
     if offline() or not allow_download:
         reason = "HF_HUB_OFFLINE is set" if offline() else "downloading is off"
         raise CheckpointError(f"no checkpoint for {name} in {folder} or the Hugging Face cache ({hf_cache_dir()})"
-                              f"{_cache_note(name)}, and {reason}: {ways_out(name, folder)}")
+                              f"{_cache_note(name)}, and {reason}: {ways_out(name)}")
     # The same checks as on every later run: a mirror (HF_ENDPOINT) may serve another model under the name.
     return check_preset_folder(download(name, weights_dir), name)
 
@@ -301,16 +301,15 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def ways_out(name: str, folder: Path) -> str:
-    """What a user without the hub can do instead, in one sentence."""
+def ways_out(name: str) -> str:
+    """What a user without the hub can do, in one sentence; the random weights go to weights/, as in the README."""
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-    random_folder = folder.parent / f"random-{name}"
-    return (f"pass a checkpoint folder instead of {name!r} (--target/--draft FOLDER on the command line), download "
-            f"config.json and model.safetensors by hand from {endpoint}/{HUB_REPOS[name]} into a folder and pass "
-            f"that folder, point "
+    random_folder = f"weights/random-{name}"
+    return (f"pass a checkpoint folder in place of {name!r} (--target/--draft FOLDER on the command line): download "
+            f"config.json and model.safetensors by hand from {endpoint}/{HUB_REPOS[name]} into a folder, or point "
             f"HF_HOME or HF_HUB_CACHE at a Hugging Face cache that has {HUB_REPOS[name]}"
-            + ("" if offline() else ", set HF_ENDPOINT to a mirror")
-            + f", or try the code on random weights of its shape: python -m speculative_gpt2.random_checkpoint {name} "
+            + ("" if offline() else ", or set HF_ENDPOINT to a mirror")
+            + f"; or try the code on random weights of its shape: python -m speculative_gpt2.random_checkpoint {name} "
             f"{random_folder}, then pass {random_folder}")
 
 
@@ -378,7 +377,7 @@ def download(name: str, weights_dir: str | os.PathLike | None = None, *, retries
         raise ValueError(f"unknown GPT-2 preset {name!r}: choose one of {', '.join(HUB_REPOS)}")
     folder = Path(weights_dir or default_weights_dir()) / name
     if offline():
-        raise DownloadError(f"HF_HUB_OFFLINE is set, so {name} is not downloaded: {ways_out(name, folder)}")
+        raise DownloadError(f"HF_HUB_OFFLINE is set, so {name} is not downloaded: {ways_out(name)}")
     urls = {filename: _hub_url(name, filename) for filename in ("config.json", "model.safetensors")}
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -394,7 +393,7 @@ def download(name: str, weights_dir: str | os.PathLike | None = None, *, retries
             hashes = {filename: _fetch(url, folder / filename, retries=retries) for filename, url in urls.items()}
         except DownloadError as e:
             _remove_empty(folder, created)
-            raise DownloadError(f"{e}. Instead: {ways_out(name, folder)}") from None
+            raise DownloadError(f"{e}. What to do: {ways_out(name)}") from None
         if all(hashes.values()):  # a file the server announced no hash for is kept, but not recorded as verified
             _write_record(folder, name, hashes)
     return folder

@@ -2,12 +2,13 @@
 
     python speculative.py --prompt "Alan Turing theorized that computers would one day become"
 
-It loads both models, warms up, runs plain decoding with the target and then speculative sampling with the same
-seed, streaming each text, and prints a summary. When it compares the greedy texts (both decoders, temperature
-0) it also runs plain decoding in exact mode (speculative_gpt2/exact.py: every target pass of the verification's
+It loads both models, warms every run up, runs plain decoding with the target and then speculative sampling with
+the same seed, streaming each text, and prints a summary. When it compares the texts (temperature 0, or --coupled)
+it also runs plain decoding in exact mode (speculative_gpt2/exact.py: every target pass of the verification's
 shape), so that the texts are identical in every dtype; the speedup stays measured against the fastest plain
-decoding (1-row passes), and the summary says what exact mode cost it. Bad input, missing weights and failed downloads print one line
-and exit with status 2.
+decoding (1-row passes), and the summary says what exact mode cost it. Each run is checked against its own steps
+at their median pace, so that a busy machine is named rather than believed (speculative_gpt2/timing.py). Bad
+input, missing weights and failed downloads print one line and exit with status 2.
 
     python speculative.py --prompts-file prompts.txt --batch-size 8 --output results.jsonl
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -40,7 +42,9 @@ from speculative_gpt2.lookahead import AdaptiveLookahead
 from speculative_gpt2.machine import DTYPES, dtype_name, hardware_name, peak_memory, resolve_device, resolve_dtype
 from speculative_gpt2.packing import pack_linears
 from speculative_gpt2.records import Generation
-from speculative_gpt2.report import EXACT, NAIVE, SPECULATIVE, UNCACHED, cost_ratio, parted, why_slower
+from speculative_gpt2.report import (EXACT, NAIVE, SPECULATIVE, UNCACHED, acceptance, cost_ratio, k_used, parted,
+                                     why_slower)
+from speculative_gpt2.timing import Timed, middle_half, speedup_lines
 from speculative_gpt2.text import printable
 from speculative_gpt2.tokenizer import load_tokenizer
 
@@ -57,6 +61,8 @@ DEFAULT_BATCH_SIZE = 8
 # over a few, while exact mode pads every target pass to K + 1 rows and the caches grow by K: a huge K only
 # allocates (10^9: gigabytes) or runs for minutes. K + 1 must also fit the target's context.
 MAX_LOOKAHEAD = 64
+# The most --repeats: medians settle within a few runs, and each repeat is a whole decoding of every run.
+MAX_REPEATS = 20
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -197,6 +203,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=_threads, default=None,
                         help="CPU threads for torch (default: torch's choice); on a shared or small machine, "
                         "fewer threads than cores often time more steadily")
+    parser.add_argument("--repeats", type=_checked(int, check_integer, minimum=1, maximum=MAX_REPEATS), default=1,
+                        help="time every run this many times, alternating (naive, speculative, naive, ...), and report "
+                        "the medians and the range of the speedup: on a shared machine, load then lands on both. "
+                        "Whatever this is, each run is also checked against its own steps at their median pace, and "
+                        "a busy machine is named in the report")
     parser.add_argument("--mode", default="both", choices=["both", "speculative", "naive"], help="what to run")
     parser.add_argument("--no-cache-baseline", action="store_true",
                         help="also time plain decoding without a KV cache (the toyllm blog post's baseline; slow)")
@@ -230,6 +241,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                 parser.error(f"{flag} goes with --prompts-file (one prompt prints its text): add --prompts-file FILE")
     elif args.no_cache_baseline:
         parser.error("--no-cache-baseline times one prompt: leave it out with --prompts-file")
+    elif args.repeats > 1:
+        parser.error("--repeats times one prompt: leave it out with --prompts-file (every batch is checked against "
+                     "its median steps)")
     elif args.batch_size is None:
         args.batch_size = DEFAULT_BATCH_SIZE
     return args
@@ -373,37 +387,48 @@ def _run(args) -> int:
                                      exact=fixed, **options)
 
     if args.prompts_file is not None:
-        return run_prompts_file(args, file_prompts, enc=enc, device=device, decode=decode, options=options,
+        return run_prompts_file(args, file_prompts, enc=enc, device=device, dtype=dtype, decode=decode, options=options,
                                 exact=exact, pass_rows=rows,
                                 setup=_setup_lines(args, models, load_seconds, device, dtype))
+    asked = "auto" if args.lookahead == "auto" else f"{args.lookahead}"
     titles = {UNCACHED: "Naive decoding without KV cache", NAIVE: "Naive decoding",
               EXACT: f"Naive decoding, exact mode (every pass {rows} rows, as speculative sampling's)",
-              SPECULATIVE: f"Speculative sampling (K={args.lookahead})" + (", exact mode" if exact else "")}
+              SPECULATIVE: f"Speculative sampling (K={asked})" + (", exact mode" if exact else "")}
     modes = [m for m, wanted in ((UNCACHED, args.no_cache_baseline and args.mode != "speculative"),
                                  (NAIVE, args.mode != "speculative"), (EXACT, exact),
                                  (SPECULATIVE, args.mode != "naive")) if wanted]
-    results, warm_up_seconds = {}, {}
+    warm_up_seconds = {}
     for mode in modes:
         if mode != UNCACHED:  # recomputing everything, the uncached run has no warm-up worth the wait
             # Warm-up: the first passes pay for allocations, kernel selection and CUDA graph capture; reported, and
             # kept out of the timings.
+            print(f"Warming up: {titles[mode].split(' (')[0].lower()}, 8 tokens, not timed ...", file=sys.stderr)
             started = time.perf_counter()
             decode(mode, prompt, min(8, n), **options | {"temperature": 0.0, "eos_token_id": None})
             warm_up_seconds[mode] = time.perf_counter() - started
-        generator = torch.Generator(device).manual_seed(args.seed)  # every run: the same seed
-        # Every run streams, or none does: writing to the terminal is part of what is timed.
-        results[mode] = _run_and_show(titles[mode], partial(decode, mode, prompt, n, generator, **options), prompt,
-                                      enc, n, stream=not args.no_stream)
+    # The runs alternate (naive, speculative, naive, ...) so that a change in the machine's load lands on both.
+    results = {mode: [] for mode in modes}
+    for repeat in range(args.repeats):
+        for mode in modes:
+            if repeat and mode == UNCACHED:  # slow, and no figure of its own is compared: timed once
+                continue
+            generator = torch.Generator(device).manual_seed(args.seed)  # every run: the same seed
+            run = partial(decode, mode, prompt, n, generator, **options)
+            if repeat == 0:  # every run streams, or none does: writing to the terminal is part of what is timed
+                results[mode].append(_run_and_show(titles[mode], run, prompt, enc, n, stream=not args.no_stream))
+            else:
+                results[mode].append(_run_again(f"{titles[mode].split(' (')[0]}, run {repeat + 1} of "
+                                                f"{args.repeats}", run, n))
     _print_summary(args, results, models, load_seconds, warm_up_seconds, device, dtype, rows)
     if args.show_acceptance:
-        _show_acceptance(args, results.get(SPECULATIVE), enc, prompt)
+        _show_acceptance(args, results.get(SPECULATIVE, [None])[0], enc, prompt)
     if args.trace is not None:
         from speculative_gpt2.render import trace_page
 
         title = f"{Path(args.target).name} / {Path(args.draft).name}, K={args.lookahead}, temperature {args.temperature}"
-        page = trace_page(results[SPECULATIVE], enc, prompt, title=title)
+        page = trace_page(results[SPECULATIVE][0], enc, prompt, title=title)
         write_atomically(Path(args.trace), lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
-        print(f"trace of {len(results[SPECULATIVE].trace)} rounds: {printable(args.trace)}", file=sys.stderr)
+        print(f"trace of {len(results[SPECULATIVE][0].trace)} rounds: {printable(args.trace)}", file=sys.stderr)
     return 0
 
 
@@ -499,7 +524,8 @@ def _run_and_show(title: str, run, prompt: list[int], enc, max_new_tokens: int, 
             text.flush()
             print()
     else:
-        with tqdm(total=max_new_tokens, desc=title.split(" (")[0], unit="tok", file=sys.stderr, leave=False) as bar:
+        with tqdm(total=max_new_tokens, desc=title.split(" (")[0], unit="tok", file=sys.stderr, leave=False,
+                  disable=None) as bar:  # disable=None: no bar when stderr is not a terminal
             try:
                 out = run(on_tokens=lambda new: (done.extend(new), bar.update(len(new))))
             except KeyboardInterrupt:
@@ -507,6 +533,16 @@ def _run_and_show(title: str, run, prompt: list[int], enc, max_new_tokens: int, 
                 raise
         print(f"Generated: {printable(enc.decode(prompt + out.tokens))}")
     print(f"completed in {out.seconds:.2f} s ({out.tokens_per_second:.2f} tokens/s, {len(out.tokens)} tokens)")
+    return out
+
+
+def _run_again(title: str, run, max_new_tokens: int) -> Generation:
+    """A repeat of a run for the timings: its text was shown already; a progress bar, then one line."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=max_new_tokens, desc=title, unit="tok", file=sys.stderr, leave=False, disable=None) as bar:
+        out = run(on_tokens=lambda new: bar.update(len(new)))
+    print(f"{title}: {out.seconds:.2f} s ({out.tokens_per_second:.2f} tokens/s)")
     return out
 
 
@@ -526,49 +562,66 @@ def _show_acceptance(args, spec: Generation | None, enc, prompt: list[int]) -> N
     print(f"tokens by origin: {origin_counts(spec)}")
 
 
-def _print_summary(args, results: dict[str, Generation], models: dict[str, GPT2], load_seconds: dict[str, float],
-                   warm_up_seconds: dict[str, float], device, dtype, rows: int) -> None:
-    naive, uncached, spec = results.get(NAIVE), results.get(UNCACHED), results.get(SPECULATIVE)
-    exact = results.get(EXACT)
+def _print_summary(args, results: dict[str, list[Generation]], models: dict[str, GPT2],
+                   load_seconds: dict[str, float], warm_up_seconds: dict[str, float], device, dtype, rows: int) -> None:
+    runs = {mode: sorted(outs, key=lambda g: g.seconds) for mode, outs in results.items()}
+    # Each mode's median run (by time) stands for it; the texts of repeats are the same.
+    median = {mode: outs[len(outs) // 2] for mode, outs in runs.items()}
+    naive, uncached, spec, exact = (median.get(m) for m in (NAIVE, UNCACHED, SPECULATIVE, EXACT))
     print("\n=== Summary ===")
     for line in _setup_lines(args, models, load_seconds, device, dtype):
         print(line)
     warm_ups = ", ".join(f"{mode} {s:.2f} s" for mode, s in warm_up_seconds.items())
     print(f"warm-up (8 tokens each, not timed below): {warm_ups}")
     for name, out in (("naive decoding", naive), ("naive decoding, exact mode", exact), ("speculative sampling", spec)):
-        if out is not None:
-            decode_ms = 1e3 * (out.seconds - out.prefill_seconds)
-            draft_ms = sum(r.draft_ms for r in out.rounds)
-            passes = f"{decode_ms / out.target_calls:.1f} ms per target pass" if out is not spec else (
-                f"{sum(r.verify_ms for r in out.rounds) / out.target_calls:.1f} ms per target pass, " + (
-                    f"{draft_ms / out.target_calls:.2f} ms per lookup" if args.draft == NGRAM else
-                    f"{draft_ms / max(out.draft_calls, 1):.1f} ms per draft pass"))
+        if out is not None and out.steps:
+            low, high = middle_half(out.steps)
+            step = statistics.median(s.ms for s in out.steps)
+            if out is spec:
+                drafted = [r for r in out.rounds if r.lookahead > 0] or out.rounds
+                per_draft = statistics.median(r.draft_ms / max(r.lookahead, 1) for r in drafted)
+                parts = (f"{statistics.median(r.verify_ms for r in drafted):.1f} ms its verification, "
+                         + (f"{per_draft:.2f} ms per lookup" if args.draft == NGRAM else
+                            f"{per_draft:.1f} ms per draft pass"))
+                passes = f"{step:.1f} ms per round (median; middle half {low:.1f}-{high:.1f}), {parts}"
+            else:
+                passes = f"{step:.1f} ms per target pass (median; middle half {low:.1f}-{high:.1f})"
             print(f"{name}: prefill {1e3 * out.prefill_seconds:.0f} ms, decode {out.decode_tokens_per_second:.2f} "
                   f"tokens/s; {passes}")
+    timed = {mode: Timed.of(name, runs[mode]) for mode, name in (
+        (NAIVE, "naive decoding"), (EXACT, "exact mode"), (SPECULATIVE, "speculative sampling")) if mode in runs}
     if exact is not None and naive is not None:
+        cost = (timed[EXACT].expected / timed[EXACT].tokens) / (timed[NAIVE].expected / timed[NAIVE].tokens)
         print(f"exact mode (every target pass {rows} rows, so that the texts compare equal in any "
-              f"dtype) cost plain decoding {naive.tokens_per_second / exact.tokens_per_second:.2f}x its time; "
-              f"speedups below are over the fastest plain decoding (1-row passes)")
+              f"dtype) cost plain decoding {cost:.2f}x its time (median steps); speedups below are over the fastest "
+              f"plain decoding (1-row passes)")
     if spec is not None:
-        for name, base in (("naive decoding", naive), ("naive decoding without KV cache", uncached)):
-            if base is not None:  # tokens/s: with sampling, an EOS can end the runs at different lengths
-                print(f"speedup over {name}: {spec.tokens_per_second / base.tokens_per_second:.2f}x")
-        rate = spec.acceptance_rate
-        print(f"acceptance rate: {'n/a' if rate is None else f'{rate:.2f}'} ({spec.accepted} of {spec.proposed} drafts kept)")
-        print(f"mean tokens per target pass: {spec.tokens_per_target_call:.2f}")
+        trusted = None
+        if naive is not None:
+            pairs = [s.tokens_per_second / b.tokens_per_second for s, b in zip(results[SPECULATIVE], results[NAIVE])]
+            repeats = (f", median of {len(pairs)} alternating runs each; {min(pairs):.2f}-{max(pairs):.2f}x"
+                       if len(pairs) > 1 else "")
+            others = (timed[EXACT],) if EXACT in timed else ()
+            trusted, lines = speedup_lines(timed[SPECULATIVE], timed[NAIVE], "naive decoding", others, repeats)
+            for line in lines:
+                print(line)
+        if uncached is not None:  # its steps grow with the text: no median pace; timed, once
+            print(f"speedup over naive decoding without KV cache: {spec.tokens_per_second / uncached.tokens_per_second:.2f}x "
+                  f"(timed)")
+        print(acceptance([spec]))
+        print(f"mean tokens per target pass: {spec.tokens_per_target_call:.2f}; {k_used([spec], args.lookahead, args.draft == NGRAM)}" + (
+            f" (from the cost model, c = {cost_ratio(models['target'], models.get('draft')):.3f}: the same seed "
+            f"gives the same text)" if args.lookahead == "auto" and args.temperature > 0 and not args.coupled else
+            " (from measured times)" if args.lookahead == "auto" else ""))
         if args.draft == NGRAM:  # a lookup makes no draft pass: count what it proposed
             no_match = sum(k == 0 for k in spec.lookahead_per_round)
             print(f"target passes: {spec.target_calls}, drafted tokens: {spec.draft_calls} by prompt lookup "
                   f"(n-grams {args.ngram_max} down to {args.ngram_min}; no match in {no_match} rounds)")
         else:
             print(f"target passes: {spec.target_calls}, draft passes: {spec.draft_calls}")
-        chosen = [k for k in spec.lookahead_per_round if k > 0]
-        if args.lookahead == "auto" and chosen:
-            how = (f"from the cost model, c = {cost_ratio(models['target'], models.get('draft')):.3f}: the same seed "
-                   f"gives the same text" if args.temperature > 0 and not args.coupled else "from measured times")
-            print(f"mean K chosen per round: {sum(chosen) / len(chosen):.2f} ({how})")
-        if naive is not None:
-            for line in why_slower(spec, naive, auto=args.lookahead == "auto", dtype=dtype, device=device):
+        if trusted is not None:
+            for line in why_slower([spec], [naive], trusted, lookahead=args.lookahead, lookup=args.draft == NGRAM,
+                                   dtype=dtype, device=device):
                 print(line)
     print(f"peak memory: {peak_memory(device)}")
     reference = exact or naive  # greedy or coupled: what the speculative text must equal token for token

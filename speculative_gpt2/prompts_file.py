@@ -23,8 +23,13 @@ from speculative_gpt2.coupling import MAX_SEED
 from speculative_gpt2.files import open_output, write_atomically
 from speculative_gpt2.machine import peak_memory
 from speculative_gpt2.records import Generation
-from speculative_gpt2.report import EXACT, NAIVE, SPECULATIVE
+from speculative_gpt2.report import EXACT, NAIVE, SPECULATIVE, acceptance, k_used, why_slower
 from speculative_gpt2.text import printable
+from speculative_gpt2.timing import Timed, expected_seconds, speedup_lines
+
+NGRAM = "ngram"  # --draft ngram: prompt lookup
+# The runs, as the progress bar and the summary name them.
+NAMES = {NAIVE: "plain decoding", EXACT: "plain decoding, exact mode", SPECULATIVE: "speculative sampling"}
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,7 @@ class JsonLines:
             self.fd = None
 
 
-def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, decode, options: dict, exact: bool,
+def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, dtype, decode, options: dict, exact: bool,
                      pass_rows: int, setup: list[str]) -> int:
     """Decodes `prompts` in batches of --batch-size, every mode of --mode on each batch (plain decoding first),
     and writes each prompt's JSON line as soon as its last run finishes it; then the summary on stderr. A failure
@@ -149,33 +154,43 @@ def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, decode, op
                                  (SPECULATIVE, args.mode != "naive")) if wanted]
     size, n = args.batch_size, args.max_new_tokens
     batches = [prompts[i:i + size] for i in range(0, len(prompts), size)]
-    warm_up_seconds, totals, done = {}, {mode: [0, 0.0] for mode in modes}, []  # totals: [tokens, seconds]
+    warm_up_seconds, done = {}, []
     for mode in modes:
         # The first passes pay for allocations and kernel selection: a short run on the first batch, not timed.
+        print(f"Warming up: {NAMES[mode]}, 8 tokens of the first batch, not timed ...", file=sys.stderr)
         started = time.perf_counter()
         decode(mode, [p.tokens for p in batches[0]], min(8, n), **options | {"temperature": 0.0, "eos_token_id": None})
         warm_up_seconds[mode] = time.perf_counter() - started
     out = JsonLines(args.output)
-    bar = tqdm(total=len(prompts), desc=modes[-1], unit="prompt", file=sys.stderr, leave=False)
+    # Moves by tokens, every run of every batch, and names the run under way; no bar when stderr is no terminal.
+    bar = tqdm(total=len(prompts) * n * len(modes), unit="tok", file=sys.stderr, leave=False, disable=None)
+    runs = {mode: [] for mode in modes}  # every row of every batch, by mode
+    totals = {mode: [0, 0.0, 0.0] for mode in modes}  # tokens, seconds, seconds at the median steps' pace
 
     def finished(batch, results, index: int, generation: Generation) -> None:  # a row of the last mode: its line, now
         record = _record(batch[index], generation, enc, {mode: r[index] for mode, r in results.items()},
                          compared=args.temperature == 0 or args.coupled, show_acceptance=args.show_acceptance)
         done.append((batch[index], generation, record))
         out.write(record)
-        bar.update(1)
 
     try:
-        for batch in batches:
+        for number, batch in enumerate(batches, 1):
             results = {}  # this batch's earlier runs, by mode
             for mode in modes:
+                bar.set_description(f"{NAMES[mode]}, batch {number} of {len(batches)}")
                 generator = torch.Generator(device).manual_seed(args.seed)  # every run of every batch: the same seed
                 seeds = [args.seed if p.seed is None else p.seed for p in batch]  # coupled: each row its own
                 started = time.perf_counter()
                 results[mode] = decode(mode, [p.tokens for p in batch], n, generator, seeds, **options,
+                                       on_tokens=lambda row, new: bar.update(len(new)),
                                        on_finished=partial(finished, batch, results) if mode == modes[-1] else None)
+                bar.update(sum(n - len(r.tokens) for r in results[mode]))  # rows that ended early, at an EOS
+                runs[mode] += results[mode]
+                longest = max(results[mode], key=lambda r: len(r.steps))  # it took part in every step
+                wall = time.perf_counter() - started  # the batch's clock starts a little after the call's
                 totals[mode][0] += sum(len(r.tokens) for r in results[mode])
-                totals[mode][1] += time.perf_counter() - started
+                totals[mode][1] += wall
+                totals[mode][2] += expected_seconds(longest) + wall - longest.seconds
     except BaseException:
         bar.close()
         print(f"{out.count} of {len(prompts)} prompts written to {printable(args.output or 'stdout')} before the run "
@@ -187,8 +202,9 @@ def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, decode, op
             _write_batch_trace(args, done, enc)
     bar.close()
     print("\n=== Summary ===", file=sys.stderr)
-    for line in setup + _file_summary(args, done, batches=len(batches), totals=totals, warm_up_seconds=warm_up_seconds,
-                                      pass_rows=pass_rows, device=device):
+    for line in setup + _file_summary(args, done, runs, batches=len(batches), totals=totals,
+                                      warm_up_seconds=warm_up_seconds, pass_rows=pass_rows, device=device,
+                                      dtype=dtype):
         print(line, file=sys.stderr)
     return 0
 
@@ -226,33 +242,39 @@ def _write_batch_trace(args, done: list[tuple[PromptLine, Generation, dict]], en
     print(f"trace of {len(done)} prompts: {printable(args.trace)}", file=sys.stderr)
 
 
-def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], *, batches: int,
-                  totals: dict[str, list], warm_up_seconds: dict[str, float], pass_rows: int, device) -> list[str]:
+def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], runs: dict[str, list[Generation]], *,
+                  batches: int, totals: dict[str, list], warm_up_seconds: dict[str, float], pass_rows: int, device,
+                  dtype) -> list[str]:
     """The summary of a --prompts-file run, after `_setup_lines`: throughput over all rows, and the comparisons."""
     warm_ups = ", ".join(f"{mode} {s:.2f} s" for mode, s in warm_up_seconds.items())
     lines = [f"warm-up (8 tokens of the first batch each, not timed below): {warm_ups}",
              f"prompts: {len(done)} from {printable(args.prompts_file)}, in {batches} batch{'es' * (batches != 1)} of "
              f"up to {args.batch_size}"]
-    names = {NAIVE: "plain decoding", EXACT: "plain decoding, exact mode", SPECULATIVE: "speculative sampling"}
-    speed = {mode: tokens / seconds if seconds else 0.0 for mode, (tokens, seconds) in totals.items()}
-    for mode, (tokens, seconds) in totals.items():
-        lines.append(f"{names[mode]}: {tokens} tokens in {seconds:.2f} s, {speed[mode]:.2f} tokens/s over all rows")
-    if EXACT in speed and speed[EXACT]:
+    timed = {mode: Timed(NAMES[mode], tokens, seconds, expected) for mode, (tokens, seconds, expected) in totals.items()
+             if seconds > 0 and tokens}
+    for mode, (tokens, seconds, _) in totals.items():
+        lines.append(f"{NAMES[mode]}: {tokens} tokens in {seconds:.2f} s, {tokens / seconds if seconds else 0:.2f} "
+                     f"tokens/s over all rows")
+    if EXACT in timed and NAIVE in timed:
+        cost = (timed[EXACT].expected / timed[EXACT].tokens) / (timed[NAIVE].expected / timed[NAIVE].tokens)
         lines.append(f"exact mode (every target pass {pass_rows} rows per prompt, so that the texts compare equal in "
-                     f"any dtype) cost plain decoding {speed[NAIVE] / speed[EXACT]:.2f}x its time; the speedup below "
-                     f"is over the fastest plain decoding")
-    if SPECULATIVE in speed and NAIVE in speed and speed[NAIVE]:
-        lines.append(f"speedup over batched plain decoding: {speed[SPECULATIVE] / speed[NAIVE]:.2f}x")
+                     f"any dtype) cost plain decoding {cost:.2f}x its time (median steps); the speedup below is over "
+                     f"the fastest plain decoding")
+    if SPECULATIVE in timed and NAIVE in timed:
+        others = (timed[EXACT],) if EXACT in timed else ()
+        trusted, speedup = speedup_lines(timed[SPECULATIVE], timed[NAIVE], "batched plain decoding", others)
+        lines += speedup
     if SPECULATIVE in totals:
         generations = [g for _, g, _ in done]
-        accepted, proposed = sum(g.accepted for g in generations), sum(g.proposed for g in generations)
         rates = [g.acceptance_rate for g in generations if g.acceptance_rate is not None]
-        pooled = f"{accepted / proposed:.2f}" if proposed else "n/a"
-        per_row = f"{sum(rates) / len(rates):.2f}" if rates else "n/a"
         passes = sum(g.target_calls for g in generations)
-        lines.append(f"acceptance rate: {pooled} over all rows ({accepted} of {proposed} drafts kept); mean per "
-                     f"prompt {per_row}")
-        lines.append(f"mean tokens per target pass: {sum(len(g.tokens) for g in generations) / max(passes, 1):.2f}")
+        lines.append(f"{acceptance(generations)} over all rows; mean per prompt "
+                     f"{f'{sum(rates) / len(rates):.2f}' if rates else 'n/a'}")
+        lines.append(f"mean tokens per target pass: {sum(len(g.tokens) for g in generations) / max(passes, 1):.2f}; "
+                     f"{k_used(generations, args.lookahead, args.draft == NGRAM)}")
+        if SPECULATIVE in timed and NAIVE in timed:
+            lines += why_slower(runs[SPECULATIVE], runs[NAIVE], trusted, lookahead=args.lookahead,
+                                lookup=args.draft == NGRAM, dtype=dtype, device=device)
     verdicts = [r["identical"] for _, _, r in done if "identical" in r]
     if verdicts and (args.temperature == 0 or args.coupled):
         parted = [str(p.line) for p, _, r in done if r.get("identical") is False]

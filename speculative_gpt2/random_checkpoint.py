@@ -10,6 +10,7 @@ make loading, memory and speed measurable anyway. Acceptance rates on them mean 
 """
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
@@ -58,15 +59,51 @@ def tiny_pair(n_positions: int = 256) -> tuple[GPT2, GPT2]:
 
 
 def write_random_checkpoint(name: str, folder: str | Path, seed: int = 0, std: float = 0.02,
-                            n_layer: int | None = None, scaled_residuals: bool = False) -> Path:
+                            n_layer: int | None = None, scaled_residuals: bool = False, progress: bool = False) -> Path:
     """Writes `config.json` and `model.safetensors` of preset `name` (with `n_layer` layers instead of the preset's,
     if given) with N(0, std) weights (see `random_model` for `scaled_residuals`); returns the folder. A failed write
-    leaves no new folder behind."""
+    leaves no new folder behind. `progress`: a bar of the weights made, then a line for the write, on stderr."""
     config = GPT2Config.from_name(name)
     if n_layer is not None:
         config = dataclasses.replace(config, n_layer=n_layer)
-    random_model(config, seed=seed, scale=std / 0.02, scaled_residuals=scaled_residuals).save_pretrained(folder)
+    with _weights_bar(config, progress):
+        model = random_model(config, seed=seed, scale=std / 0.02, scaled_residuals=scaled_residuals)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())  # the tied head is stored once
+    if progress:
+        print(f"Writing {Path(folder) / 'model.safetensors'} ({size / 2**30:.1f} GiB) ...", file=sys.stderr)
+    model.save_pretrained(folder)
     return Path(folder)
+
+
+@contextlib.contextmanager
+def _weights_bar(config: GPT2Config, show: bool):
+    """A bar that moves as the model's parameters are made (each registration follows the previous one's random
+    draws); no bar when `show` is False or stderr is not a terminal."""
+    if not show:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=_parameter_count(config), desc="Making random weights", unit="weight", unit_scale=True,
+              file=sys.stderr, leave=False, disable=None) as bar:
+        seen = set()
+
+        def made(module, name, parameter) -> None:  # a hook that returned a value would replace the parameter
+            if parameter is not None and id(parameter) not in seen:  # the tied head registers wte's weight again
+                seen.add(id(parameter))
+                bar.update(parameter.numel() if parameter.device.type != "meta" else 0)
+
+        hook = torch.nn.modules.module.register_module_parameter_registration_hook(made)
+        try:
+            yield
+        finally:
+            hook.remove()
+
+
+def _parameter_count(config: GPT2Config) -> int:
+    """GPT-2's parameters, the tied head counted once: embeddings, 12 d^2 + 13 d per block, the last LayerNorm."""
+    d = config.n_embd
+    return (config.vocab_size + config.n_positions) * d + config.n_layer * (12 * d * d + 13 * d) + 2 * d
 
 
 if __name__ == "__main__":
@@ -87,7 +124,7 @@ if __name__ == "__main__":
     start = time.perf_counter()
     try:
         out = write_random_checkpoint(args.name, args.folder, seed=args.seed, std=args.std, n_layer=args.n_layer,
-                                     scaled_residuals=args.scaled_residuals)
+                                      scaled_residuals=args.scaled_residuals, progress=True)
     except (OSError, ValueError, ImportError) as e:  # one line; the folder it made is gone
         sys.exit(f"{parser.prog}: error: cannot write {args.folder}: {e}")
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s")

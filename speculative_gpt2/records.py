@@ -1,5 +1,5 @@
-"""What the samplers return: a `Generation` per prompt, a `Round` per target pass, an `Origin` per token, and, when
-asked for, a `TraceRound` per round (the numbers of the trace page)."""
+"""What the samplers return: a `Generation` per prompt, a `Round` per target pass, a `Step` per timed decoding step,
+an `Origin` per token, and, when asked for, a `TraceRound` per round (the numbers of the trace page)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,17 @@ class Round:
     verify_ms: float = 0.0
 
 
+@dataclass(frozen=True)
+class Step:
+    """One decoding step after the prefill, timed on the host: `width` the drafts per row its target pass scored
+    (K; 0 for plain decoding, or a round where nothing was proposed) and `ms` its wall time, all of it (drafting,
+    verification, acceptance, commit, callbacks). A row records the steps it took part in; the report compares a
+    run's time with its steps at their median pace (speculative_gpt2/timing.py)."""
+
+    width: int
+    ms: float
+
+
 @dataclass
 class Generation:
     """What a sampling call produced, and how.
@@ -42,7 +53,8 @@ class Generation:
     kept drafts ended the output), drafts kept, and the measured ms of its draft and verification passes.
     `draft_calls` counts the tokens the drafter proposed (an EOS may drop some): for a model drafter one forward
     pass each; a prompt lookup makes no pass. Call counts exclude the prefill; `seconds` includes it,
-    `prefill_seconds` is its share. `trace` holds a `TraceRound` per round when the call asked for it.
+    `prefill_seconds` is its share; `steps` holds a `Step` per decoding step after it. `trace` holds a `TraceRound`
+    per round when the call asked for it.
     """
 
     tokens: list[int] = field(default_factory=list)
@@ -52,6 +64,7 @@ class Generation:
     draft_calls: int = 0
     seconds: float = 0.0
     prefill_seconds: float = 0.0
+    steps: list[Step] = field(default_factory=list)
     trace: list[TraceRound] | None = None
 
     def commit_round(self, drafts: list[int], round: Round, next_token: int, eos_token_id: int | None) -> list[int]:

@@ -1,15 +1,18 @@
-"""What the command line reports beyond the texts: the runs it makes, and why a run was slower than plain decoding.
+"""What the command line reports beyond the texts: the runs it makes, the K and the acceptance it names one way, and
+why a run was slower than plain decoding.
 
 Shared by the single-prompt report (cli.py) and the prompts-file summary (prompts_file.py).
 """
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
-from speculative_gpt2.lookahead import break_even_alpha, estimated_alpha, predicted_speedup
 from speculative_gpt2.machine import resolve_dtype
-from speculative_gpt2.records import Generation, Origin
+from speculative_gpt2.records import Generation
+from speculative_gpt2.timing import step_medians
 
 # The runs, in the order they are made; EXACT is plain decoding in the passes speculative sampling is compared in.
 NAIVE, UNCACHED, EXACT, SPECULATIVE = "naive", "uncached", "exact", "speculative"
@@ -20,54 +23,68 @@ def parted(tokens: list[int], other: list[int]) -> int:
     return next((i for i, (a, b) in enumerate(zip(tokens, other)) if a != b), min(len(tokens), len(other)))
 
 
-def why_slower(spec: Generation, naive: Generation, *, auto: bool, dtype: torch.dtype, device) -> list[str]:
-    """When speculative sampling was slower than plain decoding, or well below what its measured pass costs
-    predict, one or two lines that say why from the measured figures, and what to try; otherwise none."""
-    drafted = [r for r in spec.rounds if r.lookahead > 0]
-    if not drafted or naive.target_calls == 0:
+def k_used(runs: list[Generation], asked: int | str, lookup: bool = False, short: bool = False) -> str:
+    """The K the rounds drafted with, as the report says it: K=4 (and its mean when rounds drafted fewer); with
+    auto, its mean and range. `short`: only K, or auto's mean."""
+    widths = [s.width for g in runs for s in g.steps if s.width > 0]
+    mean = sum(widths) / len(widths) if widths else 0.0
+    if asked == "auto":
+        return f"K auto (mean {mean:.2f})" if short or not widths else \
+            f"K auto: mean {mean:.2f}, from {min(widths)} to {max(widths)}"
+    if short or min(widths, default=asked) == max(widths, default=asked) == asked:
+        return f"K={asked}"
+    fewer = "no more than the tokens left" + (" or than a lookup finds" if lookup else "")
+    return f"K={asked} ({mean:.2f} per drafting round on average: a round drafts {fewer})"
+
+
+def acceptance(runs: list[Generation]) -> str:
+    """The report's one acceptance figure, defined where it is printed: drafts kept / drafts proposed."""
+    kept, proposed = sum(g.accepted for g in runs), sum(g.proposed for g in runs)
+    rate = f"{kept / proposed:.2f}" if proposed else "n/a"
+    return f"acceptance rate: {rate} (drafts kept / drafts proposed: {kept} of {proposed})"
+
+
+def why_slower(spec: list[Generation], naive: list[Generation], speedup: float, *, lookahead: int | str,
+               lookup: bool, dtype: torch.dtype, device) -> list[str]:
+    """When speculative sampling was slower than plain decoding (`speedup`: the figure the report trusts), a line
+    that says why from the runs' median step costs, and one of what to try; otherwise none.
+
+    The break-even is in the report's own terms: a round costs some target passes (its drafts and its
+    verification, at their median pace) and yields some tokens; it pays when it yields more tokens than it costs.
+    `spec` and `naive` are the rows of the runs compared (their steps and rounds pooled)."""
+    drafted = [r for g in spec for r in g.rounds if r.lookahead > 0]
+    naive_steps, spec_steps = [s for g in naive for s in g.steps], [s for g in spec for s in g.steps]
+    if speedup >= 1 or not drafted or not naive_steps or not spec_steps:
         return []
-    measured = spec.tokens_per_second / naive.tokens_per_second
-    K = round(sum(r.lookahead for r in drafted) / len(drafted))
-    t_target = 1e3 * (naive.seconds - naive.prefill_seconds) / naive.target_calls  # a 1-row pass, in the loop
-    t_draft = sum(r.draft_ms for r in drafted) / sum(r.lookahead for r in drafted)
-    t_verify = sum(r.verify_ms for r in drafted) / len(drafted)
-    alpha = estimated_alpha(spec.accepted, spec.origins.count(Origin.RESAMPLED))
-    predicted = predicted_speedup(alpha, K, t_draft, t_verify, t_target)
-    if measured >= 1 and measured >= 0.8 * predicted:
-        return []
-    need = break_even_alpha(K, t_draft, t_verify, t_target)
-    costs = (f"at K={K} a round costs {K} draft passes ({t_draft / t_target:.2f} of a target pass each) and a "
-             f"{K + 1}-token verification ({t_verify / t_target:.2f} target passes)")
-    # The prediction assumes K drafts in every round; a drafter may propose fewer, or none (prompt lookup without a
-    # match). Only time that the rounds' passes do not account for is blamed on the machine.
-    decode_seconds = spec.seconds - spec.prefill_seconds
-    busy = decode_seconds - sum(r.draft_ms + r.verify_ms for r in spec.rounds) / 1e3 > 0.2 * decode_seconds
-    if need is None:
-        lines = [f"why: {costs}: that is more than the {K + 1} plain passes a round can save, so no acceptance "
-                 f"rate breaks even (measured alpha {alpha:.2f})"]
-    elif alpha < need:
-        lines = [f"why: {costs}: breaking even needs each draft kept with probability alpha >= {need:.2f}; "
-                 f"measured alpha {alpha:.2f}"]
-    elif busy:
-        lines = [f"why: measured {measured:.2f}x where these pass costs and alpha {alpha:.2f} predict "
-                 f"{predicted:.2f}x: time went outside the passes (a busy machine, threads waiting for each other)"]
-    elif spec.proposed < K * len(spec.rounds):
-        lines = [f"why: measured {measured:.2f}x where alpha {alpha:.2f} with K={K} drafts in every round would give "
-                 f"{predicted:.2f}x: the drafter proposed {spec.proposed / len(spec.rounds):.2f} per round "
-                 f"({len(spec.rounds) - len(drafted)} of {len(spec.rounds)} rounds none), "
-                 f"{spec.tokens_per_target_call:.2f} tokens per target pass"]
+    t_target = statistics.median(s.ms for s in naive_steps)  # a plain pass of the same rows
+    medians = step_medians(spec_steps)
+    cost = sum(medians[s.width] for s in spec_steps) / len(spec_steps) / t_target  # target passes per round
+    yielded = sum(len(g.tokens) for g in spec) / sum(g.target_calls for g in spec)  # tokens per round
+    t_verify = statistics.median(r.verify_ms for r in drafted) / t_target
+    per_draft = statistics.median(r.draft_ms / r.lookahead for r in drafted)
+    drafts = f"lookups of {per_draft:.2f} ms" if lookup else f"draft passes of {per_draft / t_target:.2f} each"
+    kept, proposed = sum(g.accepted for g in spec), sum(g.proposed for g in spec)
+    rounds = sum(len(g.rounds) for g in spec)
+    empty = sum(r.lookahead == 0 for g in spec for r in g.rounds)
+    if yielded < cost:
+        line = (f"why: at {k_used(spec, lookahead, short=True)} a round cost {cost:.2f} target passes ({drafts}, a verification of "
+                f"{t_verify:.2f}) and yielded {yielded:.2f} tokens: it pays only when it yields more than it costs")
+        if empty and lookup:
+            line += f"; the lookup found nothing to propose in {empty} of {rounds} rounds"
     else:
-        lines = [f"why: measured {measured:.2f}x where these pass costs and alpha {alpha:.2f} predict "
-                 f"{predicted:.2f}x: the rounds kept fewer drafts than alpha says on average "
-                 f"({spec.tokens_per_target_call:.2f} tokens per target pass)"]
-    tries = [] if auto else ["--lookahead auto (it lowers K when drafts are rejected)"]
-    if alpha < 0.5:
-        tries.append("a draft that agrees more with the target (random weights never agree)")
+        line = (f"why: a round yielded {yielded:.2f} tokens for {cost:.2f} target passes, which pays, but the prefills "
+                f"(the draft's too) and the last rounds of a short run took the gain")
+    tries = [] if lookahead == "auto" else ["--lookahead auto (it lowers K when drafts are rejected)"]
+    rate = kept / proposed if proposed else 0.0
+    if lookup and (rate < 0.5 or empty > rounds / 2):
+        tries.append("a draft model (--draft gpt2): prompt lookup pays where the text repeats earlier text")
+    elif not lookup and rate < 0.5:
+        tries.append("a draft model that agrees more with the target (a random one never does)")
     if dtype != torch.bfloat16 and resolve_dtype("auto", device) == torch.bfloat16:
         tries.append("--dtype bfloat16 (native on this hardware: cheaper passes)")
-    if need is not None and alpha >= need and busy:
-        tries.append("--threads with the number of idle cores")
-    return lines + ([f"try: {'; '.join(tries)}"] if tries else [])
+    if yielded >= cost:
+        tries.append("more --max-new-tokens")
+    return [line] + ([f"try: {'; '.join(tries)}"] if tries else [])
 
 
 def cost_ratio(target, draft) -> float:

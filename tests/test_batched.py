@@ -118,8 +118,19 @@ def test_a_2d_tensor_is_a_batch_and_a_list_of_ids_one_prompt(target):
     assert autoregressive_sample(target, [1, 2, 3], 5).tokens == out[0].tokens
 
 
+@pytest.mark.parametrize("sampler", ["speculative", "plain"])
+def test_on_tokens_of_a_batch_gets_each_rows_tokens_in_order(target, drafts, sampler):
+    streamed = {}
+    on_tokens = lambda row, new: streamed.setdefault(row, []).extend(new)  # noqa: E731
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    if sampler == "speculative":
+        outs = speculative_sample(target, drafts["noisy copy"], prompts, 9, lookahead=3, on_tokens=on_tokens)
+    else:
+        outs = autoregressive_sample(target, prompts, 9, on_tokens=on_tokens)
+    assert streamed == {row: out.tokens for row, out in enumerate(outs)}
+
+
 @pytest.mark.parametrize("call, message", [
-    (lambda t, d: speculative_sample(t, d, [[1], [2]], 4, on_tokens=print), "on_tokens streams one prompt"),
     (lambda t, d: autoregressive_sample(t, [[1], [2]], 4, use_cache=False), "one prompt: pass one, not a batch"),
     (lambda t, d: speculative_sample(t, d, [[1], [2], []], 4), "prompt 2 of the batch: prompt is empty"),
     (lambda t, d: autoregressive_sample(t, [[1], [5000]], 4), r"prompt 1 of the batch: prompt must hold token ids"),

@@ -66,14 +66,21 @@ def test_the_report(checkpoints):
     assert lines[2].endswith(", threads: 1)")
     assert re.fullmatch(r"warm-up \(8 tokens each, not timed below\): naive [\d.]+ s, exact [\d.]+ s, "
                         r"speculative [\d.]+ s", lines[3])
-    assert re.fullmatch(r"naive decoding: prefill \d+ ms, decode [\d.]+ tokens/s; [\d.]+ ms per target pass", lines[4])
-    assert re.fullmatch(r"naive decoding, exact mode: prefill \d+ ms, decode [\d.]+ tokens/s; [\d.]+ ms per target "
-                        r"pass", lines[5])
-    assert re.fullmatch(r"speculative sampling: prefill \d+ ms, decode [\d.]+ tokens/s; [\d.]+ ms per target pass, "
-                        r"[\d.]+ ms per draft pass", lines[6])
+    spread = r"\(median; middle half [\d.]+-[\d.]+\)"
+    assert re.fullmatch(rf"naive decoding: prefill \d+ ms, decode [\d.]+ tokens/s; [\d.]+ ms per target pass {spread}",
+                        lines[4])
+    assert re.fullmatch(rf"naive decoding, exact mode: prefill \d+ ms, decode [\d.]+ tokens/s; [\d.]+ ms per target "
+                        rf"pass {spread}", lines[5])
+    assert re.fullmatch(rf"speculative sampling: prefill \d+ ms, decode [\d.]+ tokens/s; [\d.]+ ms per round {spread}, "
+                        r"[\d.]+ ms its verification, [\d.]+ ms per draft pass", lines[6])
     assert re.fullmatch(r"exact mode \(every target pass 8 rows, so that the texts compare equal in any dtype\) cost "
-                        r"plain decoding [\d.]+x its time; speedups below are over the fastest plain decoding "
-                        r"\(1-row passes\)", lines[7])
+                        r"plain decoding [\d.]+x its time \(median steps\); speedups below are over the fastest plain "
+                        r"decoding \(1-row passes\)", lines[7])
+    assert re.fullmatch(r"speedup over naive decoding: [\d.]+x.*median steps.*", lines[8])
+    assert re.fullmatch(r"timing: .*naive decoding [\d.]+x, exact mode [\d.]+x, speculative sampling [\d.]+x.*",
+                        lines[9])
+    assert re.fullmatch(r"acceptance rate: [\d.]+ \(drafts kept / drafts proposed: \d+ of \d+\)", lines[10])
+    assert re.fullmatch(r"mean tokens per target pass: [\d.]+; K=4( \(.*\))?", lines[11])
     assert any(re.fullmatch(r"peak memory: [\d.]+ GiB resident \(RSS\)", line) for line in lines)
 
 

@@ -222,9 +222,13 @@ def test_a_stale_partial_file_restarts_once_by_itself(hub, tmp_path, capsys, sta
 def test_a_failed_download_leaves_nothing_behind(hub, tmp_path, monkeypatch):
     monkeypatch.setattr("time.sleep", lambda s: None)
     hub.fail_next_gets = 100
-    with pytest.raises(DownloadError, match="python -m speculative_gpt2.random_checkpoint gpt2"):
+    with pytest.raises(DownloadError, match="python -m speculative_gpt2.random_checkpoint gpt2") as failed:
         download("gpt2", tmp_path)
     assert not (tmp_path / "gpt2").exists()
+    # Said once, and the random weights go where the README puts them, whatever --weights-dir is.
+    message = str(failed.value)
+    assert message.lower().count("instead") == 0 and ". What to do: pass a checkpoint folder in place of" in message
+    assert message.endswith("random_checkpoint gpt2 weights/random-gpt2, then pass weights/random-gpt2")
 
 
 def test_hf_hub_offline_is_honoured(hub, tmp_path, monkeypatch):

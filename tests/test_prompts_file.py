@@ -150,7 +150,9 @@ def test_json_lines_one_per_prompt_equal_to_decoding_each_prompt_alone(checkpoin
     for pattern in (r"speculative sampling: 40 tokens in [\d.]+ s, [\d.]+ tokens/s over all rows",
                     r"plain decoding: 40 tokens in [\d.]+ s, [\d.]+ tokens/s over all rows",
                     r"speedup over batched plain decoding: [\d.]+x",
-                    r"acceptance rate: [\d.]+ over all rows \(\d+ of \d+ drafts kept\); mean per prompt [\d.]+",
+                    r"acceptance rate: [\d.]+ \(drafts kept / drafts proposed: \d+ of \d+\) over all rows; mean per "
+                    r"prompt [\d.]+", r"timing: .*plain decoding [\d.]+x, plain decoding, exact mode [\d.]+x, "
+                    r"speculative sampling [\d.]+x", r"mean tokens per target pass: [\d.]+; K=4",
                     r"plain decoding, exact mode: 40 tokens in", r"exact mode \(every target pass 8 rows",
                     r"identical outputs: 5 of 5 prompts\n", r"output: 5 JSON lines on stdout"):
         assert re.search(pattern, summary), (pattern, summary)

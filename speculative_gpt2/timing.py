@@ -1,0 +1,93 @@
+"""Timings a busy machine cannot fake: each run against its own steps at their median pace.
+
+A shared machine's load comes and goes: a burst that lands on one of the compared runs slows some of its steps and
+skews the timed speedup, while the median step of each kind stays where it was. So every decoding step is timed
+(`Generation.steps`) and a run's *expected* time is its prefill plus every step at the median time of the steps of
+its width (K drafts per row; plain decoding's steps all have width 0). A run's slowdown, timed / expected, is 1.0
+on a quiet machine; the speedup from the expected times follows from tokens per target pass and the pass costs,
+and the report trusts it over the timed one when the runs' slowdowns differ by more than `BUSY`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+
+from speculative_gpt2.records import Generation, Step
+
+# Runs whose slowdowns differ by more than this factor were not slowed alike: the timed speedup is skewed. Quiet
+# runs measure within a few per cent of their median steps (docs/design.md#timings-on-a-busy-machine).
+BUSY = 1.15
+
+
+def step_medians(steps: list[Step]) -> dict[int, float]:
+    """The median ms of the steps of each width."""
+    by_width = defaultdict(list)
+    for step in steps:
+        by_width[step.width].append(step.ms)
+    return {width: statistics.median(times) for width, times in by_width.items()}
+
+
+def expected_seconds(run: Generation) -> float:
+    """The prefill plus every step at the median pace of its width: what the run takes when nothing else runs."""
+    medians = step_medians(run.steps)
+    return run.prefill_seconds + sum(medians[step.width] for step in run.steps) / 1e3
+
+
+def middle_half(steps: list[Step]) -> tuple[float, float]:
+    """The quartiles of the step times, in ms: the spread of a run's pace."""
+    times = [step.ms for step in steps]
+    if len(times) < 2:
+        return times[0], times[0]
+    low, _, high = statistics.quantiles(times, n=4, method="inclusive")
+    return low, high
+
+
+@dataclass(frozen=True)
+class Timed:
+    """A run's time as measured and as its median steps predict, and the tokens it made."""
+
+    name: str
+    tokens: int
+    seconds: float
+    expected: float
+
+    @classmethod
+    def of(cls, name: str, runs: list[Generation]) -> Timed:
+        """One run, or the medians of repeats of it."""
+        return cls(name, len(runs[0].tokens), statistics.median(r.seconds for r in runs),
+                   statistics.median(expected_seconds(r) for r in runs))
+
+    @property
+    def slowdown(self) -> float:
+        return self.seconds / self.expected if self.expected > 0 else 1.0
+
+
+def speedup_lines(spec: Timed, base: Timed, label: str, others: tuple[Timed, ...] = (),
+                  repeats: str = "") -> tuple[float, list[str]]:
+    """The speedup of `spec` over `base` and the lines that state it; returns (the figure to trust, lines).
+
+    The timed speedup is printed as it is when both runs kept their median pace alike (within `BUSY` of each
+    other); otherwise the speedup from the median steps is the one printed and trusted, and a line says which run
+    was slowed and by how much. `others` are further runs whose pace is stated; `repeats` says how the timed
+    figure was taken, if not from one run each."""
+    timed = (spec.tokens / spec.seconds) / (base.tokens / base.seconds)
+    predicted = (spec.tokens / spec.expected) / (base.tokens / base.expected)
+    slowest, fastest = max(base, spec, key=lambda r: r.slowdown), min(base, spec, key=lambda r: r.slowdown)
+    paces = ", ".join(f"{r.name} {r.slowdown:.2f}x" for r in (base, *others, spec))
+    if slowest.slowdown <= BUSY * fastest.slowdown:
+        lines = [f"speedup over {label}: {timed:.2f}x{repeats} (from the median steps: {predicted:.2f}x)"]
+        if fastest.slowdown > BUSY:  # slowed alike: the ratio holds, the speeds do not
+            lines.append(f"timing: every run took {fastest.slowdown:.2f}x or more of its median pace ({paces}): the "
+                         f"machine was busy throughout; the speedup holds, the speeds above do not")
+        else:
+            lines.append(f"timing: each run took {paces} of its median pace (a quiet machine: the timed figures "
+                         f"hold)")
+        return timed, lines
+    return predicted, [
+        f"speedup over {label}: {predicted:.2f}x from the median steps (timed: {timed:.2f}x{repeats}, skewed: "
+        f"below)",
+        f"timing: the machine was busy: {slowest.name} took {slowest.slowdown:.2f}x the time its median steps "
+        f"predict ({paces}), so other work ran during it; trust {predicted:.2f}x (the median steps, which the load's "
+        f"bursts do not move); --repeats 3 alternates the runs and takes medians"]
