@@ -79,15 +79,3 @@ def test_the_prompts_file_bar_names_each_run_and_moves_by_tokens(useless_pair, t
     # The speedup and its why lines, from the batches' own pass costs.
     assert "speedup over batched plain decoding: " in summary
     assert "why: at K=4 a round cost " in summary and "try: " in summary and "agrees more with the target" in summary
-
-
-def test_no_bar_reaches_a_pipe(useless_pair, tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("The meaning of life is\nOnce upon a time\n")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "speculative.py"), "--target", str(useless_pair / "target"), "--draft",
-         str(useless_pair / "draft"), "--prompts-file", str(prompts), "--max-new-tokens", "8", "--ignore-eos"],
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "\r" not in result.stderr and "tok/s" not in result.stderr
-    assert "Warming up: speculative sampling" in result.stderr  # the announcements are lines, not bars

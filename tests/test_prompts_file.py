@@ -145,6 +145,8 @@ def test_json_lines_one_per_prompt_equal_to_decoding_each_prompt_alone(checkpoin
         assert row["tokens_per_target_pass"] == pytest.approx(8 / row["target_passes"], abs=1e-4)
         assert row["seconds"] > 0 and row["naive_seconds"] > 0
     assert "\n=== Summary ===\n" in err
+    # stderr is no terminal here: no progress bar reaches it, while the warm-ups are announced in lines.
+    assert "\r" not in err and "tok/s" not in err and "Warming up: speculative sampling, 8 tokens" in err
     summary = err.split("=== Summary ===", 1)[1]
     assert "prompts: 5 from " in summary and "in 3 batches of up to 2" in summary
     for pattern in (r"speculative sampling: 40 tokens in [\d.]+ s, [\d.]+ tokens/s over all rows",
