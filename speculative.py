@@ -366,9 +366,9 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
         for b in active:
             k, kept_b, next_b = counts[b], synced[B * K + b], synced[B * K + B + b]
             round = Round(k, kept_b, draft_ms * k / K if K else 0.0, verify_ms)
+            traced = (drafts[b], p[b], q[b], None if r is None else r[b], sources[b], choices[b] if coupled else None)
             new = _record_round(batch.outs[b], synced[b * K : b * K + k], round, next_b, eos_token_id, policy,
-                                partial(batch.stream, b), (drafts[b], p[b], q[b], None if r is None else r[b], sources[b],
-                                            choices[b] if coupled else None))
+                                partial(batch.stream, b), traced)
             committed[b] = batch.commit(b, new, torch.cat([drafts[b, :kept_b], next_token[b : b + 1]]))
         target_cache.crop(batch.pending_at())
         drafter.commit(committed)

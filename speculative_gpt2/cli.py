@@ -44,7 +44,7 @@ from speculative_gpt2.packing import pack_linears
 from speculative_gpt2.records import Generation
 from speculative_gpt2.report import (EXACT, NAIVE, SPECULATIVE, UNCACHED, acceptance, cost_ratio, k_used, parted,
                                      why_slower)
-from speculative_gpt2.timing import Timed, middle_half, speedup_lines
+from speculative_gpt2.timing import Timed, cpu_share, middle_half, speedup_lines
 from speculative_gpt2.text import printable
 from speculative_gpt2.tokenizer import load_tokenizer
 
@@ -407,19 +407,23 @@ def _run(args) -> int:
             decode(mode, prompt, min(8, n), **options | {"temperature": 0.0, "eos_token_id": None})
             warm_up_seconds[mode] = time.perf_counter() - started
     # The runs alternate (naive, speculative, naive, ...) so that a change in the machine's load lands on both.
-    results = {mode: [] for mode in modes}
+    results, shares = {mode: [] for mode in modes}, {mode: [] for mode in modes}
     for repeat in range(args.repeats):
         for mode in modes:
             if repeat and mode == UNCACHED:  # slow, and no figure of its own is compared: timed once
                 continue
             generator = torch.Generator(device).manual_seed(args.seed)  # every run: the same seed
             run = partial(decode, mode, prompt, n, generator, **options)
+            cpu, wall = time.process_time(), time.perf_counter()
             if repeat == 0:  # every run streams, or none does: writing to the terminal is part of what is timed
                 results[mode].append(_run_and_show(titles[mode], run, prompt, enc, n, stream=not args.no_stream))
             else:
                 results[mode].append(_run_again(f"{titles[mode].split(' (')[0]}, run {repeat + 1} of "
                                                 f"{args.repeats}", run, n))
-    _print_summary(args, results, models, load_seconds, warm_up_seconds, device, dtype, rows)
+            if device.type == "cpu":  # on a GPU the host waits for the device: its CPU time says nothing
+                shares[mode].append(cpu_share(time.process_time() - cpu, time.perf_counter() - wall,
+                                              torch.get_num_threads()))
+    _print_summary(args, results, shares, models, load_seconds, warm_up_seconds, device, dtype, rows)
     if args.show_acceptance:
         _show_acceptance(args, results.get(SPECULATIVE, [None])[0], enc, prompt)
     if args.trace is not None:
@@ -562,8 +566,9 @@ def _show_acceptance(args, spec: Generation | None, enc, prompt: list[int]) -> N
     print(f"tokens by origin: {origin_counts(spec)}")
 
 
-def _print_summary(args, results: dict[str, list[Generation]], models: dict[str, GPT2],
-                   load_seconds: dict[str, float], warm_up_seconds: dict[str, float], device, dtype, rows: int) -> None:
+def _print_summary(args, results: dict[str, list[Generation]], shares: dict[str, list[float]],
+                   models: dict[str, GPT2], load_seconds: dict[str, float], warm_up_seconds: dict[str, float], device,
+                   dtype, rows: int) -> None:
     runs = {mode: sorted(outs, key=lambda g: g.seconds) for mode, outs in results.items()}
     # Each mode's median run (by time) stands for it; the texts of repeats are the same.
     median = {mode: outs[len(outs) // 2] for mode, outs in runs.items()}
@@ -588,7 +593,7 @@ def _print_summary(args, results: dict[str, list[Generation]], models: dict[str,
                 passes = f"{step:.1f} ms per target pass (median; middle half {low:.1f}-{high:.1f})"
             print(f"{name}: prefill {1e3 * out.prefill_seconds:.0f} ms, decode {out.decode_tokens_per_second:.2f} "
                   f"tokens/s; {passes}")
-    timed = {mode: Timed.of(name, runs[mode]) for mode, name in (
+    timed = {mode: Timed.of(name, runs[mode], shares[mode]) for mode, name in (
         (NAIVE, "naive decoding"), (EXACT, "exact mode"), (SPECULATIVE, "speculative sampling")) if mode in runs}
     if exact is not None and naive is not None:
         cost = (timed[EXACT].expected / timed[EXACT].tokens) / (timed[NAIVE].expected / timed[NAIVE].tokens)
@@ -606,10 +611,11 @@ def _print_summary(args, results: dict[str, list[Generation]], models: dict[str,
             for line in lines:
                 print(line)
         if uncached is not None:  # its steps grow with the text: no median pace; timed, once
-            print(f"speedup over naive decoding without KV cache: {spec.tokens_per_second / uncached.tokens_per_second:.2f}x "
-                  f"(timed)")
+            print(f"speedup over naive decoding without KV cache: "
+                  f"{spec.tokens_per_second / uncached.tokens_per_second:.2f}x (timed)")
         print(acceptance([spec]))
-        print(f"mean tokens per target pass: {spec.tokens_per_target_call:.2f}; {k_used([spec], args.lookahead, args.draft == NGRAM)}" + (
+        k = k_used([spec], args.lookahead, args.draft == NGRAM)
+        print(f"mean tokens per target pass: {spec.tokens_per_target_call:.2f}; {k}" + (
             f" (from the cost model, c = {cost_ratio(models['target'], models.get('draft')):.3f}: the same seed "
             f"gives the same text)" if args.lookahead == "auto" and args.temperature > 0 and not args.coupled else
             " (from measured times)" if args.lookahead == "auto" else ""))

@@ -25,7 +25,7 @@ from speculative_gpt2.machine import peak_memory
 from speculative_gpt2.records import Generation
 from speculative_gpt2.report import EXACT, NAIVE, SPECULATIVE, acceptance, k_used, why_slower
 from speculative_gpt2.text import printable
-from speculative_gpt2.timing import Timed, expected_seconds, speedup_lines
+from speculative_gpt2.timing import Timed, cpu_share, expected_seconds, speedup_lines
 
 NGRAM = "ngram"  # --draft ngram: prompt lookup
 # The runs, as the progress bar and the summary name them.
@@ -165,7 +165,7 @@ def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, dtype, dec
     # Moves by tokens, every run of every batch, and names the run under way; no bar when stderr is no terminal.
     bar = tqdm(total=len(prompts) * n * len(modes), unit="tok", file=sys.stderr, leave=False, disable=None)
     runs = {mode: [] for mode in modes}  # every row of every batch, by mode
-    totals = {mode: [0, 0.0, 0.0] for mode in modes}  # tokens, seconds, seconds at the median steps' pace
+    totals = {mode: [0, 0.0, 0.0, 0.0] for mode in modes}  # tokens, seconds, at the median steps' pace, CPU seconds
 
     def finished(batch, results, index: int, generation: Generation) -> None:  # a row of the last mode: its line, now
         record = _record(batch[index], generation, enc, {mode: r[index] for mode, r in results.items()},
@@ -180,7 +180,7 @@ def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, dtype, dec
                 bar.set_description(f"{NAMES[mode]}, batch {number} of {len(batches)}")
                 generator = torch.Generator(device).manual_seed(args.seed)  # every run of every batch: the same seed
                 seeds = [args.seed if p.seed is None else p.seed for p in batch]  # coupled: each row its own
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), time.process_time()
                 results[mode] = decode(mode, [p.tokens for p in batch], n, generator, seeds, **options,
                                        on_tokens=lambda row, new: bar.update(len(new)),
                                        on_finished=partial(finished, batch, results) if mode == modes[-1] else None)
@@ -191,6 +191,7 @@ def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, dtype, dec
                 totals[mode][0] += sum(len(r.tokens) for r in results[mode])
                 totals[mode][1] += wall
                 totals[mode][2] += expected_seconds(longest) + wall - longest.seconds
+                totals[mode][3] += time.process_time() - cpu
     except BaseException:
         bar.close()
         print(f"{out.count} of {len(prompts)} prompts written to {printable(args.output or 'stdout')} before the run "
@@ -250,9 +251,11 @@ def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], runs: d
     lines = [f"warm-up (8 tokens of the first batch each, not timed below): {warm_ups}",
              f"prompts: {len(done)} from {printable(args.prompts_file)}, in {batches} batch{'es' * (batches != 1)} of "
              f"up to {args.batch_size}"]
-    timed = {mode: Timed(NAMES[mode], tokens, seconds, expected) for mode, (tokens, seconds, expected) in totals.items()
-             if seconds > 0 and tokens}
-    for mode, (tokens, seconds, _) in totals.items():
+    # On a GPU the host waits for the device: its CPU time says nothing of other processes.
+    timed = {mode: Timed(NAMES[mode], tokens, seconds, expected, cpu_share(cpu, seconds, torch.get_num_threads())
+                         if device.type == "cpu" else None)
+             for mode, (tokens, seconds, expected, cpu) in totals.items() if seconds > 0 and tokens}
+    for mode, (tokens, seconds, *_) in totals.items():
         lines.append(f"{NAMES[mode]}: {tokens} tokens in {seconds:.2f} s, {tokens / seconds if seconds else 0:.2f} "
                      f"tokens/s over all rows")
     if EXACT in timed and NAIVE in timed:

@@ -67,8 +67,9 @@ def why_slower(spec: list[Generation], naive: list[Generation], speedup: float, 
     rounds = sum(len(g.rounds) for g in spec)
     empty = sum(r.lookahead == 0 for g in spec for r in g.rounds)
     if yielded < cost:
-        line = (f"why: at {k_used(spec, lookahead, short=True)} a round cost {cost:.2f} target passes ({drafts}, a verification of "
-                f"{t_verify:.2f}) and yielded {yielded:.2f} tokens: it pays only when it yields more than it costs")
+        line = (f"why: at {k_used(spec, lookahead, short=True)} a round cost {cost:.2f} target passes ({drafts}, a "
+                f"verification of {t_verify:.2f}) and yielded {yielded:.2f} tokens: it pays only when it yields more "
+                f"than it costs")
         if empty and lookup:
             line += f"; the lookup found nothing to propose in {empty} of {rounds} rounds"
     else:

@@ -19,6 +19,9 @@ from speculative_gpt2.records import Generation, Step
 # Runs whose slowdowns differ by more than this factor were not slowed alike: the timed speedup is skewed. Quiet
 # runs measure within a few per cent of their median steps (docs/design.md#timings-on-a-busy-machine).
 BUSY = 1.15
+# A CPU run that got less than this share of its threads' CPU time shared the cores with other processes: a run
+# alone gets 0.9-1.0 (waiting threads spin, and count), one beside a busy loop on one of two cores about 0.64.
+FAIR_SHARE = 0.8
 
 
 def step_medians(steps: list[Step]) -> dict[int, float]:
@@ -52,16 +55,24 @@ class Timed:
     tokens: int
     seconds: float
     expected: float
+    cpu_share: float | None = None  # of its threads' CPU time, on a CPU: see `cpu_share`
 
     @classmethod
-    def of(cls, name: str, runs: list[Generation]) -> Timed:
+    def of(cls, name: str, runs: list[Generation], shares: list[float] | None = None) -> Timed:
         """One run, or the medians of repeats of it."""
         return cls(name, len(runs[0].tokens), statistics.median(r.seconds for r in runs),
-                   statistics.median(expected_seconds(r) for r in runs))
+                   statistics.median(expected_seconds(r) for r in runs),
+                   statistics.median(shares) if shares else None)
 
     @property
     def slowdown(self) -> float:
         return self.seconds / self.expected if self.expected > 0 else 1.0
+
+
+def cpu_share(cpu_seconds: float, wall_seconds: float, threads: int) -> float:
+    """The share of its threads' CPU time a run got: the process's CPU seconds over wall seconds x threads. Load
+    that lasts through a whole run moves its median steps too, but not this: other processes take cores from it."""
+    return cpu_seconds / (wall_seconds * threads) if wall_seconds > 0 else 1.0
 
 
 def speedup_lines(spec: Timed, base: Timed, label: str, others: tuple[Timed, ...] = (),
@@ -78,12 +89,20 @@ def speedup_lines(spec: Timed, base: Timed, label: str, others: tuple[Timed, ...
     paces = ", ".join(f"{r.name} {r.slowdown:.2f}x" for r in (base, *others, spec))
     if slowest.slowdown <= BUSY * fastest.slowdown:
         lines = [f"speedup over {label}: {timed:.2f}x{repeats} (from the median steps: {predicted:.2f}x)"]
+        shares = [r for r in (base, *others, spec) if r.cpu_share is not None]
+        starved = [r for r in shares if r.cpu_share < FAIR_SHARE]
         if fastest.slowdown > BUSY:  # slowed alike: the ratio holds, the speeds do not
             lines.append(f"timing: every run took {fastest.slowdown:.2f}x or more of its median pace ({paces}): the "
                          f"machine was busy throughout; the speedup holds, the speeds above do not")
+        elif starved:  # load through every step: the medians moved with it
+            got = ", ".join(f"{r.name} {100 * r.cpu_share:.0f} %" for r in shares)
+            lines.append(f"timing: each run kept its median pace ({paces}) but got only part of its threads' CPU "
+                         f"time ({got}): other processes ran throughout; the speeds above are low, and the speedup "
+                         f"holds only as far as the load was steady")
         else:
-            lines.append(f"timing: each run took {paces} of its median pace (a quiet machine: the timed figures "
-                         f"hold)")
+            got = f", {min(r.cpu_share for r in shares) * 100:.0f} % or more of its threads' CPU time" if shares else ""
+            lines.append(f"timing: each run took {paces} of its median pace{got} (a quiet machine: the timed "
+                         f"figures hold)")
         return timed, lines
     return predicted, [
         f"speedup over {label}: {predicted:.2f}x from the median steps (timed: {timed:.2f}x{repeats}, skewed: "

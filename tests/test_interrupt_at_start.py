@@ -1,7 +1,6 @@
 """Ctrl-C while the command starts (torch takes seconds to import): status 130, one line, no traceback, from the
 console command's entry point and from `python speculative.py` alike."""
 
-import os
 import signal
 import subprocess
 import sys

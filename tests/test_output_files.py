@@ -10,7 +10,7 @@ import time
 import pytest
 
 from gpt2_model import GPT2Config
-from speculative_gpt2 import cli, prompts_file
+from speculative_gpt2 import prompts_file
 from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 from speculative_gpt2.tokenizer import load_tokenizer
 

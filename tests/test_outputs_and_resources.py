@@ -21,7 +21,7 @@ from speculative_gpt2.checkpoints import PRESETS
 from speculative_gpt2.errors import CheckpointError
 from speculative_gpt2.files import write_atomically
 from speculative_gpt2.state_dict import _TensorFile, expected_shapes
-from speculative import Generation, autoregressive_sample, speculative_sample
+from speculative import Generation, speculative_sample
 from speculative_gpt2 import cli, packing, render
 from speculative_gpt2.text import strip_ansi
 from speculative_gpt2.checkpoints import find_checkpoint

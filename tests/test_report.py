@@ -2,6 +2,9 @@
 (speculative_gpt2/timing.py), the why lines in target passes per round (report.py), and the command line naming the
 run that load slowed."""
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -85,8 +88,23 @@ def test_load_on_both_runs_alike_keeps_the_ratio_and_says_the_speeds_are_off():
     assert "busy throughout; the speedup holds, the speeds above do not" in lines[1]
 
 
+def test_load_through_every_step_is_seen_in_the_cpu_time_each_run_got():
+    # Load that lasts through whole runs moves their medians too: the slowdowns stay 1.0, the CPU share does not.
+    def timed(share):
+        spec = Timed.of("speculative sampling", [speculative_run([Round(4, 4, 80, 120)] * 5)], [share])
+        return spec, Timed.of("naive decoding", [naive_run([100.0] * 25)], [share])
+
+    _, starved = speedup_lines(*timed(0.62), "naive decoding")
+    assert starved[1].startswith("timing: each run kept its median pace (naive decoding 1.00x, speculative sampling "
+                                 "1.00x) but got only part of its threads' CPU time (naive decoding 62 %, speculative "
+                                 "sampling 62 %): other processes ran throughout")
+    _, quiet = speedup_lines(*timed(0.97), "naive decoding")  # the negative control
+    assert quiet[1].endswith("97 % or more of its threads' CPU time (a quiet machine: the timed figures hold)")
+
+
 @settings(max_examples=60, deadline=None)
-@given(naive_steps=st.integers(4, 40), rounds=st.integers(4, 20), naive_ms=st.floats(5, 500), round_ms=st.floats(5, 2000),
+@given(naive_steps=st.integers(4, 40), rounds=st.integers(4, 20), naive_ms=st.floats(5, 500),
+       round_ms=st.floats(5, 2000),
        slowed=st.sampled_from(["naive decoding", "speculative sampling"]), burst=st.floats(1.5, 50),
        data=st.data())
 def test_bursts_on_fewer_than_half_the_steps_leave_the_trusted_speedup_alone(naive_steps, rounds, naive_ms, round_ms,
@@ -224,6 +242,22 @@ def test_the_command_line_names_the_run_a_busy_phase_slowed(tiny_checkpoints, ru
     assert (timed > 1.3 * trusted) if name == "naive decoding" else (timed < trusted / 1.3), out
     assert f"the machine was busy: {name} took" in out
     assert "Warming up: naive decoding" in err and "Warming up: speculative sampling" in err
+
+
+def test_the_command_line_sees_processes_that_compete_for_every_core(tiny_checkpoints, run_cli):
+    # A busy loop per core for the whole run: the report must not call the machine quiet. Tiny passes get slowed in
+    # bursts (the skew is seen) or alike (the CPU time the runs got is seen), as the scheduler has it.
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        status, out, err = run_cli("--target", tiny_checkpoints / "target", "--draft", tiny_checkpoints / "draft",
+                                   "--max-new-tokens", 24, "--ignore-eos", "--no-stream")
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+    assert status == 0, err
+    assert "a quiet machine" not in out, out
+    assert "the machine was busy" in out or "other processes ran throughout" in out, out
 
 
 def test_repeats_alternate_the_runs_and_state_the_range(tiny_checkpoints, run_cli):

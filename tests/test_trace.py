@@ -95,7 +95,8 @@ def test_the_cli_page_in_a_real_browser(tmp_path, pair):
          "--ignore-eos", "--trace", str(page)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rounds = int(re.search(r"target passes: (\d+)", result.stdout).group(1))
-    kept = int(re.search(r"acceptance rate: [\d.n/a]+ \(drafts kept / drafts proposed: (\d+) of", result.stdout).group(1))
+    kept = int(re.search(r"acceptance rate: [\d.n/a]+ \(drafts kept / drafts proposed: (\d+) of",
+                         result.stdout).group(1))
     dom = dump_dom(page)
     # The page's script counted the rounds and kept drafts it renders; they must be the run's.
     assert f"Counted in this page: {rounds} rounds, {kept} drafts kept." in html.unescape(dom)
