@@ -269,3 +269,13 @@ def test_repeats_alternate_the_runs_and_state_the_range(tiny_checkpoints, run_cl
     assert order == ["Naive decoding", "Speculative sampling"] * 2
     assert "median of 3 alternating runs each; " in out
     assert "K=4" in out and "acceptance rate: " in out and "(drafts kept / drafts proposed: " in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repeats", "0"], "argument --repeats: invalid value '0': must be an integer from 1 to 20"),
+    (["--repeats", "21"], "argument --repeats: invalid value '21'"),
+    (["--repeats", "3", "--prompts-file", "prompts.txt"], "--repeats times one prompt: leave it out with --prompts-file"),
+])
+def test_bad_repeats_are_one_line(run_cli, args, message):
+    status, out, err = run_cli(*args)
+    assert status == 2 and out == "" and message in err and err.count("\n") == 1, err
