@@ -42,16 +42,14 @@ from speculative_gpt2.lookahead import AdaptiveLookahead
 from speculative_gpt2.machine import DTYPES, dtype_name, hardware_name, peak_memory, resolve_device, resolve_dtype
 from speculative_gpt2.packing import pack_linears
 from speculative_gpt2.records import Generation
-from speculative_gpt2.report import (EXACT, NAIVE, SPECULATIVE, UNCACHED, acceptance, cost_ratio, k_used, parted,
-                                     why_slower)
+from speculative_gpt2.report import (EXACT, NAIVE, NGRAM, SPECULATIVE, UNCACHED, acceptance, cost_ratio, k_used,
+                                     parted, why_slower)
 from speculative_gpt2.timing import Timed, cpu_share, middle_half, speedup_lines
 from speculative_gpt2.text import printable
 from speculative_gpt2.tokenizer import load_tokenizer
 
 # The name errors and --help go by: the script a checkout runs, or the installed console command.
 PROG = "speculative.py" if sys.argv and sys.argv[0].endswith("speculative.py") else "speculative-gpt2"
-# --draft ngram: prompt lookup drafting, no draft model.
-NGRAM = "ngram"
 MAX_NGRAM = PromptLookupDrafter.MAX_NGRAM
 # The toyllm blog post's prompt ("Implementing LLM Speculative Sampling in Under 100 Lines of Code").
 DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"

@@ -23,11 +23,10 @@ from speculative_gpt2.coupling import MAX_SEED
 from speculative_gpt2.files import open_output, write_atomically
 from speculative_gpt2.machine import peak_memory
 from speculative_gpt2.records import Generation
-from speculative_gpt2.report import EXACT, NAIVE, SPECULATIVE, acceptance, k_used, why_slower
+from speculative_gpt2.report import EXACT, NAIVE, NGRAM, SPECULATIVE, acceptance, k_used, why_slower
 from speculative_gpt2.text import printable
 from speculative_gpt2.timing import Timed, cpu_share, expected_seconds, speedup_lines
 
-NGRAM = "ngram"  # --draft ngram: prompt lookup
 # The runs, as the progress bar and the summary name them.
 NAMES = {NAIVE: "plain decoding", EXACT: "plain decoding, exact mode", SPECULATIVE: "speculative sampling"}
 

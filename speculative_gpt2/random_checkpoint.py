@@ -84,7 +84,9 @@ def _weights_bar(config: GPT2Config, show: bool):
         return
     from tqdm.auto import tqdm
 
-    with tqdm(total=_parameter_count(config), desc="Making random weights", unit="weight", unit_scale=True,
+    with torch.device("meta"):  # the parameters' count, with no memory and no random draws
+        total = sum(p.numel() for p in GPT2(config).parameters())
+    with tqdm(total=total, desc="Making random weights", unit="weight", unit_scale=True,
               file=sys.stderr, leave=False, disable=None) as bar:
         seen = set()
 
@@ -98,12 +100,6 @@ def _weights_bar(config: GPT2Config, show: bool):
             yield
         finally:
             hook.remove()
-
-
-def _parameter_count(config: GPT2Config) -> int:
-    """GPT-2's parameters, the tied head counted once: embeddings, 12 d^2 + 13 d per block, the last LayerNorm."""
-    d = config.n_embd
-    return (config.vocab_size + config.n_positions) * d + config.n_layer * (12 * d * d + 13 * d) + 2 * d
 
 
 if __name__ == "__main__":

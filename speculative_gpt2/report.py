@@ -16,6 +16,8 @@ from speculative_gpt2.timing import step_medians
 
 # The runs, in the order they are made; EXACT is plain decoding in the passes speculative sampling is compared in.
 NAIVE, UNCACHED, EXACT, SPECULATIVE = "naive", "uncached", "exact", "speculative"
+# --draft ngram: prompt lookup drafting, no draft model.
+NGRAM = "ngram"
 
 
 def parted(tokens: list[int], other: list[int]) -> int:

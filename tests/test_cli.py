@@ -121,8 +121,8 @@ def test_sampling_mode_and_options(checkpoints):
         (["--lookahead", "AUTO"], "invalid value 'AUTO': give an integer from 1 to 64, or auto"),
         (["--draft", "/nonexistent"], "--draft '/nonexistent' does not exist, and it is not a preset: give a "
          "checkpoint folder or one of distilgpt2, gpt2, gpt2-medium, gpt2-large, gpt2-xl or ngram"),
-        (["--trace", "/nonexistent/dir/run.html"], "--trace /nonexistent/dir/run.html: give a file in an existing"),
-        (["--trace", "/tmp"], "--trace /tmp: give a file in an existing folder"),
+        (["--trace", "{tmp}/missing/run.html"], "--trace {tmp}/missing/run.html: give a file in an existing"),
+        (["--trace", "{tmp}"], "--trace {tmp}: give a file in an existing folder"),
         (["--max-new-tokens", "250"], "plus --max-new-tokens 250 exceeds the target's context of 256 positions"),
         (["--target", "gpt2", "--weights-dir", "/etc/hostname/weights"], "Not a directory"),
     ],
@@ -130,6 +130,7 @@ def test_sampling_mode_and_options(checkpoints):
 def test_bad_input_exits_2_with_one_line(checkpoints, args, message, tmp_path):
     env = os.environ | {"HF_HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9"}  # empty cache, no hub
     defaults = ["--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft")]
+    args, message = [a.replace("{tmp}", str(tmp_path)) for a in args], message.replace("{tmp}", str(tmp_path))
     result = run_cli(*defaults, *args, env=env)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if "error" in line]

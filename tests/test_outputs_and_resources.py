@@ -400,6 +400,7 @@ def test_threads_have_an_upper_bound(folders):
 
 @pytest.mark.parametrize("args, message", [
     (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs --device cuda"),
+    # sysfs: a folder in which no one, root included, can create a file (a chmod does not stop root).
     (["--trace", "/sys/run.html"], "--trace /sys/run.html: cannot write a file in /sys"),
     (["--device", "cpu:1"], "torch has one CPU device"),
 ])
