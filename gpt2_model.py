@@ -58,25 +58,47 @@ class GPT2Config:
             raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
 
 
-# Attention sums over the keys in blocks of this many slots, one block after another (`attend`).
-KEY_BLOCK = 256
+# Attention works on the keys in blocks of this many slots, one block after another (`attend`); a pass reads the
+# blocks up to its last position, so a short text reads little (docs/design.md, "The KV cache").
+KEY_BLOCK = 128
+
+
+def block_end(n: int) -> int:
+    """The end of the key block that holds slot n - 1: the slots a cache (or a pass) of n positions spans."""
+    return -(-n // KEY_BLOCK) * KEY_BLOCK
+
+
+def key_blocks(span: int) -> list[slice]:
+    """The key blocks of the first `span` slots (a block end), in order."""
+    return [slice(start, start + KEY_BLOCK) for start in range(0, span, KEY_BLOCK)]
+
+
+# Attention computes every query among at least this many: a matrix product rounds a 1-row product differently from a
+# row of a larger one, and from 4 rows on a row's result no longer depends on how many rows the pass has
+# (tests/test_exact_dtype.py), so a plain decoding step attends as one row of a verification does.
+QUERY_ROWS = 4
 
 
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` positions; row b holds positions `[0, lengths[b])`.
 
-    `keys` and `values` are (n_layer, B, n_head, slots, head_dim), `slots` being `max_len` rounded up to whole key
-    blocks. A pass writes each row's new keys and values at that row's positions and attends over the blocks up to
-    its last position (`span`), each new token masking out the positions after its own; slots a token may not see
-    add exact zeros (`attend`), so the rows of a batch sit at different lengths, and a row's result does not depend
-    on the buffer's length or on its batch-mates. Design: docs/design.md, "The KV cache".
+    `keys` and `values` are (n_layer, B, n_head, slots, head_dim) in the model's dtype, `slots` being `max_len`
+    rounded up to whole key blocks. A pass writes each row's new keys and values at that row's positions and attends
+    over the blocks up to its last position (`span`), each new token masking out the positions after its own; slots
+    a token may not see add exact zeros (`attend`), so the rows of a batch sit at different lengths, and a row's
+    result does not depend on the buffer's length or on its batch-mates. The buffers are not cleared when made: a
+    block is zeroed when a pass first reaches it (`reach`), so a cache costs what its text reaches, not its length.
+    Design: docs/design.md, "The KV cache".
     """
 
     def __init__(self, config: GPT2Config, batch_size: int, max_len: int, dtype, device, buffers=None):
         shape = (config.n_layer, batch_size, config.n_head, self.slots(max_len), config.n_embd // config.n_head)
-        if buffers is None:  # else (keys, values, key_positions) of a dropped cache of this shape (cuda_graphs.py)
-            buffers = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+        if buffers is None:
+            buffers = (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device),
                        torch.arange(shape[3], device=device))
+            self.ready = 0  # slots [0, ready) hold finite values (zeros, or keys and values written since)
+        else:  # (keys, values, key_positions) of a dropped cache of this shape, zeroed (cuda_graphs.py)
+            self.ready = shape[3]
         self.keys, self.values, self.key_positions = buffers  # key_positions (slots,): each slot's position
         self.max_len = max_len  # the positions a pass may write
         self.config = config  # the model's it was made for
@@ -85,12 +107,21 @@ class KVCache:
     @staticmethod
     def slots(max_len: int) -> int:
         """The buffer's length for `max_len` positions: whole key blocks."""
-        return -(-max_len // KEY_BLOCK) * KEY_BLOCK
+        return block_end(max_len)
 
     def span(self, rows: int) -> int:
         """The slots a pass of `rows` new tokens per row attends: the key blocks up to the last position it writes
         (every row's further slots would only add zeros)."""
         return min(self.keys.shape[3], self.slots(max(self.lengths) + rows))
+
+    def reach(self, span: int) -> None:
+        """Makes the first `span` slots ready to be read: the blocks not reached before are zeroed now. A masked slot
+        adds weight 0 times its value, which is exactly 0 only if the value is finite, and fresh memory may hold
+        anything."""
+        if span > self.ready:
+            self.keys[..., self.ready : span, :].zero_()
+            self.values[..., self.ready : span, :].zero_()
+            self.ready = span
 
     @property
     def length(self) -> int:
@@ -118,19 +149,30 @@ class KVCache:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs), masked) v, in float32, with the sum over keys taken one KEY_BLOCK of slots after
-    another: a query's result then depends only on the keys its mask lets it see, bit for bit, not on how many
-    slots follow (the buffer's length, a batch-mate's longer text) or on the other queries of the pass. A fused
-    kernel (scaled_dot_product_attention) splits a long sum where the length tells it to, so its rounding moves
-    with the buffer (docs/design.md, "The KV cache"). Masked slots get weight exactly 0 and add exact zeros.
+    """softmax(q k^T / sqrt(hs), masked) v in float32, one KEY_BLOCK of slots after another: the scores of a block
+    are one product of a fixed shape, and the sum over keys adds the blocks' products in order, so a query's result
+    depends only on the keys its mask lets it see, bit for bit, not on how many slots follow (the buffer's length, a
+    batch-mate's longer text) or on the other queries of the pass. A fused kernel (scaled_dot_product_attention)
+    splits a long sum where the length tells it to, so its rounding moves with the buffer (docs/design.md, "The KV
+    cache"). Masked slots get weight exactly 0 and add exact zeros.
 
-    q (B, nh, T, hs); k, v (B, nh, S, hs), S a multiple of KEY_BLOCK; mask (B, 1, T, S). Returns (B, nh, T, hs)."""
-    q, k, v = q.float(), k.float(), v.float()
-    weights = torch.softmax((q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")), -1)
-    y = weights[..., :KEY_BLOCK] @ v[:, :, :KEY_BLOCK]
-    for start in range(KEY_BLOCK, k.shape[2], KEY_BLOCK):
-        y = y + weights[..., start : start + KEY_BLOCK] @ v[:, :, start : start + KEY_BLOCK]
-    return y
+    q (B, nh, T, hs); k, v (B, nh, S, hs) as the cache stores them, S a block end (`block_end`); mask (B, 1, T, S).
+    Returns (B, nh, T, hs) float32."""
+    T = q.shape[2]
+    if T < QUERY_ROWS:  # fewer queries: padded with copies of the first, whose results are dropped
+        q = torch.cat([q, q[:, :, :1].expand(-1, -1, QUERY_ROWS - T, -1)], 2)
+        mask = torch.cat([mask, mask[:, :, :1].expand(-1, -1, QUERY_ROWS - T, -1)], 2)
+    q = q.float() * q.shape[-1] ** -0.5
+    # Each block is converted to float32 on its own: a block's copy stays in the CPU's caches, where a copy of the
+    # whole span would be written to memory and read back.
+    blocks = key_blocks(k.shape[2])
+    scores = [q @ k[:, :, block].float().transpose(-1, -2) for block in blocks]
+    scores = scores[0] if len(scores) == 1 else torch.cat(scores, -1)  # (B, nh, T, S)
+    weights = torch.softmax(scores.masked_fill_(~mask, float("-inf")), -1)
+    y = weights[..., blocks[0]] @ v[:, :, blocks[0]].float()
+    for block in blocks[1:]:
+        y = y + weights[..., block] @ v[:, :, block].float()
+    return y[:, :, :T]
 
 
 class CausalSelfAttention(nn.Module):
@@ -203,18 +245,12 @@ class GPT2(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.ln_f.weight.dtype
 
-    @property
-    def cache_dtype(self) -> torch.dtype:
-        """What the KV cache stores: float32 on the CPU, where `attend` sums in float32 and converting a bfloat16
-        cache's span at every layer of every pass cost more than reading twice the bytes (docs/design.md, "The KV
-        cache"); the model's dtype elsewhere."""
-        return torch.float32 if self.device.type == "cpu" else self.dtype
-
     def new_cache(self, batch_size: int = 1, max_len: int | None = None, room: int = 0) -> KVCache:
-        """An empty KV cache on the model's device and in its dtype, for `max_len` positions (default: the full
+        """An empty KV cache on the model's device and in its dtype (`attend` sums in float32 whatever it stores:
+        docs/design.md, "The KV cache"), for `max_len` positions (default: the full
         context), plus `room` slots past them for the padding rows of fixed-shape passes (speculative_gpt2/exact.py)."""
         return KVCache(self.config, check_integer("batch_size", batch_size, minimum=1),
-                       self.cache_length(max_len, room), self.cache_dtype, self.device)
+                       self.cache_length(max_len, room), self.dtype, self.device)
 
     def cache_length(self, max_len: int | None = None, room: int = 0) -> int:
         """The positions of a cache for `max_len` (default: the context) and `room` more, checked."""
@@ -257,6 +293,8 @@ class GPT2(nn.Module):
         None: all, the same result with more work). The static-shape core of `forward`: with span None no host
         value decides a shape, so a pass of T tokens can be captured once and replayed anywhere in the sequence."""
         span = None if cache is None else span or cache.keys.shape[3]
+        if cache is not None:
+            cache.reach(span)
         # Only padding rows lie past the context (their cache slots do not): any position embedding serves them.
         x = self.wte(idx) + self.wpe(positions.clamp_max(self.config.n_positions - 1))  # (B, T, C)
         # New token i of row b at position p may see the slots at positions <= p: (B, 1, T, span), the same for
@@ -276,9 +314,9 @@ class GPT2(nn.Module):
         if cache.config != self.config or len(cache.lengths) != batch_size:
             raise ValueError(f"this cache (batch {len(cache.lengths)}) was not made for this model and batch "
                              f"{batch_size}: make it with model.new_cache()")
-        if cache.keys.device != self.device or cache.keys.dtype != self.cache_dtype:
+        if cache.keys.device != self.device or cache.keys.dtype != self.dtype:
             raise ValueError(f"the cache is {cache.keys.dtype} on {cache.keys.device}, this model's caches are "
-                             f"{self.cache_dtype} on {self.device}: make it with model.new_cache()")
+                             f"{self.dtype} on {self.device}: make it with model.new_cache()")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, weights_dir: str | os.PathLike | None = None,

@@ -317,14 +317,13 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
     """
     check_options(max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
     policy = as_policy(lookahead)
-    rows = pass_rows(exact, getattr(policy, "max_lookahead", None))
+    rows = pass_rows(exact, getattr(policy, "max_lookahead", None), _context(target))
     prompts, batched = batch_of_prompts(prompt)
     drafter = _batch_drafter(draft, len(prompts))
     prompts = check_models_and_prompts(prompts, max_new_tokens, generator, eos_token_id, target=target,
                                        draft=getattr(drafter, "model", None))
     device = prompts[0].device
-    noise = check_coupling(coupled, seed, generator, len(prompts), target.config.vocab_size,
-                           target.config.n_positions, device)
+    noise = check_coupling(coupled, seed, generator, len(prompts), target.config.vocab_size, device)
     clock = clock or DeviceClock(device)
     begun = clock.mark()
     process = partial(logits_to_probs, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -406,14 +405,13 @@ def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperatu
     n rows, as `speculative_sample(..., exact=n)` does; `coupled` and `seed` as there. Returns a `Generation`, or a
     list of one per prompt."""
     check_options(max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
-    rows = pass_rows(exact, None)
+    rows = pass_rows(exact, None, _context(model))
     prompts, batched = batch_of_prompts(prompt)
     if batched and not use_cache:
         raise ValueError("use_cache=False (the uncached baseline) decodes one prompt: pass one, not a batch")
     prompts = check_models_and_prompts(prompts, max_new_tokens, generator, eos_token_id, target=model)
     device = prompts[0].device
-    noise = check_coupling(coupled, seed, generator, len(prompts), model.config.vocab_size,
-                           model.config.n_positions, device)
+    noise = check_coupling(coupled, seed, generator, len(prompts), model.config.vocab_size, device)
     clock = DeviceClock(device)
     begun = clock.mark()
     batch = Batch(prompts, max_new_tokens, eos_token_id, False, on_tokens, batched, on_finished)
@@ -443,9 +441,16 @@ def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperatu
     return batch.outs if batched else batch.outs[0]
 
 
+def _context(model) -> int:
+    """The model's context, or an unbounded one for what is no model (the samplers' checks name it next)."""
+    return getattr(getattr(model, "config", None), "n_positions", None) or 2**62
+
+
 def _batch_drafter(draft, batch_size: int) -> BatchDrafter:
     """A GPT2 becomes a ModelDrafter; any other drafter drafts for one row: itself, or a deep copy per row."""
     if isinstance(draft, (GPT2, CUDAGraphRunner)):
         return ModelDrafter(draft)
+    if isinstance(draft, type):  # PromptLookupDrafter, not PromptLookupDrafter()
+        raise ValueError(f"draft is the class {draft.__name__}, not a drafter: pass an instance, {draft.__name__}()")
     return draft if isinstance(draft, (ModelDrafter, PerRowDrafters)) else PerRowDrafters.of(draft, batch_size)
 

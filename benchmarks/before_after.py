@@ -92,7 +92,8 @@ def main(argv=None) -> None:
         runs = {version: {m: [] for m in METHODS} for version in trees}
         for i in range(args.rounds):
             for version in (("before", "after") if i % 2 == 0 else ("after", "before")):
-                got = run_worker(trees[version], args.target, dtype, args.max_new_tokens, args.repeats)
+                got = run_worker(trees[version], str(Path(args.target).resolve()), dtype, args.max_new_tokens,
+                                 args.repeats)
                 for method, values in got.items():
                     runs[version][method] += values
                 print(f"{dtype} round {i + 1} {version}: " + ", ".join(

@@ -44,6 +44,7 @@ from speculative_gpt2.lookahead import AdaptiveLookahead, break_even_alpha, esti
 from speculative import Origin, autoregressive_sample, speculative_sample  # noqa: E402
 from speculative_gpt2.drafters import PromptLookupDrafter  # noqa: E402
 from speculative_gpt2.packing import pack_linears  # noqa: E402
+from speculative_gpt2.report import pass_bytes  # noqa: E402
 from speculative_gpt2.tokenizer import load_tokenizer  # noqa: E402
 
 # The toyllm blog post ("Implementing LLM Speculative Sampling in Under 100 Lines of Code"): GPT-2 XL / small,
@@ -110,10 +111,6 @@ def memory_bandwidth_gbs(device, size_bytes: int = 1 << 30) -> float:
         synchronize(device)
         times.append(time.perf_counter() - start)
     return size_bytes / statistics.median(times[1:]) / 1e9
-
-
-def weight_bytes(model: GPT2) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,9 +255,9 @@ def run(args) -> dict:
         "raw_costs": raw_costs,
         "costs": costs | {
             "bandwidth_gbs": bandwidth,
-            "target_bytes": weight_bytes(target), "draft_bytes": weight_bytes(small),
-            "target_floor_ms": weight_bytes(target) / bandwidth / 1e6,
-            "draft_floor_ms": weight_bytes(small) / bandwidth / 1e6,
+            "target_bytes": pass_bytes(target), "draft_bytes": pass_bytes(small),
+            "target_floor_ms": pass_bytes(target) / bandwidth / 1e6,
+            "draft_floor_ms": pass_bytes(small) / bandwidth / 1e6,
         },
         "runs": {row.name: {**asdict(row), "seconds": [r["seconds"] for r in runs],
                             **{k: v for k, v in runs[0].items() if k != "seconds"},

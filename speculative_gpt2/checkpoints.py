@@ -141,6 +141,22 @@ def find_checkpoint(name_or_path, *, weights_dir=None, allow_download=True) -> P
     return path
 
 
+def local_pair(target: str, draft: str, weights_dir=None) -> tuple[Path, Path, bool] | None:
+    """A target's and a draft's folders found on this machine, nothing downloaded: the ones named, else the random
+    checkpoints of the presets' shapes that the README's offline route writes (`<weights folder>/random-<name>`).
+    Returns (target folder, draft folder, whether they are the random ones), or None when neither pair is here."""
+    pairs = [((target, draft), False)]
+    if preset_of(target) and preset_of(draft):
+        folder = Path(weights_dir or default_weights_dir())
+        pairs.append(([folder / f"random-{preset_of(name)}" for name in (target, draft)], True))
+    for names, random in pairs:
+        try:
+            return (*(find_checkpoint(name, weights_dir=weights_dir, allow_download=False) for name in names), random)
+        except (CheckpointError, DownloadError):
+            continue
+    return None
+
+
 def preset_of(name_or_path) -> str | None:
     """The preset a string names, by its name or its hub id (`openai-community/gpt2` is `gpt2`); None for a path."""
     if not isinstance(name_or_path, str):

@@ -1,4 +1,4 @@
-"""The command line (`speculative-gpt2`, or `python speculative.py` in a checkout): naive decoding and speculative sampling side by side, timed, with a summary.
+"""The command line (`speculative-gpt2`, or `python speculative.py` in a checkout): plain decoding and speculative sampling side by side, timed, with a summary.
 
     python speculative.py --prompt "Alan Turing theorized that computers would one day become"
 
@@ -19,7 +19,9 @@ progress bar and a summary on stderr (speculative_gpt2/prompts_file.py).
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -32,17 +34,18 @@ import torch
 from gpt2_model import GPT2, GPT2Config
 from speculative import autoregressive_sample, speculative_sample
 from speculative_gpt2.checkpoints import (ENV_WEIGHTS, DownloadError, checkpoint_config, describe_default_weights_dir,
-                                          find_checkpoint, not_a_checkpoint, preset_of)
+                                          find_checkpoint, not_a_checkpoint, offline, preset_of)
 from speculative_gpt2.checks import check_integer, check_real
 from speculative_gpt2.drafters import PromptLookupDrafter
 from speculative_gpt2.errors import OutOfMemory, asked_size, is_out_of_memory
 from speculative_gpt2.exact import padded_rows
-from speculative_gpt2.files import open_output, refuse_unless_regular, write_atomically
+from speculative_gpt2.files import open_output, refuse_unless_regular, write_page
+from speculative_gpt2.int8 import is_int8, quantize_int8
 from speculative_gpt2.lookahead import AdaptiveLookahead
 from speculative_gpt2.machine import DTYPES, dtype_name, hardware_name, peak_memory, resolve_device, resolve_dtype
 from speculative_gpt2.packing import pack_linears
 from speculative_gpt2.records import Generation
-from speculative_gpt2.report import (EXACT, NAIVE, NGRAM, SPECULATIVE, UNCACHED, acceptance, cost_ratio, k_used,
+from speculative_gpt2.report import (EXACT, PLAIN, NGRAM, SPECULATIVE, UNCACHED, acceptance, cost_ratio, k_used,
                                      parted, why_slower)
 from speculative_gpt2.timing import Timed, cpu_share, middle_half, speedup_lines
 from speculative_gpt2.text import printable
@@ -65,7 +68,19 @@ MAX_REPEATS = 20
 
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the usage block; the user's text in it shown safely
-        self.exit(2, f"{self.prog}: error: {printable(message)} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {printable(message)}{self._suggestion(message)} (see --help)\n")
+
+    def _suggestion(self, message: str) -> str:
+        """"; did you mean --temperature?" for a mistyped flag such as --temprature."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        flags = [word.split("=")[0] for word in message.split(":", 1)[1].split() if word.startswith("--")]
+        for flag in flags:
+            close = difflib.get_close_matches(flag, [o for o in self._option_string_actions if o.startswith("--")],
+                                              n=1, cutoff=0.75)
+            if close:
+                return f"; did you mean {close[0]}?"
+        return ""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -149,7 +164,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "lines skipped; or, when its first non-blank line starts with {, JSON lines: every line an "
                         "object with a string \"prompt\". Decoded --batch-size prompts at a time; one JSON line per "
                         "prompt (line, prompt, text, tokens, acceptance_rate, tokens_per_target_pass, seconds; with "
-                        "--mode both also naive_seconds and identical) goes to --output as soon as it finishes; a "
+                        "--mode both also plain_seconds and identical) goes to --output as soon as it finishes; a "
                         "progress bar and a summary go to stderr")
     parser.add_argument("--batch-size", type=_checked(int, check_integer, minimum=1), default=None,
                         help=f"with --prompts-file: prompts decoded together, in the file's order (default: "
@@ -175,7 +190,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "target's context: a round verifies K + 1 tokens in one pass), or auto: chosen every round "
                         "from the acceptance rate so far and the pass costs: measured at temperature 0 (where K "
                         "cannot change the text in float32); at temperature > 0 the paper's cost model (a draft pass "
-                        "costs c target passes, c = draft / target parameters), so that --seed still decides the text")
+                        "costs c target passes, c = the bytes of weights a draft pass reads over a target pass's), so "
+                        "that --seed still decides the text")
     parser.add_argument("--temperature", type=_checked(float, check_real, minimum=0), default=0.0,
                         help="0 is greedy; >0 samples")
     parser.add_argument("--top-k", type=_checked(int, check_integer, minimum=1), default=None,
@@ -195,6 +211,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="weights and activations; auto: bfloat16 where the hardware runs it natively (CUDA with "
                         "bf16, CPUs with AVX-512 BF16 or AMX: faster), else float32; the compared greedy texts are "
                         "identical in every dtype (exact mode, docs/exact-dtype.md)")
+    parser.add_argument("--int8", choices=["draft", "target", "both"], default=None,
+                        help="weight-only int8 (CPU, float32 or bfloat16 activations; speculative_gpt2/int8.py): each "
+                        "pass reads half of bfloat16's bytes. For the draft it changes only how many drafts are kept, "
+                        "never the text; for the target the text becomes the int8 model's, which speculative "
+                        "sampling then keeps exactly (and its verification passes cost more than bfloat16's)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="on CUDA, replay captured CUDA graphs for the decoding passes (cuda_graphs.py; not yet "
                         "measured on a GPU, so off by default)")
@@ -202,11 +223,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="CPU threads for torch (default: torch's choice); on a shared or small machine, "
                         "fewer threads than cores often time more steadily")
     parser.add_argument("--repeats", type=_checked(int, check_integer, minimum=1, maximum=MAX_REPEATS), default=1,
-                        help="time every run this many times, alternating (naive, speculative, naive, ...), and report "
+                        help="time every run this many times, alternating (plain, speculative, plain, ...), and report "
                         "the medians and the range of the speedup: on a shared machine, load then lands on both. "
                         "Whatever this is, each run is also checked against its own steps at their median pace, and "
                         "a busy machine is named in the report")
-    parser.add_argument("--mode", default="both", choices=["both", "speculative", "naive"], help="what to run")
+    parser.add_argument("--mode", default="both", choices=["both", "speculative", "plain", "naive"],
+                        help="what to run: plain decoding (naive, its older name, is the same) and speculative "
+                        "sampling, or one of them")
     parser.add_argument("--no-cache-baseline", action="store_true",
                         help="also time plain decoding without a KV cache (the toyllm blog post's baseline; slow)")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
@@ -231,6 +254,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"default)")
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
     args = parser.parse_args(argv)
+    args.mode = "plain" if args.mode == "naive" else args.mode
+    for flag, value in (("--prompts-file", args.prompts_file), ("--output", args.output), ("--trace", args.trace),
+                        ("--weights-dir", args.weights_dir)):
+        if value == "":
+            parser.error(f"{flag} is empty: give a file or folder name")
     if args.ngram_min > args.ngram_max:
         parser.error(f"--ngram-min {args.ngram_min} is larger than --ngram-max {args.ngram_max}")
     if args.prompts_file is None:
@@ -247,12 +275,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the run is, so that it ends as after Ctrl-C: lines kept, the trace page written."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv=None) -> int:
     """The command line; returns the exit status (2 for bad input, missing weights or a failed download, 130 when
-    interrupted with Ctrl-C)."""
+    interrupted with Ctrl-C, 143 when terminated with SIGTERM)."""
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args) -> int:
     try:
         return _run(args)
+    except Terminated:
+        print(f"\n{PROG}: terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:  # the reader went away (`| head`): end quietly, as Unix tools do
         return _quiet_exit_after_broken_pipe()
     except (ValueError, DownloadError, OSError) as e:  # bad input, weights or files: one line, no traceback
@@ -263,12 +310,27 @@ def main(argv=None) -> int:
         # ("DefaultCPUAllocator: can't allocate memory"); any other RuntimeError is a bug, whose traceback helps.
         if not is_out_of_memory(e):
             raise
-        print(f"{PROG}: error: out of memory{asked_size(e)}: use a smaller model, --dtype bfloat16, fewer "
-              f"--max-new-tokens or a smaller --lookahead", file=sys.stderr)
+        print(f"{PROG}: error: out of memory{asked_size(e)}: {_out_of_memory_advice(args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # what was generated is already on the screen
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+def _out_of_memory_advice(args) -> str:
+    """What to lower when memory ran out, naming only flags that would change something in this run."""
+    tries = []
+    if args.prompts_file is not None and args.batch_size > 1:
+        tries.append(f"a smaller --batch-size (this run: {args.batch_size} prompts per batch)")
+    tries.append("a smaller model")
+    try:
+        bfloat16 = resolve_dtype(args.dtype, resolve_device(args.device)) == torch.bfloat16
+    except ValueError:
+        bfloat16 = False
+    if not bfloat16:
+        tries.append("--dtype bfloat16")
+    tries += ["fewer --max-new-tokens", "a smaller --lookahead"]
+    return "use " + ", ".join(tries[:-1]) + " or " + tries[-1]
 
 
 def _quiet_exit_after_broken_pipe() -> int:
@@ -309,17 +371,20 @@ def _run(args) -> int:
             raise ValueError("the prompt is empty: pass some text with --prompt")
         checked = [(prompt, "", "--prompt")]
     lookup = args.draft == NGRAM
-    names = {"target": args.target} | ({"draft": args.draft} if args.mode != "naive" and not lookup else {})
-    _check_before_loading(args, names, device)
+    names = {"target": args.target} | ({"draft": args.draft} if args.mode != "plain" and not lookup else {})
+    _check_before_loading(args, names, device, dtype)
     # Find both checkpoints (downloading if needed), check them against the prompt, and only then load them.
     # Every check that can fail runs here, before loading, warm-up or --output: a run that cannot finish stops
     # before it has emptied an older file.
     folders, configs = {}, {}
+    absent = {role: name for role, name in names.items() if preset_of(name) and not _here(name, args.weights_dir)}
     for role, name in names.items():
         try:
             folders[role] = find_checkpoint(name, weights_dir=args.weights_dir, allow_download=not args.no_download)
             configs[role] = config = GPT2Config(**checkpoint_config(folders[role], preset_of(name)))
         except (ValueError, DownloadError) as e:
+            if role in absent and len(absent) > 1:  # every missing model at once, and the way to try the code
+                raise type(e)(_all_absent(absent, e, args)) from None
             raise type(e)(f"--{role} {name}: {e}") from None
         if not args.ignore_eos and enc.eot_token >= config.vocab_size:
             raise ValueError(f"--{role} {name}: its vocabulary of {config.vocab_size} tokens lacks GPT-2's end-of-text "
@@ -335,16 +400,24 @@ def _run(args) -> int:
         raise ValueError(f"the draft has {configs['draft'].vocab_size} tokens, the target "
                          f"{configs['target'].vocab_size}: a draft proposes the target's tokens, so they must share "
                          f"one vocabulary: use a draft with the target's")
+    if "draft" in configs and parameters(configs["draft"]) >= parameters(configs["target"]):
+        print(f"{PROG}: note: the draft ({printable(args.draft)}, {parameters(configs['draft']) / 1e6:.0f}M "
+              f"parameters) is not smaller than the target ({printable(args.target)}, "
+              f"{parameters(configs['target']) / 1e6:.0f}M): a draft pass costs as much as a target pass or more, so "
+              f"speculative sampling cannot be faster than plain decoding", file=sys.stderr)
     models, load_seconds = {}, {}
     for role in folders:
         print(f"Loading {role} {printable(names[role])} ({dtype_name(dtype)}, {device}) ...", file=sys.stderr)
         started = time.perf_counter()
         models[role] = GPT2.from_pretrained(names[role], weights_dir=args.weights_dir, dtype=dtype, device=device,
                                             download=False)  # found above: already here
-        try:  # oneDNN's packed weights (CPU float32), made before any clock starts
-            pack_linears(models[role])
-        except OutOfMemory as e:  # the model still runs, unpacked
-            print(f"{PROG}: note: {role}: {e}", file=sys.stderr)
+        if args.int8 in (role, "both"):  # int8 weights in place of packed ones
+            quantize_int8(models[role])
+        else:
+            try:  # oneDNN's packed weights (CPU float32, native bfloat16), made before any clock starts
+                pack_linears(models[role])
+            except OutOfMemory as e:  # the model still runs, unpacked
+                print(f"{PROG}: note: {role}: {e}", file=sys.stderr)
         load_seconds[role] = time.perf_counter() - started
     if args.cuda_graphs:  # on CUDA (checked before loading): the samplers run the models through graph runners
         from speculative_gpt2.cuda_graphs import CUDAGraphRunner
@@ -374,7 +447,7 @@ def _run(args) -> int:
     rows = padded_rows(max_lookahead + 1)  # what exact mode pads every target pass to
 
     def decode(mode, prompt, max_new_tokens, generator=None, seed=None, **options):  # options: sampling, callbacks
-        # Exact mode for the two runs whose texts are compared; plain NAIVE stays the fastest (1-row passes).
+        # Exact mode for the two runs whose texts are compared; plain PLAIN stays the fastest (1-row passes).
         fixed = rows if exact and mode in (EXACT, SPECULATIVE) else None
         if args.coupled:  # the noise comes from the seed (one per row, or --seed), not from a generator
             generator, options = None, options | dict(coupled=True, seed=args.seed if seed is None else seed)
@@ -389,12 +462,12 @@ def _run(args) -> int:
                                 exact=exact, pass_rows=rows,
                                 setup=_setup_lines(args, models, load_seconds, device, dtype))
     asked = "auto" if args.lookahead == "auto" else f"{args.lookahead}"
-    titles = {UNCACHED: "Naive decoding without KV cache", NAIVE: "Naive decoding",
-              EXACT: f"Naive decoding, exact mode (every pass {rows} rows, as speculative sampling's)",
+    titles = {UNCACHED: "Plain decoding without KV cache", PLAIN: "Plain decoding",
+              EXACT: f"Plain decoding, exact mode (every pass {rows} rows, as speculative sampling's)",
               SPECULATIVE: f"Speculative sampling (K={asked})" + (", exact mode" if exact else "")}
     modes = [m for m, wanted in ((UNCACHED, args.no_cache_baseline and args.mode != "speculative"),
-                                 (NAIVE, args.mode != "speculative"), (EXACT, exact),
-                                 (SPECULATIVE, args.mode != "naive")) if wanted]
+                                 (PLAIN, args.mode != "speculative"), (EXACT, exact),
+                                 (SPECULATIVE, args.mode != "plain")) if wanted]
     warm_up_seconds = {}
     for mode in modes:
         if mode != UNCACHED:  # recomputing everything, the uncached run has no warm-up worth the wait
@@ -404,7 +477,7 @@ def _run(args) -> int:
             started = time.perf_counter()
             decode(mode, prompt, min(8, n), **options | {"temperature": 0.0, "eos_token_id": None})
             warm_up_seconds[mode] = time.perf_counter() - started
-    # The runs alternate (naive, speculative, naive, ...) so that a change in the machine's load lands on both.
+    # The runs alternate (plain, speculative, plain, ...) so that a change in the machine's load lands on both.
     results, shares = {mode: [] for mode in modes}, {mode: [] for mode in modes}
     for repeat in range(args.repeats):
         for mode in modes:
@@ -429,23 +502,58 @@ def _run(args) -> int:
 
         title = f"{Path(args.target).name} / {Path(args.draft).name}, K={args.lookahead}, temperature {args.temperature}"
         page = trace_page(results[SPECULATIVE][0], enc, prompt, title=title)
-        write_atomically(Path(args.trace), lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+        write_page("--trace", Path(args.trace), page)
         print(f"trace of {len(results[SPECULATIVE][0].trace)} rounds: {printable(args.trace)}", file=sys.stderr)
     return 0
 
 
-def _check_before_loading(args, names: dict[str, str], device: torch.device) -> None:
+def _here(name: str, weights_dir) -> bool:
+    """Whether the preset `name` is on this machine (the weights folder or the Hugging Face cache)."""
+    try:
+        find_checkpoint(name, weights_dir=weights_dir, allow_download=False)
+    except (ValueError, DownloadError):
+        return False
+    return True
+
+
+def _all_absent(absent: dict[str, str], error: Exception, args) -> str:
+    """One line for presets that are not here and could not be fetched: which, why, and the commands that make
+    random checkpoints of their shapes to try the code with."""
+    roles = " and ".join(f"--{role} {name}" for role, name in absent.items())
+    why = ("HF_HUB_OFFLINE is set" if offline() else "--no-download is set" if args.no_download else
+           f"downloading failed: {str(error).split('. What to do')[0]}")
+    make = " && ".join(f"python -m speculative_gpt2.random_checkpoint {name} weights/random-{name}"
+                       for name in absent.values())
+    use = " ".join(f"--{role} weights/random-{name}" for role, name in absent.items())
+    return (f"{roles} are not on this machine, and {why}. To try the code on random weights of their shapes (a few "
+            f"minutes): {make}, then pass {use}. For the real weights: weights/README.md")
+
+
+def parameters(config: GPT2Config) -> int:
+    """A GPT-2's parameter count from its configuration: the blocks' weights and biases, the embeddings."""
+    C = config.n_embd
+    return config.n_layer * (12 * C * C + 13 * C) + (config.vocab_size + config.n_positions) * C + 2 * C
+
+
+def _check_before_loading(args, names: dict[str, str], device: torch.device, dtype: torch.dtype) -> None:
     """The checks that need no model, before minutes of loading or downloading."""
     for role, name in names.items():
         if not (preset_of(name) or Path(name).is_dir()):
             raise ValueError(f"--{role} {not_a_checkpoint(name, (NGRAM,) if role == 'draft' else ())}")
     if args.cuda_graphs and device.type != "cuda":
         raise ValueError("--cuda-graphs needs --device cuda")
+    if args.int8 is not None:
+        if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"--int8 runs on the CPU in float32 or bfloat16, not {dtype_name(dtype)} on {device}: "
+                             f"add --device cpu and --dtype bfloat16 (or leave out --int8)")
+        if args.int8 != "target" and "draft" not in names:
+            raise ValueError(f"--int8 {args.int8} quantizes the draft model, and this run has none (--draft "
+                             f"{args.draft}{', --mode plain' if args.mode == 'plain' else ''}): use --int8 target")
     if args.trace is not None:
-        if args.mode == "naive":
+        if args.mode == "plain":
             raise ValueError("--trace shows speculative sampling: use --mode both or --mode speculative")
         _check_writable("--trace", args.trace, "run.html")
-    if args.prompts_file is not None and args.show_acceptance and args.mode == "naive":
+    if args.prompts_file is not None and args.show_acceptance and args.mode == "plain":
         raise ValueError("--show-acceptance marks speculative sampling's tokens: use --mode both or --mode speculative")
     if args.output is not None:
         _check_writable("--output", args.output, "results.jsonl")
@@ -469,15 +577,15 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def _check_writable(flag: str, name: str, example: str) -> None:
-    """Refuses, before any model loads, an output file that could not be written."""
+    """Refuses, before any model loads, an output file that could not be written: for --output and --trace alike, a
+    regular file or a new name, never a link, a FIFO, a device or a file of /proc or /sys."""
     path = Path(name)
-    if flag == "--output":
-        try:  # a look at the name itself (lstat), never through a link, never an open of a FIFO or device
-            refuse_unless_regular(name, os.lstat(path))
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise ValueError(f"{flag} {name}: cannot reach it ({e.strerror or e}): choose another file") from None
+    try:  # a look at the name itself (lstat), never through a link, never an open of a FIFO or device
+        refuse_unless_regular(flag, name, os.lstat(path))
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise ValueError(f"{flag} {name}: cannot reach it ({e.strerror or e}): choose another file") from None
     if path.is_dir() or not path.parent.is_dir():
         raise ValueError(f"{flag} {name}: give a file in an existing folder, e.g. {example}")
     if flag == "--output" and os.path.lexists(path):  # written in place: the file itself must open for writing
@@ -560,7 +668,8 @@ def _show_acceptance(args, spec: Generation | None, enc, prompt: list[int]) -> N
     if spec is None:
         print("nothing to show: --show-acceptance needs speculative sampling (--mode both or --mode speculative)")
         return
-    print(to_ansi(spec, enc, prompt) if _use_color(args.color) else to_text(spec, enc, prompt))
+    print(to_ansi(spec, enc, prompt, coupled=args.coupled) if _use_color(args.color) else
+          to_text(spec, enc, prompt, coupled=args.coupled))
     print(f"tokens by origin: {origin_counts(spec)}")
 
 
@@ -570,46 +679,47 @@ def _print_summary(args, results: dict[str, list[Generation]], shares: dict[str,
     runs = {mode: sorted(outs, key=lambda g: g.seconds) for mode, outs in results.items()}
     # Each mode's median run (by time) stands for it; the texts of repeats are the same.
     median = {mode: outs[len(outs) // 2] for mode, outs in runs.items()}
-    naive, uncached, spec, exact = (median.get(m) for m in (NAIVE, UNCACHED, SPECULATIVE, EXACT))
+    plain, uncached, spec, exact = (median.get(m) for m in (PLAIN, UNCACHED, SPECULATIVE, EXACT))
     print("\n=== Summary ===")
     for line in _setup_lines(args, models, load_seconds, device, dtype):
         print(line)
     warm_ups = ", ".join(f"{mode} {s:.2f} s" for mode, s in warm_up_seconds.items())
     print(f"warm-up (8 tokens each, not timed below): {warm_ups}")
-    for name, out in (("naive decoding", naive), ("naive decoding, exact mode", exact), ("speculative sampling", spec)):
+    for name, out in (("plain decoding", plain), ("plain decoding, exact mode", exact), ("speculative sampling", spec)):
         if out is not None and out.steps:
             low, high = middle_half(out.steps)
             step = statistics.median(s.ms for s in out.steps)
             if out is spec:
                 drafted = [r for r in out.rounds if r.lookahead > 0] or out.rounds
                 per_draft = statistics.median(r.draft_ms / max(r.lookahead, 1) for r in drafted)
-                parts = (f"{statistics.median(r.verify_ms for r in drafted):.1f} ms its verification, "
-                         + (f"{per_draft:.2f} ms per lookup" if args.draft == NGRAM else
-                            f"{per_draft:.1f} ms per draft pass"))
-                passes = f"{step:.1f} ms per round (median; middle half {low:.1f}-{high:.1f}), {parts}"
+                parts = (f"{statistics.median(r.verify_ms for r in drafted):.1f} ms a verification, "
+                         + (f"{per_draft:.2f} ms a lookup" if args.draft == NGRAM else
+                            f"{per_draft:.1f} ms a draft pass"))
+                passes = (f"{step:.1f} ms per round (median; middle half {low:.1f}-{high:.1f}); the parts' own "
+                          f"medians: {parts}")
             else:
                 passes = f"{step:.1f} ms per target pass (median; middle half {low:.1f}-{high:.1f})"
             print(f"{name}: prefill {1e3 * out.prefill_seconds:.0f} ms, decode {out.decode_tokens_per_second:.2f} "
                   f"tokens/s; {passes}")
     timed = {mode: Timed.of(name, runs[mode], shares[mode]) for mode, name in (
-        (NAIVE, "naive decoding"), (EXACT, "exact mode"), (SPECULATIVE, "speculative sampling")) if mode in runs}
-    if exact is not None and naive is not None:
-        cost = (timed[EXACT].expected / timed[EXACT].tokens) / (timed[NAIVE].expected / timed[NAIVE].tokens)
+        (PLAIN, "plain decoding"), (EXACT, "exact mode"), (SPECULATIVE, "speculative sampling")) if mode in runs}
+    if exact is not None and plain is not None:
+        cost = (timed[EXACT].expected / timed[EXACT].tokens) / (timed[PLAIN].expected / timed[PLAIN].tokens)
         print(f"exact mode (every target pass {rows} rows, so that the texts compare equal in any "
               f"dtype) cost plain decoding {cost:.2f}x its time (median steps); speedups below are over the fastest "
               f"plain decoding (1-row passes)")
     if spec is not None:
         trusted = None
-        if naive is not None:
-            pairs = [s.tokens_per_second / b.tokens_per_second for s, b in zip(results[SPECULATIVE], results[NAIVE])]
+        if plain is not None:
+            pairs = [s.tokens_per_second / b.tokens_per_second for s, b in zip(results[SPECULATIVE], results[PLAIN])]
             repeats = (f", median of {len(pairs)} alternating runs each; {min(pairs):.2f}-{max(pairs):.2f}x"
                        if len(pairs) > 1 else "")
             others = (timed[EXACT],) if EXACT in timed else ()
-            trusted, lines = speedup_lines(timed[SPECULATIVE], timed[NAIVE], "naive decoding", others, repeats)
+            trusted, lines = speedup_lines(timed[SPECULATIVE], timed[PLAIN], "plain decoding", others, repeats)
             for line in lines:
                 print(line)
         if uncached is not None:  # its steps grow with the text: no median pace; timed, once
-            print(f"speedup over naive decoding without KV cache: "
+            print(f"speedup over plain decoding without KV cache: "
                   f"{spec.tokens_per_second / uncached.tokens_per_second:.2f}x (timed)")
         print(acceptance([spec]))
         k = k_used([spec], args.lookahead, args.draft == NGRAM)
@@ -624,25 +734,27 @@ def _print_summary(args, results: dict[str, list[Generation]], shares: dict[str,
         else:
             print(f"target passes: {spec.target_calls}, draft passes: {spec.draft_calls}")
         if trusted is not None:
-            for line in why_slower([spec], [naive], trusted, lookahead=args.lookahead, lookup=args.draft == NGRAM,
+            for line in why_slower([spec], [plain], trusted, lookahead=args.lookahead, lookup=args.draft == NGRAM,
                                    dtype=dtype, device=device):
                 print(line)
     print(f"peak memory: {peak_memory(device)}")
-    reference = exact or naive  # greedy or coupled: what the speculative text must equal token for token
+    reference = exact or plain  # greedy or coupled: what the speculative text must equal token for token
     compared = args.temperature == 0 or args.coupled
     if spec is not None and reference is not None:
+        against = (f"speculative sampling's text against plain decoding's in exact mode, both in {rows}-row passes"
+                   if exact is not None else "speculative sampling's text against plain decoding's")
         if compared and spec.tokens == reference.tokens:
-            print("identical outputs: yes")
+            print(f"identical outputs: yes ({against})")
         elif compared:
             print(f"identical outputs: no, from new token {parted(spec.tokens, reference.tokens)}: in exact mode "
                   f"this platform breaks its premise (run tests/test_exact_dtype.py)")
         else:
             print("identical outputs: not expected at temperature > 0 (both are samples from the target; --coupled "
                   "makes them one text)")
-    if exact is not None and naive is not None and compared and naive.tokens != exact.tokens:
-        print(f"plain decoding in 1-row passes parted from new token {parted(naive.tokens, exact.tokens)}: in "
-              f"{dtype_name(dtype)}, 1-row and {rows}-row passes round differently and a "
-              f"near-tie flipped (why exact mode exists)")
+    if exact is not None and plain is not None and compared and plain.tokens != exact.tokens:
+        print(f"plain decoding in 1-row passes (the timed baseline) parted from exact mode's text at new token "
+              f"{parted(plain.tokens, exact.tokens)}: in {dtype_name(dtype)}, 1-row and {rows}-row passes round "
+              f"differently and a near-tie flipped (why exact mode exists)")
 
 
 def _setup_lines(args, models: dict[str, GPT2], load_seconds: dict[str, float], device, dtype) -> list[str]:
@@ -651,8 +763,9 @@ def _setup_lines(args, models: dict[str, GPT2], load_seconds: dict[str, float], 
     for role, model in models.items():
         name, folder = getattr(args, role), getattr(model, 'model', model).checkpoint_folder
         where = "" if Path(name) == folder else f" from {folder}"  # a preset: the folder or cache snapshot used
-        lines.append(printable(f"{role}: {name}{where}, loaded in {load_seconds[role]:.1f} s"))
-    if args.draft == NGRAM and args.mode != "naive":
+        weights = ", weights in int8" if is_int8(model) else ""
+        lines.append(printable(f"{role}: {name}{where}, loaded in {load_seconds[role]:.1f} s{weights}"))
+    if args.draft == NGRAM and args.mode != "plain":
         lines.append(f"draft: {NGRAM}, prompt lookup of n-grams {args.ngram_max} down to {args.ngram_min} (no draft "
                      f"model)")
     threads = f", threads: {torch.get_num_threads()}" if device.type == "cpu" else ""

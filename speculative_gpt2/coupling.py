@@ -10,24 +10,23 @@ Speculative Decoding"). A draft model proposes its own Gumbel-max with the same 
 most of the time when p is near q; the price is some acceptance against Chen's rule (docs/design.md, "Coupled
 sampling").
 
-The noise of a position is drawn on the CPU by a generator seeded from (seed, position): a counter-based draw,
-the same on every device, for every batch and pass shape.
+The noise of a position comes from Philox, a counter-based generator (numpy's `np.random.Philox`), keyed by the
+pair (seed, position): its key has 128 bits, so every seed from 0 to 2**63 - 1 and every position have a stream of
+their own (torch's CPU generator keeps 32 bits of its seed: packing seed and position into that seed gave seeds
+4096 apart the same noise). It is drawn on the CPU, the same on every device, for every batch and pass shape.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from speculative_gpt2.checks import check_integer
 
-# Positions take the low bits of the generator's seed, the sampling seed the high ones: no two (seed, position)
-# pairs share a stream.
-POSITION_BITS = 20
-MAX_SEED = 2 ** (63 - POSITION_BITS) - 1
+MAX_SEED = 2**63 - 1  # a seed is one 64-bit word of the key, the position the other
 
 
-def check_coupling(coupled, seed, generator, batch_size: int, vocab_size: int, context: int,
-                   device) -> GumbelNoise | None:
+def check_coupling(coupled, seed, generator, batch_size: int, vocab_size: int, device) -> GumbelNoise | None:
     """The samplers' `coupled` and `seed` arguments, checked: the call's noise, or None when not coupled."""
     if not isinstance(coupled, bool):
         raise ValueError(f"coupled must be True or False, got {coupled!r}")
@@ -43,16 +42,15 @@ def check_coupling(coupled, seed, generator, batch_size: int, vocab_size: int, c
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * batch_size
     if len(seeds) != batch_size:
         raise ValueError(f"seed must be an integer or a list of one per prompt ({batch_size}), got {len(seeds)}")
-    if context > 2**POSITION_BITS:
-        raise ValueError(f"coupled sampling numbers positions up to {2**POSITION_BITS}: this model's context is "
-                         f"{context}")
     return GumbelNoise([check_integer("seed", s, 0, MAX_SEED) for s in seeds], vocab_size, device)
 
 
 def gumbel_noise(seed: int, position: int, vocab_size: int) -> torch.Tensor:
     """g (V,) float32 on the CPU: independent Gumbel(0, 1) draws for the token at `position` under `seed`."""
-    generator = torch.Generator().manual_seed((seed << POSITION_BITS) | position)
-    u = torch.rand(vocab_size, generator=generator)  # in [0, 1): -log(-log 0) = -inf, never chosen
+    raw = np.random.Philox(key=np.array([seed, position], dtype=np.uint64)).random_raw(vocab_size)  # (V,) uint64
+    # The top 23 bits k as u = (2k + 1) / 2**24: exact in float32, uniform, never 0 or 1 (whose logs are infinite).
+    odd = (raw >> np.uint64(41)).astype(np.float32) * 2 + 1
+    u = torch.from_numpy(odd / np.float32(2**24))
     return -torch.log(-torch.log(u))
 
 

@@ -41,7 +41,7 @@ class CUDAGraphRunner:
     def new_cache(self, batch_size: int = 1, max_len: int | None = None, room: int = 0):
         """As GPT2.new_cache, on recycled buffers, so that the next call replays this call's graphs."""
         return self.graphs.new_cache(self.config, check_integer("batch_size", batch_size, minimum=1),
-                                     self.model.cache_length(max_len, room), self.model.cache_dtype)
+                                     self.model.cache_length(max_len, room), self.model.dtype)
 
     def positions(self, idx: torch.Tensor, cache, rows: int | None = None) -> torch.Tensor:
         return self.model.positions(idx, cache, rows)

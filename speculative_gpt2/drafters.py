@@ -175,6 +175,10 @@ def checked_proposal(proposal, lookahead: int, vocab_size: int, device: torch.de
         raise ValueError(f"the drafter {name}'s propose returned {type(proposal).__name__}: return a "
                          f"Proposal(tokens, p) of two tensors (and optionally a source line)")
     drafts, p, *source = proposal
+    for what, t in (("tokens", drafts), ("p", p)):
+        if t.layout != torch.strided:
+            raise ValueError(f"the drafter {name} proposed {what} as a {str(t.layout)[6:]} tensor: give a dense one "
+                             f"({what}.to_dense())")
     if drafts.dim() != 1 or len(drafts) > lookahead or drafts.dtype != torch.long:
         raise ValueError(f"the drafter {name} proposed {list(drafts.shape)} {drafts.dtype} tokens for K={lookahead}: "
                          f"propose a 1-D long tensor of at most K tokens")

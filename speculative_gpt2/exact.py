@@ -6,8 +6,9 @@ another order of the sums), so in bfloat16 plain decoding (1-row passes) and ver
 near-tie and their greedy texts part. At one fixed number of rows a row's result does not depend on its place
 among the rows or on what the others hold (tests/test_exact_dtype.py checks this on the running platform), so
 every position's logits are the same whichever pass computed them. The samplers take the row count as their
-`exact` argument and run each cached target pass through `fixed_rows_pass`; the padding rows go to cache slots
-past the new tokens (the cache is made with that room), masked, then overwritten by the next pass: never seen.
+`exact` argument and run each cached target pass through `fixed_rows_pass`, the prefill in passes of the same rows;
+the padding rows go to cache slots past the new tokens (the cache is made with that room), masked, then overwritten
+by the next pass: never seen.
 More: docs/exact-dtype.md.
 """
 
@@ -30,25 +31,39 @@ def padded_rows(rows: int) -> int:
 
 def fixed_rows_pass(model, idx: torch.Tensor, cache, rows: int | None) -> torch.Tensor:
     """model(idx, cache=cache) for the new tokens idx (B, T), computed as a pass of `rows` rows (token 0 in the
-    rows past T), or of T rounded up to PASS_ROW_MULTIPLE for a longer pass (a prefill); None runs it as it is.
-    Logits (B, T, V)."""
-    B, T = idx.shape
+    rows past T); a longer pass (a prefill) as consecutive passes of `rows` rows. None runs it as it is. Logits
+    (B, T, V).
+
+    A prefill in one pass of all its rows would not do: a matrix product of hundreds of rows is another kernel, whose
+    rows round apart from a few rows' (measured: bfloat16 on an AMX CPU, 252 rows against 1200), so a prompt's keys
+    and values would depend on the batch's longest prompt."""
     if rows is None:
         return model(idx, cache=cache)
-    rows = max(rows, padded_rows(T))
+    return torch.cat([_pass(model, idx[:, start : start + rows], cache, rows) for start in range(0, idx.shape[1], rows)],
+                     1)
+
+
+def _pass(model, idx: torch.Tensor, cache, rows: int) -> torch.Tensor:
+    """One pass of `rows` rows for the T <= rows new tokens idx (B, T): logits (B, T, V)."""
+    B, T = idx.shape
     positions = model.positions(idx, cache, rows)  # (B, rows), checked against the context and the cache's room
     logits = model.forward_at(torch.cat([idx, idx.new_zeros(B, rows - T)], 1), positions, cache, cache.span(rows))
     cache.lengths = [n + T for n in cache.lengths]
     return logits[:, :T]
 
 
-def pass_rows(exact, max_lookahead: int | None) -> int | None:
-    """The rows of exact mode's fixed target passes: None (off), K + 1 for True, or the count given; rounded up."""
+def pass_rows(exact, max_lookahead: int | None, context: int) -> int | None:
+    """The rows of exact mode's fixed target passes: None (off), K + 1 for True, or the count given; rounded up. A
+    pass holds at most the model's `context` positions: more rows are refused before any memory is taken."""
     if exact is False or exact is None:
         return None
     if exact is True:
         if max_lookahead is None:
             raise ValueError("exact=True takes its rows from K: here there is none (plain decoding, or a policy "
                              "without max_lookahead): pass the row count, exact=K + 1")
-        return padded_rows(max_lookahead + 1)
-    return padded_rows(check_integer("exact (rows per target pass)", exact, minimum=1))
+        if max_lookahead + 1 > context:
+            raise ValueError(f"exact=True pads every target pass to K + 1 = {max_lookahead + 1} rows, more than the "
+                             f"model's context of {context} positions: lower the lookahead to at most {context - 1}")
+        return min(padded_rows(max_lookahead + 1), context)
+    rows = check_integer("exact (rows per target pass)", exact, 1, context)
+    return min(padded_rows(rows), context)

@@ -49,7 +49,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if cpu_flags() & {"avx512_bf16", "amx_bf16"} else torch.float32
+    return torch.bfloat16 if native_bfloat16() else torch.float32
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX); without, bf16 products are emulated."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def dtype_name(dtype: torch.dtype) -> str:

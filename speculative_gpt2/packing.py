@@ -2,7 +2,9 @@
 
 On CPU in float32, F.linear reads a weight more slowly than its size allows, at one row and more so at the few rows
 of a verification; oneDNN's linear on a weight packed once runs those products faster (figures:
-docs/bench-drafters.md, "oneDNN"). `pack_linears(model)` swaps every `nn.Linear` of a GPT2 for a `PackedLinear`
+docs/bench-drafters.md, "oneDNN"). In bfloat16 the same holds where the CPU multiplies bfloat16 natively (AVX-512
+BF16 or AMX): packed, a pass reads its weights near the memory's bandwidth (docs/results-history.md); elsewhere
+oneDNN would emulate it, and bfloat16 models stay as they are. `pack_linears(model)` swaps every `nn.Linear` of a GPT2 for a `PackedLinear`
 and the tied token embedding for a `FrozenEmbedding`, as torch.ao and IPEX swap modules; `unpack_linears(model)`
 gives the plain modules back. The model's code does not change.
 
@@ -17,12 +19,15 @@ copy of the weight (slow, but in the autocast dtype, and differentiable in the i
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2_model import GPT2
 from speculative_gpt2.errors import OutOfMemory, is_out_of_memory
+from speculative_gpt2.machine import native_bfloat16
 
 # oneDNN lays a weight out one way for 1-row products and another for more rows; the second serves 1-row products
 # about as fast, and few-row ones much faster (docs/bench-drafters.md, "oneDNN"): one layout serves every pass.
@@ -30,13 +35,15 @@ PACK_ROWS = 2
 
 
 def can_pack(model: GPT2) -> bool:
-    """Whether this build and the model's device and dtype have packed weights: CPU, float32, oneDNN."""
-    return model.device.type == "cpu" and model.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    """Whether this build and the model's device and dtype have packed weights: oneDNN, on the CPU, in float32, or
+    in bfloat16 where the CPU runs it natively."""
+    dtypes = (torch.float32, torch.bfloat16) if native_bfloat16() else (torch.float32,)
+    return model.device.type == "cpu" and model.dtype in dtypes and torch.backends.mkldnn.is_available()
 
 
 def pack(weight: torch.Tensor, rows: int = PACK_ROWS) -> torch.Tensor:
-    """`weight` (out, in), float32 on CPU, in oneDNN's blocked layout for products of `rows` rows (any number of
-    rows runs on it): an opaque tensor that only oneDNN's linear reads."""
+    """`weight` (out, in), float32 or bfloat16 on CPU, in oneDNN's blocked layout for products of `rows` rows (any
+    number of rows runs on it): an opaque tensor that only oneDNN's linear reads."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows)
 
 
@@ -50,11 +57,13 @@ class _Packed(nn.Module):
             raise AttributeError(self.refusal)
         return super().__getattr__(name)
 
+    dtype = torch.float32  # the packed weights' dtype
+
     def _apply(self, fn, recurse=True):
-        probe = fn(torch.zeros(1))  # where and in what dtype `.to()`, `.half()`, `.cuda()` ... would put a weight
-        if probe.device.type != "cpu" or probe.dtype != torch.float32:
-            raise ValueError("this model's weights are packed for oneDNN on the CPU in float32 (pack_linears): call "
-                             "unpack_linears(model) before moving or converting it")
+        probe = fn(torch.zeros(1, dtype=self.dtype))  # where and in what dtype `.to()`, `.half()` ... would put it
+        if probe.device.type != "cpu" or probe.dtype != self.dtype:
+            raise ValueError(f"this model's weights are packed for oneDNN on the CPU in {str(self.dtype)[6:]} "
+                             f"(pack_linears): call unpack_linears(model) before moving or converting it")
         return super()._apply(fn, recurse)
 
 
@@ -67,6 +76,7 @@ class PackedLinear(_Packed):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int = PACK_ROWS):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
         self.rows = rows  # the products the layout is made for; loads and copies pack for them again
         self.packed = pack(weight, rows)
         if bias is not None:  # an inference tensor (a model made under inference_mode) becomes an ordinary one
@@ -90,16 +100,15 @@ class PackedLinear(_Packed):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if prefix + "weight" not in state_dict:
-            missing_keys.append(prefix + "weight")
-        else:
-            self.packed = pack(state_dict[prefix + "weight"].to(torch.float32), self.rows)
-        if self.bias is not None:
-            if prefix + "bias" in state_dict:
-                with torch.no_grad():
-                    self.bias.copy_(state_dict[prefix + "bias"])
-            else:
-                missing_keys.append(prefix + "bias")
+        # nn.Linear's own loading, on a stand-in that holds this layer's bias: the same keys, checks and messages
+        # as a plain model's; then the weight it took is packed.
+        stand_in = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        stand_in.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=self.dtype),
+                                       requires_grad=False)
+        stand_in.bias = self.bias
+        if _load_as(stand_in, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                    error_msgs, "weight"):
+            self.packed = pack(stand_in.weight, self.rows)
 
     def __getstate__(self):  # the opaque tensor has no storage to copy: copies and pickles carry the dense weight
         return self.__dict__ | {"packed": self.dense_weight()}
@@ -121,6 +130,7 @@ class FrozenEmbedding(_Packed):
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
+        self.dtype = weight.dtype
         self.table = weight.detach().clone()  # not the old Parameter's memory: something may still write to that
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -131,21 +141,66 @@ class FrozenEmbedding(_Packed):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if prefix + "weight" in state_dict:
-            self.table = state_dict[prefix + "weight"].detach().to(self.table.dtype).clone()
-        else:
-            missing_keys.append(prefix + "weight")
+        stand_in = nn.Embedding(*self.table.shape, device="meta")  # as PackedLinear loads
+        stand_in.weight = nn.Parameter(torch.empty_like(self.table), requires_grad=False)
+        if _load_as(stand_in, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                    error_msgs, "weight"):
+            self.table = stand_in.weight.detach()
+
+
+def _load_as(stand_in: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+             error_msgs, key: str) -> bool:
+    """Loads `state_dict` into `stand_in` by nn.Module's rules (missing and unexpected keys, shape checks, their
+    messages); returns whether it took `prefix + key` without an error."""
+    errors = len(error_msgs)
+    with torch.inference_mode(False), torch.no_grad():
+        nn.Module._load_from_state_dict(stand_in, state_dict, prefix, local_metadata, strict, missing_keys,
+                                        unexpected_keys, error_msgs)
+    return prefix + key in state_dict and len(error_msgs) == errors
+
+
+def _keep_last_head(model, state_dict, prefix, *args) -> None:
+    """A load_state_dict pre-hook of a packed model: notes what its one tied tensor ends with in a plain model,
+    which writes the embedding, then the head, into the same tensor: the head's if given, else the embedding's
+    (those of the right shape)."""
+    tied = None
+    for key in (prefix + "wte.weight", prefix + "lm_head.weight"):
+        given = state_dict.get(key)
+        if isinstance(given, torch.Tensor) and given.shape == model.wte.table.shape:
+            tied = given
+    model.__dict__["_tied_on_load"] = tied
+
+
+def _tie_head_to_embedding(model, incompatible_keys) -> None:
+    """The post-hook after `_keep_last_head`: embedding and head both get that tensor, as in the plain model."""
+    tied = model.__dict__.pop("_tied_on_load", None)
+    if tied is not None:
+        with torch.inference_mode(False), torch.no_grad():
+            model.wte.table = tied.detach().to(model.wte.table.dtype).clone()
+            model.lm_head.packed = pack(model.wte.table, model.lm_head.rows)
+
+
+def _refuse_conversion(module: nn.Module, fn, recurse=True):
+    """The `_apply` of a packed model's modules that hold packed layers below them: the conversion is tried on a
+    probe first, so that what the packed layers refuse is refused before any layer is converted."""
+    dtype = next(m.dtype for m in module.modules() if isinstance(m, _Packed))
+    probe = fn(torch.zeros(1, dtype=dtype))
+    if probe.device.type != "cpu" or probe.dtype != dtype:
+        raise ValueError(f"this model's weights are packed for oneDNN on the CPU in {str(dtype)[6:]} (pack_linears): "
+                         f"call unpack_linears(model) before moving or converting it")
+    return type(module)._apply(module, fn, recurse)
 
 
 def pack_linears(model: GPT2, rows: int = PACK_ROWS) -> GPT2:
     """Swaps every Linear of `model` for a PackedLinear (and its token embedding for a FrozenEmbedding, the LM head
-    being tied to it), where the model is on the CPU in float32 and torch has oneDNN; elsewhere changes nothing.
+    being tied to it), where `can_pack(model)` (oneDNN, the CPU, float32 or native bfloat16); elsewhere changes
+    nothing.
     `rows`: the products the layout is made for (the default serves every pass best, PACK_ROWS).
     Returns the model. All or nothing: if memory runs out, the model is left as it was and OutOfMemory (a
     ValueError) is raised."""
     if not can_pack(model) or isinstance(model.lm_head, PackedLinear):
         return model
-    swapped = []
+    swapped, dtype = [], model.dtype
     try:
         with torch.inference_mode(False), torch.no_grad():
             for parent, name, linear in _linears(model):
@@ -158,27 +213,56 @@ def pack_linears(model: GPT2, rows: int = PACK_ROWS) -> GPT2:
             raise
         for parent, name, linear in swapped:  # the plain modules were kept until now: put them back
             setattr(parent, name, linear)
-        raise OutOfMemory("out of memory while packing the weights for oneDNN (pack_linears: the LM head's size "
-                          "once more, and one layer's while it is packed): the model runs unpacked, slower in "
-                          "float32; free memory, or use bfloat16") from None
+        advice = "free memory, or use bfloat16" if dtype == torch.float32 else "free memory"
+        raise OutOfMemory(f"out of memory while packing the weights for oneDNN (pack_linears: the LM head's size "
+                          f"once more, and one layer's while it is packed): the model runs unpacked, slower; "
+                          f"{advice}") from None
+    # A plain model's head is its embedding: loading writes one tensor. The hooks make a packed model end alike.
+    model.register_load_state_dict_pre_hook(_keep_last_head)
+    model.register_load_state_dict_post_hook(_tie_head_to_embedding)
+    for module in _holding_packed(model):  # `.half()` on a block is refused before its layer norms convert
+        module.__dict__["_apply"] = partial(_refuse_conversion, module)
     return model
 
 
 def unpack_linears(model: GPT2) -> GPT2:
-    """The plain modules back: nn.Linear layers on dense weights, the embedding tied to the LM head again. Returns
-    the model; an unpacked model is returned as it is."""
+    """The plain modules back: nn.Linear layers on dense weights, the embedding tied to the LM head again, every
+    parameter an ordinary tensor (a model made under inference_mode included) that requires gradients. Returns
+    the model; an unpacked model is returned as it is. All or nothing: the new modules are made before any is
+    swapped in."""
     if not isinstance(model.lm_head, PackedLinear):
         return model
     with torch.inference_mode(False), torch.no_grad():
+        swaps = []
         for parent, name, packed in _linears(model, PackedLinear):
             linear = nn.Linear(packed.in_features, packed.out_features, bias=packed.bias is not None, device="meta")
             linear.weight = nn.Parameter(packed.dense_weight())
             if packed.bias is not None:
                 linear.bias = packed.bias
-            setattr(parent, name, linear)
-        model.wte = nn.Embedding.from_pretrained(model.wte.table, freeze=False)
-        model.lm_head.weight = model.wte.weight
+            swaps.append((parent, name, linear))
+        embedding = nn.Embedding.from_pretrained(model.wte.table.clone(), freeze=False)
+        # Parameters made under inference_mode cannot require gradients outside it: ordinary copies take their place.
+        ordinary = [(owner, name, nn.Parameter(p.clone())) for owner in model.modules()
+                    for name, p in owner.named_parameters(recurse=False) if p.is_inference()]
+    for module in _holding_packed(model):
+        module.__dict__.pop("_apply", None)
+    for hooks, hook in ((model._load_state_dict_pre_hooks, _keep_last_head),
+                        (model._load_state_dict_post_hooks, _tie_head_to_embedding)):
+        for key in [key for key, value in hooks.items() if getattr(value, "hook", value) is hook]:
+            del hooks[key]
+    for parent, name, module in swaps:
+        setattr(parent, name, module)
+    for owner, name, parameter in ordinary:
+        setattr(owner, name, parameter)
+    model.wte = embedding
+    model.lm_head.weight = model.wte.weight
     return model.requires_grad_(True)
+
+
+def _holding_packed(model: GPT2) -> list[nn.Module]:
+    """The modules above packed ones: the model, its block list, blocks, attention and MLP layers."""
+    return [m for m in model.modules() if not isinstance(m, _Packed)
+            and any(isinstance(c, _Packed) for c in m.modules() if c is not m)]
 
 
 def _linears(model: GPT2, kind=nn.Linear) -> list[tuple[nn.Module, str, nn.Module]]:

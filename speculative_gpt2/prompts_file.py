@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -20,15 +21,17 @@ import torch
 
 from speculative_gpt2.checks import check_integer
 from speculative_gpt2.coupling import MAX_SEED
-from speculative_gpt2.files import open_output, write_atomically
+from speculative_gpt2.files import open_output, write_page
 from speculative_gpt2.machine import peak_memory
 from speculative_gpt2.records import Generation
-from speculative_gpt2.report import EXACT, NAIVE, NGRAM, SPECULATIVE, acceptance, k_used, why_slower
+from speculative_gpt2.report import EXACT, PLAIN, NGRAM, SPECULATIVE, acceptance, k_used, why_slower
 from speculative_gpt2.text import printable
 from speculative_gpt2.timing import Timed, cpu_share, expected_seconds, speedup_lines
 
+# The most a prompts file may hold: hundreds of thousands of prompts; a larger input is most likely not one.
+MAX_FILE_BYTES = 64 * 2**20
 # The runs, as the progress bar and the summary name them.
-NAMES = {NAIVE: "plain decoding", EXACT: "plain decoding, exact mode", SPECULATIVE: "speculative sampling"}
+NAMES = {PLAIN: "plain decoding", EXACT: "plain decoding, exact mode", SPECULATIVE: "speculative sampling"}
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,16 @@ def read_prompts(path: str, enc) -> list[PromptLine]:
     line is one prompt, exactly as written.
     """
     try:
-        data = Path(path).read_bytes()
+        kind = os.stat(path).st_mode
+        if stat.S_ISCHR(kind) or stat.S_ISBLK(kind):  # /dev/zero, /dev/urandom: no end, and no text
+            raise ValueError(f"--prompts-file {path} is a device, not a file of prompts: give a text file")
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)  # a pipe is read to its end, up to the cap
     except OSError as e:
         raise ValueError(f"--prompts-file {path}: cannot read it ({e.strerror or e})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"--prompts-file {path} holds more than {MAX_FILE_BYTES // 2**20} MiB: split it into "
+                         f"smaller files")
     prompts, json_lines = [], None
     for number, raw in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n"), 1):
         where = f"--prompts-file {path}, line {number}"
@@ -149,8 +159,8 @@ def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, dtype, dec
     or Ctrl-C keeps the lines written so far and says how many."""
     from tqdm.auto import tqdm
 
-    modes = [m for m, wanted in ((NAIVE, args.mode != "speculative"), (EXACT, exact),
-                                 (SPECULATIVE, args.mode != "naive")) if wanted]
+    modes = [m for m, wanted in ((PLAIN, args.mode != "speculative"), (EXACT, exact),
+                                 (SPECULATIVE, args.mode != "plain")) if wanted]
     size, n = args.batch_size, args.max_new_tokens
     batches = [prompts[i:i + size] for i in range(0, len(prompts), size)]
     warm_up_seconds, done = {}, []
@@ -191,10 +201,11 @@ def run_prompts_file(args, prompts: list[PromptLine], *, enc, device, dtype, dec
                 totals[mode][1] += wall
                 totals[mode][2] += expected_seconds(longest) + wall - longest.seconds
                 totals[mode][3] += time.process_time() - cpu
-    except BaseException:
+    except BaseException as e:
         bar.close()
-        print(f"{out.count} of {len(prompts)} prompts written to {printable(args.output or 'stdout')} before the run "
-              f"stopped", file=sys.stderr)
+        if not isinstance(e, BrokenPipeError):  # the reader went away: nothing more is printed, as Unix tools do
+            print(f"{out.count} of {len(prompts)} prompts written to {printable(args.output or 'stdout')} before the "
+                  f"run stopped", file=sys.stderr)
         raise
     finally:
         out.close()
@@ -217,10 +228,10 @@ def _record(prompt: PromptLine, generation: Generation, enc, earlier: dict[str, 
               "tokens": generation.tokens, "acceptance_rate": None if rate is None else round(rate, 4),
               "tokens_per_target_pass": round(generation.tokens_per_target_call, 4),
               "target_passes": generation.target_calls, "seconds": round(generation.seconds, 4)}
-    naive = earlier.get(NAIVE)
-    if naive is not None:
-        record["naive_seconds"] = round(naive.seconds, 4)
-        reference = earlier.get(EXACT, naive)  # greedy or coupled: what the speculative tokens must equal
+    plain = earlier.get(PLAIN)
+    if plain is not None:
+        record["plain_seconds"] = round(plain.seconds, 4)
+        reference = earlier.get(EXACT, plain)  # greedy or coupled: what the speculative tokens must equal
         # Else both are samples from the target: equality is not expected.
         record["identical"] = generation.tokens == reference.tokens if compared else None
     if show_acceptance:
@@ -238,7 +249,7 @@ def _write_batch_trace(args, done: list[tuple[PromptLine, Generation, dict]], en
              f"{args.temperature}: {Path(args.prompts_file).name}")
     page = batch_trace_page([g for _, g, _ in done], enc, [p.tokens for p, _, _ in done],
                             names=[f"line {p.line}" for p, _, _ in done], title=title)
-    write_atomically(Path(args.trace), lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    write_page("--trace", Path(args.trace), page)
     print(f"trace of {len(done)} prompts: {printable(args.trace)}", file=sys.stderr)
 
 
@@ -257,14 +268,14 @@ def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], runs: d
     for mode, (tokens, seconds, *_) in totals.items():
         lines.append(f"{NAMES[mode]}: {tokens} tokens in {seconds:.2f} s, {tokens / seconds if seconds else 0:.2f} "
                      f"tokens/s over all rows")
-    if EXACT in timed and NAIVE in timed:
-        cost = (timed[EXACT].expected / timed[EXACT].tokens) / (timed[NAIVE].expected / timed[NAIVE].tokens)
+    if EXACT in timed and PLAIN in timed:
+        cost = (timed[EXACT].expected / timed[EXACT].tokens) / (timed[PLAIN].expected / timed[PLAIN].tokens)
         lines.append(f"exact mode (every target pass {pass_rows} rows per prompt, so that the texts compare equal in "
                      f"any dtype) cost plain decoding {cost:.2f}x its time (median steps); the speedup below is over "
                      f"the fastest plain decoding")
-    if SPECULATIVE in timed and NAIVE in timed:
+    if SPECULATIVE in timed and PLAIN in timed:
         others = (timed[EXACT],) if EXACT in timed else ()
-        trusted, speedup = speedup_lines(timed[SPECULATIVE], timed[NAIVE], "batched plain decoding", others)
+        trusted, speedup = speedup_lines(timed[SPECULATIVE], timed[PLAIN], "batched plain decoding", others)
         lines += speedup
     if SPECULATIVE in totals:
         generations = [g for _, g, _ in done]
@@ -274,8 +285,8 @@ def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], runs: d
                      f"{f'{sum(rates) / len(rates):.2f}' if rates else 'n/a'}")
         lines.append(f"mean tokens per target pass: {sum(len(g.tokens) for g in generations) / max(passes, 1):.2f}; "
                      f"{k_used(generations, args.lookahead, args.draft == NGRAM)}")
-        if SPECULATIVE in timed and NAIVE in timed:
-            lines += why_slower(runs[SPECULATIVE], runs[NAIVE], trusted, lookahead=args.lookahead,
+        if SPECULATIVE in timed and PLAIN in timed:
+            lines += why_slower(runs[SPECULATIVE], runs[PLAIN], trusted, lookahead=args.lookahead,
                                 lookup=args.draft == NGRAM, dtype=dtype, device=device)
     verdicts = [r["identical"] for _, _, r in done if "identical" in r]
     if verdicts and (args.temperature == 0 or args.coupled):

@@ -31,6 +31,9 @@ MEANINGS = {
     Origin.BONUS: "all K drafts kept: one more token drawn from q",
     Origin.TARGET: "a target step with nothing drafted: plain decoding, or a last token made alone",
 }
+# With coupled sampling a rejected draft gives way to the target's own sample at its place.
+COUPLED_MEANINGS = MEANINGS | {Origin.RESAMPLED: "a draft was rejected: the target's Gumbel-max token at its place",
+                               Origin.BONUS: "all K drafts kept: the target's Gumbel-max token after them"}
 HTML_COLOURS = {Origin.DRAFT: "#b6e8b0", Origin.RESAMPLED: "#ffbf8f", Origin.BONUS: "#a9cdf7", Origin.TARGET: "#ddd0f2"}
 ANSI_COLOURS = {Origin.DRAFT: "\x1b[32m", Origin.RESAMPLED: "\x1b[31m", Origin.BONUS: "\x1b[34m",
                 Origin.TARGET: "\x1b[35m"}
@@ -100,23 +103,27 @@ def _html_style(origin: str) -> str:
     return f' style="background:{HTML_COLOURS[origin]}; color:#000"'
 
 
-def to_ansi(generation, tokenizer, prompt_tokens=None) -> str:
+def to_ansi(generation, tokenizer, prompt_tokens=None, coupled: bool = False) -> str:
     """The text for a terminal: the prompt dim, each new token in its origin's colour (reset after each token),
-    then a legend on the last line. Control characters other than newline and tab show as symbols (␛, ␍)."""
+    then a legend on the last line (`coupled`: of coupled sampling's origins). Control characters other than
+    newline and tab show as symbols (␛, ␍)."""
     prompt_text, groups = text_groups(generation, tokenizer, prompt_tokens)
     parts = [f"{ANSI_PROMPT}{printable(prompt_text)}{ANSI_RESET}"] if prompt_text else []
     for text, origin in groups:
         parts.append(f"{ANSI_COLOURS[origin]}{printable(text)}{ANSI_RESET}")
-    legend = "; ".join(f"{ANSI_COLOURS[origin]}{origin}{ANSI_RESET}: {MEANINGS[origin]}" for origin in ORIGINS)
+    meanings = COUPLED_MEANINGS if coupled else MEANINGS
+    legend = "; ".join(f"{ANSI_COLOURS[origin]}{origin}{ANSI_RESET}: {meanings[origin]}" for origin in ORIGINS)
     return f"{''.join(parts)}\nlegend: {legend}"
 
 
-def to_text(generation, tokenizer, prompt_tokens=None) -> str:
+def to_text(generation, tokenizer, prompt_tokens=None, coupled: bool = False) -> str:
     """The text for a terminal without colours: kept drafts as they are, [resampled], {bonus}, <target step>
-    tokens between marks, then a legend on the last line. Control characters show as symbols."""
+    tokens between marks, then a legend on the last line (`coupled` as in `to_ansi`). Control characters show as
+    symbols."""
     prompt_text, groups = text_groups(generation, tokenizer, prompt_tokens)
+    meanings = COUPLED_MEANINGS if coupled else MEANINGS
     legend = "; ".join(f"{'plain' if o == Origin.DRAFT else PLAIN_MARKS[o][0] + '..' + PLAIN_MARKS[o][1]}: "
-                       f"{MEANINGS[o]}" for o in ORIGINS)
+                       f"{meanings[o]}" for o in ORIGINS)
     return f"{printable(prompt_text)}{printable(marked_text(groups))}\nlegend: {legend}"
 
 
@@ -242,11 +249,12 @@ argmax. With coupled sampling a draft is kept iff it is the target's Gumbel-max 
 fixed by the seed and the position, and the first mismatch gives way to y<sub>i</sub>.</p>
 {body}
 <script>
-// Counted from the page itself, so that a reader (or a test in a browser) can check it against the summary.
+// Counted from the rounds the page holds, so that a reader (or a test in a browser) can check it against the summary.
 const rounds = document.querySelectorAll("details.round");
 let kept = 0;
 rounds.forEach(r => kept += Number(r.dataset.kept));
-document.getElementById("counted").textContent = `Counted in this page: ${{rounds.length}} rounds, ${{kept}} drafts kept.`;
+const check = "A check of this page against the summary above, counted from the rounds below: ";
+document.getElementById("counted").textContent = check + `${{rounds.length}} rounds, ${{kept}} drafts kept.`;
 </script>
 </body></html>
 """)

@@ -12,10 +12,9 @@ import torch
 
 from speculative_gpt2.machine import resolve_dtype
 from speculative_gpt2.records import Generation
-from speculative_gpt2.timing import step_medians
 
 # The runs, in the order they are made; EXACT is plain decoding in the passes speculative sampling is compared in.
-NAIVE, UNCACHED, EXACT, SPECULATIVE = "naive", "uncached", "exact", "speculative"
+PLAIN, UNCACHED, EXACT, SPECULATIVE = "plain", "uncached", "exact", "speculative"
 # --draft ngram: prompt lookup drafting, no draft model.
 NGRAM = "ngram"
 
@@ -46,32 +45,33 @@ def acceptance(runs: list[Generation]) -> str:
     return f"acceptance rate: {rate} (drafts kept / drafts proposed: {kept} of {proposed})"
 
 
-def why_slower(spec: list[Generation], naive: list[Generation], speedup: float, *, lookahead: int | str,
+def why_slower(spec: list[Generation], plain: list[Generation], speedup: float, *, lookahead: int | str,
                lookup: bool, dtype: torch.dtype, device) -> list[str]:
     """When speculative sampling was slower than plain decoding (`speedup`: the figure the report trusts), a line
     that says why from the runs' median step costs, and one of what to try; otherwise none.
 
     The break-even is in the report's own terms: a round costs some target passes (its drafts and its
     verification, at their median pace) and yields some tokens; it pays when it yields more tokens than it costs.
-    `spec` and `naive` are the rows of the runs compared (their steps and rounds pooled)."""
+    `spec` and `plain` are the rows of the runs compared (their steps and rounds pooled)."""
     drafted = [r for g in spec for r in g.rounds if r.lookahead > 0]
-    naive_steps, spec_steps = [s for g in naive for s in g.steps], [s for g in spec for s in g.steps]
-    if speedup >= 1 or not drafted or not naive_steps or not spec_steps:
+    plain_steps = [s for g in plain for s in g.steps]
+    if speedup >= 1 or not drafted or not plain_steps:
         return []
-    t_target = statistics.median(s.ms for s in naive_steps)  # a plain pass of the same rows
-    medians = step_medians(spec_steps)
-    cost = sum(medians[s.width] for s in spec_steps) / len(spec_steps) / t_target  # target passes per round
-    yielded = sum(len(g.tokens) for g in spec) / sum(g.target_calls for g in spec)  # tokens per round
+    t_target = statistics.median(s.ms for s in plain_steps)  # a plain pass of the same rows
+    # A drafting round in target passes, from the medians of its parts, so that the parts add up to the whole.
+    drafts = sum(r.lookahead for r in drafted) / len(drafted)
+    per_draft = statistics.median(r.draft_ms / r.lookahead for r in drafted) / t_target
     t_verify = statistics.median(r.verify_ms for r in drafted) / t_target
-    per_draft = statistics.median(r.draft_ms / r.lookahead for r in drafted)
-    drafts = f"lookups of {per_draft:.2f} ms" if lookup else f"draft passes of {per_draft / t_target:.2f} each"
+    cost = drafts * per_draft + t_verify
+    yielded = sum(len(g.tokens) for g in spec) / sum(g.target_calls for g in spec)  # tokens per round
+    each = f"lookups of {per_draft:.3f}" if lookup else f"draft passes of {per_draft:.2f}"
     kept, proposed = sum(g.accepted for g in spec), sum(g.proposed for g in spec)
     rounds = sum(len(g.rounds) for g in spec)
     empty = sum(r.lookahead == 0 for g in spec for r in g.rounds)
     if yielded < cost:
-        line = (f"why: at {k_used(spec, lookahead, short=True)} a round cost {cost:.2f} target passes ({drafts}, a "
-                f"verification of {t_verify:.2f}) and yielded {yielded:.2f} tokens: it pays only when it yields more "
-                f"than it costs")
+        line = (f"why: at {k_used(spec, lookahead, short=True)} a drafting round cost {cost:.2f} target passes "
+                f"({drafts:.2f} {each} each, and a verification of {t_verify:.2f}: medians) and yielded "
+                f"{yielded:.2f} tokens: it pays only when it yields more than it costs")
         if empty and lookup:
             line += f"; the lookup found nothing to propose in {empty} of {rounds} rounds"
     else:
@@ -80,9 +80,11 @@ def why_slower(spec: list[Generation], naive: list[Generation], speedup: float, 
     tries = [] if lookahead == "auto" else ["--lookahead auto (it lowers K when drafts are rejected)"]
     rate = kept / proposed if proposed else 0.0
     if lookup and (rate < 0.5 or empty > rounds / 2):
-        tries.append("a draft model (--draft gpt2): prompt lookup pays where the text repeats earlier text")
+        tries.append("a draft model (--draft gpt2, downloaded once; or a checkpoint folder of a small GPT-2): prompt "
+                     "lookup pays where the text repeats earlier text")
     elif not lookup and rate < 0.5:
-        tries.append("a draft model that agrees more with the target (a random one never does)")
+        tries.append(f"a draft model that agrees more with the target (this one's drafts were kept {rate:.0%} of the "
+                     f"time)")
     if dtype != torch.bfloat16 and resolve_dtype("auto", device) == torch.bfloat16:
         tries.append("--dtype bfloat16 (native on this hardware: cheaper passes)")
     if yielded >= cost:
@@ -91,9 +93,24 @@ def why_slower(spec: list[Generation], naive: list[Generation], speedup: float, 
 
 
 def cost_ratio(target, draft) -> float:
-    """c, a draft pass's cost in target passes, taken as the ratio of parameter counts: decoding reads every
-    weight once per pass. A number of the models, not a measurement, so a run's K sequence can be reproduced.
-    Without a draft model (prompt lookup) it is 0: a lookup reads no weights."""
+    """c, a draft pass's cost in target passes, taken as the ratio of the bytes of weights their passes read
+    (`pass_bytes`): decoding reads every weight once per pass. A number of the models, not a measurement, so a
+    run's K sequence can be reproduced. Without a draft model (prompt lookup) it is 0: a lookup reads no weights."""
     if draft is None:
         return 0.0
-    return sum(p.numel() for p in draft.parameters()) / sum(p.numel() for p in target.parameters())
+    return pass_bytes(draft) / pass_bytes(target)
+
+
+def pass_bytes(model) -> int:
+    """The bytes of weights one pass of `model` (or of the model a runner wraps) reads: every linear layer's,
+    however it holds its weight (a Parameter, oneDNN's packed layout, int8 with scales), the LM head's included,
+    and the layer norms'. An embedding is looked up, a few rows per pass, and not counted."""
+    total = 0
+    for module in getattr(model, "model", model).modules():
+        if isinstance(module, torch.nn.Embedding) or hasattr(module, "table"):  # FrozenEmbedding: packing.py
+            continue
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        total += sum(t.numel() * t.element_size() for t in own)
+        if hasattr(module, "packed"):  # PackedLinear: its weight lives only in oneDNN's opaque tensor
+            total += module.out_features * module.in_features * module.dtype.itemsize
+    return total

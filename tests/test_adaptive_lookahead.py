@@ -1,10 +1,16 @@
 """AdaptiveLookahead: close to the best fixed K without knowing it, and it follows the acceptance rate."""
 
+import copy
+
 import pytest
+import torch
 
 from benchmarks.adaptive_lookahead import XL_SMALL_FP32, compare
 from speculative_gpt2.random_checkpoint import noisy_copy, random_model
-from gpt2_model import GPT2Config
+from gpt2_model import GPT2, GPT2Config
+from speculative_gpt2.int8 import quantize_int8
+from speculative_gpt2.packing import pack_linears
+from speculative_gpt2.report import cost_ratio
 from speculative_gpt2.lookahead import (AdaptiveLookahead, Round, break_even_alpha, estimated_alpha, expected_tokens_per_round,
                                          interpolate, predicted_speedup)
 from speculative import autoregressive_sample, speculative_sample
@@ -113,3 +119,19 @@ def test_break_even_alpha_edges():
     assert break_even_alpha(4, 100, 500, t_target=100) is None  # a round costs 9 plain passes; at most 5 tokens
     assert break_even_alpha(4, 0, 90, t_target=100) == 0.0  # verification cheaper than one plain pass
     assert estimated_alpha(0, 5) == 0.0 and estimated_alpha(6, 2) == 0.75 and estimated_alpha(4, 0) == 1.0
+
+
+def test_the_cost_ratio_is_what_a_pass_reads_packed_or_not():
+    # c for gpt2-xl / gpt2 is 0.08 (the bytes their passes read); packing or int8 must not change what it counts.
+    with torch.device("meta"):
+        xl, small = GPT2(GPT2Config.from_name("gpt2-xl")), GPT2(GPT2Config.from_name("gpt2"))
+    assert cost_ratio(xl, small) == pytest.approx(0.0792, abs=5e-4)
+    torch.manual_seed(0)
+    target = GPT2(GPT2Config(n_layer=4, n_head=2, n_embd=64, vocab_size=97, n_positions=32)).eval()
+    draft = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=64, vocab_size=97, n_positions=32)).eval()
+    plain = cost_ratio(target, draft)
+    assert 0.1 < plain < 0.5
+    assert cost_ratio(pack_linears(copy.deepcopy(target)), pack_linears(copy.deepcopy(draft))) == pytest.approx(plain)
+    assert cost_ratio(target, pack_linears(copy.deepcopy(draft))) == pytest.approx(plain)
+    # int8 weights read a quarter of float32's bytes (plus the scales): the draft costs about a quarter as much.
+    assert cost_ratio(target, quantize_int8(copy.deepcopy(draft))) == pytest.approx(plain / 4, rel=0.1)

@@ -276,11 +276,12 @@ def run_cli(*args):
 def test_cli_refuses_a_vocabulary_larger_than_the_tokenizer(tmp_path):
     random_model(GPT2Config(vocab_size=50304, n_positions=64, n_embd=16, n_layer=1, n_head=2), 0).save_pretrained(
         tmp_path / "padded")
-    result = run_cli("--target", str(tmp_path / "padded"), "--mode", "naive", "--max-new-tokens", "4")
+    result = run_cli("--target", str(tmp_path / "padded"), "--mode", "plain", "--max-new-tokens", "4")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "the target has 50304 tokens, more than the GPT-2 tokenizer's 50257" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_escapes_control_characters_in_what_it_prints(tmp_path):
     random_model(GPT2Config(n_positions=64, n_embd=16, n_layer=1, n_head=2), 0).save_pretrained(tmp_path / "m")
     for stream in ([], ["--no-stream"]):

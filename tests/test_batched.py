@@ -167,11 +167,13 @@ def row_p_values(target, draft, seed: int, **options) -> list[float]:
     return [chi_square_p_value(counts[b], exact_first_two(target, p, **options)) for b, p in enumerate(PROMPTS)]
 
 
+@pytest.mark.slow
 def test_every_row_of_a_batch_follows_the_target_distribution(small_pair):
     p_values = row_p_values(*small_pair, seed=11, temperature=1.0)
     assert min(p_values) > LEVEL, p_values
 
 
+@pytest.mark.slow
 def test_negative_control_a_wrong_resampling_rule_is_detected_in_a_batch(small_pair, monkeypatch):
     # Replacing a rejected draft with a sample from q instead of norm(max(0, q - p)) leans towards the draft.
     monkeypatch.setattr(speculative, "residual_distribution", lambda q, p: q)

@@ -12,6 +12,8 @@ import pytest
 from gpt2_model import GPT2Config
 from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 
+pytestmark = pytest.mark.slow  # the benchmark runs whole on tiny models: seconds apiece
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

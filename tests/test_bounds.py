@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gpt2_model import GPT2Config
+from speculative import autoregressive_sample, speculative_sample
 from speculative_gpt2 import cli
 from speculative_gpt2.drafters import PromptLookupDrafter, Sampling
 from speculative_gpt2.random_checkpoint import random_model
@@ -72,7 +73,8 @@ def test_an_allocators_refusal_is_named_as_out_of_memory(target, monkeypatch, te
         raise RuntimeError(text)
 
     monkeypatch.setattr(cli, "autoregressive_sample", refuse)
-    status, _, err = run_cli("--target", target, "--mode", "naive", "--device", "cpu", "--max-new-tokens", 4)
+    status, _, err = run_cli("--target", target, "--mode", "plain", "--device", "cpu", "--max-new-tokens", 4, "--dtype",
+                             "float32")
     assert status == 2 and "Traceback" not in err
     asked = {"DefaultCPUAllocator": " (asked for 8 bytes)", "CUDA": " (asked for 2.00 GiB)",
              "not enough": " (asked for 9 GB)"}
@@ -81,12 +83,41 @@ def test_an_allocators_refusal_is_named_as_out_of_memory(target, monkeypatch, te
                                     f"bfloat16, fewer --max-new-tokens or a smaller --lookahead")
 
 
+def test_out_of_memory_advice_names_only_what_would_change_this_run(target, monkeypatch, tmp_path, run_cli):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")
+
+    monkeypatch.setattr(cli, "autoregressive_sample", refuse)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one\ntwo\n")
+    status, _, err = run_cli("--target", target, "--mode", "plain", "--device", "cpu", "--max-new-tokens", 4, "--dtype",
+                             "bfloat16", "--prompts-file", prompts, "--batch-size", 3000)
+    assert status == 2 and err.splitlines()[-1] == (
+        "speculative-gpt2: error: out of memory (asked for 8 bytes): use a smaller --batch-size (this run: 3000 "
+        "prompts per batch), a smaller model, fewer --max-new-tokens or a smaller --lookahead")  # bfloat16 already
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(exact=10**9), r"exact \(rows per target pass\) must be an integer from 1 to 64"),
+    (dict(exact=200), r"exact \(rows per target pass\) must be an integer from 1 to 64"),
+    (dict(exact=True, lookahead=10**9), "exact=True pads every target pass to K \\+ 1 = 1000000001 rows, more than the "
+                                        "model's context of 64 positions"),
+])
+def test_exact_mode_rows_past_the_context_are_refused_before_any_memory(kwargs, message):
+    model = random_model(GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=1, n_head=2), seed=0)
+    with pytest.raises(ValueError, match=message):
+        speculative_sample(model, PromptLookupDrafter(), [1, 2, 3], 4, **kwargs)
+    if "lookahead" not in kwargs:
+        with pytest.raises(ValueError, match=message):
+            autoregressive_sample(model, [1, 2, 3], 4, **kwargs)
+
+
 def test_a_real_allocation_failure_is_named_as_out_of_memory(target, monkeypatch, run_cli):
     def allocate_too_much(*args, **kwargs):  # torch's own refusal, as a lookahead of 10^9 met it
         return torch.empty(2**62, dtype=torch.uint8)
 
     monkeypatch.setattr(cli, "autoregressive_sample", allocate_too_much)
-    status, _, err = run_cli("--target", target, "--mode", "naive", "--device", "cpu", "--max-new-tokens", 4)
+    status, _, err = run_cli("--target", target, "--mode", "plain", "--device", "cpu", "--max-new-tokens", 4)
     assert status == 2 and "error: out of memory (asked for 4.61e+18 bytes)" in err and "Traceback" not in err
 
 
@@ -96,7 +127,7 @@ def test_other_runtime_errors_are_not_taken_for_memory(target, monkeypatch):
 
     monkeypatch.setattr(cli, "autoregressive_sample", bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):  # a bug keeps its traceback
-        cli.main(["--target", str(target), "--mode", "naive", "--device", "cpu", "--max-new-tokens", "4"])
+        cli.main(["--target", str(target), "--mode", "plain", "--device", "cpu", "--max-new-tokens", "4"])
 
 
 # PromptLookupDrafter -------------------------------------------------------------------------------------------

@@ -101,6 +101,25 @@ def test_gumbel_max_of_the_position_noise_follows_the_distribution(position):
     assert chi_square_p_value(torch.bincount(biased, minlength=12), q) < LEVEL
 
 
+@pytest.mark.parametrize("seed", [0, 1, 4103, 2**43 - 1, 2**63 - 1])
+def test_seeds_that_differ_in_any_bit_draw_different_noise(seed):
+    # Every seed of the documented range has noise of its own at every position: seeds one bit apart (4096 apart
+    # included, which a 32-bit generator seed once merged) and positions one bit apart never share it.
+    noise = gumbel_noise(seed, 5, 64)
+    for bit in range(63):
+        assert not torch.equal(gumbel_noise(seed ^ (1 << bit), 5, 64), noise), f"seed {seed} and bit {bit}"
+    for bit in range(20):
+        assert not torch.equal(gumbel_noise(seed, 5 ^ (1 << bit), 64), noise), f"position 5 and bit {bit}"
+    assert torch.equal(gumbel_noise(seed, 5, 64), noise) and noise.isfinite().all()  # the same key, the same noise
+
+
+def test_texts_of_seeds_4096_apart_differ():
+    target = near_tie_model("float32")
+    texts = [autoregressive_sample(target, [1, 2, 3], 24, temperature=1.0, coupled=True, seed=s).tokens
+             for s in (0, 4096, 7, 4103)]
+    assert texts[0] != texts[1] and texts[2] != texts[3]
+
+
 def test_the_coupled_samplers_tokens_follow_the_target_over_seeds():
     # Over 3000 seeds (rows of one batch, one seed each), the first and the third new token of coupled speculative
     # sampling follow the target's distribution: the first's q, and the third's marginal over the first two,

@@ -87,6 +87,7 @@ def test_the_lock_of_another_preset_is_not_waited_for(tmp_path, stderr):
     assert stderr.getvalue() == ""
 
 
+@pytest.mark.slow
 def test_the_download_command_says_what_it_waits_for(tmp_path):
     # The real command in its own process, which this test's lock keeps waiting; released, it goes on (and fails
     # in one line: the endpoint is unreachable).

@@ -148,3 +148,23 @@ def test_the_checks_add_no_host_sync(target, monkeypatch):
     # One transfer per round; the prompt's check reads it once more.
     assert calls["item"] == 0 and calls["tolist"] <= out.target_calls + 1, (calls, out.target_calls)
 
+
+
+class Sparse(Spoiled):
+    """Proposes one-hot p as a sparse tensor, as a drafter that builds p from indices might."""
+
+    def __init__(self):
+        super().__init__(lambda x, p: Proposal(x, p.to_sparse()))
+
+
+def test_a_sparse_p_is_refused_naming_the_drafter_and_the_fix(target):
+    with pytest.raises(ValueError, match=r"the drafter Sparse proposed p as a sparse_coo tensor: give a dense one "
+                                         r"\(p.to_dense\(\)\)"):
+        speculative_sample(target, Sparse(), PROMPT, 6, temperature=1.0)
+
+
+def test_a_drafter_class_in_place_of_an_instance_is_refused():
+    with pytest.raises(ValueError, match=r"draft is the class PromptLookupDrafter, not a drafter: pass an instance, "
+                                         r"PromptLookupDrafter\(\)"):
+        speculative_sample(random_model(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=1, n_head=2), seed=0),
+                           PromptLookupDrafter, PROMPT, 4)

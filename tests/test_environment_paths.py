@@ -144,7 +144,7 @@ def test_the_cache_is_where_huggingface_hub_looks(environment, monkeypatch, tmp_
 def test_a_run_that_needs_the_folder_names_the_variable(environment, monkeypatch, capsys):
     monkeypatch.setattr(GPT2, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setenv("SPECULATIVE_GPT2_WEIGHTS", f"{NO_USER}/x")
-    status = cli.main(["--target", "gpt2", "--mode", "naive", "--no-download", "--device", "cpu"])
+    status = cli.main(["--target", "gpt2", "--mode", "plain", "--no-download", "--device", "cpu"])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert f"--target gpt2: SPECULATIVE_GPT2_WEIGHTS='{NO_USER}/x'" in err
@@ -154,7 +154,7 @@ def test_weights_dir_on_the_command_line_needs_no_default(environment, monkeypat
     monkeypatch.setattr(GPT2, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setenv("SPECULATIVE_GPT2_WEIGHTS", f"{NO_USER}/x")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    status = cli.main(["--target", "gpt2", "--mode", "naive", "--no-download", "--device", "cpu", "--weights-dir",
+    status = cli.main(["--target", "gpt2", "--mode", "plain", "--no-download", "--device", "cpu", "--weights-dir",
                        str(tmp_path / "w")])
     err = capsys.readouterr().err
     assert status == 2 and "downloading is off" in err and "SPECULATIVE_GPT2_WEIGHTS" not in err

@@ -17,6 +17,7 @@ from gpt2_model import KEY_BLOCK, GPT2Config, attend
 from speculative import autoregressive_sample, speculative_sample
 from speculative_gpt2.exact import fixed_rows_pass, padded_rows
 from speculative_gpt2.lookahead import AdaptiveLookahead
+from speculative_gpt2.machine import native_bfloat16
 from speculative_gpt2.packing import PackedLinear, pack_linears
 from speculative_gpt2.random_checkpoint import random_model
 
@@ -52,8 +53,10 @@ def linear_shapes(width: int) -> list[tuple[int, int]]:
     return [(3 * width, width), (width, width), (4 * width, width), (width, 4 * width), (50257, width)]
 
 
-# F.linear in every dtype (unpacked models), and oneDNN's linear on packed weights (pack_linears, CPU float32).
-KERNELS = [(dtype, "F.linear") for dtype in DTYPES] + [("float32", "oneDNN")]
+# F.linear in every dtype (unpacked models), and oneDNN's linear on packed weights (pack_linears: CPU float32, and
+# bfloat16 where the CPU runs it natively).
+KERNELS = [(dtype, "F.linear") for dtype in DTYPES] + [("float32", "oneDNN")] + (
+    [("bfloat16", "oneDNN")] if native_bfloat16() else [])
 
 
 @pytest.mark.parametrize("dtype,kernel", KERNELS)
@@ -86,7 +89,7 @@ def test_platform_attention_row_depends_only_on_the_keys_it_sees(width, dtype, r
     # As CausalSelfAttention calls it: queries (B, nh, rows, 64) over the cache's span (B, nh, S, 64), with the mask
     # positions >= key_positions. A row's output must not move with its place among the rows, the span's length
     # (the buffer, a batch-mate's longer text) or the batch's other rows.
-    n_head, p = width // 64, 300  # the row under test is at position p: its keys fill one block and part of another
+    n_head, p = width // 64, KEY_BLOCK + 44  # the row under test is at position p: its keys fill one block and part of another
     gen = torch.Generator().manual_seed(width + rows)
     to = DTYPES[dtype]
     query = torch.randn(n_head, 64, generator=gen).to(to)
@@ -103,11 +106,30 @@ def test_platform_attention_row_depends_only_on_the_keys_it_sees(width, dtype, r
         return attend(q, k, v, (positions[:, :, None] >= torch.arange(span))[:, None])[-1, :, place]
 
     reference = attention_at(0, 2 * KEY_BLOCK, 1)
-    for place, span, batch in [(rows - 1, 2 * KEY_BLOCK, 1), (rows // 2, 3 * KEY_BLOCK, 1), (0, 4 * KEY_BLOCK, 3),
-                               (rows - 1, 2 * KEY_BLOCK, 2)]:
+    for place, span, batch in [(rows - 1, 2 * KEY_BLOCK, 1), (rows // 2, 3 * KEY_BLOCK, 1), (0, 8 * KEY_BLOCK, 3),
+                               (rows - 1, 2 * KEY_BLOCK, 2), (1, 5 * KEY_BLOCK, 1)]:
         assert torch.equal(attention_at(place, span, batch), reference), (
             f"attention {dtype}, {n_head} heads: a query row gives another result as row {place} of {rows}, over "
             f"{span} slots, in a batch of {batch}: a row's text would depend on what runs beside it here")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_platform_attention_row_is_the_same_in_a_pass_of_any_size(dtype):
+    # attend computes every query among at least QUERY_ROWS: a query row must then give the same result in a 1-row
+    # pass (plain decoding, a draft pass) as at any place of a pass of up to 16 rows (a verification).
+    gen = torch.Generator().manual_seed(7)
+    to = DTYPES[dtype]
+    p, span = KEY_BLOCK + 20, 2 * KEY_BLOCK
+    k, v = (torch.randn(2, 25, span, 64, generator=gen).to(to) for _ in range(2))
+    queries = torch.randn(2, 25, 16, 64, generator=gen).to(to)
+    positions = torch.arange(p, p + 16).expand(2, 16)
+    mask = (positions[:, :, None] >= torch.arange(span))[:, None]
+    for rows in (2, 3, 5, 8, 16):
+        together = attend(queries[:, :, :rows], k, v, mask[:, :, :rows])
+        for place in range(rows):
+            alone = attend(queries[:, :, place : place + 1], k, v, mask[:, :, place : place + 1])
+            assert torch.equal(together[:, :, place : place + 1], alone), (
+                f"attention {dtype}: row {place} of a {rows}-row pass differs from the same query alone")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -229,7 +251,7 @@ def test_exact_needs_a_positive_row_count_or_a_bool(rows):
     model = random_model(TINY, seed=0)
     for run in (speculative_sample, autoregressive_sample):
         args = (model, model) if run is speculative_sample else (model,)
-        with pytest.raises(ValueError, match=r"exact \(rows per target pass\) must be an integer >= 1"):
+        with pytest.raises(ValueError, match=r"exact \(rows per target pass\) must be an integer from 1 to "):
             run(*args, [1, 2], 4, exact=rows)
     with pytest.raises(ValueError, match=r"exact=True takes its rows from K.*exact=K \+ 1"):
         autoregressive_sample(model, [1, 2], 4, exact=True)

@@ -11,7 +11,7 @@ import torch
 
 from gpt2_model import GPT2
 from speculative import speculative_sample
-from speculative_gpt2.checkpoints import find_checkpoint, preset_of
+from speculative_gpt2.checkpoints import find_checkpoint, local_pair, preset_of
 from speculative_gpt2.cli import parse_args
 from speculative_gpt2.random_checkpoint import tiny_pair
 
@@ -52,3 +52,38 @@ def test_help_has_no_empty_defaults():
     assert not re.search(r"\(default:\s+(None|False)\)", result.stdout)
     assert re.search(r"\(default:\s+4\)", result.stdout)  # real defaults are still shown
     assert parse_args([]).top_k is None  # still no top-k unless asked
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_every_missing_model_is_named_at_once_with_the_commands_that_make_both(tmp_path, monkeypatch, offline,
+                                                                             refused_before_loading):
+    # A newcomer's first run without the hub: both presets are missing, and one line says so, with the commands that
+    # write random checkpoints of both shapes and the flags that use them (not one model per try).
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: the download fails
+        monkeypatch.setattr("speculative_gpt2.checkpoints.time.sleep", lambda s: None, raising=False)
+    err = refused_before_loading("--weights-dir", tmp_path / "weights", "--max-new-tokens", "4")
+    why = "HF_HUB_OFFLINE is set" if offline else "downloading failed: "
+    assert f"--target gpt2-xl and --draft gpt2 are not on this machine, and {why}" in err
+    assert ("python -m speculative_gpt2.random_checkpoint gpt2-xl weights/random-gpt2-xl && python -m "
+            "speculative_gpt2.random_checkpoint gpt2 weights/random-gpt2, then pass --target weights/random-gpt2-xl "
+            "--draft weights/random-gpt2") in err
+
+
+def test_the_notebook_finds_the_random_checkpoints_of_the_offline_route(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    weights = tmp_path / "weights"
+    assert local_pair("gpt2-xl", "gpt2", weights_dir=weights) is None
+    target, draft = tiny_pair()
+    target.save_pretrained(weights / "random-gpt2-xl")
+    assert local_pair("gpt2-xl", "gpt2", weights_dir=weights) is None  # both or neither
+    draft.save_pretrained(weights / "random-gpt2")
+    assert local_pair("gpt2-xl", "gpt2", weights_dir=weights) == (weights / "random-gpt2-xl", weights / "random-gpt2",
+                                                                   True)
+    # Folders named by the caller come first, and are no random stand-ins.
+    assert local_pair(weights / "random-gpt2", weights / "random-gpt2", weights_dir=weights)[2] is False

@@ -280,8 +280,31 @@ def test_a_pass_over_the_whole_buffer_has_one_shape_anywhere_and_the_logits_of_i
             at = model.forward_at(new, model.positions(new, whole), whole)
             whole.lengths = [start + 3]
             assert torch.equal(at, model(new, cache=spans))
-    assert shapes[::2] == [((1, 2, 3, 8), (1, 2, 768, 8), (1, 1, 3, 768))] * 10  # 600 positions: 3 key blocks
-    assert {s[1][2] for s in shapes[1::2]} == {256, 512}  # the spans: the blocks up to the pass's last position
+    slots = gpt2_model.KVCache.slots(600)  # 600 positions in whole key blocks
+    assert shapes[::2] == [((1, 2, 3, 8), (1, 2, slots, 8), (1, 1, 3, slots))] * 10
+    # The spans: the blocks up to the pass's last position (252 to 282).
+    assert {s[1][2] for s in shapes[1::2]} == {gpt2_model.KVCache.slots(n) for n in (253, 282)}
+
+
+def test_a_cache_zeroes_the_blocks_its_text_reaches_and_what_lies_past_them_changes_nothing():
+    # A new cache is not cleared: its memory may hold anything (here NaN, the worst), and a key block is zeroed when
+    # a pass first reaches it. The logits are those of a cache made of zeros, bit for bit, and the blocks no pass
+    # reached are never touched: a cache costs what its text reaches.
+    config = GPT2Config(n_positions=600, n_embd=32, n_layer=2, n_head=2, vocab_size=50)
+    model = GPT2(config).eval()
+    idx = torch.randint(0, 50, (2, 300), generator=torch.Generator().manual_seed(1))
+    fresh = model.new_cache(2, max_len=600)
+    fresh.keys.fill_(float("nan")), fresh.values.fill_(float("nan"))
+    shape = fresh.keys.shape
+    zeros = KVCache(config, 2, 600, torch.float32, "cpu", buffers=(torch.zeros(shape), torch.zeros(shape),
+                                                                  torch.arange(shape[3])))
+    with torch.no_grad():
+        for start in range(0, 300, 7):
+            new = idx[:, start : start + 7]
+            assert torch.equal(model(new, cache=fresh), model(new, cache=zeros))
+    reached = KVCache.slots(300)
+    assert fresh.ready == reached < shape[3]
+    assert fresh.keys[..., reached:, :].isnan().all() and fresh.values[..., reached:, :].isnan().all()
 
 
 def test_a_cache_that_does_not_fit_the_model_is_refused():

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a wheel and a virtual environment are built: seconds apiece
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

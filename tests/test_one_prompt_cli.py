@@ -26,6 +26,7 @@ def models(folder) -> list[str]:
     return ["--target", str(folder / "target"), "--draft", str(folder / "draft")]
 
 
+@pytest.mark.slow
 def test_a_prompts_file_gives_each_line_the_same_tokens_at_every_batch_size_and_alone(near_tie_checkpoints,
                                                                                        tmp_path, run_cli):
     prompts = tmp_path / "prompts.txt"
@@ -48,7 +49,7 @@ def test_a_prompts_file_gives_each_line_the_same_tokens_at_every_batch_size_and_
         assert status == 0, err
         # Exact mode's plain decoding and speculative sampling print it (1-row plain decoding may part at a
         # near-tie: the summary says so).
-        exact, speculative = out.split("=== Naive decoding, exact mode")[1].split("=== Speculative sampling")
+        exact, speculative = out.split("=== Plain decoding, exact mode")[1].split("=== Speculative sampling")
         text = f"Generated: {printable(enc.decode(enc.encode(prompt) + tokens[1][line]))}\n"
         assert text in exact and text in speculative and "identical outputs: yes" in out
 

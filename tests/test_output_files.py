@@ -2,7 +2,10 @@
 link, never a FIFO, a device or a folder, never the prompts file under another name; and every check that can fail
 runs before the file is touched."""
 
+import errno
+import fcntl
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -204,7 +207,7 @@ def test_a_vocabulary_without_the_eos_id_is_refused_before_the_output_is_emptied
                                                                                  refused_before_loading):
     output = tmp_path / "out.jsonl"
     output.write_text(OLDER)
-    err = refused_before_loading(*models(checkpoints, "vocab2000"), "--mode", "naive",
+    err = refused_before_loading(*models(checkpoints, "vocab2000"), "--mode", "plain",
                                  "--prompts-file", prompts, "--output", output)
     assert f"--target {checkpoints / 'vocab2000'}" in err and "end-of-text id 50256" in err and "--ignore-eos" in err
     assert "prompt 0" not in err and output.read_text() == OLDER
@@ -212,7 +215,7 @@ def test_a_vocabulary_without_the_eos_id_is_refused_before_the_output_is_emptied
 
 def test_with_ignore_eos_that_vocabulary_runs(checkpoints, prompts, tmp_path, run_cli):
     output = tmp_path / "out.jsonl"
-    status, _, err = run_cli(*models(checkpoints, "vocab2000"), "--mode", "naive", "--prompts-file", prompts,
+    status, _, err = run_cli(*models(checkpoints, "vocab2000"), "--mode", "plain", "--prompts-file", prompts,
                          "--output", output, "--ignore-eos")
     assert status == 0, err
     assert len(output.read_text().splitlines()) == 2
@@ -238,3 +241,74 @@ def test_a_good_run_replaces_an_older_file(checkpoints, prompts, tmp_path, run_c
     assert status == 0, err
     assert [line.startswith('{"line": ') for line in output.read_text().splitlines()] == [True, True]
 
+
+
+# The trace page follows --output's rules -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", ["fifo", "device", "symlink to stdout", "symlink to a file"])
+def test_the_trace_page_never_replaces_a_fifo_a_device_or_a_link(checkpoints, tmp_path, make,
+                                                                 refused_before_loading):
+    trace = tmp_path / "trace.html"
+    if make == "fifo":
+        os.mkfifo(trace)
+    elif make == "device":
+        if os.geteuid() != 0:
+            pytest.skip("making a device node takes root")
+        os.mknod(trace, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+    elif make == "symlink to stdout":
+        trace.symlink_to("/proc/self/fd/1")
+    else:
+        (tmp_path / "page.html").write_text("precious\n")
+        trace.symlink_to(tmp_path / "page.html")
+    before = os.lstat(trace)
+    err = refused_before_loading(*models(checkpoints), "--trace", trace)
+    assert f"--trace {trace} is a" in err and ("symbolic link" in err or "not a regular file" in err)
+    after = os.lstat(trace)
+    assert (before.st_ino, before.st_mode) == (after.st_ino, after.st_mode)  # the same thing, left as it was
+
+
+@pytest.mark.parametrize("flag", ["--output", "--trace"])
+def test_a_file_of_the_kernels_proc_is_refused_before_loading(checkpoints, prompts, flag, refused_before_loading):
+    extra = ["--prompts-file", prompts] if flag == "--output" else []
+    err = refused_before_loading(*models(checkpoints), *extra, flag, "/proc/version")
+    assert f"{flag} /proc/version is a file of the kernel's /proc, not one to write to" in err
+
+
+@pytest.mark.parametrize("flag", ["--output", "--trace", "--prompts-file"])
+def test_an_empty_file_name_is_named_as_empty(checkpoints, prompts, flag, run_cli):
+    extra = ["--prompts-file", prompts] if flag == "--output" else []
+    status, out, err = run_cli(*models(checkpoints), *extra, flag, "")
+    assert status == 2 and f"{flag} is empty: give a file or folder name" in err and err.count("\n") == 1
+
+
+def test_a_full_disk_on_the_trace_page_names_the_flag_and_the_file(checkpoints, tmp_path, monkeypatch, run_cli):
+    from speculative_gpt2 import files
+
+    def no_space(dest, write):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "write_atomically", no_space)
+    status, out, err = run_cli(*models(checkpoints), "--trace", tmp_path / "run.html", "--mode", "speculative")
+    assert status == 2 and err.strip().splitlines()[-1].endswith(
+        f"error: --trace {tmp_path / 'run.html'}: the page could not be written (No space left on device): free some "
+        f"space or choose another folder")
+
+
+# One run writes a file at a time ------------------------------------------------------------------------------------
+
+
+def test_a_second_run_writing_the_same_output_is_refused(checkpoints, prompts, tmp_path, run_cli):
+    out = tmp_path / "out.jsonl"
+    out.write_text(OLDER)
+    holder = os.open(out, os.O_WRONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # what a run writing the file holds
+    try:
+        status, _, err = run_cli(*models(checkpoints), "--prompts-file", prompts, "--output", out)
+    finally:
+        os.close(holder)
+    assert status == 2 and f"--output {out} is being written by another run" in err and err.count("\n") == 1
+    assert out.read_text() == OLDER  # refused before anything was written
+    status, _, err = run_cli(*models(checkpoints), "--prompts-file", prompts, "--output", out)  # free again
+    assert status == 0, err
+    assert out.read_text().count("\n") == 2

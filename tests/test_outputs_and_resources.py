@@ -103,6 +103,7 @@ def test_model_text_with_c1_controls_is_escaped_in_every_renderer(enc):
         assert "<U+009B>2J" in shown and "<U+009D>0;title<U+009C>" in shown and "<U+202E>evil" in shown
 
 
+@pytest.mark.slow
 def test_cli_escapes_c1_and_bidi_in_every_path(folders):
     prompt = "hi \x9b2J\x9d0;t\x9c \u202eab\u2066"
     base = ["--target", str(folders / "target"), "--draft", str(folders / "draft"), "--max-new-tokens", "6",
@@ -249,6 +250,7 @@ def test_the_cost_model_still_adapts_to_the_acceptance():
     assert good.choose() == good.max_lookahead and bad.choose() == 1
 
 
+@pytest.mark.slow
 def test_cli_auto_at_temperature_1_gives_one_text_and_says_why(folders):
     args = ["--target", str(folders / "target"), "--draft", str(folders / "draft"), "--mode", "speculative",
             "--lookahead", "auto", "--temperature", "1", "--max-new-tokens", "30", "--ignore-eos", "--seed", "3"]
@@ -458,7 +460,7 @@ def test_a_clock_that_reads_0_ms_does_not_divide_by_zero():
 
 
 def test_a_prompt_that_is_not_utf8_is_refused_naming_the_flag(folders):
-    result = run_cli("--target", str(folders / "target"), "--mode", "naive", "--max-new-tokens", "4", "--prompt",
+    result = run_cli("--target", str(folders / "target"), "--mode", "plain", "--max-new-tokens", "4", "--prompt",
                      b"caf\xe9 au lait")  # Latin-1, as a shell in another locale would pass it
     err = result.stderr.decode()
     assert result.returncode == 2 and len(err.strip().splitlines()) == 1

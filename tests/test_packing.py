@@ -15,6 +15,7 @@ from gpt2_model import GPT2, GPT2Config
 from speculative import autoregressive_sample, speculative_sample
 from speculative_gpt2 import packing
 from speculative_gpt2.drafters import PromptLookupDrafter
+from speculative_gpt2.machine import native_bfloat16
 from speculative_gpt2.packing import FrozenEmbedding, PackedLinear, pack, pack_linears, unpack_linears
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
@@ -163,8 +164,10 @@ def test_packing_inside_inference_mode_and_elsewhere():
         pack_linears(model)
     assert isinstance(model.lm_head, PackedLinear)
     assert not any(p.is_inference() for p in unpack_linears(model).parameters())
-    bf16 = pack_linears(_tiny_model().to(torch.bfloat16))  # packed weights are for float32 on CPU only
-    assert _linear_count(bf16) == _linear_count(_tiny_model())
+    # bfloat16 is packed where the CPU runs it natively, else left as it is; float16 never.
+    bf16 = pack_linears(_tiny_model().to(torch.bfloat16))
+    assert _linear_count(bf16) == (0 if native_bfloat16() else _linear_count(_tiny_model()))
+    assert _linear_count(pack_linears(_tiny_model().to(torch.float16))) == _linear_count(_tiny_model())
 
 
 def test_samplers_on_a_packed_model_give_the_plain_models_text():
@@ -185,3 +188,84 @@ def test_packed_linear_computes_what_f_linear_does():
             x = torch.randn(*shape, generator=gen)
             with torch.no_grad():
                 torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, bias), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not native_bfloat16(), reason="this CPU has no native bfloat16: bfloat16 models are not packed")
+def test_bfloat16_is_packed_where_native_and_keeps_what_the_model_computes():
+    model, idx = _tiny_model().to(torch.bfloat16), _idx(10)
+    expected = _logits(model, idx)
+    pack_linears(model)
+    assert _linear_count(model) == 0 and model.lm_head.packed.dtype == torch.bfloat16
+    torch.testing.assert_close(_logits(model, idx), expected, atol=0.05, rtol=0.02)  # bfloat16's rounding
+    other = pack_linears(_tiny_model(1).to(torch.bfloat16))
+    other.load_state_dict(model.state_dict())  # loaded in bfloat16, packed again: the same model
+    assert torch.equal(_logits(other, idx), _logits(model, idx))
+    with pytest.raises(ValueError, match=r"packed for oneDNN on the CPU in bfloat16.*unpack_linears"):
+        model.float()
+    assert unpack_linears(model).h[0].mlp.c_fc.weight.dtype == torch.bfloat16
+
+
+def _load_outcome(model, state, strict):
+    """What load_state_dict does to `model`: its error message or returned keys, and the logits after."""
+    try:
+        result = model.load_state_dict(state, strict=strict)
+        outcome = (sorted(result.missing_keys), sorted(result.unexpected_keys))
+    except RuntimeError as e:
+        outcome = str(e)
+    return outcome, _logits(model, _idx(11))
+
+
+def _state_dicts():
+    """State dicts a user may load: whole, hub-style without the tied head, with the head and the embedding apart,
+    a wrong shape, a stray key, a missing layer."""
+    full = _tiny_model(2).state_dict()
+    other = _tiny_model(3).state_dict()
+    wrong = dict(full)
+    wrong["h.0.attn.c_attn.weight"] = torch.zeros(3 * 64, 32)
+    return {
+        "whole": (full, True),
+        "without lm_head.weight": ({k: v for k, v in full.items() if k != "lm_head.weight"}, False),
+        "lm_head apart from wte": (full | {"lm_head.weight": other["lm_head.weight"]}, True),
+        "wte apart from lm_head": (full | {"wte.weight": other["wte.weight"]}, False),
+        "a wrong shape": (wrong, True),
+        "a stray key": (full | {"h.0.mlp.c_fc.scale": torch.ones(1)}, False),
+        "a missing layer": ({k: v for k, v in full.items() if not k.startswith("h.1.mlp.c_fc")}, False),
+    }
+
+
+@pytest.mark.parametrize("case", list(_state_dicts()))
+def test_a_packed_model_loads_what_the_plain_model_loads_and_refuses_what_it_refuses(case):
+    state, strict = _state_dicts()[case]
+    plain, packed = _tiny_model(), pack_linears(_tiny_model())
+    plain_outcome, plain_logits = _load_outcome(plain, state, strict)
+    packed_outcome, packed_logits = _load_outcome(packed, state, strict)
+    assert packed_outcome == plain_outcome
+    torch.testing.assert_close(packed_logits, plain_logits, atol=TOL, rtol=0)
+    # The head stays tied to the embedding, as the plain model's is: unpacking gives the plain model back.
+    torch.testing.assert_close(_logits(unpack_linears(packed), _idx(11)), plain_logits, atol=TOL, rtol=0)
+    assert packed.lm_head.weight is packed.wte.weight
+
+
+@pytest.mark.parametrize("convert", [lambda m: m.h[0].half(), lambda m: m.h.double(), lambda m: m.h[1].mlp.half(),
+                                     lambda m: m.to(torch.float16)])
+def test_converting_part_of_a_packed_model_is_refused_before_anything_changes(convert):
+    model, idx = pack_linears(_tiny_model()), _idx(12)
+    expected = _logits(model, idx)
+    with pytest.raises(ValueError, match="packed for oneDNN .*unpack_linears"):
+        convert(model)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the layer norms too
+    assert torch.equal(_logits(model, idx), expected)
+    copy.deepcopy(model).h[0].float()  # a conversion that changes nothing is allowed, in copies too
+
+
+def test_unpacking_a_model_made_under_inference_mode_gives_a_model_that_runs_and_trains():
+    with torch.inference_mode():
+        model = _tiny_model()
+    idx = _idx(13)
+    expected = _logits(pack_linears(model), idx)
+    unpack_linears(model)
+    assert not any(p.is_inference() for p in model.parameters()) and model.lm_head.weight is model.wte.weight
+    loss = model(idx).sum()  # outside no_grad: the forward records, and gradients flow
+    loss.backward()
+    assert model.h[0].ln_1.weight.grad is not None
+    torch.testing.assert_close(_logits(model, idx), expected, atol=TOL, rtol=0)

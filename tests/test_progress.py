@@ -39,6 +39,7 @@ def on_a_terminal(args: list[str], cwd=None, timeout=300) -> tuple[int, str, str
     return process.returncode, stdout.decode(), b"".join(seen).decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_the_checkpoint_writer_shows_a_bar_on_a_terminal_and_none_in_a_pipe(tmp_path):
     command = [sys.executable, "-m", "speculative_gpt2.random_checkpoint", "gpt2", "--n-layer", "1"]
     status, out, terminal = on_a_terminal(command + [str(tmp_path / "a")])
@@ -78,4 +79,4 @@ def test_the_prompts_file_bar_names_each_run_and_moves_by_tokens(useless_pair, t
     summary = terminal.split("=== Summary ===", 1)[1]
     # The speedup and its why lines, from the batches' own pass costs.
     assert "speedup over batched plain decoding: " in summary
-    assert "why: at K=4 a round cost " in summary and "try: " in summary and "agrees more with the target" in summary
+    assert "why: at K=4 a drafting round cost " in summary and "try: " in summary and "agrees more with the target" in summary

@@ -99,7 +99,7 @@ def test_a_bad_line_is_named_with_its_number(checkpoints, tmp_path, capsys, monk
     (["--prompts-file", "{good}", "--output", "{good}"], "is the --prompts-file file too: give it another name"),
     (["--prompts-file", "{good}", "--output", "{out}", "--trace", "{out}"], "is the --output file too"),
     (["--prompts-file", "{good}", "--output", "/nonexistent/out.jsonl"], "give a file in an existing folder"),
-    (["--prompts-file", "{good}", "--mode", "naive", "--show-acceptance"], "--show-acceptance marks speculative"),
+    (["--prompts-file", "{good}", "--mode", "plain", "--show-acceptance"], "--show-acceptance marks speculative"),
 ])
 def test_bad_flags_with_a_prompts_file(checkpoints, tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.setattr(GPT2, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
@@ -136,14 +136,14 @@ def test_json_lines_one_per_prompt_equal_to_decoding_each_prompt_alone(checkpoin
     assert sorted(r["line"] for r in rows) == [1, 3, 4, 5, 6]  # one per prompt, the blank line 2 skipped
     target = GPT2.from_pretrained(str(checkpoints / "target"), dtype=torch.float32)
     for row in rows:
-        assert FIELDS | {"naive_seconds", "identical"} == set(row)
+        assert FIELDS | {"plain_seconds", "identical"} == set(row)
         assert row["prompt"] == PROMPTS[[1, 3, 4, 5, 6].index(row["line"])]
         # Greedy: each row's tokens are the target's own greedy continuation of that prompt alone.
         assert row["tokens"] == autoregressive_sample(target, enc.encode(row["prompt"]), 8).tokens
         assert row["text"] == enc.decode(row["tokens"]) and len(row["tokens"]) == 8
         assert row["identical"] is True and 0 <= row["acceptance_rate"] <= 1
         assert row["tokens_per_target_pass"] == pytest.approx(8 / row["target_passes"], abs=1e-4)
-        assert row["seconds"] > 0 and row["naive_seconds"] > 0
+        assert row["seconds"] > 0 and row["plain_seconds"] > 0
     assert "\n=== Summary ===\n" in err
     # stderr is no terminal here: no progress bar reaches it, while the warm-ups are announced in lines.
     assert "\r" not in err and "tok/s" not in err and "Warming up: speculative sampling, 8 tokens" in err
@@ -172,15 +172,15 @@ def test_batch_size_larger_and_smaller_than_the_file_gives_the_same_rows(checkpo
         batches = -(-len(PROMPTS) // size)
         assert f"in {batches} batch{'es' * (batches > 1)} of up to {size}" in err and f"output: 5 JSON lines in {output}" in err
         rows = json_lines(output.read_text())
-        assert set(rows[0]) == FIELDS  # no plain decoding ran: no naive_seconds, no identical
+        assert set(rows[0]) == FIELDS  # no plain decoding ran: no plain_seconds, no identical
         outputs[size, bool(draft)] = {r["line"]: r["tokens"] for r in rows}
     assert sorted(outputs[1, False]) == [1, 2, 3, 4, 5]
     assert outputs[1, False] == outputs[3, False] == outputs[16, False] == outputs[3, True]
 
 
-def test_naive_mode_and_sampling(checkpoints, tmp_path, capsys):
+def test_plain_mode_and_sampling(checkpoints, tmp_path, capsys):
     prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS[:3])
-    status, out, err = run(capsys, *models(checkpoints), "--prompts-file", prompts, "--mode", "naive",
+    status, out, err = run(capsys, *models(checkpoints), "--prompts-file", prompts, "--mode", "plain",
                            "--max-new-tokens", 5)
     assert status == 0, err
     rows = json_lines(out)
@@ -307,3 +307,46 @@ def test_help_lists_the_flags():
     for words in ("--prompts-file FILE", "--batch-size", "(default: 8)", "--output FILE.jsonl", "JSON lines",
                   "first non-blank line starts with {", "never half a line", "a section per prompt"):
         assert words in text, words
+
+
+def test_sigterm_keeps_the_lines_writes_the_trace_and_says_how_many(checkpoints, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.txt", [f"Prompt number {i} says" for i in range(40)])
+    output, page = tmp_path / "out.jsonl", tmp_path / "trace.html"
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "speculative.py"), *models(checkpoints), "--prompts-file", str(prompts),
+         "--batch-size", "1", "--max-new-tokens", "40", "--ignore-eos", "--output", str(output), "--mode",
+         "speculative", "--dtype", "float32", "--trace", str(page)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    deadline = time.monotonic() + 120
+    while (not output.exists() or output.read_text().count("\n") < 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # what `kill`, a scheduler or a container's stop sends
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    rows = json_lines(output.read_text())
+    assert 2 <= len(rows) < 40 and f"{len(rows)} of 40 prompts written to {output}" in stderr
+    assert "terminated" in stderr and "Traceback" not in stderr
+    assert page.read_text().count('<section class="row"') == len(rows)
+
+
+def test_a_closed_pipe_ends_the_run_without_a_word(checkpoints, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.txt", [f"Prompt number {i} says" for i in range(40)])
+    command = (f"{sys.executable} {os.path.join(ROOT, 'speculative.py')} {' '.join(models(checkpoints))} "
+               f"--prompts-file {prompts} --batch-size 1 --max-new-tokens 8 --mode speculative --dtype float32 "
+               f"| head -n 2")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert len(result.stdout.splitlines()) == 2
+    assert "prompts written" not in result.stderr and "Traceback" not in result.stderr and "error" not in result.stderr
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
+def test_a_device_as_the_prompts_file_is_refused_at_once(checkpoints, device, refused_before_loading):
+    err = refused_before_loading(*models(checkpoints), "--prompts-file", device)
+    assert f"--prompts-file {device} is a device, not a file of prompts" in err
+
+
+def test_a_prompts_file_beyond_the_cap_is_refused(tmp_path, monkeypatch, enc):
+    monkeypatch.setattr(prompts_file, "MAX_FILE_BYTES", 2**20)
+    path = write_prompts(tmp_path / "prompts.txt", ["a prompt of some length"] * 50_000)  # 1.2 MB
+    with pytest.raises(ValueError, match="holds more than 1 MiB: split it"):
+        prompts_file.read_prompts(str(path), enc)

@@ -138,3 +138,11 @@ def test_html_renders_itself_in_a_notebook(enc):
     fragment = render.to_html(gen, enc)
     assert isinstance(fragment, str) and fragment._repr_html_() == str(fragment)
     assert 'title="draft"> ok</span>' in fragment
+
+
+def test_the_legend_of_a_coupled_run_says_where_its_tokens_came_from(enc):
+    gen = Generation(tokens=enc.encode(" a b c"), origins=["draft", "resampled", "bonus"])
+    for text in (render.to_text(gen, enc, coupled=True), strip_ansi(render.to_ansi(gen, enc, coupled=True))):
+        legend = text.rsplit("\n", 1)[1]
+        assert "the target's Gumbel-max token at its place" in legend and "norm(max(0, q - p))" not in legend
+    assert "norm(max(0, q - p))" in render.to_text(gen, enc).rsplit("\n", 1)[1]  # Chen's rule: the residual

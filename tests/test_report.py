@@ -61,29 +61,29 @@ def test_steps_of_each_width_keep_their_own_median():
 
 def test_a_burst_during_plain_decoding_is_named_and_the_median_speedup_trusted():
     spec = Timed.of("speculative sampling", [speculative_run([Round(4, 4, 80, 120)] * 5)])
-    naive = Timed.of("naive decoding", [naive_run([100.0] * 20 + [2000.0] * 5)])
-    trusted, lines = speedup_lines(spec, naive, "naive decoding")
+    naive = Timed.of("plain decoding", [naive_run([100.0] * 20 + [2000.0] * 5)])
+    trusted, lines = speedup_lines(spec, naive, "plain decoding")
     # 25 tokens in 1.1 s (spec) against 25 tokens at 100 ms a step: 2.5 / 1.1 from the medians.
     assert trusted == pytest.approx(2.6 / 1.1)
-    assert lines[0].startswith(f"speedup over naive decoding: {trusted:.2f}x from the median steps (timed: ")
-    assert "the machine was busy: naive decoding took" in lines[1] and f"trust {trusted:.2f}x" in lines[1]
+    assert lines[0].startswith(f"speedup over plain decoding: {trusted:.2f}x from the median steps (timed: ")
+    assert "the machine was busy: plain decoding took" in lines[1] and f"trust {trusted:.2f}x" in lines[1]
 
 
 def test_a_quiet_machine_prints_the_timed_speedup():  # the negative control of the test above
     spec = Timed.of("speculative sampling", [speculative_run([Round(4, 4, 80, 120)] * 5)])
-    naive = Timed.of("naive decoding", [naive_run([100.0] * 25)])
-    trusted, lines = speedup_lines(spec, naive, "naive decoding")
+    naive = Timed.of("plain decoding", [naive_run([100.0] * 25)])
+    trusted, lines = speedup_lines(spec, naive, "plain decoding")
     assert trusted == pytest.approx(2.6 / 1.1)
-    assert lines == [f"speedup over naive decoding: {trusted:.2f}x (from the median steps: {trusted:.2f}x)",
-                     "timing: each run took naive decoding 1.00x, speculative sampling 1.00x of its median pace (a "
+    assert lines == [f"speedup over plain decoding: {trusted:.2f}x (from the median steps: {trusted:.2f}x)",
+                     "timing: each run took plain decoding 1.00x, speculative sampling 1.00x of its median pace (a "
                      "quiet machine: the timed figures hold)"]
 
 
 def test_load_on_both_runs_alike_keeps_the_ratio_and_says_the_speeds_are_off():
     # A third of each run's steps 2.5x slower: both took 1.5x their median pace.
     spec = Timed.of("speculative sampling", [speculative_run([Round(4, 4, 80, 120)] * 6, [200.0] * 4 + [500.0] * 2)])
-    naive = Timed.of("naive decoding", [naive_run([100.0] * 20 + [250.0] * 10)])
-    trusted, lines = speedup_lines(spec, naive, "naive decoding")
+    naive = Timed.of("plain decoding", [naive_run([100.0] * 20 + [250.0] * 10)])
+    trusted, lines = speedup_lines(spec, naive, "plain decoding")
     assert trusted == pytest.approx((spec.tokens / spec.seconds) / (naive.tokens / naive.seconds))
     assert "busy throughout; the speedup holds, the speeds above do not" in lines[1]
 
@@ -92,20 +92,20 @@ def test_load_through_every_step_is_seen_in_the_cpu_time_each_run_got():
     # Load that lasts through whole runs moves their medians too: the slowdowns stay 1.0, the CPU share does not.
     def timed(share):
         spec = Timed.of("speculative sampling", [speculative_run([Round(4, 4, 80, 120)] * 5)], [share])
-        return spec, Timed.of("naive decoding", [naive_run([100.0] * 25)], [share])
+        return spec, Timed.of("plain decoding", [naive_run([100.0] * 25)], [share])
 
-    _, starved = speedup_lines(*timed(0.62), "naive decoding")
-    assert starved[1].startswith("timing: each run kept its median pace (naive decoding 1.00x, speculative sampling "
-                                 "1.00x) but got only part of its threads' CPU time (naive decoding 62 %, speculative "
+    _, starved = speedup_lines(*timed(0.62), "plain decoding")
+    assert starved[1].startswith("timing: each run kept its median pace (plain decoding 1.00x, speculative sampling "
+                                 "1.00x) but got only part of its threads' CPU time (plain decoding 62 %, speculative "
                                  "sampling 62 %): other processes ran throughout")
-    _, quiet = speedup_lines(*timed(0.97), "naive decoding")  # the negative control
+    _, quiet = speedup_lines(*timed(0.97), "plain decoding")  # the negative control
     assert quiet[1].endswith("97 % or more of its threads' CPU time (a quiet machine: the timed figures hold)")
 
 
 @settings(max_examples=60, deadline=None)
 @given(naive_steps=st.integers(4, 40), rounds=st.integers(4, 20), naive_ms=st.floats(5, 500),
        round_ms=st.floats(5, 2000),
-       slowed=st.sampled_from(["naive decoding", "speculative sampling"]), burst=st.floats(1.5, 50),
+       slowed=st.sampled_from(["plain decoding", "speculative sampling"]), burst=st.floats(1.5, 50),
        data=st.data())
 def test_bursts_on_fewer_than_half_the_steps_leave_the_trusted_speedup_alone(naive_steps, rounds, naive_ms, round_ms,
                                                                               slowed, burst, data):
@@ -114,17 +114,17 @@ def test_bursts_on_fewer_than_half_the_steps_leave_the_trusted_speedup_alone(nai
     exactly the quiet figure."""
     quiet_naive, quiet_spec = [naive_ms] * naive_steps, [round_ms] * rounds
     loaded_naive, loaded_spec = list(quiet_naive), list(quiet_spec)
-    loaded = loaded_naive if slowed == "naive decoding" else loaded_spec
+    loaded = loaded_naive if slowed == "plain decoding" else loaded_spec
     hit = data.draw(st.sets(st.integers(0, len(loaded) - 1), max_size=(len(loaded) - 1) // 2))
     for i in hit:
         loaded[i] *= burst
 
     def runs(naive_ms_list, spec_ms_list):
         spec = speculative_run([Round(3, 1, 0.2 * ms, 0.8 * ms) for ms in spec_ms_list], spec_ms_list)
-        return Timed.of("speculative sampling", [spec]), Timed.of("naive decoding", [naive_run(naive_ms_list)])
+        return Timed.of("speculative sampling", [spec]), Timed.of("plain decoding", [naive_run(naive_ms_list)])
 
-    quiet, _ = speedup_lines(*runs(quiet_naive, quiet_spec), "naive decoding")
-    trusted, lines = speedup_lines(*runs(loaded_naive, loaded_spec), "naive decoding")
+    quiet, _ = speedup_lines(*runs(quiet_naive, quiet_spec), "plain decoding")
+    trusted, lines = speedup_lines(*runs(loaded_naive, loaded_spec), "plain decoding")
     if "busy" in lines[1]:
         assert trusted == pytest.approx(quiet) and f"the machine was busy: {slowed} took" in lines[1]
     else:
@@ -157,18 +157,32 @@ def test_a_useless_draft_is_explained_in_target_passes_per_round():
     # K = 4, nothing kept: rounds of 4 x 20 ms drafts + 130 ms verification, 1 token each, against 100 ms a token.
     spec = speculative_run([Round(4, 0, draft_ms=80, verify_ms=130)] * 5)
     lines = why(spec, naive_run([100.0] * 5), speedup=0.5)
-    assert lines[0] == ("why: at K=4 a round cost 2.10 target passes (draft passes of 0.20 each, a verification of "
-                        "1.30) and yielded 1.00 tokens: it pays only when it yields more than it costs")
+    assert lines[0] == ("why: at K=4 a drafting round cost 2.10 target passes (4.00 draft passes of 0.20 each, and a "
+                        "verification of 1.30: medians) and yielded 1.00 tokens: it pays only when it yields more than "
+                        "it costs")
     assert lines[1].startswith("try: --lookahead auto") and "a draft model that agrees more" in lines[1]
+    assert "kept 0% of the time" in lines[1] and "never" not in lines[1]
     assert "ngram" not in lines[1] and "--draft gpt2" not in lines[1]
+
+
+def test_the_parts_of_a_round_add_up_to_its_cost_when_rounds_draft_fewer():
+    # Rounds of 3 or 4 drafts (the last tokens of a budget): the cost is the mean drafts times a draft pass plus a
+    # verification, each a median, and the line says so; a hint names the acceptance it saw.
+    rounds = [Round(4, 1, 84, 225)] * 3 + [Round(3, 0, 63, 225)]
+    lines = why(speculative_run(rounds), naive_run([100.0] * 6), speedup=0.5)
+    drafts, per_draft, verify = 3.75, 0.21, 2.25
+    assert f"a drafting round cost {drafts * per_draft + verify:.2f} target passes ({drafts:.2f} draft passes of " \
+           f"{per_draft:.2f} each, and a verification of {verify:.2f}: medians)" in lines[0]
+    assert "kept 20% of the time" in lines[1]
 
 
 def test_a_lookup_that_finds_nothing_gets_hints_for_a_lookup():
     rounds = [Round(0, 0, 0.0, 100)] * 4 + [Round(2, 0, 0.4, 120)] * 2
     lines = why(speculative_run(rounds), naive_run([100.0] * 6), speedup=0.9, lookahead="auto", lookup=True)
-    assert "lookups of 0.20 ms" in lines[0] and "found nothing to propose in 4 of 6 rounds" in lines[0]
+    assert "lookups of 0.002 each" in lines[0] and "found nothing to propose in 4 of 6 rounds" in lines[0]
     assert "K auto (mean 2.00)" in lines[0]
-    assert "a draft model (--draft gpt2)" in lines[1] and "agrees more" not in lines[1]
+    assert "a draft model (--draft gpt2, downloaded once; or a checkpoint folder of a small GPT-2)" in lines[1]
+    assert "agrees more" not in lines[1]
     assert "--lookahead auto" not in lines[1]  # already on
 
 
@@ -220,7 +234,7 @@ def slowed_during(monkeypatch, sampler: str, steps: range, seconds=0.5):
     monkeypatch.setattr(cli, sampler, slowed)
 
 
-@pytest.mark.parametrize("sampler, name, steps", [("autoregressive_sample", "naive decoding", range(4, 12)),
+@pytest.mark.parametrize("sampler, name, steps", [("autoregressive_sample", "plain decoding", range(4, 12)),
                                                   ("speculative_sample", "speculative sampling", range(2, 5))])
 def test_the_command_line_names_the_run_a_busy_phase_slowed(tiny_checkpoints, run_cli, monkeypatch, sampler, name,
                                                             steps):
@@ -233,15 +247,15 @@ def test_the_command_line_names_the_run_a_busy_phase_slowed(tiny_checkpoints, ru
     finally:
         torch.set_num_threads(threads)
     assert status == 0, err
-    speedup = next(line for line in out.splitlines() if line.startswith("speedup over naive decoding"))
+    speedup = next(line for line in out.splitlines() if line.startswith("speedup over plain decoding"))
     timed = float(speedup.split("timed: ")[1].split("x")[0])
     trusted = float(speedup.split(": ")[1].split("x")[0])
     assert "from the median steps (timed" in speedup
     # Steps of 500 ms more in a run of fast ones, fewer than half of them: the timed figure is skewed well away from
     # the median one, up when plain decoding was slowed, down when speculative sampling was.
-    assert (timed > 1.3 * trusted) if name == "naive decoding" else (timed < trusted / 1.3), out
+    assert (timed > 1.3 * trusted) if name == "plain decoding" else (timed < trusted / 1.3), out
     assert f"the machine was busy: {name} took" in out
-    assert "Warming up: naive decoding" in err and "Warming up: speculative sampling" in err
+    assert "Warming up: plain decoding" in err and "Warming up: speculative sampling" in err
 
 
 def test_the_command_line_sees_processes_that_compete_for_every_core(tiny_checkpoints, run_cli):
@@ -266,7 +280,7 @@ def test_repeats_alternate_the_runs_and_state_the_range(tiny_checkpoints, run_cl
                                "--temperature", 0.8)
     assert status == 0, err
     order = [line.split(",")[0] for line in out.splitlines() if ", run " in line]
-    assert order == ["Naive decoding", "Speculative sampling"] * 2
+    assert order == ["Plain decoding", "Speculative sampling"] * 2
     assert "median of 3 alternating runs each; " in out
     assert "K=4" in out and "acceptance rate: " in out and "(drafts kept / drafts proposed: " in out
 

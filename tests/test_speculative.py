@@ -186,6 +186,7 @@ SETTINGS = [
 
 
 @pytest.mark.parametrize("lookahead, options", SETTINGS)
+@pytest.mark.slow
 def test_speculative_samples_follow_the_target_distribution(small_pair, lookahead, options):
     target, draft = small_pair
     prompt = [3]
@@ -201,6 +202,7 @@ def test_speculative_samples_follow_the_target_distribution(small_pair, lookahea
     assert p_value > LEVEL, p_value
 
 
+@pytest.mark.slow
 def test_speculative_samples_in_exact_mode_follow_the_target_distribution(small_pair):
     # Exact mode pads the target's passes; the padding rows must not leak into q.
     target, draft = small_pair
@@ -223,6 +225,7 @@ def test_autoregressive_samples_follow_the_target_distribution(small_pair):
     assert chi_square_p_value(first_two_counts(sampler, 8, seed=0), exact_first_two(target, [3], **options)) > LEVEL
 
 
+@pytest.mark.slow
 def test_negative_control_wrong_resampling_rule_is_detected(small_pair, monkeypatch):
     # The real loop, with only the resampling step wrong: replace a rejected draft with a sample from q instead
     # of norm(max(0, q - p)). The output then leans towards the draft, and the test above must notice.

@@ -99,5 +99,6 @@ def test_the_cli_page_in_a_real_browser(tmp_path, pair):
                          result.stdout).group(1))
     dom = dump_dom(page)
     # The page's script counted the rounds and kept drafts it renders; they must be the run's.
-    assert f"Counted in this page: {rounds} rounds, {kept} drafts kept." in html.unescape(dom)
+    assert (f"A check of this page against the summary above, counted from the rounds below: {rounds} rounds, {kept} "
+            f"drafts kept.") in html.unescape(dom)
     assert dom.count('class="round"') == rounds
