@@ -248,7 +248,8 @@ class GPT2(nn.Module):
     def new_cache(self, batch_size: int = 1, max_len: int | None = None, room: int = 0) -> KVCache:
         """An empty KV cache on the model's device and in its dtype (`attend` sums in float32 whatever it stores:
         docs/design.md, "The KV cache"), for `max_len` positions (default: the full
-        context), plus `room` slots past them for the padding rows of fixed-shape passes (speculative_gpt2/exact.py)."""
+        context), plus `room` slots past them: for the padding rows of fixed-shape passes (speculative_gpt2/exact.py)
+        and for a token tree's nodes (speculative_gpt2/trees.py)."""
         return KVCache(self.config, check_integer("batch_size", batch_size, minimum=1),
                        self.cache_length(max_len, room), self.dtype, self.device)
 
@@ -287,11 +288,15 @@ class GPT2(nn.Module):
         return torch.tensor(starts, device=idx.device)[:, None] + torch.arange(rows, device=idx.device)
 
     def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
-                   span: int | None = None) -> torch.Tensor:
+                   span: int | None = None, slots: torch.Tensor | None = None,
+                   sees: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for tokens `idx` (B, T) at `positions` (B, T), a device tensor; with a cache,
         their keys and values are written there, and attention reads its first `span` slots (`cache.span(T)`;
         None: all, the same result with more work). The static-shape core of `forward`: with span None no host
-        value decides a shape, so a pass of T tokens can be captured once and replayed anywhere in the sequence."""
+        value decides a shape, so a pass of T tokens can be captured once and replayed anywhere in the sequence.
+        A token tree's pass (speculative_gpt2/trees.py) gives each token a slot of its own, `slots` (B, T), and says
+        which slots each may see, `sees` (B, T, span); by default a token's slot is its position and it sees the
+        slots of the positions up to its own."""
         span = None if cache is None else span or cache.keys.shape[3]
         if cache is not None:
             cache.reach(span)
@@ -299,10 +304,12 @@ class GPT2(nn.Module):
         x = self.wte(idx) + self.wpe(positions.clamp_max(self.config.n_positions - 1))  # (B, T, C)
         # New token i of row b at position p may see the slots at positions <= p: (B, 1, T, span), the same for
         # every layer and head.
-        mask = None if cache is None else (positions[:, :, None] >= cache.key_positions[:span])[:, None]
-        # Where every layer writes the new keys and values: (row, position) index pairs, each (B, T).
-        slots = None if cache is None else (torch.arange(len(idx), device=idx.device)[:, None].expand_as(positions),
-                                            positions)
+        if sees is None and cache is not None:
+            sees = positions[:, :, None] >= cache.key_positions[:span]
+        mask = None if cache is None else sees[:, None]
+        # Where every layer writes the new keys and values: (row, slot) index pairs, each (B, T).
+        slots = positions if slots is None else slots
+        slots = None if cache is None else (torch.arange(len(idx), device=idx.device)[:, None].expand_as(slots), slots)
         for i, block in enumerate(self.h):
             x = block(x, None if cache is None else (cache.keys[i, ..., :span, :], cache.values[i, ..., :span, :]),
                       slots, mask)

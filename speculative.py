@@ -1,25 +1,26 @@
-"""Speculative sampling for GPT-2: a drafter proposes, the large target model verifies.
-
-Chen et al. 2023, "Accelerating Large Language Model Decoding with Speculative Sampling", Algorithm 2.
-Notation of the paper, kept everywhere below: q is the TARGET model's distribution, p the DRAFT's.
+"""Speculative sampling for GPT-2: a drafter proposes, the large target model verifies (Chen et al. 2023,
+"Accelerating Large Language Model Decoding with Speculative Sampling", Algorithm 2). Notation of the paper, kept
+everywhere below: q is the TARGET model's distribution, p the DRAFT's.
 
 The target keeps a KV cache; its *pending* token is the last committed token, not yet in its cache. The drafter
 is a small GPT-2 (`ModelDrafter`) or any object with the methods of speculative_gpt2/drafters.py (prompt lookup is
 built in). After a prefill of the prompt minus its last token, every round of `speculative_sample` does:
 
   1. draft     `drafter.propose`     up to K tokens x1..xK with their draft distributions p (one-hot if fixed);
-  2. verify    `target_pass`         the target scores its pending token and x1..xK in ONE pass: q at K+1 places;
-  3. accept    `accept_or_resample`  keep xi with probability min(1, q(xi)/p(xi)); at the first rejection emit a
-                                     sample from norm(max(0, q - p)); if all K are kept, a bonus token from q;
+  2. verify    `verify`              the target scores its pending token and x1..xK in ONE pass: q at K+1 places;
+  3. accept    `rule`                what the target keeps of the drafts, and the token that follows: by default
+                                     Chen et al.'s rule (`chen`, speculative_gpt2/rules.py): keep xi with
+                                     probability min(1, q(xi)/p(xi)); at the first rejection emit a sample from
+                                     norm(max(0, q - p)); if all K are kept, a bonus token from q;
   4. commit,   `batch.commit`,       the kept drafts and that token join the text; both caches forget the
      roll back `crop`, `commit`      rejected positions (an integer per row, nothing copied).
 
 Every round emits 1 to K+1 tokens, distributed exactly as sampling from q; at temperature 0, the target's greedy
-tokens (in every dtype with `exact`, speculative_gpt2/exact.py). With `coupled=True` step 3 compares Gumbel-max
-tokens instead (`accept_coupled`, speculative_gpt2/coupling.py): the text is then the plain sampler's with the same
-seed, token for token. `autoregressive_sample` is plain decoding. Both
-take a batch of prompts (`Batch`): one target pass per round serves every row, each at its own positions. Records,
-argument checks and the command line live in speculative_gpt2/ (records.py, arguments.py, cli.py).
+tokens (in every dtype with `exact`, speculative_gpt2/exact.py). Step 3 is one function (rules.py): `coupled=True`
+compares Gumbel-max tokens there (coupling.py), giving the plain sampler's text for a seed; `lookahead=(3, 2)` drafts
+a token tree, scored in one pass and decided by the tree rule (trees.py). `autoregressive_sample` is plain decoding.
+Both take a batch of prompts (`Batch`), one target pass per round for every row; records, argument checks and the
+command line live in speculative_gpt2/.
 """
 
 from __future__ import annotations
@@ -43,13 +44,17 @@ from speculative_gpt2.cuda_graphs import CUDAGraphRunner
 from speculative_gpt2.drafters import (BatchDrafter, BatchProposal, Drafter, PerRowDrafters, PromptLookupDrafter,
                                       Proposal, Sampling, refuse_bad_proposal)
 from speculative_gpt2.exact import fixed_rows_pass, pass_rows
-from speculative_gpt2.lookahead import AdaptiveLookahead, FixedLookahead, LookaheadPolicy, as_policy
+from speculative_gpt2.lookahead import AdaptiveLookahead, FixedLookahead, LookaheadPolicy
 from speculative_gpt2.machine import Clock, DeviceClock, synchronize
-from speculative_gpt2.records import Generation, Origin, Round, Step, TraceRound
+from speculative_gpt2.records import Generation, Origin, Readback, Round, Step, TraceRound
+from speculative_gpt2.rules import (Chance, DraftTree, Verdict, check_rule, chen, path_tokens, recursive_rejection,
+                                    refuse_bad_verdict, residual, sample, verdict_checks)
+from speculative_gpt2.trees import (TreeShape, check_tree, grow, lookahead_policy, nodes, prune, settle, tree_shape,
+                                    verify_pass)
 
 __all__ = ["Generation", "Origin", "Round", "TraceRound", "AdaptiveLookahead", "FixedLookahead", "logits_to_probs",
-           "sample", "accept_or_resample", "residual_distribution", "speculative_sample", "autoregressive_sample",
-           "Drafter", "ModelDrafter", "PromptLookupDrafter", "Proposal"]
+           "sample", "chen", "recursive_rejection", "residual", "DraftTree", "Verdict", "Chance", "speculative_sample",
+           "autoregressive_sample", "Drafter", "ModelDrafter", "PromptLookupDrafter", "Proposal"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -63,8 +68,7 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int |
     logits = logits.float()  # compare probabilities in float32 whatever the models' dtype
     if temperature == 0:
         one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-        # A row with a NaN or +inf logit gives NaN probabilities, as it does at any other temperature, so that the
-        # samplers' one check per round (`_broken_model`) catches a broken model whatever the temperature.
+        # A NaN or +inf logit gives NaN probabilities, as at any other temperature: the round's check sees it.
         return torch.where((logits.isnan() | logits.isposinf()).any(-1, keepdim=True), float("nan"), one_hot)
     # Subtracting the maximum first keeps a tiny temperature from overflowing to inf - inf = NaN; the maxima stay
     # exactly 0 even where the temperature underflows to 0 in float32 (0 / 0).
@@ -89,74 +93,13 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int |
     return probs
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token id per row of `probs` (..., V); rows need not be normalised. A one-hot row gives its token."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    # A NaN row (a broken model) is sampled uniformly, not left to fail in torch: the round's check names the model.
-    flat = torch.where(flat.isfinite().all(-1, keepdim=True), flat, 1.0)
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
-
-
-def greedy_or_sample(probs: torch.Tensor, temperature: float, generator) -> torch.Tensor:
-    """The argmax at temperature 0 (the rows are one-hot; the generator is left untouched), else a sample."""
-    return probs.argmax(-1) if temperature == 0 else sample(probs, generator)
-
-
 def draw_tokens(probs: torch.Tensor, positions: list[int] | None = None, *, temperature: float, generator,
                 noise: GumbelNoise | None) -> torch.Tensor:
-    """One token per row of probs (B, V) for positions (B,): with coupled noise, each row's Gumbel-max at its
-    position; else (or without positions: a drafter that gives none) `greedy_or_sample`."""
+    """One token per row of probs (B, V) at positions (B,): coupled noise's Gumbel-max there; else (or without
+    positions: a drafter that gives none) the argmax at temperature 0, a sample otherwise."""
     if noise is not None and positions is not None:
         return gumbel_max(probs, noise.at(positions, 1)[:, 0])
-    return greedy_or_sample(probs, temperature, generator)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The steps of a round
-
-
-def accept_or_resample(drafts: torch.Tensor, p: torch.Tensor, q: torch.Tensor, r: torch.Tensor | None,
-                       counts: torch.Tensor, temperature: float,
-                       generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 3 for every row: how many drafts the target keeps (B,), and the token that follows them (B,).
-
-    drafts (B, K), p (B, K, V), q (B, K+1, V) at the same positions plus one, r (B, K) uniform draws (None at
-    temperature 0); row b proposed its first counts[b] drafts (p is 0 past them). Keep xi if r_i < q(xi)/p(xi), i.e.
-    with probability min(1, q(xi)/p(xi)); at the first rejection the next token is sampled from norm(max(0, q_i -
-    p_i)); if all are kept, it is the bonus token, from q. Everything stays on the device (one transfer later)."""
-    B, K = drafts.shape
-    if temperature == 0:
-        keep = drafts == q[:, :K].argmax(-1)  # one-hot p and q: kept iff it is the target's greedy choice
-    else:
-        keep = r < q[:, :K].gather(-1, drafts[..., None])[..., 0] / p.gather(-1, drafts[..., None])[..., 0]
-    keep &= torch.arange(K, device=drafts.device) < counts[:, None]  # padding is never kept
-    kept = keep.int().cumprod(1).sum(1)  # (B,): length of each row's kept prefix
-    # A zero row appended to p makes row `kept` of max(0, q - p) equal to q there when every proposed draft was
-    # kept (p is 0 past a row's drafts): the bonus needs no branch.
-    rows = torch.arange(B, device=drafts.device)
-    p_next = torch.cat([p, p.new_zeros(B, 1, p.shape[2])], 1)[rows, kept]  # (B, V)
-    q_next = q[rows, kept]  # (B, V)
-    return kept, greedy_or_sample(residual_distribution(q_next, p_next), temperature, generator)
-
-
-def accept_coupled(drafts: torch.Tensor, q: torch.Tensor, noise: torch.Tensor,
-                   counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Step 3 with coupled sampling: the target's Gumbel-max y_i = argmax(log q_i + g_i) at each of the K + 1
-    positions is an exact sample from q there; draft x_i is kept iff it equals y_i, and the next token is y at the
-    first mismatch (the bonus if all are kept). drafts (B, K), q and noise (B, K+1, V); returns kept (B,), the next
-    token (B,) and y (B, K + 1)."""
-    B, K = drafts.shape
-    choices = gumbel_max(q, noise)  # (B, K + 1)
-    keep = (drafts == choices[:, :K]) & (torch.arange(K, device=drafts.device) < counts[:, None])
-    kept = keep.int().cumprod(1).sum(1)
-    return kept, choices[torch.arange(B, device=drafts.device), kept], choices
-
-
-def residual_distribution(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """norm(max(0, q - p)), unnormalised (`sample` does not need it): where a rejected draft is replaced from."""
-    residual = (q - p).clamp_min(0)  # (..., V)
-    # q - p rounds to zero everywhere when q = p; then a rejection had probability ~0, and q is the right one.
-    return torch.where(residual.sum(-1, keepdim=True) > 0, residual, q)
+    return Chance(temperature, generator).token(probs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,34 +107,36 @@ def residual_distribution(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 class ModelDrafter:
-    """A small GPT-2 samples K drafts autoregressively from p, for all rows at once, with its own KV cache: a row's
-    cache holds its committed tokens but the pending one (after `propose`, the drafts but the last); `commit` rolls
-    it back to the committed prefix it holds, an integer per row (finished rows: 0)."""
+    """A small GPT-2 samples K drafts autoregressively from p (or a token tree, trees.py), for all rows at once,
+    with its own KV cache of each row's committed tokens; `commit` rolls it back to the committed prefix it holds,
+    an integer per row (finished rows: 0)."""
 
-    def __init__(self, model: GPT2):
-        self.model = model
+    def __init__(self, model: GPT2, shape: TreeShape | None = None):
+        self.model, self.shape = model, shape  # a shape: it drafts a token tree (speculative_gpt2/trees.py)
 
     def start(self, prompts: list[torch.Tensor], max_len: int, sampling: Sampling) -> None:
         self.sampling, self.lengths = sampling, [len(p) for p in prompts]
-        self.cache = self.model.new_cache(len(prompts), max_len=max_len)
+        self.cache = self.model.new_cache(len(prompts), max_len=max_len, room=nodes(self.shape))
         prefill(partial(fixed_rows_pass, self.model, rows=None), self.cache,
                 torch.nn.utils.rnn.pad_sequence(prompts, batch_first=True), self.lengths)
 
     def propose(self, ids: torch.Tensor, lengths: list[int], lookahead: int, active: list[bool]) -> BatchProposal:
-        # Feed every row's pending tokens (1, or 2 after a round that kept every draft) in one pass of one shape:
-        # rows with fewer feed their last cached ones again.
+        # Feed every row's committed tokens not yet in its cache (1, or more after a round that kept drafts) in one
+        # pass of one shape: rows with fewer feed their last cached ones again.
         T = max(n - c for n, c, a in zip(lengths, self.cache.lengths, active) if a)
         starts = [n - T if a else 0 for n, a in zip(lengths, active)]
         self.cache.crop(starts)
         x = ids.gather(1, torch.tensor(starts, device=ids.device)[:, None] + torch.arange(T, device=ids.device))
-        drafts, p = [], []
+        drafts, p, counts = [], [], [lookahead if a else 0 for a in active]
+        if self.shape is not None:  # a tree of `lookahead` levels, a draft pass per level
+            tree = grow(self.model, self.shape, lookahead, self.cache, self.sampling, self.model(x, self.cache)[:, -1])
+            return BatchProposal(tree.tokens, tree.p, counts, [None] * len(active), tree=tree)
         for _ in range(lookahead):
             p_i = self.sampling.process(self.model(x, cache=self.cache)[:, -1])  # (B, V)
             # (B, 1) at each row's position (coupled noise); the last draft is not fed: pending if it is kept
             x = self.sampling.draw(p_i, [n + len(drafts) for n in lengths])[:, None]
             drafts.append(x[:, 0])
             p.append(p_i)
-        counts = [lookahead if a else 0 for a in active]
         return BatchProposal(torch.stack(drafts, 1), torch.stack(p, 1), counts, [None] * len(active))
 
     def commit(self, new: list[list[int] | None]) -> None:
@@ -251,15 +196,19 @@ class Batch:
         return self.ids.gather(1, torch.tensor(self.pending_at(), device=self.ids.device)[:, None])
 
     def draft(self, drafter: BatchDrafter, K: int, V: int) -> tuple:
-        """Step 1 for every row: drafts (B, k) and p (B, k, V), k <= K, zero past row b's counts[b] drafts (none
-        past what the row still needs); each row's source line; the proposal's checks (device booleans)."""
+        """Step 1 for every row: K drafts with their p as a `DraftTree` (a chain, or a model drafter's tree) with
+        nothing past what a row still needs (counts[b] levels); each row's source line; the proposal's checks."""
         B = len(self.active)
         if K == 0:  # the last token of a call: a plain target step
-            return self.ids.new_empty(B, 0), torch.empty(B, 0, V, device=self.ids.device), [0] * B, [None] * B, []
-        drafts, p, counts, sources, checks = drafter.propose(self.ids, self.lengths, K, self.active)
+            empty = self.ids.new_empty(B, 0)
+            return DraftTree.chain(empty, torch.empty(B, 0, V, device=empty.device), [0] * B), [0] * B, [None] * B, []
+        drafts, p, counts, sources, checks, tree = drafter.propose(self.ids, self.lengths, K, self.active)
         counts = [min(c, self.remaining(b) - 1) if self.active[b] else 0 for b, c in enumerate(counts)]
+        if tree is not None:  # a token tree: its nodes deeper than a row's counts are never tried
+            return prune(tree, counts), counts, sources, []
         k = max(counts)  # a lookup may find nothing anywhere: the round is then a plain target step
-        return drafts[:, :k], p[:, :k], counts, sources, [] if checks is None else list(checks)
+        return (DraftTree.chain(drafts[:, :k], p[:, :k], counts), counts, sources,
+                [] if checks is None else list(checks))
 
     def stream(self, b: int, new: list[int]) -> None:
         """Hands row b's new tokens to `on_tokens`: on_tokens(new) for one prompt, on_tokens(b, new) for a batch."""
@@ -298,8 +247,8 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
                        lookahead: int | str | LookaheadPolicy = 4, temperature: float = 0.0,
                        top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                        generator: torch.Generator | None = None, exact: bool | int = False, coupled: bool = False,
-                       seed: int | list[int] | None = None, on_tokens: Callable | None = None,
-                       clock: Clock | None = None, trace=False,
+                       seed: int | list[int] | None = None, rule: Callable | None = None,
+                       on_tokens: Callable | None = None, clock: Clock | None = None, trace=False,
                        on_finished: Callable[[int, Generation], None] | None = None) -> Generation | list[Generation]:
     """Samples `max_new_tokens` tokens from `target`, with `draft` proposing up to `lookahead` tokens per round.
 
@@ -309,66 +258,66 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
     integer to that many, speculative_gpt2/exact.py). `coupled=True` samples every token as the Gumbel-max of its
     distribution with noise fixed by `seed` (an integer, or one per prompt) and the token's position: the same text
     as `autoregressive_sample(..., coupled=True, seed=...)` whatever K, drafter or batch (with `exact` in dtypes
-    whose rounding moves with the pass shape). `prompt` is a list of ids or a 1-D integer tensor, or a batch
-    of them (any lengths), each row decoded as if alone. `lookahead` is K, "auto", or a policy
-    (speculative_gpt2/lookahead.py). `on_tokens(new)` streams one prompt's tokens as they come (a batch's:
-    `on_tokens(row, new)`); `on_finished(row, generation)` reports each prompt when done; `trace` records every
-    round (`TraceRound`). Returns a `Generation`, or a list of them.
-    """
+    whose rounding moves with the pass shape). `prompt` is a list of ids or a 1-D integer tensor, or a batch of
+    them (any lengths), each row decoded as if alone. `lookahead` is K, "auto", a policy (lookahead.py), or a
+    token tree's widths per depth, e.g. (3, 2) (trees.py). `rule` decides what is kept each round: `chen`, `coupled`
+    with `coupled=True`, `recursive_rejection` for trees, or your own (rules.py). `on_tokens(new)` streams one
+    prompt's tokens (a batch's: `on_tokens(row, new)`); `on_finished(row, generation)` reports each prompt when
+    done; `trace` records every round (`TraceRound`). Returns a `Generation`, or a list of them."""
     check_options(max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
-    policy = as_policy(lookahead)
-    rows = pass_rows(exact, getattr(policy, "max_lookahead", None), _context(target))
+    policy = lookahead_policy(lookahead)  # K, "auto", a policy, or a token tree's widths
+    rows = pass_rows(exact, getattr(policy, "max_lookahead", None), target)
     prompts, batched = batch_of_prompts(prompt)
-    drafter = _batch_drafter(draft, len(prompts))
+    drafter = _batch_drafter(draft, len(prompts), policy)
     prompts = check_models_and_prompts(prompts, max_new_tokens, generator, eos_token_id, target=target,
                                        draft=getattr(drafter, "model", None))
     device = prompts[0].device
     noise = check_coupling(coupled, seed, generator, len(prompts), target.config.vocab_size, device)
+    rule, chance = check_rule(rule, noise, tree_shape(policy)), Chance(temperature, generator, noise)  # step 3's
+    check_tree(policy, target, drafter, coupled, rows, trace)
     clock = clock or DeviceClock(device)
     begun = clock.mark()
     process = partial(logits_to_probs, temperature=temperature, top_k=top_k, top_p=top_p)
     batch = Batch(prompts, max_new_tokens, eos_token_id, trace, on_tokens, batched, on_finished)
     B, V = len(prompts), target.config.vocab_size
-    target_cache = target.new_cache(B, max_len=batch.max_len, room=(rows or 1) - 1)
+    target_cache = target.new_cache(B, max_len=batch.max_len, room=max((rows or 1) - 1, nodes(policy)))
     target_pass = partial(fixed_rows_pass, target, rows=rows)  # (idx, cache) -> logits, in exact mode's shape
+    verify = partial(verify_pass, target_pass, target, tree_shape(policy))  # a chain's, or a tree's
     prefill(target_pass, target_cache, batch.ids, batch.lengths)  # each row's last prompt token is then pending
     draw = partial(draw_tokens, temperature=temperature, generator=generator, noise=noise)
-    drafter.start(prompts, batch.max_len, Sampling(process, draw, V))
+    drafter.start(prompts, batch.max_len, Sampling(process, draw, V, greedy=temperature == 0))
     prefilled = clock.mark()
     while active := batch.rows:
         step_began = time.perf_counter()
         K = min(check_lookahead(policy.choose(), rows, cap=isinstance(policy, AdaptiveLookahead)), batch.most_drafts())
         started = clock.mark()
-        # Step 1, draft: up to K tokens per row, drafts (B, K) with their p (B, K, V).
-        drafts, p, counts, sources, checks = batch.draft(drafter, K, V)
-        K = drafts.shape[1]
+        # Step 1, draft: up to K tokens per row with the p they were drawn from, as a tree: a chain of width 1.
+        tree, counts, sources, checks = batch.draft(drafter, K, V)
         drafted = clock.mark()
-        # Step 2, verify: each row's pending token and its drafts, scored in ONE pass: q at K + 1 positions.
-        q = process(target_pass(torch.cat([batch.pending(), drafts], 1), target_cache))  # (B, K + 1, V)
+        # Step 2, verify: each row's pending token and its drafts, scored in ONE pass: q after each of them.
+        q = process(verify(batch.pending(), tree, target_cache))  # (B, K + 1, V); a tree's: (B, 1 + nodes, V)
         verified = clock.mark()
-        # Step 3, accept or resample: `kept` drafts per row (B,), then one resampled (or bonus) token (B,).
-        r = torch.rand(B, K, generator=generator, device=device) if temperature > 0 and not coupled else None
-        if coupled:  # or compare Gumbel-max tokens: the plain sampler's text, token for token
-            kept, next_token, choices = accept_coupled(drafts, q, noise.at(batch.lengths, K + 1),
-                                                       torch.tensor(counts, device=device))
-        else:
-            kept, next_token = accept_or_resample(drafts, p, q, r, torch.tensor(counts, device=device),
-                                                  temperature, generator)
-        finite = torch.stack([*checks, p.isfinite().all(), q.isfinite().all()])  # a bad proposal, a broken model
-        synced = torch.cat([drafts.flatten(), kept, next_token, finite]).tolist()  # the round's one host sync
-        refuse_bad_proposal(getattr(drafter, "name", ""), synced[len(synced) - len(finite) : -2])
-        check_finite({"draft model": synced[-2], "target model": synced[-1]}, len(batch.outs[active[0]].tokens))
-        draft_ms, verify_ms = clock.ms(started, drafted), clock.ms(drafted, verified)
+        # Step 3, accept: how many drafts each row keeps, and the token that follows them (resampled, or a bonus).
+        verdict = rule(tree, q, chance.at(batch.lengths))
+        judged = verdict_checks(verdict, tree, V)  # and a proposal's, and whether both models' numbers are finite
+        path = path_tokens(tree, verdict)  # (B, K): the kept drafts first, each row
+        read = Readback.of(path, verdict, [*checks, *judged, tree.p.isfinite().all(), q.isfinite().all()])
+        refuse_bad_proposal(getattr(drafter, "name", ""), read.checks[: len(checks)])
+        refuse_bad_verdict(rule, read.checks[len(checks) : -2])
+        check_finite({"draft model": read.checks[-2], "target model": read.checks[-1]},
+                     len(batch.outs[active[0]].tokens))
+        draft_ms, verify_ms, K = clock.ms(started, drafted), clock.ms(drafted, verified), tree.depth
         # Step 4, commit and roll back: each row keeps its kept drafts and the next token; the target's cache
         # forgets the rejected positions (its pending token is the next pass's first), the drafter's likewise.
         committed = [None] * B
         for b in active:
-            k, kept_b, next_b = counts[b], synced[B * K + b], synced[B * K + B + b]
-            round = Round(k, kept_b, draft_ms * k / K if K else 0.0, verify_ms)
-            traced = (drafts[b], p[b], q[b], None if r is None else r[b], sources[b], choices[b] if coupled else None)
-            new = _record_round(batch.outs[b], synced[b * K : b * K + k], round, next_b, eos_token_id, policy,
+            k = counts[b]
+            round = Round(k, read.kept[b], draft_ms * k / K if K else 0.0, verify_ms)
+            traced = partial(TraceRound.of, tree, q, verdict, b, sources[b])
+            new = _record_round(batch.outs[b], read.path[b][:k], round, read.next_token[b], eos_token_id, policy,
                                 partial(batch.stream, b), traced)
-            committed[b] = batch.commit(b, new, torch.cat([drafts[b, :kept_b], next_token[b : b + 1]]))
+            committed[b] = batch.commit(b, new, torch.cat([path[b, : read.kept[b]], verdict.next_token[b : b + 1]]))
+        settle(target_cache, tree, verdict.path)  # a tree's kept path to its positions' slots
         target_cache.crop(batch.pending_at())
         drafter.commit(committed)
         batch.timed(active, K, step_began)
@@ -377,16 +326,14 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
 
 
 def _record_round(out: Generation, drafts: list[int], round: Round, next_token: int, eos_token_id, policy,
-                  stream: Callable[[list[int]], None], traced: tuple) -> list[int]:
-    """Writes a row's round into its Generation (and trace), tells the policy, streams it; returns the tokens it
-    committed (an EOS among them ends the row's output)."""
+                  stream: Callable[[list[int]], None], traced) -> list[int]:
+    """Writes a row's round into its Generation (and `traced`, its TraceRound, as committed), tells the policy,
+    streams it; returns the tokens it committed (an EOS among them ends the row's output)."""
     new = out.commit_round(drafts, round, next_token, eos_token_id)
     out.target_calls += 1
     out.draft_calls += round.lookahead
     if out.trace is not None:  # the round as committed: an EOS among the kept drafts cuts it
-        last = out.rounds[-1]
-        following = next_token if len(new) > last.kept else None
-        out.trace.append(TraceRound.of(*traced[:4], last, following, traced[4], residual_distribution, traced[5]))
+        out.trace.append(traced(out.rounds[-1], next_token if len(new) > out.rounds[-1].kept else None))
     if round.lookahead > 0:
         policy.update(round)
     stream(new)
@@ -399,13 +346,14 @@ def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperatu
                           generator: torch.Generator | None = None, use_cache: bool = True, exact: int | None = None,
                           coupled: bool = False, seed: int | list[int] | None = None,
                           on_tokens: Callable | None = None,
-                          on_finished: Callable[[int, Generation], None] | None = None) -> Generation | list[Generation]:
+                          on_finished: Callable[[int, Generation], None] | None = None
+                          ) -> Generation | list[Generation]:
     """Plain decoding: one pass of `model` per new token (of every row, for a batch). `use_cache=False` recomputes
     everything each step (the toyllm blog post's uncached baseline; one prompt). `exact=n` pads each cached pass to
     n rows, as `speculative_sample(..., exact=n)` does; `coupled` and `seed` as there. Returns a `Generation`, or a
     list of one per prompt."""
     check_options(max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
-    rows = pass_rows(exact, None, _context(model))
+    rows = pass_rows(exact, None, model)
     prompts, batched = batch_of_prompts(prompt)
     if batched and not use_cache:
         raise ValueError("use_cache=False (the uncached baseline) decodes one prompt: pass one, not a batch")
@@ -441,15 +389,10 @@ def autoregressive_sample(model: GPT2, prompt, max_new_tokens: int, *, temperatu
     return batch.outs if batched else batch.outs[0]
 
 
-def _context(model) -> int:
-    """The model's context, or an unbounded one for what is no model (the samplers' checks name it next)."""
-    return getattr(getattr(model, "config", None), "n_positions", None) or 2**62
-
-
-def _batch_drafter(draft, batch_size: int) -> BatchDrafter:
-    """A GPT2 becomes a ModelDrafter; any other drafter drafts for one row: itself, or a deep copy per row."""
+def _batch_drafter(draft, batch_size: int, policy) -> BatchDrafter:
+    """A GPT2 becomes a ModelDrafter (of trees, for a tree's shape); any other drafts for one row: itself, or copies."""
     if isinstance(draft, (GPT2, CUDAGraphRunner)):
-        return ModelDrafter(draft)
+        return ModelDrafter(draft, tree_shape(policy))
     if isinstance(draft, type):  # PromptLookupDrafter, not PromptLookupDrafter()
         raise ValueError(f"draft is the class {draft.__name__}, not a drafter: pass an instance, {draft.__name__}()")
     return draft if isinstance(draft, (ModelDrafter, PerRowDrafters)) else PerRowDrafters.of(draft, batch_size)

@@ -36,6 +36,7 @@ class Sampling:
     # to be kept often (without positions: an ordinary sample).
     draw: Callable[..., torch.Tensor]
     vocab_size: int
+    greedy: bool = False  # temperature 0: p and q are one-hot, and `draw` takes the argmax
 
 
 class Proposal(NamedTuple):
@@ -77,6 +78,7 @@ class BatchProposal(NamedTuple):
     counts: list[int]
     sources: list[str | None]
     checks: torch.Tensor | None = None
+    tree: object = None  # a model drafter's token tree (a DraftTree, speculative_gpt2/trees.py), else None
 
 
 class BatchDrafter(Protocol):

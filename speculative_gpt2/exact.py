@@ -52,11 +52,13 @@ def _pass(model, idx: torch.Tensor, cache, rows: int) -> torch.Tensor:
     return logits[:, :T]
 
 
-def pass_rows(exact, max_lookahead: int | None, context: int) -> int | None:
+def pass_rows(exact, max_lookahead: int | None, model) -> int | None:
     """The rows of exact mode's fixed target passes: None (off), K + 1 for True, or the count given; rounded up. A
-    pass holds at most the model's `context` positions: more rows are refused before any memory is taken."""
+    pass holds at most the model's context: more rows are refused before any memory is taken."""
     if exact is False or exact is None:
         return None
+    # What is no model gets an unbounded context here: the samplers' checks name it next.
+    context = getattr(getattr(model, "config", None), "n_positions", None) or 2**62
     if exact is True:
         if max_lookahead is None:
             raise ValueError("exact=True takes its rows from K: here there is none (plain decoding, or a policy "

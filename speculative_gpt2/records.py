@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 import torch
 
@@ -163,23 +164,38 @@ class TraceRound:
         return Origin.TARGET if K == 0 else Origin.BONUS if self.kept == K else Origin.RESAMPLED
 
     @classmethod
-    def of(cls, drafts, p, q, r, round: Round, next_token: int | None, source: str | None, residual,
-           choices=None) -> TraceRound:
-        """A row's round read back from the device (only when tracing: extra transfers), as the Generation committed
-        it: `round` and `next_token` after an EOS cut. drafts (K,), p (K, V), q (K + 1, V), r (K,) or None;
-        `residual(q, p)` is the distribution a rejected draft is replaced from; `choices` (K + 1,) the target's
-        Gumbel-max tokens of a coupled round, else None."""
+    def of(cls, tree, q, verdict, b: int, source: str | None, round: Round, next_token: int | None) -> TraceRound:
+        """Row b's round read back from the device (only when tracing: extra transfers), as the Generation committed
+        it: `round` and `next_token` after an EOS cut. `tree` the round's DraftTree (a chain), q (B, K + 1, V),
+        `verdict` the rule's (speculative_gpt2/rules.py)."""
         K, kept = round.lookahead, round.kept
-        drafts, p, q, r = drafts[:K], p[:K], q[: K + 1], None if r is None else r[:K]
+        drafts, p, q_b = tree.tokens[b, :K], tree.p[b, :K], q[b, : K + 1]
         rows = torch.arange(K, device=drafts.device)
         probability = None
-        if next_token is not None and choices is not None:  # coupled: the next token is the target's sample
-            probability = q[kept, next_token].item()
-        elif next_token is not None:
-            p_next = p[kept] if kept < K else torch.zeros_like(q[kept])  # the bonus is drawn from q itself
-            following = residual(q[kept], p_next)
+        if next_token is not None:  # under the distribution it was drawn from: a residual, q, or coupled's q
+            following = verdict.following[b]
             probability = (following[next_token] / following.sum()).item()
-        return cls(drafts=drafts.tolist(), p=p[rows, drafts].tolist(), q=q[rows, drafts].tolist(),
-                   r=None if r is None else r.tolist(), kept=kept, next_token=next_token,
-                   next_probability=probability, draft_ms=round.draft_ms, verify_ms=round.verify_ms, source=source,
-                   choices=None if choices is None else choices[: K + 1].tolist())
+        r = None if verdict.r is None else verdict.r[b, :K, 0].tolist()
+        choices = None if verdict.choices is None else verdict.choices[b, : K + 1].tolist()
+        return cls(drafts=drafts.tolist(), p=p[rows, drafts].tolist(), q=q_b[rows, drafts].tolist(), r=r, kept=kept,
+                   next_token=next_token, next_probability=probability, draft_ms=round.draft_ms,
+                   verify_ms=round.verify_ms, source=source, choices=choices)
+
+
+class Readback(NamedTuple):
+    """What a round reads back from the device in its one host sync: each row's path (the kept drafts first), drafts
+    kept and next token, and the checks (booleans) of the proposal, the rule and the models."""
+
+    path: list[list[int]]
+    kept: list[int]
+    next_token: list[int]
+    checks: list[bool]
+
+    @classmethod
+    def of(cls, path: torch.Tensor, verdict, checks: list[torch.Tensor]) -> Readback:
+        """From the path's tokens (B, K), a rule's Verdict and 0-d boolean tensors, with one `.tolist()`."""
+        B, K = path.shape
+        flat = torch.cat([path.flatten(), verdict.kept, verdict.next_token, torch.stack(checks).long()]).tolist()
+        kept, following = flat[B * K : B * K + B], flat[B * K + B : B * K + 2 * B]
+        checks = [bool(x) for x in flat[B * K + 2 * B :]]
+        return cls([flat[b * K : (b + 1) * K] for b in range(B)], kept, following, checks)

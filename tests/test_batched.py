@@ -8,9 +8,9 @@ import pytest
 import torch
 from hypothesis import Phase, given, settings, strategies as st
 
-import speculative
 from gpt2_model import GPT2Config
 from speculative import autoregressive_sample, speculative_sample
+from speculative_gpt2 import rules
 from speculative_gpt2.drafters import PromptLookupDrafter
 from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 from test_speculative import LEVEL, chi_square_p_value, exact_first_two
@@ -176,7 +176,7 @@ def test_every_row_of_a_batch_follows_the_target_distribution(small_pair):
 @pytest.mark.slow
 def test_negative_control_a_wrong_resampling_rule_is_detected_in_a_batch(small_pair, monkeypatch):
     # Replacing a rejected draft with a sample from q instead of norm(max(0, q - p)) leans towards the draft.
-    monkeypatch.setattr(speculative, "residual_distribution", lambda q, p: q)
+    monkeypatch.setattr(rules, "residual", lambda q, p: q)
     p_values = row_p_values(*small_pair, seed=12, temperature=1.0)
     assert max(p_values) < LEVEL, p_values
 

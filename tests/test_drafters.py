@@ -14,9 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import speculative
 from gpt2_model import GPT2Config
 from speculative import ModelDrafter, Origin, autoregressive_sample, speculative_sample
+from speculative_gpt2 import rules
 from speculative_gpt2.drafters import PromptLookupDrafter, Proposal, Sampling, one_hot
 from speculative_gpt2.lookahead import AdaptiveLookahead
 from speculative_gpt2.random_checkpoint import random_model
@@ -218,7 +218,7 @@ def test_one_hot_proposals_follow_the_target_distribution(small_target, options)
 def test_negative_control_replacing_from_q_with_the_draft_still_in_it_is_detected(small_target, monkeypatch):
     # With a one-hot p, norm(max(0, q - p)) is q without x; replacing from q itself lets the rejected x come back,
     # so the output leans towards the proposed tokens, and the test above must notice.
-    monkeypatch.setattr(speculative, "residual_distribution", lambda q, p: q)
+    monkeypatch.setattr(rules, "residual", lambda q, p: q)
     expected = exact_first_two(small_target, [3], temperature=1.0)
     assert chi_square_p_value(one_hot_counts(small_target, seed=0, temperature=1.0), expected) < LEVEL
 

@@ -6,8 +6,8 @@ Notation as in speculative.py: q is the target's distribution, p the draft's.
 import pytest
 import torch
 
-import speculative
 from gpt2_model import GPT2Config
+from speculative_gpt2 import rules
 from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 from speculative_gpt2.lookahead import AdaptiveLookahead
 from speculative import autoregressive_sample, logits_to_probs, speculative_sample
@@ -230,7 +230,7 @@ def test_negative_control_wrong_resampling_rule_is_detected(small_pair, monkeypa
     # The real loop, with only the resampling step wrong: replace a rejected draft with a sample from q instead
     # of norm(max(0, q - p)). The output then leans towards the draft, and the test above must notice.
     target, draft = small_pair
-    monkeypatch.setattr(speculative, "residual_distribution", lambda q, p: q)
+    monkeypatch.setattr(rules, "residual", lambda q, p: q)
 
     def sampler(generator):
         return speculative_sample(target, draft, [3], 3, lookahead=2, temperature=1.0, generator=generator).tokens

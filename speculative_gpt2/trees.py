@@ -1,0 +1,230 @@
+"""Token trees: a round drafts several candidate continuations, and the target verifies all of them in one pass.
+
+A tree's shape is its widths (w1, ..., wK): every node at depth d - 1 has w_d children (the root, depth 0, is the
+row's pending token), so depth d holds w1 * ... * wd nodes; (1,) * K is the chain of K drafts. One shape serves every
+row of a batch: its structure (each node's parent and depth, breadth-first) is known on the host, and only the
+tokens and their p are per row.
+
+One pass over a tree. [root, node 0, ..., node N - 1] (B, 1 + N) go through the model at once: place j of row b at
+position L_b + depth_j (its place in the text if its path is kept), its keys and values at a slot of its own,
+L_b + j, where it sees the text (the slots before L_b), its ancestors and itself, nothing else (`sees`). After the
+verdict the kept path's keys and values move to the slots of their positions, L_b + 1 ... L_b + kept (`settle`), so
+that later passes find plain decoding's layout; the other nodes are forgotten as rejected drafts are. The draft
+model grows the tree in one pass per depth, all of a depth's nodes at once, laid out the same way.
+
+Siblings are drawn without replacement: child i from p with children 0..i-1 removed and renormalised, and that is
+the p it carries, which `recursive_rejection` (rules.py) is exact for. At temperature 0 the children are the draft's
+most likely tokens in order, each with a one-hot p.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from speculative_gpt2.checks import check_integer
+from speculative_gpt2.cuda_graphs import CUDAGraphRunner
+from speculative_gpt2.drafters import Sampling
+from speculative_gpt2.lookahead import as_policy
+from speculative_gpt2.rules import DraftTree
+
+MAX_NODES = 64  # a verification of more rows is no longer nearly free on a CPU (docs/design.md, "Token trees")
+
+
+class TreeShape:
+    """A lookahead policy (speculative_gpt2/lookahead.py) that drafts a tree of fixed `widths` every round: its K is
+    the tree's depth. `parents[i]` is node i's parent (-1: the root) and `depths[i]` its depth, breadth-first."""
+
+    def __init__(self, widths):
+        given = widths
+        try:
+            widths = tuple(check_integer("width", w, 1, MAX_NODES) for w in widths)
+        except (TypeError, ValueError):
+            widths = ()
+        if not widths:
+            raise ValueError(f"a tree's shape is its widths per depth, integers from 1 to {MAX_NODES} such as (3, 2), "
+                             f"got {given!r}")
+        self.widths, self.parents, self.depths = widths, [], []
+        level = [-1]
+        for depth, width in enumerate(widths, 1):
+            level = [self._add(parent, depth) for parent in level for _ in range(width)]
+        if len(self.parents) > MAX_NODES:
+            raise ValueError(f"the tree {'x'.join(map(str, widths))} has {len(self.parents)} nodes, more than "
+                             f"{MAX_NODES}: lower its widths or its depth")
+        self.max_lookahead = len(widths)
+
+    def _add(self, parent: int, depth: int) -> int:
+        self.parents.append(parent)
+        self.depths.append(depth)
+        return len(self.parents) - 1
+
+    def choose(self) -> int:
+        return len(self.widths)
+
+    def update(self, round) -> None:
+        pass
+
+    def nodes(self, depth: int) -> int:
+        """How many nodes the first `depth` levels hold."""
+        return sum(1 for d in self.depths if d <= depth)
+
+    def children(self, depth: int) -> list[list[int]]:
+        """Each place's children among the first `depth` levels: [root's, node 0's, ...]."""
+        N = self.nodes(depth)
+        children = [[] for _ in range(N + 1)]
+        for i, parent in enumerate(self.parents[:N]):
+            children[parent + 1].append(i)
+        return children
+
+    def ancestry(self, depth: int, device) -> torch.Tensor:
+        """(1 + N, 1 + N) bool over places [root, node 0, ...]: place k is place j or one of its ancestors."""
+        N = self.nodes(depth)
+        sees = torch.eye(N + 1, dtype=torch.bool)
+        sees[:, 0] = True
+        for i, parent in enumerate(self.parents[:N]):
+            sees[i + 1] |= sees[parent + 1]
+        return sees.to(device)
+
+    def __repr__(self) -> str:
+        return f"TreeShape({self.widths})"
+
+
+def tree_pass(model, shape: TreeShape, depth: int, idx: torch.Tensor, cache, first: int = 0) -> torch.Tensor:
+    """Logits (B, T, V) of places first .. first + T - 1 of a tree of `depth` levels, tokens idx (B, T), in one pass
+    of `model`: each at its position, its keys and values at its own slot, seeing the text and its ancestors. The
+    root of row b is at position cache.lengths[b] - first (the places before `first` are already in the cache)."""
+    B, T = idx.shape
+    device = idx.device
+    roots = torch.tensor(cache.lengths, device=device)[:, None] - first  # (B, 1): each row's root position
+    places = torch.arange(first, first + T, device=device)
+    depths = torch.tensor([0] + shape.depths[: shape.nodes(depth)], device=device)
+    positions, slots = roots + depths[places], roots + places  # (B, T)
+    span = cache.span(len(depths) - first)  # through the tree's last slot: `sees` covers every place
+    text = cache.key_positions[:span] < roots[:, :, None]  # (B, 1, span): the text before the root
+    relatives = shape.ancestry(depth, device)[places]  # (T, 1 + N)
+    sees = text.expand(B, T, span).clone()
+    sees.scatter_(2, (roots + torch.arange(relatives.shape[1], device=device))[:, None].expand(B, T, -1),
+                  relatives.expand(B, -1, -1))
+    logits = model.forward_at(idx, positions, cache, span, slots, sees)
+    cache.lengths = [n + T for n in cache.lengths]
+    return logits
+
+
+def settle(cache, tree: DraftTree, path: torch.Tensor) -> None:
+    """Moves the kept path's keys and values (path (B, depth): node indices, -1 past what was kept) from their
+    nodes' slots to their positions' slots, right after each row's root; the cache's lengths still count the whole
+    tree (its pass's). A chain is already in place."""
+    if tree.children.shape[2] == 1:
+        return
+    B, depth = path.shape
+    roots = torch.tensor(cache.lengths, device=path.device)[:, None] - 1 - tree.tokens.shape[1]
+    to = roots + torch.arange(1, depth + 1, device=path.device)  # (B, depth)
+    source = torch.where(path >= 0, roots + 1 + path, to)  # a row's unkept depths copy a slot onto itself
+    rows = torch.arange(B, device=path.device)[:, None].expand(B, depth)
+    for buffer in (cache.keys, cache.values):  # (n_layer, B, n_head, slots, head_dim)
+        buffer[:, rows, :, to] = buffer[:, rows, :, source]
+
+
+def grow(model, shape: TreeShape, depth: int, cache, sampling: Sampling, logits: torch.Tensor) -> DraftTree:
+    """The draft model's tree of `depth` levels below each row's root, from its logits (B, V) after the root, in one
+    tree pass per further level; the cache's lengths are back where they were after."""
+    B, device, V = len(logits), logits.device, sampling.vocab_size
+    N = shape.nodes(depth)
+    tokens = torch.zeros(B, N, dtype=torch.long, device=device)
+    p = torch.zeros(B, N, V, device=device)
+    present = torch.zeros(B, N, dtype=torch.bool, device=device)  # top-k or top-p may leave fewer tokens than widths
+    logits, start = logits[:, None].float(), 0  # (B, nodes of the level above, V)
+    for level in range(1, depth + 1):
+        end = start + logits.shape[1] * shape.widths[level - 1]
+        x, p_x, exists = siblings(sampling.process(logits), logits, shape.widths[level - 1], sampling)
+        tokens[:, start:end], p[:, start:end] = x.flatten(1), p_x.flatten(1, 2)
+        parents = torch.tensor(shape.parents[start:end], device=device)
+        present[:, start:end] = exists.flatten(1) & (True if level == 1 else present[:, parents])
+        if level < depth:  # the next level's distributions: this level's nodes through the draft model
+            logits = tree_pass(model, shape, depth, tokens[:, start:end], cache, first=1 + start).float()
+        start = end
+    cache.lengths = [n - shape.nodes(depth - 1) for n in cache.lengths]
+    W = max(shape.widths)
+    children = torch.tensor([kids + [-1] * (W - len(kids)) for kids in shape.children(depth)], device=device)
+    children = children.expand(B, -1, -1)  # (B, 1 + N, W)
+    tree = DraftTree(tokens, p, torch.tensor(shape.depths[:N], device=device).expand(B, N), children, None, depth)
+    return prune(tree, present)
+
+
+def prune(tree: DraftTree, keep: torch.Tensor | list[int]) -> DraftTree:
+    """The tree without the nodes that `keep` leaves out: (B, N) bool, or per row the deepest depth kept (a row
+    needs no more tokens than that). A node left out is taken from its parent's children, so neither it nor anything
+    below it is ever tried; `counts` becomes the nodes still listed."""
+    if not isinstance(keep, torch.Tensor):
+        keep = tree.depths <= torch.tensor(keep, device=tree.depths.device)[:, None]
+    listed = tree.children >= 0
+    kept = keep.gather(1, tree.children.clamp_min(0).flatten(1)).view_as(tree.children)
+    children = torch.where(listed & kept, tree.children, -1)  # what lies below is then out of reach too
+    return tree._replace(children=children, counts=(children >= 0).sum((1, 2)))
+
+
+def siblings(p: torch.Tensor, logits: torch.Tensor, width: int, sampling: Sampling):
+    """`width` children below each of n parents, drawn without replacement: p and logits (B, n, V) the parents'
+    distributions. Returns tokens (B, n, width), the p each was drawn from (B, n, width, V), and whether each exists
+    (top-k or top-p may leave fewer tokens than `width`)."""
+    B, n, V = p.shape
+    tokens, ps, ok = [], [], []
+    left, ranks = p.clone(), logits.clone()
+    finite = p.isfinite().all(-1, keepdim=True)  # (B, n, 1)
+    for _ in range(width):
+        if sampling.greedy:  # the next most likely token, with a one-hot p: a deterministic proposal
+            x = ranks.argmax(-1)
+            p_x = torch.zeros_like(p).scatter_(-1, x[..., None], 1.0)
+            exists = ranks.amax(-1) > float("-inf")  # a width past the vocabulary finds nothing more
+        else:
+            mass = left.sum(-1, keepdim=True)
+            p_x = torch.where(mass > 0, left / mass.clamp_min(torch.finfo(left.dtype).tiny), 0.0)
+            x = sampling.draw(torch.where(mass > 0, left, 1.0).view(B * n, V)).view(B, n)
+            exists = mass[..., 0] > 0
+        tokens.append(x)
+        ps.append(torch.where(finite, p_x, float("nan")))  # a broken draft model stays visible to the round's check
+        ok.append(exists)
+        left.scatter_(-1, x[..., None], 0.0)
+        ranks.scatter_(-1, x[..., None], float("-inf"))
+    return torch.stack(tokens, -1), torch.stack(ps, 2), torch.stack(ok, -1)
+
+
+def lookahead_policy(lookahead):
+    """The samplers' lookahead: a tree's widths (a tuple or list) make a TreeShape, anything else a lookahead policy
+    (speculative_gpt2/lookahead.py)."""
+    return TreeShape(lookahead) if isinstance(lookahead, (tuple, list)) else as_policy(lookahead)
+
+
+def nodes(policy) -> int:
+    """The nodes of a round of `policy`'s tree, else 0: the slots its caches need past the text."""
+    return policy.nodes(policy.max_lookahead) if isinstance(policy, TreeShape) else 0
+
+
+def verify_pass(run, model, shape: TreeShape | None, pending: torch.Tensor, tree: DraftTree, cache) -> torch.Tensor:
+    """Step 2: the target's logits after each row's pending token and after each draft, (B, 1 + N, V), in one pass:
+    a chain through `run` (exact mode's fixed rows, speculative_gpt2/exact.py), a tree through `tree_pass`."""
+    if shape is None or tree.children.shape[2] == 1 and tree.depth == tree.tokens.shape[1]:
+        return run(torch.cat([pending, tree.tokens], 1), cache)
+    return tree_pass(model, shape, tree.depth, torch.cat([pending, tree.tokens], 1), cache)
+
+
+def check_tree(policy, target, drafter, coupled: bool, rows: int | None, trace: bool) -> None:
+    """ValueError, in one line, for what token trees do not take (yet)."""
+    if not isinstance(policy, TreeShape):
+        return
+    if isinstance(target, CUDAGraphRunner) or isinstance(getattr(drafter, "model", None), CUDAGraphRunner):
+        raise ValueError("CUDA graphs replay chains' passes only: pass an integer lookahead, or models without graphs")
+    if getattr(drafter, "shape", None) is None:
+        raise ValueError(f"lookahead={policy.widths} drafts a token tree, which a draft model grows: pass a GPT2 as "
+                         f"the draft, or an integer lookahead for this drafter")
+    if coupled:
+        raise ValueError("coupled=True drafts chains only: pass an integer lookahead, or leave coupled out")
+    if rows is not None:
+        raise ValueError("exact mode runs chains only (a tree's nodes keep their keys at other slots than plain "
+                         "decoding, so their sums may round apart): pass an integer lookahead, or leave exact out")
+    if trace:
+        raise ValueError("the trace page draws chains only: pass an integer lookahead, or leave trace out")
+
+
+def tree_shape(policy) -> TreeShape | None:
+    """The policy's tree shape when it drafts trees, else None."""
+    return policy if isinstance(policy, TreeShape) else None
