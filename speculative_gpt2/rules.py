@@ -45,6 +45,11 @@ class DraftTree(NamedTuple):
     counts: torch.Tensor
     depth: int  # the deepest level any row reaches, known on the host
 
+    @property
+    def is_chain(self) -> bool:
+        """One child at most per place: every node already sits at its position's slot."""
+        return self.children.shape[2] == 1
+
     @classmethod
     def chain(cls, tokens: torch.Tensor, p: torch.Tensor, counts: list[int]) -> DraftTree:
         """K drafts in a row per row, tokens (B, K) and p (B, K, V), row b's first counts[b] real."""

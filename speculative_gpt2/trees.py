@@ -32,7 +32,8 @@ MAX_NODES = 64  # a verification of more rows is no longer nearly free on a CPU 
 
 class TreeShape:
     """A lookahead policy (speculative_gpt2/lookahead.py) that drafts a tree of fixed `widths` every round: its K is
-    the tree's depth. `parents[i]` is node i's parent (-1: the root) and `depths[i]` its depth, breadth-first."""
+    the tree's depth. `parents[i]` is node i's parent (-1: the root) and `depths[i]` its depth, breadth-first, so the
+    first d levels are a prefix of the nodes and their structure a slice of the whole tree's, built once here."""
 
     def __init__(self, widths):
         given = widths
@@ -51,6 +52,17 @@ class TreeShape:
             raise ValueError(f"the tree {'x'.join(map(str, widths))} has {len(self.parents)} nodes, more than "
                              f"{MAX_NODES}: lower its widths or its depth")
         self.max_lookahead = len(widths)
+        # ends[d]: the nodes of the first d levels.
+        self.ends = [sum(1 for d in self.depths if d <= depth) for depth in range(len(widths) + 1)]
+        # Over places [root, node 0, ...]: each place's children in the order drawn, -1 after the last
+        # (1 + N, max width), and whether place k is place j or one of its ancestors (1 + N, 1 + N).
+        self._children = torch.full((len(self.parents) + 1, max(widths)), -1)
+        self._ancestry = torch.eye(len(self.parents) + 1, dtype=torch.bool)
+        self._ancestry[:, 0] = True
+        for i, parent in enumerate(self.parents):
+            kids = self._children[parent + 1]
+            kids[(kids >= 0).sum()] = i
+            self._ancestry[i + 1] |= self._ancestry[parent + 1]
 
     def _add(self, parent: int, depth: int) -> int:
         self.parents.append(parent)
@@ -65,24 +77,19 @@ class TreeShape:
 
     def nodes(self, depth: int) -> int:
         """How many nodes the first `depth` levels hold."""
-        return sum(1 for d in self.depths if d <= depth)
+        return self.ends[depth]
 
-    def children(self, depth: int) -> list[list[int]]:
-        """Each place's children among the first `depth` levels: [root's, node 0's, ...]."""
-        N = self.nodes(depth)
-        children = [[] for _ in range(N + 1)]
-        for i, parent in enumerate(self.parents[:N]):
-            children[parent + 1].append(i)
-        return children
+    def children(self, depth: int, device) -> torch.Tensor:
+        """(1 + N, max width) long over places [root, node 0, ...] of the first `depth` levels: each place's
+        children, -1 after the last (and for the last level's, whose children lie deeper)."""
+        N = self.ends[depth]
+        children = self._children[: N + 1]
+        return torch.where(children < N, children, -1).to(device)
 
     def ancestry(self, depth: int, device) -> torch.Tensor:
-        """(1 + N, 1 + N) bool over places [root, node 0, ...]: place k is place j or one of its ancestors."""
-        N = self.nodes(depth)
-        sees = torch.eye(N + 1, dtype=torch.bool)
-        sees[:, 0] = True
-        for i, parent in enumerate(self.parents[:N]):
-            sees[i + 1] |= sees[parent + 1]
-        return sees.to(device)
+        """(1 + N, 1 + N) bool over places [root, node 0, ...] of the first `depth` levels: place k is place j or
+        one of its ancestors."""
+        return self._ancestry[: self.ends[depth] + 1, : self.ends[depth] + 1].to(device)
 
     def __repr__(self) -> str:
         return f"TreeShape({self.widths})"
@@ -113,7 +120,7 @@ def settle(cache, tree: DraftTree, path: torch.Tensor) -> None:
     """Moves the kept path's keys and values (path (B, depth): node indices, -1 past what was kept) from their
     nodes' slots to their positions' slots, right after each row's root; the cache's lengths still count the whole
     tree (its pass's). A chain is already in place."""
-    if tree.children.shape[2] == 1:
+    if tree.is_chain:
         return
     B, depth = path.shape
     roots = torch.tensor(cache.lengths, device=path.device)[:, None] - 1 - tree.tokens.shape[1]
@@ -143,9 +150,7 @@ def grow(model, shape: TreeShape, depth: int, cache, sampling: Sampling, logits:
             logits = tree_pass(model, shape, depth, tokens[:, start:end], cache, first=1 + start).float()
         start = end
     cache.lengths = [n - shape.nodes(depth - 1) for n in cache.lengths]
-    W = max(shape.widths)
-    children = torch.tensor([kids + [-1] * (W - len(kids)) for kids in shape.children(depth)], device=device)
-    children = children.expand(B, -1, -1)  # (B, 1 + N, W)
+    children = shape.children(depth, device).expand(B, -1, -1)  # (B, 1 + N, W)
     tree = DraftTree(tokens, p, torch.tensor(shape.depths[:N], device=device).expand(B, N), children, None, depth)
     return prune(tree, present)
 
@@ -202,7 +207,7 @@ def nodes(policy) -> int:
 def verify_pass(run, model, shape: TreeShape | None, pending: torch.Tensor, tree: DraftTree, cache) -> torch.Tensor:
     """Step 2: the target's logits after each row's pending token and after each draft, (B, 1 + N, V), in one pass:
     a chain through `run` (exact mode's fixed rows, speculative_gpt2/exact.py), a tree through `tree_pass`."""
-    if shape is None or tree.children.shape[2] == 1 and tree.depth == tree.tokens.shape[1]:
+    if shape is None or tree.is_chain:
         return run(torch.cat([pending, tree.tokens], 1), cache)
     return tree_pass(model, shape, tree.depth, torch.cat([pending, tree.tokens], 1), cache)
 
