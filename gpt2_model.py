@@ -175,6 +175,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return y[:, :, :T]
 
 
+def attend_each(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                reads: torch.Tensor) -> torch.Tensor:
+    """`attend` for queries that each read their own arrangement of the keys: query t of row b finds at slot s the
+    keys and values of slot reads[b, t, s]. A token tree's node reads its ancestors at the slots of their positions,
+    where plain decoding has them, so its sums add the same terms in the same order as plain decoding's
+    (speculative_gpt2/trees.py). Each query is one batch entry of `attend`. q (B, nh, T, hs); k, v (B, nh, S, hs);
+    mask (B, 1, T, S); reads (B, T, S). Returns (B, nh, T, hs) float32."""
+    B, nh, T, hs = q.shape
+    S = k.shape[2]
+    index = reads[:, None, :, :, None].expand(B, nh, T, S, hs)
+    k, v = (t[:, :, None].expand(B, nh, T, S, hs).gather(3, index) for t in (k, v))  # (B, nh, T, S, hs)
+
+    def each(t):  # (B, nh, T, ...) -> (B * T, nh, ...): a query per batch entry
+        return t.transpose(1, 2).reshape(B * T, nh, *t.shape[3:])
+
+    y = attend(each(q[:, :, :, None]), each(k), each(v), mask.transpose(1, 2).reshape(B * T, 1, 1, S))
+    return y.view(B, T, nh, hs).transpose(1, 2)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -182,7 +201,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x, kv=None, slots=None, mask=None):
+    def forward(self, x, kv=None, slots=None, mask=None, reads=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -195,7 +214,8 @@ class CausalSelfAttention(nn.Module):
             cache_k, cache_v = kv  # (B, nh, S, hs)
             cache_k.transpose(1, 2).index_put_(slots, k.transpose(1, 2).to(cache_k.dtype))  # (B, S, nh, hs) view
             cache_v.transpose(1, 2).index_put_(slots, v.transpose(1, 2).to(cache_v.dtype))
-            y = attend(q, cache_k, cache_v, mask).to(x.dtype)
+            y = (attend(q, cache_k, cache_v, mask) if reads is None else
+                 attend_each(q, cache_k, cache_v, mask, reads)).to(x.dtype)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.c_proj(y)
 
@@ -219,8 +239,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv=None, slots=None, mask=None):
-        x = x + self.attn(self.ln_1(x), kv, slots, mask)
+    def forward(self, x, kv=None, slots=None, mask=None, reads=None):
+        x = x + self.attn(self.ln_1(x), kv, slots, mask, reads)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -289,14 +309,15 @@ class GPT2(nn.Module):
 
     def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
                    span: int | None = None, slots: torch.Tensor | None = None,
-                   sees: torch.Tensor | None = None) -> torch.Tensor:
+                   sees: torch.Tensor | None = None, reads: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for tokens `idx` (B, T) at `positions` (B, T), a device tensor; with a cache,
         their keys and values are written there, and attention reads its first `span` slots (`cache.span(T)`;
         None: all, the same result with more work). The static-shape core of `forward`: with span None no host
         value decides a shape, so a pass of T tokens can be captured once and replayed anywhere in the sequence.
         A token tree's pass (speculative_gpt2/trees.py) gives each token a slot of its own, `slots` (B, T), and says
         which slots each may see, `sees` (B, T, span); by default a token's slot is its position and it sees the
-        slots of the positions up to its own."""
+        slots of the positions up to its own. Exact mode's tree pass gives instead `reads` (B, T, span), the slot each
+        token reads at each slot (`attend_each`): its ancestors at their positions' slots."""
         span = None if cache is None else span or cache.keys.shape[3]
         if cache is not None:
             cache.reach(span)
@@ -312,7 +333,7 @@ class GPT2(nn.Module):
         slots = None if cache is None else (torch.arange(len(idx), device=idx.device)[:, None].expand_as(slots), slots)
         for i, block in enumerate(self.h):
             x = block(x, None if cache is None else (cache.keys[i, ..., :span, :], cache.values[i, ..., :span, :]),
-                      slots, mask)
+                      slots, mask, reads)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
 
     def _check_cache(self, cache: KVCache, batch_size: int) -> None:

@@ -49,8 +49,8 @@ from speculative_gpt2.machine import Clock, DeviceClock, synchronize
 from speculative_gpt2.records import Generation, Origin, Readback, Round, Step, TraceRound
 from speculative_gpt2.rules import (Chance, DraftTree, Verdict, check_rule, chen, path_tokens, recursive_rejection,
                                     refuse_bad_verdict, residual, sample, verdict_checks)
-from speculative_gpt2.trees import (TreeShape, check_tree, grow, lookahead_policy, nodes, prune, settle, tree_shape,
-                                    verify_pass)
+from speculative_gpt2.trees import (TreeShape, check_tree, drafts_trees, grow, lookahead_policy, nodes, prune, settle,
+                                    tree_of, tree_shape, verify_pass)
 
 __all__ = ["Generation", "Origin", "Round", "TraceRound", "AdaptiveLookahead", "FixedLookahead", "logits_to_probs",
            "sample", "chen", "recursive_rejection", "residual", "DraftTree", "Verdict", "Chance", "speculative_sample",
@@ -196,19 +196,19 @@ class Batch:
         return self.ids.gather(1, torch.tensor(self.pending_at(), device=self.ids.device)[:, None])
 
     def draft(self, drafter: BatchDrafter, K: int, V: int) -> tuple:
-        """Step 1 for every row: K drafts with their p as a `DraftTree` (a chain, or a model drafter's tree) with
+        """Step 1 for every row: K drafts with their p as a `DraftTree` (a chain, or a drafter's tree) with
         nothing past what a row still needs (counts[b] levels); each row's source line; the proposal's checks."""
         B = len(self.active)
         if K == 0:  # the last token of a call: a plain target step
             empty = self.ids.new_empty(B, 0)
             return DraftTree.chain(empty, torch.empty(B, 0, V, device=empty.device), [0] * B), [0] * B, [None] * B, []
-        drafts, p, counts, sources, checks, tree = drafter.propose(self.ids, self.lengths, K, self.active)
+        drafts, p, counts, sources, checks, tree, parents = drafter.propose(self.ids, self.lengths, K, self.active)
         counts = [min(c, self.remaining(b) - 1) if self.active[b] else 0 for b, c in enumerate(counts)]
-        if tree is not None:  # a token tree: its nodes deeper than a row's counts are never tried
-            return prune(tree, counts), counts, sources, []
-        k = max(counts)  # a lookup may find nothing anywhere: the round is then a plain target step
-        return (DraftTree.chain(drafts[:, :k], p[:, :k], counts), counts, sources,
-                [] if checks is None else list(checks))
+        checks, k = [] if checks is None else list(checks), max(counts)  # a lookup may find nothing: a plain step
+        if tree is None and parents is None:  # a chain
+            return DraftTree.chain(drafts[:, :k], p[:, :k], counts), counts, sources, checks
+        return prune(  # a token tree (a model drafter's, or rows' from parents), nothing deeper than counts[b]
+            tree if tree is not None else tree_of(drafts, p, parents), counts), counts, sources, checks
 
     def stream(self, b: int, new: list[int]) -> None:
         """Hands row b's new tokens to `on_tokens`: on_tokens(new) for one prompt, on_tokens(b, new) for a batch."""
@@ -266,23 +266,23 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
     done; `trace` records every round (`TraceRound`). Returns a `Generation`, or a list of them."""
     check_options(max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
     policy = lookahead_policy(lookahead)  # K, "auto", a policy, or a token tree's widths
-    rows = pass_rows(exact, getattr(policy, "max_lookahead", None), target)
     prompts, batched = batch_of_prompts(prompt)
     drafter = _batch_drafter(draft, len(prompts), policy)
+    rows = pass_rows(exact, nodes(policy, drafter) or getattr(policy, "max_lookahead", None), target)  # a tree's too
     prompts = check_models_and_prompts(prompts, max_new_tokens, generator, eos_token_id, target=target,
                                        draft=getattr(drafter, "model", None))
     device = prompts[0].device
     noise = check_coupling(coupled, seed, generator, len(prompts), target.config.vocab_size, device)
-    rule, chance = check_rule(rule, noise, tree_shape(policy)), Chance(temperature, generator, noise)  # step 3's
-    check_tree(policy, target, drafter, coupled, rows, trace)
+    rule, chance = check_rule(rule, noise, drafts_trees(policy, drafter)), Chance(temperature, generator, noise)
+    check_tree(policy, target, drafter, coupled)
     clock = clock or DeviceClock(device)
     begun = clock.mark()
     process = partial(logits_to_probs, temperature=temperature, top_k=top_k, top_p=top_p)
     batch = Batch(prompts, max_new_tokens, eos_token_id, trace, on_tokens, batched, on_finished)
     B, V = len(prompts), target.config.vocab_size
-    target_cache = target.new_cache(B, max_len=batch.max_len, room=max((rows or 1) - 1, nodes(policy)))
+    target_cache = target.new_cache(B, max_len=batch.max_len, room=max((rows or 1) - 1, nodes(policy, drafter)))
     target_pass = partial(fixed_rows_pass, target, rows=rows)  # (idx, cache) -> logits, in exact mode's shape
-    verify = partial(verify_pass, target_pass, target, tree_shape(policy))  # a chain's, or a tree's
+    verify = partial(verify_pass, target_pass, target, rows)  # a chain's, or a tree's
     prefill(target_pass, target_cache, batch.ids, batch.lengths)  # each row's last prompt token is then pending
     draw = partial(draw_tokens, temperature=temperature, generator=generator, noise=noise)
     drafter.start(prompts, batch.max_len, Sampling(process, draw, V, greedy=temperature == 0))
@@ -312,7 +312,7 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
         committed = [None] * B
         for b in active:
             k = counts[b]
-            round = Round(k, read.kept[b], draft_ms * k / K if K else 0.0, verify_ms)
+            round = Round(k, read.kept[b], draft_ms * k / K if K else 0.0, verify_ms, tree.tokens.shape[1])
             traced = partial(TraceRound.of, tree, q, verdict, b, sources[b])
             new = _record_round(batch.outs[b], read.path[b][:k], round, read.next_token[b], eos_token_id, policy,
                                 partial(batch.stream, b), traced)

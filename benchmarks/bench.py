@@ -165,6 +165,15 @@ def parse_args(argv=None):
     return args
 
 
+def shown(path: Path | str) -> str:
+    """A checkpoint as the results name it: relative to the checkout when inside it, so that no machine's path is
+    recorded."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except (ValueError, OSError):
+        return str(path)
+
+
 def checkpoint_folders(args) -> tuple[Path | str, Path | str]:
     if not args.random_weights:
         return args.target, args.draft
@@ -244,7 +253,7 @@ def run(args) -> dict:
     naive_tokens = raw[Row(NAIVE)][0]["tokens"]
     results = {
         "meta": {
-            "target": str(target_path), "draft": str(draft_path), "random_weights": args.random_weights,
+            "target": shown(target_path), "draft": shown(draft_path), "random_weights": args.random_weights,
             "looping_target": args.looping_target,
             "dtype": dtype_name(dtype), "device": str(device), "torch": torch.__version__,
             "hardware": hardware_name(device), "prompt": args.prompt, "prompt_tokens": len(prompt),

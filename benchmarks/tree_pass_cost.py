@@ -45,7 +45,7 @@ def pass_ms(model, shape: TreeShape | None, rows: int, repeats: int, first: int 
             model(idx, cache)
         else:
             cache.lengths = [CONTEXT + first]
-            tree_pass(model, shape, depth, idx, cache, first=first)
+            tree_pass(model, shape.layout(depth, 1, idx.device), idx, cache, first=first)
         times.append(1e3 * (time.perf_counter() - started))
     return statistics.median(times)
 

@@ -48,12 +48,15 @@ from speculative_gpt2.records import Generation
 from speculative_gpt2.report import (EXACT, PLAIN, NGRAM, SPECULATIVE, UNCACHED, acceptance, cost_ratio, k_used,
                                      parted, why_slower)
 from speculative_gpt2.timing import Timed, cpu_share, middle_half, speedup_lines
+from speculative_gpt2.trees import MAX_NODES, TreeShape
 from speculative_gpt2.text import printable
 from speculative_gpt2.tokenizer import load_tokenizer
 
 # The name errors and --help go by: the script a checkout runs, or the installed console command.
 PROG = "speculative.py" if sys.argv and sys.argv[0].endswith("speculative.py") else "speculative-gpt2"
 MAX_NGRAM = PromptLookupDrafter.MAX_NGRAM
+MAX_MATCHES = PromptLookupDrafter.MAX_MATCHES
+MAX_TREE_NODES = MAX_NODES
 # The toyllm blog post's prompt ("Implementing LLM Speculative Sampling in Under 100 Lines of Code").
 DEFAULT_PROMPT = "Alan Turing theorized that computers would one day become"
 # --prompts-file: prompts decoded together when --batch-size is not given.
@@ -126,6 +129,28 @@ def _lookahead(text: str) -> int | str:
                                          f"auto") from None
 
 
+class _Given(argparse.Action):
+    """Stores the value and notes that the flag was given (`lookahead_given`), which a default cannot tell."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.lookahead_given = True
+
+
+def _tree(text: str) -> tuple[int, ...]:
+    example = "e.g. 3x2: 3 drafts, then 2 below each"
+    try:
+        widths = tuple(int(w) for w in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid tree {text!r}: give the widths per depth joined by x ({example})"
+                                         ) from None
+    try:
+        return TreeShape(widths).widths
+    except ValueError as e:
+        reason = str(e).split(": ")[0] if "nodes" in str(e) else f"widths from 1 to {MAX_TREE_NODES}"
+        raise argparse.ArgumentTypeError(f"invalid tree {text!r}: {reason} ({example})") from None
+
+
 def _prompt(text: str) -> str:
     # Bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape): refused, not silently U+FFFD.
     if any("\ud800" <= c <= "\udfff" for c in text):
@@ -185,13 +210,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"--draft {NGRAM}: the shortest n-gram matched when no longer one is found")
     parser.add_argument("--max-new-tokens", type=_checked(int, check_integer, minimum=1), default=128,
                         help="tokens to generate")
-    parser.add_argument("--lookahead", "-K", type=_lookahead, default=4,
+    parser.add_argument("--matches", type=_checked(int, check_integer, minimum=1, maximum=MAX_MATCHES), default=1,
+                        help=f"--draft {NGRAM}: follow the M latest earlier matches, not only the latest: their "
+                        f"continuations, merged where they agree, are verified as one token tree of up to M x K "
+                        f"drafts in one target pass (at most {MAX_MATCHES}; 1: a chain)")
+    parser.add_argument("--tree", type=_tree, default=None, metavar="WIDTHS",
+                        help="the draft model drafts a token tree of these widths per depth, e.g. 3x2: its 3 likeliest "
+                        "(or sampled) first tokens, then 2 below each, all verified in one target pass; the depth is K "
+                        "(leave out --lookahead); at most 64 nodes")
+    parser.add_argument("--lookahead", "-K", type=_lookahead, default=4, action=_Given,
                         help=f"draft tokens proposed per round (K), from 1 to {MAX_LOOKAHEAD} (and K + 1 within the "
                         "target's context: a round verifies K + 1 tokens in one pass), or auto: chosen every round "
                         "from the acceptance rate so far and the pass costs: measured at temperature 0 (where K "
                         "cannot change the text in float32); at temperature > 0 the paper's cost model (a draft pass "
                         "costs c target passes, c = the bytes of weights a draft pass reads over a target pass's), so "
-                        "that --seed still decides the text")
+                        "that --seed still decides the text; with --tree, the tree's depth")
     parser.add_argument("--temperature", type=_checked(float, check_real, minimum=0), default=0.0,
                         help="0 is greedy; >0 samples")
     parser.add_argument("--top-k", type=_checked(int, check_integer, minimum=1), default=None,
@@ -261,6 +294,26 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"{flag} is empty: give a file or folder name")
     if args.ngram_min > args.ngram_max:
         parser.error(f"--ngram-min {args.ngram_min} is larger than --ngram-max {args.ngram_max}")
+    if args.tree is not None:
+        for flag, given in (("--lookahead", hasattr(args, "lookahead_given")),
+                            (f"--draft {NGRAM}", args.draft == NGRAM),
+                            ("--coupled", args.coupled), ("--cuda-graphs", args.cuda_graphs)):
+            if given:
+                parser.error(f"--tree drafts a token tree with the draft model and goes without {flag}: "
+                             + ("its depth is K" if flag == "--lookahead" else "leave one of them out"))
+        args.lookahead = len(args.tree)
+    if args.matches > 1:
+        if args.draft != NGRAM:
+            parser.error(f"--matches follows earlier matches of prompt lookup: add --draft {NGRAM} (a draft model's "
+                         f"tree: --tree)")
+        for flag, given in (("--coupled", args.coupled), ("--cuda-graphs", args.cuda_graphs)):
+            if given:
+                parser.error(f"--matches {args.matches} makes prompt lookup's token trees and goes without {flag}: "
+                             f"leave one of them out")
+    most = AdaptiveLookahead().max_lookahead if args.lookahead == "auto" else args.lookahead
+    if args.matches * most > MAX_TREE_NODES:
+        parser.error(f"--matches {args.matches} with K up to {most} makes trees of up to {args.matches * most} "
+                     f"drafts, more than {MAX_TREE_NODES}: lower --matches or --lookahead")
     if args.prompts_file is None:
         for flag, value in (("--batch-size", args.batch_size), ("--output", args.output)):
             if value is not None:
@@ -435,16 +488,18 @@ def _run(args) -> int:
 
     def lookahead():  # a fresh policy for every call: what one run learned must not steer the next
         if args.lookahead != "auto":
-            return args.lookahead
+            return args.tree or args.lookahead
         # At temperature > 0, K must not follow measured times, which vary from run to run: K changes how the
         # random stream is consumed, and the same seed must give the same text (coupled sampling excepted).
         return AdaptiveLookahead(max_lookahead=max_lookahead, cost_ratio=cost_ratio(target, draft)
                                  if args.temperature > 0 and not args.coupled else None)
 
     def drafter():  # a fresh lookup drafter for every call, as for the policy
-        return PromptLookupDrafter(args.ngram_max, args.ngram_min) if lookup else draft
+        return PromptLookupDrafter(args.ngram_max, args.ngram_min, args.matches) if lookup else draft
 
-    rows = padded_rows(max_lookahead + 1)  # what exact mode pads every target pass to
+    # What exact mode pads every target pass to: a verification's rows, a token tree's nodes and its root.
+    nodes = TreeShape(args.tree).nodes(len(args.tree)) if args.tree else args.matches * max_lookahead
+    rows = padded_rows(nodes + 1)
 
     def decode(mode, prompt, max_new_tokens, generator=None, seed=None, **options):  # options: sampling, callbacks
         # Exact mode for the two runs whose texts are compared; plain PLAIN stays the fastest (1-row passes).
@@ -461,7 +516,9 @@ def _run(args) -> int:
         return run_prompts_file(args, file_prompts, enc=enc, device=device, dtype=dtype, decode=decode, options=options,
                                 exact=exact, pass_rows=rows,
                                 setup=_setup_lines(args, models, load_seconds, device, dtype))
-    asked = "auto" if args.lookahead == "auto" else f"{args.lookahead}"
+    asked = "auto" if args.lookahead == "auto" else f"{args.lookahead}" + (
+        f", a tree {'x'.join(map(str, args.tree))}" if args.tree else f", trees of {args.matches} lookup matches"
+        if args.matches > 1 else "")
     titles = {UNCACHED: "Plain decoding without KV cache", PLAIN: "Plain decoding",
               EXACT: f"Plain decoding, exact mode (every pass {rows} rows, as speculative sampling's)",
               SPECULATIVE: f"Speculative sampling (K={asked})" + (", exact mode" if exact else "")}
@@ -727,6 +784,9 @@ def _print_summary(args, results: dict[str, list[Generation]], shares: dict[str,
             f" (from the cost model, c = {cost_ratio(models['target'], models.get('draft')):.3f}: the same seed "
             f"gives the same text)" if args.lookahead == "auto" and args.temperature > 0 and not args.coupled else
             " (from measured times)" if args.lookahead == "auto" else ""))
+        if (args.tree is not None or args.matches > 1) and spec.rounds:
+            print(f"token trees: {statistics.mean(r.nodes for r in spec.rounds):.1f} drafts scored per target pass "
+                  f"(a chain of K = {args.lookahead} scores {args.lookahead})")
         if args.draft == NGRAM:  # a lookup makes no draft pass: count what it proposed
             no_match = sum(k == 0 for k in spec.lookahead_per_round)
             print(f"target passes: {spec.target_calls}, drafted tokens: {spec.draft_calls} by prompt lookup "

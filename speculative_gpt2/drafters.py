@@ -48,6 +48,16 @@ class Proposal(NamedTuple):
     source: str | None = None
 
 
+class TreeProposal(NamedTuple):
+    """A token tree: a Proposal whose drafts each name their parent, an earlier draft's index or -1 for the pending
+    token (parents before children; siblings in the order they were drawn), at most K levels deep."""
+
+    tokens: torch.Tensor
+    p: torch.Tensor
+    source: str | None
+    parents: list[int]
+
+
 class Drafter(Protocol):
     """Proposes draft tokens for `speculative_sample`. Implement these three methods; nothing else is asked."""
 
@@ -60,6 +70,9 @@ class Drafter(Protocol):
 
     def commit(self, new: list[int]) -> None:
         """The tokens the round committed (1 to K + 1 ids): the kept drafts, then the target's token."""
+
+    # Optional, for a drafter of token trees: def nodes(self, lookahead: int) -> int, the most drafts a proposal
+    # for K = lookahead holds (a chain's: K). The caches keep that many slots for a tree's pass.
 
 
 def one_hot(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -79,6 +92,9 @@ class BatchProposal(NamedTuple):
     sources: list[str | None]
     checks: torch.Tensor | None = None
     tree: object = None  # a model drafter's token tree (a DraftTree, speculative_gpt2/trees.py), else None
+    # Per-row drafters' trees: each row's parent of each draft (-1: the root, -2: padding), else None (chains);
+    # counts[b] is then row b's depth.
+    parents: list[list[int]] | None = None
 
 
 class BatchDrafter(Protocol):
@@ -123,19 +139,31 @@ class PerRowDrafters:
             drafter.start(prompt.clone(), max_len, sampling)
 
     def propose(self, ids: torch.Tensor, lengths: list[int], lookahead: int, active: list[bool]) -> BatchProposal:
-        B, V = len(self.drafters), self.vocab_size
-        tokens = ids.new_zeros(B, lookahead)
-        p = torch.zeros(B, lookahead, V, device=ids.device)
-        counts, sources, checks = [0] * B, [None] * B, []
+        B, V, N = len(self.drafters), self.vocab_size, self.nodes(lookahead)
+        tokens = ids.new_zeros(B, N)
+        p = torch.zeros(B, N, V, device=ids.device)
+        counts, sources, checks, parents = [0] * B, [None] * B, [], [[] for _ in range(B)]
         for b, drafter in enumerate(self.drafters):
             if active[b]:
                 proposal = drafter.propose(ids[b, : lengths[b]].clone(), lookahead)
-                x, p_b, sources[b] = checked_proposal(proposal, lookahead, V, ids.device, type(drafter).__name__)
-                counts[b] = len(x)
+                x, p_b, sources[b], parents[b] = checked_proposal(proposal, lookahead, V, ids.device,
+                                                                  type(drafter).__name__, N)
+                counts[b] = tree_depth(parents[b]) if parents[b] is not None else len(x)
                 checks.append(proposal_checks(x, p_b, V))
                 # Out-of-range ids would fail inside the target's embedding before the round's sync names them.
                 tokens[b, : len(x)], p[b, : len(x)] = x.clamp(0, V - 1), p_b
-        return BatchProposal(tokens, p, counts, sources, torch.stack(checks).all(0) if checks else None)
+        checks = torch.stack(checks).all(0) if checks else None
+        if all(row is None or not row for row in parents):  # chains
+            return BatchProposal(tokens[:, :lookahead], p[:, :lookahead], counts, sources, checks)
+        # A tree somewhere: each row's drafts as a tree (a chain's each following the one before), padded alike.
+        n = max(len(row) if row is not None else c for row, c in zip(parents, counts))
+        parents = [(row if row is not None else list(range(-1, c - 1))) + [-2] * (n - len(row or range(c)))
+                   for row, c in zip(parents, counts)]
+        return BatchProposal(tokens[:, :n], p[:, :n], counts, sources, checks, parents=parents)
+
+    def nodes(self, lookahead: int) -> int:
+        """The most drafts a row's proposal holds: K, or more where a drafter proposes trees (its `nodes`)."""
+        return max(d.nodes(lookahead) if callable(getattr(d, "nodes", None)) else lookahead for d in self.drafters)
 
     def commit(self, new: list[list[int] | None]) -> None:
         for drafter, tokens in zip(self.drafters, new):
@@ -170,20 +198,31 @@ def refuse_bad_proposal(name: str, checks: list[bool]) -> None:
                          f"{'; '.join(PROPOSAL_RULES)}): fix its propose; one_hot(tokens, V) serves fixed tokens")
 
 
-def checked_proposal(proposal, lookahead: int, vocab_size: int, device: torch.device, name: str) -> Proposal:
-    """A drafter's proposal with the shapes, dtypes and device the round needs; ValueError naming the drafter."""
-    if not (isinstance(proposal, tuple) and len(proposal) in (2, 3)
+def tree_depth(parents: list[int]) -> int:
+    """The depth of a tree given by each node's parent (-1: the root; parents before children)."""
+    depths = []
+    for parent in parents:
+        depths.append(1 if parent < 0 else depths[parent] + 1)
+    return max(depths, default=0)
+
+
+def checked_proposal(proposal, lookahead: int, vocab_size: int, device: torch.device, name: str,
+                     max_nodes: int | None = None) -> Proposal:
+    """A drafter's proposal with the shapes, dtypes and device the round needs, as a TreeProposal (parents None: a
+    chain); ValueError naming the drafter. A tree holds at most `max_nodes` drafts (the drafter's `nodes(K)`)."""
+    if not (isinstance(proposal, tuple) and 2 <= len(proposal) <= 4
             and all(isinstance(t, torch.Tensor) for t in proposal[:2])):
         raise ValueError(f"the drafter {name}'s propose returned {type(proposal).__name__}: return a "
-                         f"Proposal(tokens, p) of two tensors (and optionally a source line)")
-    drafts, p, *source = proposal
+                         f"Proposal(tokens, p) of two tensors (and optionally a source line), or a TreeProposal")
+    drafts, p, source, parents = (*proposal, None, None)[:4]
     for what, t in (("tokens", drafts), ("p", p)):
         if t.layout != torch.strided:
             raise ValueError(f"the drafter {name} proposed {what} as a {str(t.layout)[6:]} tensor: give a dense one "
                              f"({what}.to_dense())")
-    if drafts.dim() != 1 or len(drafts) > lookahead or drafts.dtype != torch.long:
+    most = lookahead if parents is None else max_nodes or lookahead
+    if drafts.dim() != 1 or len(drafts) > most or drafts.dtype != torch.long:
         raise ValueError(f"the drafter {name} proposed {list(drafts.shape)} {drafts.dtype} tokens for K={lookahead}: "
-                         f"propose a 1-D long tensor of at most K tokens")
+                         f"propose a 1-D long tensor of at most {'K' if parents is None else most} tokens")
     if p.shape != (len(drafts), vocab_size) or not p.dtype.is_floating_point:
         raise ValueError(f"the drafter {name}'s p has shape {list(p.shape)}, {p.dtype}: give one distribution over "
                          f"the {vocab_size} tokens per draft, ({len(drafts)}, {vocab_size}) floating point "
@@ -192,7 +231,14 @@ def checked_proposal(proposal, lookahead: int, vocab_size: int, device: torch.de
         if t.device != device:
             raise ValueError(f"the drafter {name} proposed {what} on {t.device}, the target is on {device}: make "
                              f"them on the prompt's device (start's prompt.device)")
-    return Proposal(drafts, p.float(), *source)
+    if parents is not None:
+        parents = [int(i) for i in (parents.tolist() if isinstance(parents, torch.Tensor) else parents)]
+        if len(parents) != len(drafts) or any(not -1 <= parent < i for i, parent in enumerate(parents)) \
+                or tree_depth(parents) > lookahead:
+            raise ValueError(f"the drafter {name} proposed the parents {parents} for {len(drafts)} drafts: give each "
+                             f"draft's parent, an earlier draft's index or -1 for the pending token, at most "
+                             f"K={lookahead} levels deep")
+    return TreeProposal(drafts, p.float(), source, parents)
 
 
 class PromptLookupDrafter:
@@ -201,50 +247,78 @@ class PromptLookupDrafter:
     into what it proposes (as LZ77 does): in a loop of period d the match sits d tokens back, and the copy repeats
     the loop for all K tokens instead of stopping at the end of the context. No match: no drafts.
 
+    With `matches` > 1 it proposes a token tree: what followed each of the `matches` latest occurrences (of the
+    longest n-gram first, then of shorter ones), merged where they agree (a trie of continuations), up to
+    `matches` * K drafts. p is one-hot, so the tree rule keeps a child with the probability the target gives it
+    once the siblings tried before it are ruled out (speculative_gpt2/rules.py).
+
     The search is a trie of the n-grams read backwards (last token first), n up to `max_ngram` (at most
-    MAX_NGRAM): its node at depth n is the n-gram that ends with the path's tokens, and holds the position after
-    its most recent occurrence. Every committed token adds at most `max_ngram` nodes, each an entry of one dict
-    and of one list, so memory grows linearly with the context; a lookup or a commit walks at most `max_ngram`
-    nodes. p is one-hot.
+    MAX_NGRAM): its node at depth n is the n-gram that ends with the path's tokens, and holds the positions after
+    its `matches` most recent occurrences, latest first. Every committed token adds at most `max_ngram` nodes, each
+    an entry of one dict and of one list, so memory grows linearly with the context; a lookup or a commit walks at
+    most `max_ngram` nodes.
     """
 
     # Prompt lookup copies matches of a few tokens; a longer n-gram rarely matches, and each n costs a node per
     # committed token.
     MAX_NGRAM = 64
+    # A tree of more continuations costs verification rows that are no longer nearly free (trees.MAX_NODES).
+    MAX_MATCHES = 16
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, matches: int = 1):
         self.max_ngram = check_integer("max_ngram", max_ngram, 1, self.MAX_NGRAM)
         self.min_ngram = check_integer("min_ngram", min_ngram, 1, self.max_ngram)
+        self.matches = check_integer("matches", matches, 1, self.MAX_MATCHES)
+
+    def nodes(self, lookahead: int) -> int:
+        """The most drafts a proposal for K holds: K each of `matches` continuations."""
+        return self.matches * lookahead
 
     def start(self, prompt: torch.Tensor, max_len: int, sampling: Sampling) -> None:
         self.vocab_size, self.device = sampling.vocab_size, prompt.device
         self.history: list[int] = []
         self.child: dict[tuple[int, int], int] = {}  # (node, the token before its n-gram) -> node one deeper
-        self.follower: list[int] = [0]  # node -> index of the token after its n-gram's latest occurrence; 0: root
+        # node -> the indices of the tokens after its n-gram's latest occurrences, latest first; node 0: the root
+        self.followers: list[list[int]] = [[]]
         self.commit(prompt.tolist())
 
     def propose(self, tokens: torch.Tensor, lookahead: int) -> Proposal:
-        history, node, match = self.history, 0, None
+        history, node, found = self.history, 0, []
         for n in range(1, min(self.max_ngram, len(history) - 1) + 1):  # the last n tokens, longer and longer
             node = self.child.get((node, history[-n]))
             if node is None:  # no longer n-gram has occurred either
                 break
             if n >= self.min_ngram:
-                match = n, self.follower[node]
-        if match is not None:
-            n, start = match
-            drafts = []
+                found.append((n, self.followers[node]))
+        starts, grams = [], []  # the continuations' first indices, longest n-gram's latest first
+        for n, followers in reversed(found):
+            for start in followers:
+                if start not in starts and len(starts) < self.matches:
+                    starts.append(start)
+                    grams.append(n)
+        drafts, parents = [], []
+        for start in starts:  # each continuation joins the trie where it parts from those before it
+            at, copied = -1, []
             for i in range(lookahead):  # copy forward from `start`, reading what was just copied if needed
                 j = start + i
-                drafts.append(history[j] if j < len(history) else drafts[j - len(history)])
-            x = torch.tensor(drafts, device=self.device)
-            return Proposal(x, one_hot(x, self.vocab_size),
-                            f"lookup: copied from position {start} of prompt + output ({n}-gram match)")
-        x = torch.empty(0, dtype=torch.long, device=self.device)
-        return Proposal(x, one_hot(x, self.vocab_size), "lookup: no match, nothing drafted")
+                copied.append(history[j] if j < len(history) else copied[j - len(history)])
+                known = [c for c, parent in enumerate(parents) if parent == at and drafts[c] == copied[-1]]
+                if not known:
+                    drafts.append(copied[-1])
+                    parents.append(at)
+                at = known[0] if known else len(drafts) - 1
+        x = torch.tensor(drafts, dtype=torch.long, device=self.device)
+        if not starts:
+            return Proposal(x, one_hot(x, self.vocab_size), "lookup: no match, nothing drafted")
+        source = (f"lookup: copied from position {starts[0]} of prompt + output ({grams[0]}-gram match)"
+                  if len(starts) == 1 else f"lookup: {len(starts)} continuations, from positions "
+                  f"{', '.join(map(str, starts))} of prompt + output ({'/'.join(map(str, grams))}-gram matches)")
+        if self.matches == 1:
+            return Proposal(x, one_hot(x, self.vocab_size), source)
+        return TreeProposal(x, one_hot(x, self.vocab_size), source, parents)
 
     def commit(self, new: list[int]) -> None:
-        history, child, follower = self.history, self.child, self.follower
+        history, child, followers = self.history, self.child, self.followers
         for token in new:
             # Every n-gram that ends just before this token is now followed by it: its latest occurrence.
             node = 0
@@ -252,10 +326,12 @@ class PromptLookupDrafter:
                 key = node, history[-n]
                 node = child.get(key)
                 if node is None:
-                    node = child[key] = len(follower)
-                    follower.append(0)
-                follower[node] = len(history)
+                    node = child[key] = len(followers)
+                    followers.append([])
+                latest = followers[node]
+                latest.insert(0, len(history))
+                del latest[self.matches :]
             history.append(token)
 
     def __repr__(self) -> str:
-        return f"PromptLookupDrafter(max_ngram={self.max_ngram}, min_ngram={self.min_ngram})"
+        return f"PromptLookupDrafter(max_ngram={self.max_ngram}, min_ngram={self.min_ngram}, matches={self.matches})"

@@ -25,13 +25,15 @@ class Origin(str, Enum):
 
 @dataclass(frozen=True)
 class Round:
-    """One round of speculative sampling: `lookahead` drafts proposed (K), `kept` of them kept by the target,
-    and the measured milliseconds of the draft passes and of the verification pass."""
+    """One round of speculative sampling: `lookahead` drafts proposed (K; a token tree's depth), `kept` of them
+    kept by the target, the measured milliseconds of the draft passes and of the verification pass, and `nodes`,
+    the drafts that pass scored (a tree's nodes; a chain's K)."""
 
     lookahead: int
     kept: int
     draft_ms: float = 0.0
     verify_ms: float = 0.0
+    nodes: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class Generation:
             end = new.index(eos_token_id) + 1
             new, origins = new[:end], origins[:end]
             if end <= kept:  # the EOS was a kept draft: the drafts after it were never needed
-                round = Round(end, end, round.draft_ms, round.verify_ms)
+                round = Round(end, end, round.draft_ms, round.verify_ms, round.nodes)
         self.tokens += new
         self.origins += origins
         self.rounds.append(round)
@@ -149,10 +151,19 @@ class TraceRound:
     verify_ms: float
     source: str | None = None
     choices: list[int] | None = None
+    # A token tree's round: `drafts` are its nodes, parents before children, `parents` each one's (-1: the pending
+    # token), `q` the target's probability of each after its parent, `path` the nodes kept, one per kept depth,
+    # `tested` min(1, q/p) of each node as the rule tried it against what was left of q (None: never tried) and `r`
+    # each tried node's draw.
+    parents: list[int] | None = None
+    path: list[int] | None = None
+    tested: list[float | None] | None = None
 
     @property
-    def acceptance_probabilities(self) -> list[float]:
-        """min(1, q(xi) / p(xi)) for each draft."""
+    def acceptance_probabilities(self) -> list[float | None]:
+        """min(1, q(xi) / p(xi)) for each draft; a tree's, as each node was tried (None: never tried)."""
+        if self.tested is not None:
+            return self.tested
         return [min(1.0, q / p) if p > 0 else 1.0 for p, q in zip(self.p, self.q)]
 
     @property
@@ -168,6 +179,8 @@ class TraceRound:
         """Row b's round read back from the device (only when tracing: extra transfers), as the Generation committed
         it: `round` and `next_token` after an EOS cut. `tree` the round's DraftTree (a chain), q (B, K + 1, V),
         `verdict` the rule's (speculative_gpt2/rules.py)."""
+        if not tree.is_chain:
+            return cls._of_tree(tree, q, verdict, b, source, round, next_token)
         K, kept = round.lookahead, round.kept
         drafts, p, q_b = tree.tokens[b, :K], tree.p[b, :K], q[b, : K + 1]
         rows = torch.arange(K, device=drafts.device)
@@ -180,6 +193,42 @@ class TraceRound:
         return cls(drafts=drafts.tolist(), p=p[rows, drafts].tolist(), q=q_b[rows, drafts].tolist(), r=r, kept=kept,
                    next_token=next_token, next_probability=probability, draft_ms=round.draft_ms,
                    verify_ms=round.verify_ms, source=source, choices=choices)
+
+
+    @classmethod
+    def _of_tree(cls, tree, q, verdict, b: int, source: str | None, round: Round, next_token: int | None) -> TraceRound:
+        """`of` for a token tree: its listed nodes (renumbered in order), their parents, and what the rule tried."""
+        children = tree.children[b].tolist()  # (1 + N, W): each place's children, -1 after the last
+        parent = {child: place - 1 for place, kids in enumerate(children) for child in kids if child >= 0}
+        nodes = sorted(parent)  # parents before children, as the tree lists them
+        number = {node: i for i, node in enumerate(nodes)}
+        tokens, p_all = tree.tokens[b].tolist(), tree.p[b]
+        places = torch.tensor([parent[n] + 1 for n in nodes], dtype=torch.long, device=q.device)
+        index = torch.tensor(nodes, dtype=torch.long, device=q.device)
+        x = tree.tokens[b, index]
+        tested, draws = [None] * len(nodes), [None] * len(nodes)
+        path = [n for n in verdict.path[b, : round.kept].tolist()]
+        ratios = verdict.ratios[b].tolist() if verdict.ratios is not None else []  # (depth, W), NaN: not tried
+        r = verdict.r[b].tolist() if verdict.r is not None else None
+        place = 0
+        for depth, row in enumerate(ratios):
+            for j, ratio in enumerate(row):
+                child = children[place][j] if j < len(children[place]) else -1
+                if child >= 0 and ratio == ratio:  # tried: NaN is not
+                    tested[number[child]] = ratio
+                    draws[number[child]] = None if r is None else r[depth][j]
+            if depth >= len(path):
+                break
+            place = path[depth] + 1
+        probability = None
+        if next_token is not None:
+            following = verdict.following[b]
+            probability = (following[next_token] / following.sum()).item()
+        return cls(drafts=[tokens[n] for n in nodes], p=p_all[index, x].tolist(), q=q[b, places, x].tolist(),
+                   r=None if r is None else draws, kept=round.kept, next_token=next_token,
+                   next_probability=probability, draft_ms=round.draft_ms, verify_ms=round.verify_ms, source=source,
+                   parents=[number[parent[n]] if parent[n] >= 0 else -1 for n in nodes],
+                   path=[number[n] for n in path], tested=tested)
 
 
 class Readback(NamedTuple):

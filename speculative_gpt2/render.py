@@ -246,7 +246,10 @@ proposes K tokens; draft x<sub>i</sub> is kept if r<sub>i</sub> &lt; q(x<sub>i</
 probability min(1, q/p); the first rejected one is replaced by a sample from norm(max(0, q &minus; p)); if all K are
 kept, a bonus token is drawn from q. At temperature 0 there is no draw: a draft is kept iff it is the target's
 argmax. With coupled sampling a draft is kept iff it is the target's Gumbel-max y<sub>i</sub> = argmax(log q + g), g
-fixed by the seed and the position, and the first mismatch gives way to y<sub>i</sub>.</p>
+fixed by the seed and the position, and the first mismatch gives way to y<sub>i</sub>. A token tree's round tries
+each node's children in the order drawn, each against what is left of q, which becomes norm(max(0, q &minus; p))
+after each rejection (recursive rejection); its table lists the nodes depth first, each below its parent, and
+min(1, q/p) as the rule tried it; the kept path is marked kept.</p>
 {body}
 <script>
 // Counted from the rounds the page holds, so that a reader (or a test in a browser) can check it against the summary.
@@ -260,13 +263,32 @@ document.getElementById("counted").textContent = check + `${{rounds.length}} rou
 """)
 
 
+def _tree_rows(r, token) -> list[str]:
+    """A token tree's round as table rows, depth first, each node indented below its parent; the kept path marked."""
+    below = {i: [] for i in range(-1, len(r.drafts))}
+    for node, parent in enumerate(r.parents):
+        below[parent].append(node)
+    rows, stack = [], [(node, 1) for node in reversed(below[-1])]
+    while stack:
+        node, depth = stack.pop()
+        tried = r.tested[node]
+        verdict = "kept" if node in r.path else "rejected" if tried is not None else "untested"
+        draw = "" if r.r is None or r.r[node] is None else f"{r.r[node]:.3f}"
+        rows.append(f'<tr class="{verdict}"><td>{depth}</td><td class="token">{"&nbsp;&nbsp;" * (depth - 1)}'
+                    f'{"&#x2514; " if depth > 1 else ""}{token(r.drafts[node])}</td><td>{r.p[node]:.4g}</td>'
+                    f'<td>{r.q[node]:.4g}</td><td>{"" if tried is None else f"{tried:.4g}"}</td><td>{draw}</td>'
+                    f'<td class="verdict">{verdict}</td></tr>')
+        stack += [(child, depth + 1) for child in reversed(below[node])]
+    return rows
+
+
 def _trace_round_html(number: int, r, tokenizer, opened: bool) -> str:
     def token(t: int) -> str:
         return html.escape(repr(printable(tokenizer.decode_single_token_bytes(t).decode("utf-8", errors="replace"))))
 
-    rows = []
+    rows = [] if r.parents is None else _tree_rows(r, token)
     coupled = r.choices is not None  # then a draft is kept iff it is the target's Gumbel-max at its place
-    for i, (x, p, q, a) in enumerate(zip(r.drafts, r.p, r.q, r.acceptance_probabilities)):
+    for i, (x, p, q, a) in enumerate(zip(r.drafts, r.p, r.q, r.acceptance_probabilities) if r.parents is None else ()):
         verdict = "kept" if i < r.kept else "rejected" if i == r.kept else "untested"
         last = (f'<td class="token">{token(r.choices[i])}</td>' if coupled else
                 f'<td>{a:.4g}</td><td>{"" if r.r is None else f"{r.r[i]:.3f}"}</td>')
@@ -275,7 +297,8 @@ def _trace_round_html(number: int, r, tokenizer, opened: bool) -> str:
     origin = r.next_origin
     heads = ('<th class="token">target\'s Gumbel-max y<sub>i</sub></th>' if coupled else
              '<th>min(1, q/p)</th><th>r<sub>i</sub></th>')
-    table = ('<table><tr><th>i</th><th class="token">draft x<sub>i</sub></th><th>p(x<sub>i</sub>)</th>'
+    first = "i" if r.parents is None else "depth"
+    table = (f'<table><tr><th>{first}</th><th class="token">draft x<sub>i</sub></th><th>p(x<sub>i</sub>)</th>'
              f'<th>q(x<sub>i</sub>)</th>{heads}<th>verdict</th></tr>'
              f'{"".join(rows)}</table>') if rows else ""
     if r.source:  # the drafter's word on where the drafts came from, e.g. a lookup's position
@@ -292,6 +315,7 @@ def _trace_round_html(number: int, r, tokenizer, opened: bool) -> str:
         next_line = (f"Then <span{_html_style(origin)}>{origin}</span> {token(r.next_token)} {source}, "
                      f"probability {r.next_probability:.4g}.")
     return (f'<details class="round" data-kept="{r.kept}" data-proposed="{len(r.drafts)}"{" open" if opened else ""}>'
-            f'<summary>Round {number}: {r.kept} of {len(r.drafts)} drafts kept, {then} '
+            f'<summary>Round {number}: {r.kept} of {len(r.drafts)} drafts kept'
+            f'{"" if r.parents is None else f" (a tree, {r.parents.count(-1)} first drafts)"}, {then} '
             f'&middot; draft {r.draft_ms:.1f} ms, verify {r.verify_ms:.1f} ms</summary>{table}'
             f'<p class="next">{next_line}</p></details>\n')

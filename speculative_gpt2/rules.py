@@ -205,12 +205,12 @@ def path_tokens(tree: DraftTree, verdict: Verdict) -> torch.Tensor:
     return tree.tokens.gather(1, verdict.path.clamp(0, max(tree.tokens.shape[1] - 1, 0)))
 
 
-def check_rule(rule, noise: GumbelNoise | None, tree=None):
+def check_rule(rule, noise: GumbelNoise | None, trees: bool = False):
     """A sampler's `rule`: when none is given, Chen's for chains, coupled sampling's with its noise, the recursive
-    rejection for a token tree; coupled sampling takes no other, since its text is the plain sampler's only under
-    its own rule, and Chen's rule takes chains only."""
+    rejection where rounds draft token trees; coupled sampling takes no other, since its text is the plain
+    sampler's only under its own rule, and Chen's rule takes chains only."""
     if rule is None:
-        return coupled if noise is not None else chen if tree is None else recursive_rejection
+        return coupled if noise is not None else recursive_rejection if trees else chen
     if not callable(rule):
         raise ValueError(f"rule must be a function rule(tree, q, chance) -> Verdict (speculative_gpt2/rules.py), got "
                          f"{type(rule).__name__}")
@@ -219,7 +219,7 @@ def check_rule(rule, noise: GumbelNoise | None, tree=None):
     if noise is None and rule is coupled:
         raise ValueError("the coupled rule compares Gumbel-max tokens under a seed's noise: pass coupled=True and a "
                          "seed instead of rule=coupled")
-    if tree is not None and rule is chen:
+    if trees and rule is chen:
         raise ValueError("chen's rule tests a chain of drafts, not a token tree: use recursive_rejection, the tree "
                          "rule (the default), or an integer lookahead")
     return rule

@@ -86,34 +86,80 @@ class TreeShape:
         children = self._children[: N + 1]
         return torch.where(children < N, children, -1).to(device)
 
-    def ancestry(self, depth: int, device) -> torch.Tensor:
-        """(1 + N, 1 + N) bool over places [root, node 0, ...] of the first `depth` levels: place k is place j or
-        one of its ancestors."""
-        return self._ancestry[: self.ends[depth] + 1, : self.ends[depth] + 1].to(device)
+    def layout(self, depth: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `depth` levels' `layout` for every row of a batch: each place's depth (B, 1 + N) and whether
+        place k is place j or one of its ancestors (B, 1 + N, 1 + N), over places [root, node 0, ...]."""
+        N = self.ends[depth]
+        depths = torch.tensor([0] + self.depths[:N], device=device)
+        return depths.expand(batch_size, -1), self._ancestry[: N + 1, : N + 1].to(device).expand(batch_size, -1, -1)
 
     def __repr__(self) -> str:
         return f"TreeShape({self.widths})"
 
 
-def tree_pass(model, shape: TreeShape, depth: int, idx: torch.Tensor, cache, first: int = 0) -> torch.Tensor:
-    """Logits (B, T, V) of places first .. first + T - 1 of a tree of `depth` levels, tokens idx (B, T), in one pass
-    of `model`: each at its position, its keys and values at its own slot, seeing the text and its ancestors. The
-    root of row b is at position cache.lengths[b] - first (the places before `first` are already in the cache)."""
+def tree_pass(model, layout: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, cache, first: int = 0,
+              rows: int | None = None) -> torch.Tensor:
+    """Logits (B, T, V) of places first .. first + T - 1 of a tree, tokens idx (B, T), in one pass of `model`: each
+    at its position, its keys and values at its own slot, seeing the text and its ancestors. `layout`: each place's
+    depth (B, 1 + N) and ancestry (B, 1 + N, 1 + N) (`TreeShape.layout`, `layout_of`). The root of row b is at
+    position cache.lengths[b] - first (the places before `first` are already in the cache). `rows` (exact mode, a
+    whole tree): the pass runs as that many rows, and each node reads its ancestors at their positions' slots
+    (`exact_reads`), so that its logits are plain decoding's bit for bit."""
+    depths, ancestry = layout
     B, T = idx.shape
     device = idx.device
     roots = torch.tensor(cache.lengths, device=device)[:, None] - first  # (B, 1): each row's root position
     places = torch.arange(first, first + T, device=device)
-    depths = torch.tensor([0] + shape.depths[: shape.nodes(depth)], device=device)
-    positions, slots = roots + depths[places], roots + places  # (B, T)
-    span = cache.span(len(depths) - first)  # through the tree's last slot: `sees` covers every place
-    text = cache.key_positions[:span] < roots[:, :, None]  # (B, 1, span): the text before the root
-    relatives = shape.ancestry(depth, device)[places]  # (T, 1 + N)
-    sees = text.expand(B, T, span).clone()
-    sees.scatter_(2, (roots + torch.arange(relatives.shape[1], device=device))[:, None].expand(B, T, -1),
-                  relatives.expand(B, -1, -1))
-    logits = model.forward_at(idx, positions, cache, span, slots, sees)
+    positions, slots = roots + depths[:, places], roots + places  # (B, T)
+    if rows is not None:  # padding rows at the root's position, in slots of their own past the tree's
+        pad = rows - T
+        idx = torch.cat([idx, idx.new_zeros(B, pad)], 1)
+        positions = torch.cat([positions, roots.expand(B, pad)], 1)
+        slots = torch.cat([slots, roots + T + torch.arange(pad, device=device)], 1)
+        span = cache.span(rows)
+        logits = model.forward_at(idx, positions, cache, span, slots, reads=exact_reads(layout, roots, span, rows))
+    else:
+        span = cache.span(depths.shape[1] - first)  # through the tree's last slot: `sees` covers every place
+        text = cache.key_positions[:span] < roots[:, :, None]  # (B, 1, span): the text before the root
+        sees = text.expand(B, T, span).clone()
+        sees.scatter_(2, (roots + torch.arange(depths.shape[1], device=device))[:, None].expand(B, T, -1),
+                      ancestry[:, places])
+        logits = model.forward_at(idx, positions, cache, span, slots, sees)
     cache.lengths = [n + T for n in cache.lengths]
-    return logits
+    return logits[:, :T]
+
+
+def exact_reads(layout: tuple[torch.Tensor, torch.Tensor], roots: torch.Tensor, span: int, rows: int) -> torch.Tensor:
+    """(B, rows, span): the slot each place of a whole tree (then padding rows) reads at each slot. Place j at depth
+    d reads, at the slots of positions root + 1 .. root + d, its ancestors' slots (root + their place) and its own:
+    the keys plain decoding has there; elsewhere the slot itself."""
+    depths, ancestry = layout
+    B, P = depths.shape
+    device = depths.device
+    reads = torch.arange(span, device=device).expand(B, rows, span).clone()
+    for depth in range(1, int(depths.max()) + 1 if P > 1 else 1):
+        # The place at this depth on each place's path, where the place is that deep.
+        above = (ancestry & (depths[:, None, :] == depth)).int().argmax(-1)  # (B, P)
+        at = (roots + depth)[:, :, None].expand(B, P, 1)  # the slot of the position root + depth
+        reads[:, :P].scatter_(2, at, torch.where(depths >= depth, roots + above, roots + depth)[..., None])
+    return reads
+
+
+def layout_of(tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tree's `layout` from its children lists: each place's depth (B, 1 + N) and ancestry (B, 1 + N, 1 + N). A
+    node no list holds (padding) hangs from the root; it is never tried."""
+    B, N = tree.tokens.shape
+    device, listed = tree.tokens.device, tree.children >= 0
+    places = torch.arange(N + 1, device=device)
+    # parent[b, j]: the place whose list holds place j (the root's own: 0). Unlisted entries all write 0 at 0.
+    parent = torch.zeros(B, N + 1, dtype=torch.long, device=device).scatter_(
+        1, torch.where(listed, tree.children + 1, 0).flatten(1),
+        torch.where(listed, places[:, None], 0).expand(B, -1, -1).flatten(1))
+    own = torch.eye(N + 1, dtype=torch.bool, device=device).expand(B, -1, -1)
+    ancestry = own
+    for _ in range(tree.depth):  # one more level of ancestors each time
+        ancestry = own | ancestry.gather(1, parent[..., None].expand(-1, -1, N + 1))
+    return torch.cat([tree.depths.new_zeros(B, 1), tree.depths], 1), ancestry
 
 
 def settle(cache, tree: DraftTree, path: torch.Tensor) -> None:
@@ -147,12 +193,35 @@ def grow(model, shape: TreeShape, depth: int, cache, sampling: Sampling, logits:
         parents = torch.tensor(shape.parents[start:end], device=device)
         present[:, start:end] = exists.flatten(1) & (True if level == 1 else present[:, parents])
         if level < depth:  # the next level's distributions: this level's nodes through the draft model
-            logits = tree_pass(model, shape, depth, tokens[:, start:end], cache, first=1 + start).float()
+            logits = tree_pass(model, shape.layout(depth, B, device), tokens[:, start:end], cache,
+                               first=1 + start).float()
         start = end
     cache.lengths = [n - shape.nodes(depth - 1) for n in cache.lengths]
     children = shape.children(depth, device).expand(B, -1, -1)  # (B, 1 + N, W)
     tree = DraftTree(tokens, p, torch.tensor(shape.depths[:N], device=device).expand(B, N), children, None, depth)
     return prune(tree, present)
+
+
+def tree_of(tokens: torch.Tensor, p: torch.Tensor, parents: list[list[int]]) -> DraftTree:
+    """The DraftTree of per-row proposals (speculative_gpt2/drafters.py): tokens (B, N), p (B, N, V) and each row's
+    parent of each node (-1: the root, -2: padding, which hangs from no list and is never tried)."""
+    B, N = tokens.shape
+    depths = [[1] * N for _ in range(B)]
+    lists = [[[] for _ in range(N + 1)] for _ in range(B)]  # row, place -> its children in the order proposed
+    for b, row in enumerate(parents):
+        for i, parent in enumerate(row):
+            if parent >= -1:
+                lists[b][parent + 1].append(i)
+                depths[b][i] = 1 if parent < 0 else depths[b][parent] + 1
+    W = max(len(kids) for row in lists for kids in row)
+    children = torch.full((B, N + 1, max(W, 1)), -1, dtype=torch.long)
+    for b, row in enumerate(lists):
+        for j, kids in enumerate(row):
+            children[b, j, : len(kids)] = torch.tensor(kids, dtype=torch.long)
+    children = children.to(tokens.device)
+    depth = max((d for row, r in zip(depths, parents) for d, parent in zip(row, r) if parent >= -1), default=0)
+    return DraftTree(tokens, p, torch.tensor(depths, device=tokens.device), children, (children >= 0).sum((1, 2)),
+                     depth)
 
 
 def prune(tree: DraftTree, keep: torch.Tensor | list[int]) -> DraftTree:
@@ -199,35 +268,47 @@ def lookahead_policy(lookahead):
     return TreeShape(lookahead) if isinstance(lookahead, (tuple, list)) else as_policy(lookahead)
 
 
-def nodes(policy) -> int:
-    """The nodes of a round of `policy`'s tree, else 0: the slots its caches need past the text."""
-    return policy.nodes(policy.max_lookahead) if isinstance(policy, TreeShape) else 0
+def nodes(policy, drafter=None) -> int:
+    """The most nodes a round's tree holds (`policy`'s shape, or what `drafter` proposes, `drafts_trees`), else 0:
+    the slots the caches need past the text."""
+    if isinstance(policy, TreeShape):
+        return policy.nodes(policy.max_lookahead)
+    return drafter.nodes(policy.max_lookahead) if drafts_trees(policy, drafter) else 0
 
 
-def verify_pass(run, model, shape: TreeShape | None, pending: torch.Tensor, tree: DraftTree, cache) -> torch.Tensor:
+def drafts_trees(policy, drafter) -> bool:
+    """Whether rounds may propose token trees: a tree's shape, or a drafter whose `nodes(K)`, the most nodes it
+    proposes for K (speculative_gpt2/drafters.py), exceeds K."""
+    K = getattr(policy, "max_lookahead", 0)
+    return isinstance(policy, TreeShape) or (callable(getattr(drafter, "nodes", None)) and drafter.nodes(K) > K)
+
+
+def verify_pass(run, model, rows: int | None, pending: torch.Tensor, tree: DraftTree, cache) -> torch.Tensor:
     """Step 2: the target's logits after each row's pending token and after each draft, (B, 1 + N, V), in one pass:
-    a chain through `run` (exact mode's fixed rows, speculative_gpt2/exact.py), a tree through `tree_pass`."""
-    if shape is None or tree.is_chain:
-        return run(torch.cat([pending, tree.tokens], 1), cache)
-    return tree_pass(model, shape, tree.depth, torch.cat([pending, tree.tokens], 1), cache)
+    a chain through `run` (exact mode's fixed rows, speculative_gpt2/exact.py), a tree through `tree_pass` (in exact
+    mode, `rows` rows)."""
+    idx = torch.cat([pending, tree.tokens], 1)
+    return run(idx, cache) if tree.is_chain else tree_pass(model, layout_of(tree), idx, cache, rows=rows)
 
 
-def check_tree(policy, target, drafter, coupled: bool, rows: int | None, trace: bool) -> None:
+def check_tree(policy, target, drafter, coupled: bool) -> None:
     """ValueError, in one line, for what token trees do not take (yet)."""
-    if not isinstance(policy, TreeShape):
+    if not drafts_trees(policy, drafter):
         return
+    what = f"lookahead={policy.widths}" if isinstance(policy, TreeShape) else f"the drafter {drafter.name}"
+    if nodes(policy, drafter) > MAX_NODES:
+        raise ValueError(f"{what} proposes up to {nodes(policy, drafter)} drafts a round with K="
+                         f"{policy.max_lookahead}, more than {MAX_NODES}: lower K, or the width of its trees (a "
+                         f"lookup's matches)")
     if isinstance(target, CUDAGraphRunner) or isinstance(getattr(drafter, "model", None), CUDAGraphRunner):
-        raise ValueError("CUDA graphs replay chains' passes only: pass an integer lookahead, or models without graphs")
-    if getattr(drafter, "shape", None) is None:
+        raise ValueError(f"{what} drafts token trees and CUDA graphs replay chains' passes only: draft chains, or "
+                         f"use models without graphs")
+    if isinstance(policy, TreeShape) and getattr(drafter, "shape", None) is None:
         raise ValueError(f"lookahead={policy.widths} drafts a token tree, which a draft model grows: pass a GPT2 as "
                          f"the draft, or an integer lookahead for this drafter")
     if coupled:
-        raise ValueError("coupled=True drafts chains only: pass an integer lookahead, or leave coupled out")
-    if rows is not None:
-        raise ValueError("exact mode runs chains only (a tree's nodes keep their keys at other slots than plain "
-                         "decoding, so their sums may round apart): pass an integer lookahead, or leave exact out")
-    if trace:
-        raise ValueError("the trace page draws chains only: pass an integer lookahead, or leave trace out")
+        raise ValueError(f"{what} drafts token trees and coupled=True drafts chains only: draft chains, or leave "
+                         f"coupled out")
 
 
 def tree_shape(policy) -> TreeShape | None:

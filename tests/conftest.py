@@ -1,7 +1,14 @@
 """Shared fixtures: tiny random GPT-2 checkpoints written by `transformers`, the reference implementation."""
 
+import os
+
 import pytest
 import torch
+
+# Under pytest-xdist (`-n 2`) each worker runs its tests with one torch thread: two workers with two threads each on
+# two cores would wait for each other, and the tests' tiny models gain nothing from a second thread.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 def make_reference(n_layer=2, n_embd=64, n_head=4, seed=0, std=0.02):

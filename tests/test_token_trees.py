@@ -14,6 +14,8 @@ from speculative_gpt2 import trees
 from speculative_gpt2.drafters import PromptLookupDrafter
 from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 from speculative_gpt2.rules import DraftTree, chen
+from speculative_gpt2.render import trace_page
+from speculative_gpt2.tokenizer import load_tokenizer
 from speculative_gpt2.trees import TreeShape, settle, tree_pass
 from test_batched import PROMPTS
 from test_speculative import LEVEL, N_SAMPLES, chi_square_p_value, exact_first_two, small_pair  # noqa: F401
@@ -46,7 +48,7 @@ def test_one_tree_pass_gives_every_node_the_logits_of_its_own_path(models, width
     cache.crop([4, 1])  # ragged rows: each row's last prompt token is pending
     nodes = torch.randint(0, 64, (2, N), generator=torch.Generator().manual_seed(0))
     pending = torch.tensor([[prompts[0][-1]], [prompts[1][-1]]])
-    logits = tree_pass(target, shape, len(widths), torch.cat([pending, nodes], 1), cache)
+    logits = tree_pass(target, shape.layout(len(widths), 2, 'cpu'), torch.cat([pending, nodes], 1), cache)
     for b, prompt in enumerate(prompts):
         for place in range(N + 1):
             tokens = prompt + ([] if place == 0 else nodes[b, path_of(shape, place - 1)].tolist())
@@ -64,7 +66,7 @@ def test_the_kept_path_moves_to_plain_decodings_slots(models, path):
     target(torch.tensor([prompt[:-1]]), cache)
     nodes = torch.randint(0, 64, (1, N), generator=torch.Generator().manual_seed(1))
     tree = DraftTree(nodes, None, None, torch.zeros(1, N + 1, 2, dtype=torch.long), None, 2)
-    tree_pass(target, shape, 2, torch.cat([torch.tensor([[prompt[-1]]]), nodes], 1), cache)
+    tree_pass(target, shape.layout(2, 1, 'cpu'), torch.cat([torch.tensor([[prompt[-1]]]), nodes], 1), cache)
     settle(cache, tree, torch.tensor([path]))
     kept = [node for node in path if node >= 0]
     cache.crop(len(prompt) + len(kept))  # the next token is pending, as after a round
@@ -146,9 +148,7 @@ def test_negative_control_siblings_told_their_parents_whole_p_are_detected(small
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(coupled=True, seed=1, temperature=1.0), "coupled=True drafts chains only: pass an integer lookahead"),
-    (dict(exact=True), "exact mode runs chains only (a tree's nodes keep their keys at other slots than plain"),
-    (dict(trace=True), "the trace page draws chains only: pass an integer lookahead, or leave trace out"),
+    (dict(coupled=True, seed=1, temperature=1.0), "coupled=True drafts chains only: draft chains, or leave coupled"),
     (dict(rule=chen), "chen's rule tests a chain of drafts, not a token tree: use recursive_rejection"),
     (dict(lookahead=(0, 2)), "a tree's shape is its widths per depth, integers from 1 to 64 such as (3, 2), got (0, "),
     (dict(lookahead=()), "a tree's shape is its widths per depth, integers from 1 to 64 such as (3, 2), got ()"),
@@ -161,3 +161,21 @@ def test_what_trees_do_not_take_is_refused_in_one_line(models, options, message)
     with pytest.raises(ValueError) as error:
         speculative_sample(target, options.pop("draft"), [1, 2, 3], 5, **options)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_traced_tree_round_shows_its_nodes_and_the_kept_path(models, temperature):
+    target, drafts = models
+    out = speculative_sample(target, drafts["a noisy copy"], [5, 6, 7], 20, lookahead=(3, 2), trace=True,
+                             temperature=temperature, generator=torch.Generator().manual_seed(0))
+    assert len(out.trace) == len(out.rounds)
+    for traced, round in zip(out.trace, out.rounds):
+        assert traced.kept == round.kept == len(traced.path)
+        for depth, node in enumerate(traced.path):  # each kept node hangs from the one before, the first from the root
+            assert traced.parents[node] == (traced.path[depth - 1] if depth else -1)
+            assert traced.tested[node] is not None
+        tried = [i for i, t in enumerate(traced.tested) if t is not None]
+        assert set(traced.path) <= set(tried) and (temperature == 0) == (traced.r is None)
+        assert all(0 <= t <= 1 for t in traced.acceptance_probabilities if t is not None)
+    page = trace_page(out, load_tokenizer(), [5, 6, 7])
+    assert page.count('<details class="round"') == len(out.rounds) and "(a tree, 3 first drafts)" in page

@@ -1,0 +1,162 @@
+"""Prompt lookup's token trees (speculative_gpt2/drafters.py, `PromptLookupDrafter(matches=...)`): what followed
+several earlier occurrences of the last tokens, merged into a trie, verified in one target pass and decided by the
+tree rule (exact for one-hot p by enumeration in test_acceptance_rules.py).
+
+Here: the trie holds each continuation once and in order, greedy text is the target's for ragged batches, samples
+follow the target's distribution (chi-square at level 1e-3, with a negative control: a rule that forgets the
+siblings it rejected), and what lookup trees do not take is refused in one line. Exact mode: test_exact_trees.py."""
+
+import pytest
+import torch
+
+from gpt2_model import GPT2Config
+from speculative import autoregressive_sample, speculative_sample
+from speculative_gpt2 import rules
+from speculative_gpt2.drafters import PromptLookupDrafter, Sampling, TreeProposal, one_hot
+from speculative_gpt2.random_checkpoint import random_model
+from speculative_gpt2.rules import chen
+from test_speculative import LEVEL, N_SAMPLES, chi_square_p_value, exact_first_two, small_pair  # noqa: F401
+
+CONFIG = GPT2Config(vocab_size=64, n_positions=128, n_embd=32, n_layer=2, n_head=2)
+
+
+def proposal_for(history: list[int], K: int, **options):
+    drafter = PromptLookupDrafter(**options)
+    drafter.start(torch.tensor(history), 128, Sampling(lambda x: x, None, 64))
+    return drafter.propose(torch.tensor(history), K)
+
+
+def test_the_trie_holds_each_continuation_once_latest_longest_match_first():
+    # "5 1" occurred three times, followed by 2 9 5 (latest), 3 5 1, and 2 5 1: the first and last share "2".
+    history = [5, 1, 2, 5, 1, 3, 5, 1, 2, 9, 5, 1]
+    tree = proposal_for(history, 3, matches=3)
+    assert tree.tokens.tolist() == [2, 9, 5, 3, 5, 1, 5, 1]
+    assert tree.parents == [-1, 0, 1, -1, 3, 4, 0, 6]
+    assert torch.equal(tree.p, one_hot(tree.tokens, 64))
+    assert "3 continuations" in tree.source
+    chain = proposal_for(history, 3)  # one match: the chain of before, no parents
+    assert chain.tokens.tolist() == [2, 9, 5] and len(chain) == 3
+    two = proposal_for(history, 3, matches=2)
+    assert two.tokens.tolist() == [2, 9, 5, 3, 5, 1] and two.parents == [-1, 0, 1, -1, 3, 4]
+
+
+def test_shorter_matches_fill_the_tree_when_the_longest_has_too_few():
+    # "7 1" occurred once (followed by 4); "1" also occurred before 8: the 1-gram's continuation joins the tree.
+    tree = proposal_for([1, 8, 7, 1, 4, 7, 1], 2, matches=2)
+    assert tree.tokens.tolist() == [4, 7, 8, 7] and tree.parents == [-1, 0, -1, 2]
+    assert "2/1-gram" in tree.source
+    assert proposal_for([1, 2, 3], 2, matches=4).tokens.numel() == 0  # no match: nothing
+
+
+@pytest.fixture(scope="module")
+def looping():
+    return random_model(CONFIG, seed=0)
+
+
+PROMPTS = [[5, 1, 2, 5, 1, 3, 5, 1], [9, 9, 4, 9, 7, 9], list(range(10, 30)) + list(range(10, 20)), [42]]
+
+
+class Spy(PromptLookupDrafter):
+    """Records the widest root of the trees it proposes."""
+
+    widest = 0
+
+    def propose(self, tokens, lookahead):
+        proposal = super().propose(tokens, lookahead)
+        if isinstance(proposal, TreeProposal):
+            Spy.widest = max(Spy.widest, proposal.parents.count(-1))
+        return proposal
+
+
+@pytest.mark.parametrize("matches, K", [(2, 2), (3, 4), (4, 1)])
+def test_greedy_lookup_tree_text_is_the_targets(looping, matches, K):
+    Spy.widest = 0
+    outs = speculative_sample(looping, Spy(matches=matches), PROMPTS, 24, lookahead=K)
+    assert [out.tokens for out in outs] == [autoregressive_sample(looping, p, 24).tokens for p in PROMPTS]
+    assert Spy.widest >= 2  # real trees were verified, not only chains
+    alone = speculative_sample(looping, PromptLookupDrafter(matches=matches), PROMPTS[0], 24, lookahead=K)
+    assert alone.tokens == outs[0].tokens
+
+
+LOOKUP_PROMPTS = [[1, 2, 1, 3, 1, 4, 1], [6, 5, 6, 7, 6], [3]]  # the last token followed by 3, 2 and 0 others
+
+
+def lookup_p_values(target, seed: int, **options) -> list[float]:
+    V = target.config.vocab_size
+    counts = torch.zeros(len(LOOKUP_PROMPTS), V, V)
+    generator = torch.Generator().manual_seed(seed)
+    drafter = PromptLookupDrafter(matches=3)
+    for _ in range(N_SAMPLES):
+        for b, out in enumerate(speculative_sample(target, drafter, LOOKUP_PROMPTS, 3, lookahead=2,
+                                                   generator=generator, **options)):
+            counts[b, out.tokens[0], out.tokens[1]] += 1
+    return [chi_square_p_value(counts[b], exact_first_two(target, p, **options)) for b, p in enumerate(LOOKUP_PROMPTS)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [dict(temperature=1.0), dict(temperature=0.8, top_k=4)])
+def test_lookup_tree_samples_follow_the_target_distribution(small_pair, options):
+    target, _ = small_pair  # a vocabulary of 8, far from uniform
+    p_values = lookup_p_values(target, seed=5, **options)
+    assert min(p_values) > LEVEL, p_values
+
+
+@pytest.mark.slow
+def test_negative_control_a_rule_that_forgets_rejected_siblings_is_detected(small_pair, monkeypatch):
+    target, _ = small_pair
+    monkeypatch.setattr(rules, "residual", lambda q, p: q)  # a rejected child stays as likely as before
+    p_values = lookup_p_values(target, seed=5, temperature=1.0)
+    assert min(p_values) < LEVEL, p_values
+
+
+class Planted:
+    """A drafter proposing fixed drafts with the given parents (`fit`: only the levels K allows)."""
+
+    def __init__(self, tokens, parents, nodes=8, fit=False):
+        self.tokens, self.parents, self.most, self.fit = tokens, parents, nodes, fit
+
+    def nodes(self, lookahead):
+        return self.most
+
+    def start(self, prompt, max_len, sampling):
+        self.V = sampling.vocab_size
+
+    def propose(self, tokens, lookahead):
+        depths = []
+        for parent in self.parents if self.fit else []:
+            depths.append(1 if parent < 0 else depths[parent] + 1)
+        keep = [i for i, d in enumerate(depths) if d <= lookahead] if self.fit else range(len(self.tokens))
+        x = torch.tensor([self.tokens[i] for i in keep])
+        return TreeProposal(x, one_hot(x, self.V), None, [self.parents[i] for i in keep])
+
+    def commit(self, new):
+        pass
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(coupled=True, seed=1, temperature=1.0), "drafts token trees and coupled=True drafts chains only"),
+    (dict(lookahead=8, draft=PromptLookupDrafter(matches=9)), "the drafter PromptLookupDrafter proposes up to 72 "
+     "drafts a round with K=8, more than 64: lower K, or the width of its trees"),
+    (dict(rule=chen), "chen's rule tests a chain of drafts, not a token tree: use recursive_rejection"),
+    (dict(draft=Planted([1, 2], [-1, 1])), "proposed the parents [-1, 1] for 2 drafts: give each draft's parent"),
+    (dict(draft=Planted([1, 2, 3], [-1, 0, 1])), "at most K=2 levels deep"),
+    (dict(draft=Planted([1, 2, 3], [-1, -1, -1], nodes=2)), "propose a 1-D long tensor of at most 2 tokens"),
+])
+def test_what_lookup_trees_do_not_take_is_refused_in_one_line(looping, options, message):
+    options = {"lookahead": 2, "draft": PromptLookupDrafter(matches=2), **options}
+    with pytest.raises(ValueError) as error:
+        speculative_sample(looping, options.pop("draft"), [1, 2, 1, 3, 1], 5, **options)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_drafters_own_tree_is_verified_and_its_text_is_the_targets(looping):
+    prompt = [4, 4, 4]
+    planted = Planted([7, 3, 9], [-1, -1, 1], fit=True)  # the root's children 7 and 3, and 9 below 3
+    out = speculative_sample(looping, planted, prompt, 10, lookahead=2)
+    assert out.tokens == autoregressive_sample(looping, prompt, 10).tokens
+
+
+def test_matches_out_of_range_are_refused():
+    for matches in (0, 17, 2.5):
+        with pytest.raises(ValueError, match="matches"):
+            PromptLookupDrafter(matches=matches)

@@ -1,0 +1,59 @@
+"""Token trees from the command line: `--tree WIDTHS` (the draft model's tree) and `--draft ngram --matches M`
+(prompt lookup's), end to end in a subprocess on tiny random checkpoints; refusals in this process."""
+
+import re
+
+import pytest
+
+from test_cli import checkpoints, run_cli  # noqa: F401
+
+
+@pytest.mark.parametrize("args, title", [
+    (["--tree", "3x2"], "=== Speculative sampling (K=2, a tree 3x2), exact mode ==="),
+    (["--draft", "ngram", "--matches", "3", "-K", "3"],
+     "=== Speculative sampling (K=3, trees of 3 lookup matches), exact mode ==="),
+])
+def test_a_tree_run_reports_its_drafts_per_pass_and_compares_the_texts(checkpoints, args, title):
+    options = ["--draft", str(checkpoints / "draft")] if "ngram" not in args else []
+    result = run_cli("--target", str(checkpoints / "target"), *options, *args, "--max-new-tokens", "20",
+                     "--prompt", "one two one three one two one", "--ignore-eos", "--device", "cpu", "--no-stream")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert title in out
+    scored = float(re.search(r"token trees: ([\d.]+) drafts scored per target pass", out).group(1))
+    assert 1 <= scored <= (6 + 3 if "3x2" in args else 9)  # a 3x2 tree has 9 nodes, 3 matches of 3 at most 9
+    # 9 nodes and the root: every target pass, plain decoding's too, runs as 12 rows.
+    assert ("identical outputs: yes (speculative sampling's text against plain decoding's in exact mode, both in "
+            "12-row passes)") in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tree", "3x2", "--lookahead", "3"], "--tree drafts a token tree with the draft model and goes without "
+     "--lookahead: its depth is K"),
+    (["--tree", "3x2", "--draft", "ngram"], "goes without --draft ngram"),
+    (["--tree", "2x2", "--coupled"], "goes without --coupled"),
+    (["--tree", "0x2"], "argument --tree: invalid tree '0x2': widths from 1 to 64"),
+    (["--tree", "8x8x8"], "argument --tree: invalid tree '8x8x8': the tree 8x8x8 has 584 nodes, more than 64"),
+    (["--tree", "three"], "invalid tree 'three': give the widths per depth joined by x"),
+    (["--matches", "2"], "--matches follows earlier matches of prompt lookup: add --draft ngram"),
+    (["--draft", "ngram", "--matches", "2", "--coupled"], "--matches 2 makes prompt lookup's token trees "
+     "and goes without --coupled"),
+    (["--draft", "ngram", "--matches", "17"], "argument --matches: invalid value '17'"),
+    (["--draft", "ngram", "--matches", "16", "-K", "8"], "--matches 16 with K up to 8 makes trees of up to 128 drafts"),
+])
+def test_what_tree_runs_do_not_take_exits_2_in_one_line(checkpoints, refused_before_loading, args, message):
+    assert message in refused_before_loading("--target", str(checkpoints / "target"), *args)
+
+
+def test_a_tree_runs_trace_page_draws_its_trees(checkpoints, tmp_path):
+    page = tmp_path / "run.html"
+    result = run_cli("--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"), "--tree", "2x2",
+                     "--max-new-tokens", "12", "--ignore-eos", "--device", "cpu", "--trace", str(page), "--no-stream")
+    assert result.returncode == 0, result.stderr
+    text = page.read_text()
+    assert "(a tree, 2 first drafts)" in text and "recursive rejection" in text
+
+
+def test_help_explains_trees():
+    out = run_cli("--help").stdout
+    assert "--tree WIDTHS" in out and "--matches" in out and "token tree" in out
