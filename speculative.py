@@ -274,7 +274,7 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
     device = prompts[0].device
     noise = check_coupling(coupled, seed, generator, len(prompts), target.config.vocab_size, device)
     rule, chance = check_rule(rule, noise, drafts_trees(policy, drafter)), Chance(temperature, generator, noise)
-    check_tree(policy, target, drafter, coupled)
+    check_tree(policy, target, drafter, coupled, rows)
     clock = clock or DeviceClock(device)
     begun = clock.mark()
     process = partial(logits_to_probs, temperature=temperature, top_k=top_k, top_p=top_p)

@@ -238,6 +238,9 @@ def checked_proposal(proposal, lookahead: int, vocab_size: int, device: torch.de
             raise ValueError(f"the drafter {name} proposed the parents {parents} for {len(drafts)} drafts: give each "
                              f"draft's parent, an earlier draft's index or -1 for the pending token, at most "
                              f"K={lookahead} levels deep")
+        if len(set(parents)) < len(parents) and (max_nodes or lookahead) <= lookahead:
+            raise ValueError(f"the drafter {name} proposed a token tree but does not say how many drafts its trees "
+                             f"hold: give it a method nodes(K) returning that count (more than K)")
     return TreeProposal(drafts, p.float(), source, parents)
 
 

@@ -168,10 +168,14 @@ class TraceRound:
 
     @property
     def next_origin(self) -> Origin | None:
-        """Where `next_token` came from; None when a kept EOS ended the round before it."""
+        """Where `next_token` came from; None when a kept EOS ended the round before it. In a tree, a bonus follows a
+        kept node without children, a resample a node whose children were all rejected."""
         K = len(self.drafts)
         if self.next_token is None:
             return None
+        if self.parents is not None and K:
+            below = set(self.parents)  # the places with children: -1 the pending token
+            return Origin.BONUS if (self.path[-1] if self.path else -1) not in below else Origin.RESAMPLED
         return Origin.TARGET if K == 0 else Origin.BONUS if self.kept == K else Origin.RESAMPLED
 
     @classmethod

@@ -219,9 +219,16 @@ def _trace_summary(generation) -> str:
 def _trace_rounds_html(generation, tokenizer) -> str:
     rounds = generation.trace
     # Open the first round, and the first with a rejection, so that both verdicts show before any click.
-    first_rejection = next((i for i, r in enumerate(rounds, 1) if r.kept < len(r.drafts)), None)
+    first_rejection = next((i for i, r in enumerate(rounds, 1) if _rejected(r)), None)
     return "".join(_trace_round_html(i, r, tokenizer, opened=i in (1, first_rejection))
                    for i, r in enumerate(rounds, 1))
+
+
+def _rejected(r) -> bool:
+    """Whether a round rejected a draft: a chain's kept fewer than it drafted, a tree tried a node off its kept path."""
+    if r.parents is None:
+        return r.kept < len(r.drafts)
+    return any(tried is not None and node not in r.path for node, tried in enumerate(r.tested))
 
 
 def _page(title: str, body: str) -> HTML:

@@ -291,8 +291,8 @@ def verify_pass(run, model, rows: int | None, pending: torch.Tensor, tree: Draft
     return run(idx, cache) if tree.is_chain else tree_pass(model, layout_of(tree), idx, cache, rows=rows)
 
 
-def check_tree(policy, target, drafter, coupled: bool) -> None:
-    """ValueError, in one line, for what token trees do not take (yet)."""
+def check_tree(policy, target, drafter, coupled: bool, rows: int | None) -> None:
+    """ValueError, in one line, for what token trees do not take (yet); exact mode's `rows` must hold a whole tree."""
     if not drafts_trees(policy, drafter):
         return
     what = f"lookahead={policy.widths}" if isinstance(policy, TreeShape) else f"the drafter {drafter.name}"
@@ -309,6 +309,10 @@ def check_tree(policy, target, drafter, coupled: bool) -> None:
     if coupled:
         raise ValueError(f"{what} drafts token trees and coupled=True drafts chains only: draft chains, or leave "
                          f"coupled out")
+    if rows is not None and rows < 1 + nodes(policy, drafter):
+        raise ValueError(f"{what} drafts up to {nodes(policy, drafter)} nodes a round, and exact mode's passes of "
+                         f"{rows} rows cannot hold them and the pending token: pass exact=True, or at least "
+                         f"{1 + nodes(policy, drafter)} rows")
 
 
 def tree_shape(policy) -> TreeShape | None:

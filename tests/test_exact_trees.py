@@ -67,3 +67,12 @@ def test_negative_control_the_same_trees_outside_exact_mode_part_from_plain_deco
     assert [out.tokens for out in exact] == references
     loose = speculative_sample(target, target, prompts, 20, lookahead=(2, 2))
     assert sum(out.tokens != reference for out, reference in zip(loose, references)) > 0
+
+
+def test_exact_rows_too_few_for_a_tree_are_refused_in_one_line():
+    target = near_tie_model("float32")
+    with pytest.raises(ValueError, match=r"drafts up to 6 nodes a round, and exact mode's passes of 4 rows cannot "
+                                         r"hold them and the pending token: pass exact=True, or at least 7 rows"):
+        speculative_sample(target, target, [1, 2, 3], 5, lookahead=(2, 2), exact=4)
+    out = speculative_sample(target, target, [1, 2, 3], 5, lookahead=(2, 2), exact=7)
+    assert out.tokens == alone("float32", [1, 2, 3], 5)

@@ -14,6 +14,7 @@ from speculative import autoregressive_sample, speculative_sample
 from speculative_gpt2 import rules
 from speculative_gpt2.drafters import PromptLookupDrafter, Sampling, TreeProposal, one_hot
 from speculative_gpt2.random_checkpoint import random_model
+from speculative_gpt2.records import Origin, TraceRound
 from speculative_gpt2.rules import chen
 from test_speculative import LEVEL, N_SAMPLES, chi_square_p_value, exact_first_two, small_pair  # noqa: F401
 
@@ -160,3 +161,24 @@ def test_matches_out_of_range_are_refused():
     for matches in (0, 17, 2.5):
         with pytest.raises(ValueError, match="matches"):
             PromptLookupDrafter(matches=matches)
+
+
+def test_a_tree_from_a_drafter_that_does_not_count_its_nodes_is_refused(looping):
+    class Uncounted(Planted):
+        nodes = None  # no nodes(K): the sampler would take its proposals for chains
+
+    with pytest.raises(ValueError, match=r"the drafter Uncounted proposed a token tree but does not say how many "
+                                         r"drafts its trees hold: give it a method nodes\(K\)"):
+        speculative_sample(looping, Uncounted([7, 3, 9], [-1, -1, 1], fit=True), [4, 4, 4], 6, lookahead=3)
+
+
+def test_the_trace_names_a_bonus_after_a_kept_leaf_and_a_resample_after_rejected_children():
+    def traced(path):
+        return TraceRound(drafts=[7, 3, 9], p=[1.0] * 3, q=[0.5] * 3, r=None, kept=len(path), next_token=1,
+                          next_probability=1.0, draft_ms=0.0, verify_ms=0.0, parents=[-1, -1, 1], path=path,
+                          tested=[1.0, 1.0, 1.0])
+
+    assert traced([0]).next_origin == Origin.BONUS  # 7 has no children: the next token is drawn from q
+    assert traced([1]).next_origin == Origin.RESAMPLED  # 3's child 9 was rejected
+    assert traced([1, 2]).next_origin == Origin.BONUS
+    assert traced([]).next_origin == Origin.RESAMPLED
