@@ -148,18 +148,18 @@ class PerRowDrafters:
                 proposal = drafter.propose(ids[b, : lengths[b]].clone(), lookahead)
                 x, p_b, sources[b], parents[b] = checked_proposal(proposal, lookahead, V, ids.device,
                                                                   type(drafter).__name__, N)
-                counts[b] = tree_depth(parents[b]) if parents[b] is not None else len(x)
+                counts[b] = max(node_depths(parents[b]), default=0) if parents[b] is not None else len(x)
                 checks.append(proposal_checks(x, p_b, V))
                 # Out-of-range ids would fail inside the target's embedding before the round's sync names them.
                 tokens[b, : len(x)], p[b, : len(x)] = x.clamp(0, V - 1), p_b
         checks = torch.stack(checks).all(0) if checks else None
-        if all(row is None or not row for row in parents):  # chains
+        if not any(parents):  # chains
             return BatchProposal(tokens[:, :lookahead], p[:, :lookahead], counts, sources, checks)
         # A tree somewhere: each row's drafts as a tree (a chain's each following the one before), padded alike.
-        n = max(len(row) if row is not None else c for row, c in zip(parents, counts))
-        parents = [(row if row is not None else list(range(-1, c - 1))) + [-2] * (n - len(row or range(c)))
-                   for row, c in zip(parents, counts)]
-        return BatchProposal(tokens[:, :n], p[:, :n], counts, sources, checks, parents=parents)
+        rows = [row if row is not None else list(range(-1, c - 1)) for row, c in zip(parents, counts)]
+        n = max(map(len, rows))
+        return BatchProposal(tokens[:, :n], p[:, :n], counts, sources, checks,
+                             parents=[row + [-2] * (n - len(row)) for row in rows])
 
     def nodes(self, lookahead: int) -> int:
         """The most drafts a row's proposal holds: K, or more where a drafter proposes trees (its `nodes`)."""
@@ -198,12 +198,13 @@ def refuse_bad_proposal(name: str, checks: list[bool]) -> None:
                          f"{'; '.join(PROPOSAL_RULES)}): fix its propose; one_hot(tokens, V) serves fixed tokens")
 
 
-def tree_depth(parents: list[int]) -> int:
-    """The depth of a tree given by each node's parent (-1: the root; parents before children)."""
+def node_depths(parents: list[int]) -> list[int]:
+    """Each node's depth in a tree given by each node's parent (-1: the root, below which depth 1; a negative parent
+    counts as the root; parents before children)."""
     depths = []
     for parent in parents:
         depths.append(1 if parent < 0 else depths[parent] + 1)
-    return max(depths, default=0)
+    return depths
 
 
 def checked_proposal(proposal, lookahead: int, vocab_size: int, device: torch.device, name: str,
@@ -234,7 +235,7 @@ def checked_proposal(proposal, lookahead: int, vocab_size: int, device: torch.de
     if parents is not None:
         parents = [int(i) for i in (parents.tolist() if isinstance(parents, torch.Tensor) else parents)]
         if len(parents) != len(drafts) or any(not -1 <= parent < i for i, parent in enumerate(parents)) \
-                or tree_depth(parents) > lookahead:
+                or max(node_depths(parents), default=0) > lookahead:
             raise ValueError(f"the drafter {name} proposed the parents {parents} for {len(drafts)} drafts: give each "
                              f"draft's parent, an earlier draft's index or -1 for the pending token, at most "
                              f"K={lookahead} levels deep")

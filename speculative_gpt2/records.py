@@ -206,12 +206,11 @@ class TraceRound:
         parent = {child: place - 1 for place, kids in enumerate(children) for child in kids if child >= 0}
         nodes = sorted(parent)  # parents before children, as the tree lists them
         number = {node: i for i, node in enumerate(nodes)}
-        tokens, p_all = tree.tokens[b].tolist(), tree.p[b]
         places = torch.tensor([parent[n] + 1 for n in nodes], dtype=torch.long, device=q.device)
         index = torch.tensor(nodes, dtype=torch.long, device=q.device)
         x = tree.tokens[b, index]
         tested, draws = [None] * len(nodes), [None] * len(nodes)
-        path = [n for n in verdict.path[b, : round.kept].tolist()]
+        path = verdict.path[b, : round.kept].tolist()
         ratios = verdict.ratios[b].tolist() if verdict.ratios is not None else []  # (depth, W), NaN: not tried
         r = verdict.r[b].tolist() if verdict.r is not None else None
         place = 0
@@ -228,7 +227,7 @@ class TraceRound:
         if next_token is not None:
             following = verdict.following[b]
             probability = (following[next_token] / following.sum()).item()
-        return cls(drafts=[tokens[n] for n in nodes], p=p_all[index, x].tolist(), q=q[b, places, x].tolist(),
+        return cls(drafts=x.tolist(), p=tree.p[b, index, x].tolist(), q=q[b, places, x].tolist(),
                    r=None if r is None else draws, kept=round.kept, next_token=next_token,
                    next_probability=probability, draft_ms=round.draft_ms, verify_ms=round.verify_ms, source=source,
                    parents=[number[parent[n]] if parent[n] >= 0 else -1 for n in nodes],

@@ -23,7 +23,7 @@ import torch
 
 from speculative_gpt2.checks import check_integer
 from speculative_gpt2.cuda_graphs import CUDAGraphRunner
-from speculative_gpt2.drafters import Sampling
+from speculative_gpt2.drafters import Sampling, node_depths
 from speculative_gpt2.lookahead import as_policy
 from speculative_gpt2.rules import DraftTree
 
@@ -130,18 +130,16 @@ def tree_pass(model, layout: tuple[torch.Tensor, torch.Tensor], idx: torch.Tenso
 
 
 def exact_reads(layout: tuple[torch.Tensor, torch.Tensor], roots: torch.Tensor, span: int, rows: int) -> torch.Tensor:
-    """(B, rows, span): the slot each place of a whole tree (then padding rows) reads at each slot. Place j at depth
-    d reads, at the slots of positions root + 1 .. root + d, its ancestors' slots (root + their place) and its own:
-    the keys plain decoding has there; elsewhere the slot itself."""
-    depths, ancestry = layout
+    """(B, rows, span): the slot each place of a whole tree (then padding rows) reads at each slot. Place j reads, at
+    the slot of each ancestor's position (root + its depth), that ancestor's own slot (root + its place), itself
+    included: the keys plain decoding has there; elsewhere the slot itself."""
+    depths, ancestry = layout  # (B, P), (B, P, P)
     B, P = depths.shape
-    device = depths.device
-    reads = torch.arange(span, device=device).expand(B, rows, span).clone()
-    for depth in range(1, int(depths.max()) + 1 if P > 1 else 1):
-        # The place at this depth on each place's path, where the place is that deep.
-        above = (ancestry & (depths[:, None, :] == depth)).int().argmax(-1)  # (B, P)
-        at = (roots + depth)[:, :, None].expand(B, P, 1)  # the slot of the position root + depth
-        reads[:, :P].scatter_(2, at, torch.where(depths >= depth, roots + above, roots + depth)[..., None])
+    reads = torch.arange(span, device=depths.device).expand(B, rows, span).clone()
+    places = torch.arange(P, device=depths.device)
+    # A place that is not an ancestor points at the root (depth 0, place 0), which every place reads as itself.
+    at = roots[:, :, None] + torch.where(ancestry, depths[:, None, :], 0)  # (B, P, P): where j reads ancestor k
+    reads[:, :P].scatter_(2, at, roots[:, :, None] + torch.where(ancestry, places, 0))
     return reads
 
 
@@ -153,8 +151,7 @@ def layout_of(tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
     places = torch.arange(N + 1, device=device)
     # parent[b, j]: the place whose list holds place j (the root's own: 0). Unlisted entries all write 0 at 0.
     parent = torch.zeros(B, N + 1, dtype=torch.long, device=device).scatter_(
-        1, torch.where(listed, tree.children + 1, 0).flatten(1),
-        torch.where(listed, places[:, None], 0).expand(B, -1, -1).flatten(1))
+        1, torch.where(listed, tree.children + 1, 0).flatten(1), torch.where(listed, places[:, None], 0).flatten(1))
     own = torch.eye(N + 1, dtype=torch.bool, device=device).expand(B, -1, -1)
     ancestry = own
     for _ in range(tree.depth):  # one more level of ancestors each time
@@ -206,22 +203,17 @@ def tree_of(tokens: torch.Tensor, p: torch.Tensor, parents: list[list[int]]) -> 
     """The DraftTree of per-row proposals (speculative_gpt2/drafters.py): tokens (B, N), p (B, N, V) and each row's
     parent of each node (-1: the root, -2: padding, which hangs from no list and is never tried)."""
     B, N = tokens.shape
-    depths = [[1] * N for _ in range(B)]
     lists = [[[] for _ in range(N + 1)] for _ in range(B)]  # row, place -> its children in the order proposed
     for b, row in enumerate(parents):
         for i, parent in enumerate(row):
             if parent >= -1:
                 lists[b][parent + 1].append(i)
-                depths[b][i] = 1 if parent < 0 else depths[b][parent] + 1
-    W = max(len(kids) for row in lists for kids in row)
-    children = torch.full((B, N + 1, max(W, 1)), -1, dtype=torch.long)
-    for b, row in enumerate(lists):
-        for j, kids in enumerate(row):
-            children[b, j, : len(kids)] = torch.tensor(kids, dtype=torch.long)
-    children = children.to(tokens.device)
+    W = max(1, max(len(kids) for row in lists for kids in row))
+    children = torch.tensor([[kids + [-1] * (W - len(kids)) for kids in row] for row in lists], device=tokens.device)
+    depths = [node_depths(row) for row in parents]  # padding at depth 1, beside the root's children
     depth = max((d for row, r in zip(depths, parents) for d, parent in zip(row, r) if parent >= -1), default=0)
-    return DraftTree(tokens, p, torch.tensor(depths, device=tokens.device), children, (children >= 0).sum((1, 2)),
-                     depth)
+    return DraftTree(tokens, p, torch.tensor(depths, device=tokens.device).view(B, N), children,
+                     (children >= 0).sum((1, 2)), depth)
 
 
 def prune(tree: DraftTree, keep: torch.Tensor | list[int]) -> DraftTree:
