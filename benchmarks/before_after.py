@@ -1,8 +1,9 @@
 """Speed of this checkout against another commit's code, on the same weights, in one run.
 
 Each round runs a worker process per version (the commit's tree, extracted with `git archive`, and this one), in
-alternating order, so that load on a shared machine hits both alike; a worker loads the target, packs its weights
-for the CPU as that version does (`prepare()` before the packing module, `pack_linears` after), warms up, and times
+alternating order, so that load on a shared machine hits both alike; a worker loads the target, lays out its weights
+for the CPU as that version does (`prepare()` before the packing module, `pack_linears` after, `lay_out` for each
+run's passes since), warms up, and times
 plain decoding and speculative sampling with K = 4 (the target as its own draft; prompt lookup) at temperature 0.
 The table gives medians over rounds and the ratio after / before (tokens per second: above 1 is faster now).
 
@@ -38,13 +39,19 @@ target = GPT2.from_pretrained(target_path, dtype=dtype, download=False)
 if hasattr(target, "prepare"):
     target.prepare()
 else:
-    from speculative_gpt2.packing import pack_linears
-    pack_linears(target)
+    from speculative_gpt2 import packing
+    if not hasattr(packing, "lay_out"):
+        packing.pack_linears(target)
+def laid_out(rows):  # the layout this version runs passes of `rows` rows in, where it chooses one per run
+    if not hasattr(target, "prepare") and hasattr(packing, "lay_out"):
+        packing.lay_out(target, rows)
+    return target
 prompt = [40, 1101, 257, 1310, 286, 262, 1578, 290, 1110, 13, 383, 1578, 290]
 runs = {
-    "plain": lambda m: autoregressive_sample(target, prompt, m),
-    "speculative, target itself, K=4": lambda m: speculative_sample(target, target, prompt, m, lookahead=4),
-    "speculative, ngram, K=4": lambda m: speculative_sample(target, PromptLookupDrafter(), prompt, m, lookahead=4),
+    "plain": lambda m: autoregressive_sample(laid_out(1), prompt, m),
+    "speculative, target itself, K=4": lambda m: speculative_sample(laid_out(5), target, prompt, m, lookahead=4),
+    "speculative, ngram, K=4": lambda m: speculative_sample(laid_out(5), PromptLookupDrafter(), prompt, m,
+                                                            lookahead=4),
 }
 for run in runs.values():
     run(8)  # warm-up: allocations and kernel choices, untimed

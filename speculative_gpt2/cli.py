@@ -43,7 +43,7 @@ from speculative_gpt2.files import open_output, refuse_unless_regular, write_pag
 from speculative_gpt2.int8 import is_int8, quantize_int8
 from speculative_gpt2.lookahead import AdaptiveLookahead
 from speculative_gpt2.machine import DTYPES, dtype_name, hardware_name, peak_memory, resolve_device, resolve_dtype
-from speculative_gpt2.packing import pack_linears
+from speculative_gpt2.packing import PackedLinear, lay_out
 from speculative_gpt2.records import Generation
 from speculative_gpt2.report import (EXACT, PLAIN, NGRAM, SPECULATIVE, UNCACHED, acceptance, cost_ratio, k_used,
                                      parted, why_slower)
@@ -466,12 +466,10 @@ def _run(args) -> int:
                                             download=False)  # found above: already here
         if args.int8 in (role, "both"):  # int8 weights in place of packed ones
             quantize_int8(models[role])
-        else:
-            try:  # oneDNN's packed weights (CPU float32, native bfloat16), made before any clock starts
-                pack_linears(models[role])
-            except OutOfMemory as e:  # the model still runs, unpacked
-                print(f"{PROG}: note: {role}: {e}", file=sys.stderr)
         load_seconds[role] = time.perf_counter() - started
+    batch = args.batch_size if args.prompts_file is not None else 1
+    if "draft" in models:  # the draft's passes: one row per prompt, or a tree's widest level
+        _lay_out(args, "draft", models["draft"], batch * max(args.tree or [1]))
     if args.cuda_graphs:  # on CUDA (checked before loading): the samplers run the models through graph runners
         from speculative_gpt2.cuda_graphs import CUDAGraphRunner
 
@@ -512,9 +510,13 @@ def _run(args) -> int:
         return autoregressive_sample(target, prompt, max_new_tokens, use_cache=mode != UNCACHED, generator=generator,
                                      exact=fixed, **options)
 
+    def prepare(mode):  # before a run's clock: the target's weights in the layout that runs its passes fastest here
+        if mode != UNCACHED:
+            _lay_out(args, "target", models["target"], batch * (1 if mode == PLAIN else rows if exact else nodes + 1))
+
     if args.prompts_file is not None:
-        return run_prompts_file(args, file_prompts, enc=enc, device=device, dtype=dtype, decode=decode, options=options,
-                                exact=exact, pass_rows=rows,
+        return run_prompts_file(args, file_prompts, enc=enc, device=device, dtype=dtype, decode=decode,
+                                prepare=prepare, options=options, exact=exact, pass_rows=rows,
                                 setup=_setup_lines(args, models, load_seconds, device, dtype))
     asked = "auto" if args.lookahead == "auto" else f"{args.lookahead}" + (
         f", a tree {'x'.join(map(str, args.tree))}" if args.tree else f", trees of {args.matches} lookup matches"
@@ -526,14 +528,16 @@ def _run(args) -> int:
                                  (PLAIN, args.mode != "speculative"), (EXACT, exact),
                                  (SPECULATIVE, args.mode != "plain")) if wanted]
     warm_up_seconds = {}
-    for mode in modes:
+    for mode in reversed(modes):  # ending on plain decoding, which runs first: one change of layout fewer
         if mode != UNCACHED:  # recomputing everything, the uncached run has no warm-up worth the wait
+            prepare(mode)
             # Warm-up: the first passes pay for allocations, kernel selection and CUDA graph capture; reported, and
             # kept out of the timings.
             print(f"Warming up: {titles[mode].split(' (')[0].lower()}, 8 tokens, not timed ...", file=sys.stderr)
             started = time.perf_counter()
             decode(mode, prompt, min(8, n), **options | {"temperature": 0.0, "eos_token_id": None})
             warm_up_seconds[mode] = time.perf_counter() - started
+    warm_up_seconds = {mode: warm_up_seconds[mode] for mode in modes if mode in warm_up_seconds}
     # The runs alternate (plain, speculative, plain, ...) so that a change in the machine's load lands on both.
     results, shares = {mode: [] for mode in modes}, {mode: [] for mode in modes}
     for repeat in range(args.repeats):
@@ -542,6 +546,7 @@ def _run(args) -> int:
                 continue
             generator = torch.Generator(device).manual_seed(args.seed)  # every run: the same seed
             run = partial(decode, mode, prompt, n, generator, **options)
+            prepare(mode)
             cpu, wall = time.process_time(), time.perf_counter()
             if repeat == 0:  # every run streams, or none does: writing to the terminal is part of what is timed
                 results[mode].append(_run_and_show(titles[mode], run, prompt, enc, n, stream=not args.no_stream))
@@ -562,6 +567,21 @@ def _run(args) -> int:
         write_page("--trace", Path(args.trace), page)
         print(f"trace of {len(results[SPECULATIVE][0].trace)} rounds: {printable(args.trace)}", file=sys.stderr)
     return 0
+
+
+def _lay_out(args, role: str, model, rows: int) -> None:
+    """`model`'s weights packed for oneDNN or plain, whichever runs its passes of `rows` rows faster on this CPU
+    (packing.lay_out), outside every clock; says so when the layout changes, which takes seconds for GPT-2 XL."""
+    if args.int8 in (role, "both") or model.device.type != "cpu":
+        return
+    started = time.perf_counter()
+    try:
+        if lay_out(model, rows):
+            now = "packed for oneDNN" if isinstance(model.lm_head, PackedLinear) else "plain (F.linear)"
+            print(f"{role}: weights {now} for its {rows}-row passes, the faster here "
+                  f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    except OutOfMemory as e:  # the model still runs, unpacked
+        print(f"{PROG}: note: {role}: {e}", file=sys.stderr)
 
 
 def _here(name: str, weights_dir) -> bool:

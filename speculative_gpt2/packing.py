@@ -19,6 +19,8 @@ copy of the weight (slow, but in the autocast dtype, and differentiable in the i
 
 from __future__ import annotations
 
+import statistics
+import time
 from functools import partial
 
 import torch
@@ -32,6 +34,12 @@ from speculative_gpt2.machine import native_bfloat16
 # oneDNN lays a weight out one way for 1-row products and another for more rows; the second serves 1-row products
 # about as fast, and few-row ones much faster (docs/bench-drafters.md, "oneDNN"): one layout serves every pass.
 PACK_ROWS = 2
+# Plain weights must run a product this much faster before a model is left unpacked: packing stays the default, and
+# a near tie between the layouts must not flip from run to run with the machine's noise.
+CLEAR_MARGIN = 1.1
+# A model whose linear weights fit in this many bytes is read from the CPU's caches, where either layout is fast: it
+# is packed without a measurement, so that nothing about it depends on the machine's noise.
+MEASURED_ABOVE = 64 * 2**20
 
 
 def can_pack(model: GPT2) -> bool:
@@ -269,3 +277,68 @@ def _linears(model: GPT2, kind=nn.Linear) -> list[tuple[nn.Module, str, nn.Modul
     """(parent, attribute name, module) for every module of `kind` in the model."""
     return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
             if isinstance(child, kind)]
+
+
+_verdicts: dict[tuple, bool] = {}  # (dtype, n_embd, rows) -> whether packing pays, once per process
+
+
+def packing_pays(model: GPT2, rows: int) -> bool:
+    """Whether products of `rows` rows run faster on weights packed for oneDNN than on plain ones (F.linear, which
+    calls MKL) on this CPU, for this model's shapes and dtype. Which wins depends on the CPU and the row count: on
+    some, MKL's 1-row products read a weight faster than oneDNN's packed layout while oneDNN wins from 4 rows
+    (docs/design.md, "Packed weights"). Measured once per process on the MLP's first projection of up to 8 layers,
+    their weights cycled through memory as a pass reads them; packed unless plain weights are CLEAR_MARGIN faster.
+    False where the model cannot be packed (can_pack)."""
+    if not can_pack(model):
+        return False
+    config = model.config
+    linear_bytes = (12 * config.n_layer * config.n_embd ** 2 + config.vocab_size * config.n_embd) * model.dtype.itemsize
+    if linear_bytes <= MEASURED_ABOVE:
+        return True
+    key = (model.dtype, config.n_embd, rows)
+    if key not in _verdicts:
+        with torch.no_grad():
+            weights = [_dense(block.mlp.c_fc) for block in list(model.h)[:8]]  # (4 n_embd, n_embd) each
+            _verdicts[key] = _packed_seconds(weights, rows) <= _plain_seconds(weights, rows) * CLEAR_MARGIN
+    return _verdicts[key]
+
+
+def _dense(linear: nn.Module) -> torch.Tensor:
+    return linear.dense_weight() if isinstance(linear, PackedLinear) else linear.weight.detach()
+
+
+def _plain_seconds(weights: list[torch.Tensor], rows: int, repeats: int = 5) -> float:
+    x = torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype)
+    return _median_sweep(lambda w: F.linear(x, w), weights, repeats)
+
+
+def _packed_seconds(weights: list[torch.Tensor], rows: int, repeats: int = 5) -> float:
+    x = torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype)
+    packed = [pack(w) for w in weights]
+    return _median_sweep(lambda w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), packed, repeats)
+
+
+def _median_sweep(product, weights: list[torch.Tensor], repeats: int) -> float:
+    """The median time of one product with each weight in turn; a first sweep warms up, untimed."""
+    times = []
+    for repeat in range(repeats + 1):
+        started = time.perf_counter()
+        for weight in weights:
+            product(weight)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+def lay_out(model: GPT2, rows: int) -> bool:
+    """Packs `model` for oneDNN (pack_linears) or unpacks it (unpack_linears), whichever runs its products of `rows`
+    rows faster on this CPU (packing_pays); returns whether the layout changed. The layouts' products differ in
+    their last bits, so two runs compare bit for bit only in one layout (exact mode's runs share one)."""
+    packed = isinstance(model.lm_head, PackedLinear)
+    wanted = packing_pays(model, rows)
+    if wanted == packed:
+        return False
+    if wanted:
+        pack_linears(model)
+    else:
+        unpack_linears(model)
+    return True

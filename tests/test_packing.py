@@ -269,3 +269,74 @@ def test_unpacking_a_model_made_under_inference_mode_gives_a_model_that_runs_and
     loss.backward()
     assert model.h[0].ln_1.weight.grad is not None
     torch.testing.assert_close(_logits(model, idx), expected, atol=TOL, rtol=0)
+
+
+# Which layout runs a model's passes faster -------------------------------------------------------------------------
+
+
+def test_a_model_read_from_the_caches_is_packed_without_a_measurement(monkeypatch):
+    monkeypatch.setattr(packing, "_plain_seconds", lambda *a: pytest.fail("a tiny model was measured"))
+    assert packing.packing_pays(_tiny_model(), 1) and packing.packing_pays(_tiny_model(), 5)
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """A model above MEASURED_ABOVE whose products' times are given: {rows: (plain s, packed s)}; counts the
+    measurements made."""
+    monkeypatch.setattr(packing, "MEASURED_ABOVE", 0)
+    monkeypatch.setattr(packing, "_verdicts", {})
+    times, counted = {}, []
+    monkeypatch.setattr(packing, "_plain_seconds", lambda weights, rows: counted.append(rows) or times[rows][0])
+    monkeypatch.setattr(packing, "_packed_seconds", lambda weights, rows: times[rows][1])
+    return times, counted
+
+
+def test_plain_weights_must_be_clearly_faster_and_each_row_count_is_measured_once(measured):
+    times, counted = measured
+    times.update({1: (1.0, 1.2), 2: (1.0, 1.05), 5: (1.6, 1.0)})  # plain 1.2x faster; a near tie; packed faster
+    model = _tiny_model()
+    assert [packing.packing_pays(model, rows) for rows in (1, 2, 5, 1, 2, 5)] == [False, True, True] * 2
+    assert counted == [1, 2, 5]  # once per process, shape and row count
+
+
+def test_lay_out_switches_layouts_and_each_layout_computes_what_it_did(measured):
+    times, _ = measured
+    times.update({1: (1.0, 2.0), 5: (2.0, 1.0)})
+    model, idx = _tiny_model(), _idx(2)
+    plain = _logits(model, idx)
+    assert packing.lay_out(model, 5) and isinstance(model.lm_head, PackedLinear)
+    packed = _logits(model, idx)
+    assert not packing.lay_out(model, 5)  # already so
+    assert packing.lay_out(model, 1) and not isinstance(model.lm_head, PackedLinear)
+    assert torch.equal(_logits(model, idx), plain)
+    assert packing.lay_out(model, 5) and torch.equal(_logits(model, idx), packed)
+
+
+def test_the_command_line_times_each_run_in_the_layout_its_passes_prefer(measured, monkeypatch, run_cli, tmp_path):
+    # Here 1-row products prefer plain weights, more rows packed ones: plain decoding and the draft run plain,
+    # the verifications and exact mode's padded passes packed, and the texts still compare equal.
+    times, _ = measured
+    times.update({1: (1.0, 2.0), 8: (2.0, 1.0)})
+    from speculative_gpt2 import cli
+
+    for name in ("autoregressive_sample", "speculative_sample"):
+        def recorded(target, *args, _run=getattr(cli, name), _name=name, **kwargs):
+            draft = args[0] if _name == "speculative_sample" else None
+            seen.append((_name, kwargs.get("exact") is not None, isinstance(target.lm_head, PackedLinear),
+                         draft is not None and isinstance(draft.lm_head, PackedLinear)))
+            return _run(target, *args, **kwargs)
+        monkeypatch.setattr(cli, name, recorded)
+    seen = []
+    config = GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    for role, seed in (("target", 0), ("draft", 1)):
+        torch.manual_seed(seed)
+        GPT2(config).save_pretrained(tmp_path / role)
+    status, out, err = run_cli("--target", tmp_path / "target", "--draft", tmp_path / "draft", "--prompt", "Hello",
+                               "--max-new-tokens", "6", "--ignore-eos", "--device", "cpu", "--dtype", "float32",
+                               "--lookahead", "4", "--no-stream")
+    assert status == 0, err
+    assert set(seen) == {("autoregressive_sample", False, False, False), ("autoregressive_sample", True, True, False),
+                         ("speculative_sample", True, True, False)}, seen
+    assert "target: weights plain (F.linear) for its 1-row passes" in err
+    assert "target: weights packed for oneDNN for its 8-row passes" in err
+    assert "identical outputs: yes" in out
