@@ -301,7 +301,7 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
         verdict = rule(tree, q, chance.at(batch.lengths))
         judged = verdict_checks(verdict, tree, V)  # and a proposal's, and whether both models' numbers are finite
         path = path_tokens(tree, verdict)  # (B, K): the kept drafts first, each row
-        read = Readback.of(path, verdict, [*checks, *judged, tree.p.isfinite().all(), q.isfinite().all()])
+        read = Readback.of(path, verdict, tree, [*checks, *judged, tree.p.isfinite().all(), q.isfinite().all()])
         refuse_bad_proposal(getattr(drafter, "name", ""), read.checks[: len(checks)])
         refuse_bad_verdict(rule, read.checks[len(checks) : -2])
         check_finite({"draft model": read.checks[-2], "target model": read.checks[-1]},
@@ -314,8 +314,8 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
             k = counts[b]
             round = Round(k, read.kept[b], draft_ms * k / K if K else 0.0, verify_ms, tree.tokens.shape[1])
             traced = partial(TraceRound.of, tree, q, verdict, b, sources[b])
-            new = _record_round(batch.outs[b], read.path[b][:k], round, read.next_token[b], eos_token_id, policy,
-                                partial(batch.stream, b), traced)
+            new = _record_round(batch.outs[b], read.path[b][:k], round, read.next_token[b], read.leaf[b], eos_token_id,
+                                policy, partial(batch.stream, b), traced)
             committed[b] = batch.commit(b, new, torch.cat([path[b, : read.kept[b]], verdict.next_token[b : b + 1]]))
         settle(target_cache, tree, verdict.path)  # a tree's kept path to its positions' slots
         target_cache.crop(batch.pending_at())
@@ -325,11 +325,11 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
     return batch.outs if batched else batch.outs[0]
 
 
-def _record_round(out: Generation, drafts: list[int], round: Round, next_token: int, eos_token_id, policy,
-                  stream: Callable[[list[int]], None], traced) -> list[int]:
+def _record_round(out: Generation, drafts: list[int], round: Round, next_token: int, after_leaf: bool, eos_token_id,
+                  policy, stream: Callable[[list[int]], None], traced) -> list[int]:
     """Writes a row's round into its Generation (and `traced`, its TraceRound, as committed), tells the policy,
     streams it; returns the tokens it committed (an EOS among them ends the row's output)."""
-    new = out.commit_round(drafts, round, next_token, eos_token_id)
+    new = out.commit_round(drafts, round, next_token, eos_token_id, after_leaf)
     out.target_calls += 1
     out.draft_calls += round.lookahead
     if out.trace is not None:  # the round as committed: an EOS among the kept drafts cuts it

@@ -70,15 +70,19 @@ class Generation:
     steps: list[Step] = field(default_factory=list)
     trace: list[TraceRound] | None = None
 
-    def commit_round(self, drafts: list[int], round: Round, next_token: int, eos_token_id: int | None) -> list[int]:
+    def commit_round(self, drafts: list[int], round: Round, next_token: int, eos_token_id: int | None,
+                     after_leaf: bool | None = None) -> list[int]:
         """Records a round that kept drafts[:round.kept] and then emitted `next_token`; returns the committed tokens.
+        `after_leaf`: whether the last kept place has no children, so that `next_token` is a bonus (default: all of
+        a chain's drafts kept); in a tree a short branch's leaf is one before the round's depth.
 
         An EOS ends the output: what follows it is dropped and not counted as proposed or accepted.
         """
         kept, K = round.kept, len(drafts)
         new = drafts[:kept] + [next_token]
         # With no drafts (the last token of a call) the round is a plain target step.
-        last = Origin.TARGET if K == 0 else Origin.BONUS if kept == K else Origin.RESAMPLED
+        bonus = kept == K if after_leaf is None else after_leaf
+        last = Origin.TARGET if K == 0 else Origin.BONUS if bonus else Origin.RESAMPLED
         origins = [Origin.DRAFT] * kept + [last]
         if eos_token_id in new:
             end = new.index(eos_token_id) + 1
@@ -236,18 +240,27 @@ class TraceRound:
 
 class Readback(NamedTuple):
     """What a round reads back from the device in its one host sync: each row's path (the kept drafts first), drafts
-    kept and next token, and the checks (booleans) of the proposal, the rule and the models."""
+    kept, next token and whether the kept path ended at a leaf (the next token then a bonus), and the checks
+    (booleans) of the proposal, the rule and the models."""
 
     path: list[list[int]]
     kept: list[int]
     next_token: list[int]
+    leaf: list[bool]
     checks: list[bool]
 
     @classmethod
-    def of(cls, path: torch.Tensor, verdict, checks: list[torch.Tensor]) -> Readback:
-        """From the path's tokens (B, K), a rule's Verdict and 0-d boolean tensors, with one `.tolist()`."""
+    def of(cls, path: torch.Tensor, verdict, tree, checks: list[torch.Tensor]) -> Readback:
+        """From the path's tokens (B, K), a rule's Verdict, the round's DraftTree and 0-d boolean tensors, with one
+        `.tolist()`."""
         B, K = path.shape
-        flat = torch.cat([path.flatten(), verdict.kept, verdict.next_token, torch.stack(checks).long()]).tolist()
+        # The last kept place: 0 the root, i + 1 node i; a leaf's first child is -1.
+        last = verdict.path.gather(1, (verdict.kept - 1).clamp(min=0)[:, None])[:, 0] + 1 if K else verdict.kept
+        last = torch.where(verdict.kept > 0, last, 0)
+        leaf = tree.children[torch.arange(B, device=last.device), last, 0] < 0
+        flat = torch.cat([path.flatten(), verdict.kept, verdict.next_token, leaf.long(),
+                          torch.stack(checks).long()]).tolist()
         kept, following = flat[B * K : B * K + B], flat[B * K + B : B * K + 2 * B]
-        checks = [bool(x) for x in flat[B * K + 2 * B :]]
-        return cls([flat[b * K : (b + 1) * K] for b in range(B)], kept, following, checks)
+        leaf = [bool(x) for x in flat[B * K + 2 * B : B * K + 3 * B]]
+        checks = [bool(x) for x in flat[B * K + 3 * B :]]
+        return cls([flat[b * K : (b + 1) * K] for b in range(B)], kept, following, leaf, checks)

@@ -172,6 +172,19 @@ def test_a_tree_from_a_drafter_that_does_not_count_its_nodes_is_refused(looping)
         speculative_sample(looping, Uncounted([7, 3, 9], [-1, -1, 1], fit=True), [4, 4, 4], 6, lookahead=3)
 
 
+def test_the_generation_names_a_bonus_after_a_short_branchs_kept_leaf(looping):
+    # The target's greedy tokens a, b, c: the root's children a (no children: a branch of depth 1) and a wrong token
+    # with a child (the round's depth 2). a is kept and has no children, so b is drawn from q after it: a bonus.
+    prompt = [4, 4, 4]
+    a, b, c = autoregressive_sample(looping, prompt, 3).tokens
+    wrong = min({0, 1, 2} - {a, b})
+    out = speculative_sample(looping, Planted([a, wrong, b], [-1, -1, 1], fit=True), prompt, 3, lookahead=2)
+    assert out.tokens == [a, b, c] and out.accepted_per_round[0] == 1
+    assert out.origins[:2] == [Origin.DRAFT, Origin.BONUS]
+    chain = speculative_sample(looping, Planted([a, wrong], [-1, 0], fit=True), prompt, 3, lookahead=2)
+    assert chain.origins[:2] == [Origin.DRAFT, Origin.RESAMPLED]  # a's child rejected: b replaces it
+
+
 def test_the_trace_names_a_bonus_after_a_kept_leaf_and_a_resample_after_rejected_children():
     def traced(path):
         return TraceRound(drafts=[7, 3, 9], p=[1.0] * 3, q=[0.5] * 3, r=None, kept=len(path), next_token=1,
