@@ -26,12 +26,19 @@ from speculative import speculative_sample  # noqa: E402
 from speculative_gpt2.machine import hardware_name  # noqa: E402
 from speculative_gpt2.packing import can_pack, pack_linears  # noqa: E402
 from speculative_gpt2.random_checkpoint import noisy_copy  # noqa: E402
+from speculative_gpt2.trees import ExpandingTree  # noqa: E402
 
 SHAPES = {2: [2, (2, 2), (3, 2), (4, 2), (6, 2)], 3: [3, (2, 2, 2), (3, 2, 1), (4, 2, 2)],
-          4: [4, (2, 2, 2, 2), (3, 2, 2, 1)]}
+          4: [4, (2, 2, 2, 2), (3, 2, 2, 1), (4, 2, 2, 1), (3, 3, 2, 1), (4, 3, 2, 1)]}
+# Trees grown where the draft is most confident (trees.ExpandingTree): width children, `expand` nodes given children
+# per depth.
+for _depth in SHAPES:
+    SHAPES[_depth] += [ExpandingTree(_depth, 3, 1), ExpandingTree(_depth, 3, 2), ExpandingTree(_depth, 4, 2)]
 
 
 def label(shape) -> str:
+    if isinstance(shape, ExpandingTree):
+        return f"expanding {shape.width}/{shape.expand}"
     return f"chain K={shape}" if isinstance(shape, int) else "tree " + "x".join(map(str, shape))
 
 
@@ -81,7 +88,7 @@ def main(argv=None) -> None:
                 row["per_pass_over_chain"] = row["tokens_per_pass"] / (chain["tokens"] / chain["passes"])
                 row["speed_over_chain"] = row["tokens_per_second"] / (chain["tokens"] / sum(chain["seconds"]))
                 results.append(row)
-                print(f"noise {noise:<5} depth {depth} {name:>16}: {row['tokens_per_pass']:.2f} tokens/pass "
+                print(f"noise {noise:<5} depth {depth} {name:>15}: {row['tokens_per_pass']:.2f} tokens/pass "
                       f"({row['per_pass_over_chain']:.2f}x the chain), {row['tokens_per_second']:.1f} tokens/s "
                       f"({row['speed_over_chain']:.2f}x)", flush=True)
     if args.out:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 import signal
 import statistics
@@ -468,8 +469,9 @@ def _run(args) -> int:
             quantize_int8(models[role])
         load_seconds[role] = time.perf_counter() - started
     batch = args.batch_size if args.prompts_file is not None else 1
-    if "draft" in models:  # the draft's passes: one row per prompt, or a tree's widest level
-        _lay_out(args, "draft", models["draft"], batch * max(args.tree or [1]))
+    if "draft" in models:  # the draft's passes: one row per prompt, or per node of a tree's widest level but the last
+        _lay_out(args, "draft", models["draft"], batch * max(math.prod(args.tree[:d]) for d in range(len(args.tree)))
+                 if args.tree else batch)
     if args.cuda_graphs:  # on CUDA (checked before loading): the samplers run the models through graph runners
         from speculative_gpt2.cuda_graphs import CUDAGraphRunner
 

@@ -254,9 +254,12 @@ class Readback(NamedTuple):
         """From the path's tokens (B, K), a rule's Verdict, the round's DraftTree and 0-d boolean tensors, with one
         `.tolist()`."""
         B, K = path.shape
-        # The last kept place: 0 the root, i + 1 node i; a leaf's first child is -1.
-        last = verdict.path.gather(1, (verdict.kept - 1).clamp(min=0)[:, None])[:, 0] + 1 if K else verdict.kept
-        last = torch.where(verdict.kept > 0, last, 0)
+        # The last kept place: 0 the root, i + 1 node i; a leaf's first child is -1. Clamped: a rule's bad verdict
+        # is refused after this read, in one line, and must not fail inside torch first.
+        depth = verdict.path.shape[1]
+        last = verdict.path.gather(1, (verdict.kept - 1).clamp(0, max(depth - 1, 0))[:, None])[:, 0] + 1 if depth \
+            else verdict.kept
+        last = torch.where(verdict.kept > 0, last, 0).clamp(0, tree.children.shape[1] - 1)
         leaf = tree.children[torch.arange(B, device=last.device), last, 0] < 0
         flat = torch.cat([path.flatten(), verdict.kept, verdict.next_token, leaf.long(),
                           torch.stack(checks).long()]).tolist()

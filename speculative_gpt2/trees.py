@@ -97,6 +97,73 @@ class TreeShape:
         return f"TreeShape({self.widths})"
 
 
+class ExpandingTree(TreeShape):
+    """A lookahead policy that drafts a tree grown where the draft is most confident, as EAGLE-2 expands its trees
+    (Li et al. 2024, arXiv 2406.16858): `width` children below the root; at each further depth the `expand` nodes of
+    the level above with the highest cumulative draft probability (the product of the draft's probabilities along
+    their path) get `width` children each; `depth` levels, width * (1 + (depth - 1) * expand) nodes, a draft pass of
+    `expand` rows per level. Which nodes get children depends only on nodes already drawn, never on the children
+    drawn below them, and every child drawn is proposed, so `recursive_rejection` stays exact at any temperature.
+    EAGLE-2's last step, keeping the best nodes of the whole tree by their own probability, would choose children
+    by their values, which the rule does not allow: it is left out. It pays at temperature 0, where siblings are the
+    draft's likeliest tokens tried in that order; when sampling they are tried in the order drawn, and fixed shapes
+    (TreeShape) do better (docs/results-history.md)."""
+
+    def __init__(self, depth: int, width: int, expand: int = 1):
+        self.max_lookahead = check_integer("depth", depth, 1, MAX_NODES)
+        self.width = check_integer("width", width, 1, MAX_NODES)
+        self.expand = check_integer("expand (the nodes given children at each depth)", expand, 1, width)
+        self.widths = (width,) + (width * expand,) * (depth - 1)  # the nodes at each depth
+        self.ends = [sum(self.widths[:d]) for d in range(depth + 1)]
+        if self.ends[-1] > MAX_NODES:
+            raise ValueError(f"{self!r} has {self.ends[-1]} nodes, more than {MAX_NODES}: lower its depth, width or "
+                             f"expand")
+
+    def __repr__(self) -> str:
+        return f"ExpandingTree(depth={self.max_lookahead}, width={self.width}, expand={self.expand})"
+
+
+def expand(model, shape: ExpandingTree, depth: int, cache, sampling: Sampling, logits: torch.Tensor) -> DraftTree:
+    """`grow` for an ExpandingTree: its nodes level by level (level d's after level d - 1's, each node after its
+    parent), and the draft's cache holding the root, then the `expand` nodes given children at each level, in its
+    places [root, level 1's expanded, level 2's, ...]; the cache's lengths are back where they were after."""
+    B, device, V = len(logits), logits.device, sampling.vocab_size
+    N, w, k = shape.nodes(depth), shape.width, shape.expand
+    tokens = torch.zeros(B, N, dtype=torch.long, device=device)
+    p = torch.zeros(B, N, V, device=device)
+    present = torch.zeros(B, N, dtype=torch.bool, device=device)
+    children = torch.full((B, N + 1, w), -1, device=device)
+    children[:, 0] = torch.arange(w, device=device)  # (B, 1 + N, w): the root's children, then each node's
+    # The draft's places: each place's depth (B, P) and ancestors (B, P, P), filled as nodes are expanded.
+    P = 1 + (depth - 1) * k
+    depths = torch.tensor([0] + [d for d in range(1, depth) for _ in range(k)], device=device).expand(B, P)
+    ancestry = torch.eye(P, dtype=torch.bool, device=device).repeat(B, 1, 1)
+    ancestry[:, :, 0] = True
+    logits, score, start = logits[:, None].float(), logits.new_zeros(B, 1).float(), 0  # the nodes to expand's
+    for level in range(1, depth + 1):
+        n = logits.shape[1]
+        x, p_x, exists = siblings(sampling.process(logits), logits, w, sampling)  # (B, n, w)
+        end = start + n * w
+        tokens[:, start:end], p[:, start:end] = x.flatten(1), p_x.flatten(1, 2)
+        alive = exists if level == 1 else exists & present.gather(1, top)[:, :, None]
+        present[:, start:end] = alive.flatten(1)
+        if level < depth:  # the `k` most likely of this level's nodes go through the draft model
+            cumulative = (score[:, :, None] + logits.log_softmax(-1).gather(-1, x)).flatten(1)  # (B, n * w)
+            chosen = torch.where(present[:, start:end], cumulative, float("-inf")).topk(k, dim=1).indices  # (B, k)
+            score, top = cumulative.gather(1, chosen), start + chosen
+            first = 1 + (level - 1) * k  # their places: first .. first + k - 1, each below its parent's place
+            parent_place = 0 if level == 1 else first - k + chosen // w
+            ancestry[:, first:first + k] |= ancestry.gather(
+                1, torch.as_tensor(parent_place, device=device).expand(B, k)[..., None].expand(B, k, P))
+            children.scatter_(1, (top + 1)[..., None].expand(B, k, w),
+                              (end + torch.arange(k * w, device=device)).view(1, k, w).expand(B, k, w))
+            logits = tree_pass(model, (depths, ancestry), tokens.gather(1, top), cache, first=first).float()
+        start = end
+    cache.lengths = [n - (depth - 1) * k for n in cache.lengths]
+    levels = torch.tensor([d for d in range(1, depth + 1) for _ in range(shape.widths[d - 1])], device=device)
+    return prune(DraftTree(tokens, p, levels.expand(B, N), children, None, depth), present)
+
+
 def tree_pass(model, layout: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, cache, first: int = 0,
               rows: int | None = None) -> torch.Tensor:
     """Logits (B, T, V) of places first .. first + T - 1 of a tree, tokens idx (B, T), in one pass of `model`: each
@@ -177,6 +244,8 @@ def settle(cache, tree: DraftTree, path: torch.Tensor) -> None:
 def grow(model, shape: TreeShape, depth: int, cache, sampling: Sampling, logits: torch.Tensor) -> DraftTree:
     """The draft model's tree of `depth` levels below each row's root, from its logits (B, V) after the root, in one
     tree pass per further level; the cache's lengths are back where they were after."""
+    if isinstance(shape, ExpandingTree):
+        return expand(model, shape, depth, cache, sampling, logits)
     B, device, V = len(logits), logits.device, sampling.vocab_size
     N = shape.nodes(depth)
     tokens = torch.zeros(B, N, dtype=torch.long, device=device)

@@ -5,18 +5,20 @@ Here: the pass gives each node the logits of its own path, the kept path's keys 
 decoding puts them, greedy text is the target's, samples follow the target's distribution (chi-square at level
 1e-3, with a negative control), and what trees do not take is refused in one line."""
 
+from functools import partial
+
 import pytest
 import torch
 
 from gpt2_model import GPT2Config
-from speculative import autoregressive_sample, speculative_sample
+from speculative import ModelDrafter, autoregressive_sample, draw_tokens, logits_to_probs, speculative_sample
 from speculative_gpt2 import trees
-from speculative_gpt2.drafters import PromptLookupDrafter
+from speculative_gpt2.drafters import PromptLookupDrafter, Sampling
 from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 from speculative_gpt2.rules import DraftTree, chen
 from speculative_gpt2.render import trace_page
 from speculative_gpt2.tokenizer import load_tokenizer
-from speculative_gpt2.trees import TreeShape, settle, tree_pass
+from speculative_gpt2.trees import ExpandingTree, TreeShape, settle, tree_pass
 from test_batched import PROMPTS
 from test_speculative import LEVEL, N_SAMPLES, chi_square_p_value, exact_first_two, small_pair  # noqa: F401
 
@@ -75,15 +77,19 @@ def test_the_kept_path_moves_to_plain_decodings_slots(models, path):
                                atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("widths", [(2,), (2, 2), (3, 2), (1, 1, 1), (2, 2, 2), (4, 3)])
+@pytest.mark.parametrize("widths", [(2,), (2, 2), (3, 2), (1, 1, 1), (2, 2, 2), (4, 3), ExpandingTree(2, 2),
+                                    ExpandingTree(3, 2, 2), ExpandingTree(4, 3, 2), ExpandingTree(1, 4, 1)], ids=str)
 @pytest.mark.parametrize("drafter", ["itself", "a noisy copy", "another model"])
 def test_greedy_tree_text_is_the_targets(models, widths, drafter):
     target, drafts = models
+    shape = trees.lookahead_policy(widths)
+    K = shape.max_lookahead
     prompts = [[5], [1, 2, 3, 4, 5, 6, 7], [9] * 20]
     outs = speculative_sample(target, drafts[drafter], prompts, 17, lookahead=widths)
     assert [out.tokens for out in outs] == [autoregressive_sample(target, p, 17).tokens for p in prompts]
-    if drafter == "itself":  # every round keeps a full path of depth K
-        assert outs[0].tokens_per_target_call > 0.9 * (len(widths) + 1) * 17 / (17 + len(widths))
+    assert max(r.nodes for out in outs for r in out.rounds) == shape.nodes(K)
+    if drafter == "itself":  # every round keeps a full path of depth K (an expanding tree's likeliest path)
+        assert outs[0].tokens_per_target_call > 0.9 * (K + 1) * 17 / (17 + K)
     alone = speculative_sample(target, drafts[drafter], prompts[1], 3, lookahead=widths, eos_token_id=7)
     assert alone.tokens == autoregressive_sample(target, prompts[1], 3, eos_token_id=7).tokens
 
@@ -93,6 +99,35 @@ def test_a_wider_tree_keeps_more_than_a_chain_where_the_draft_half_agrees(models
     chain = speculative_sample(target, drafts["a noisy copy"], [5, 6, 7], 40, lookahead=2)
     tree = speculative_sample(target, drafts["a noisy copy"], [5, 6, 7], 40, lookahead=(4, 2))
     assert tree.tokens == chain.tokens and tree.tokens_per_target_call >= chain.tokens_per_target_call
+
+
+def test_an_expanding_tree_gives_children_to_the_most_likely_nodes_only(models):
+    target, drafts = models
+    shape = ExpandingTree(3, 3, 2)
+    drafter = ModelDrafter(drafts["a noisy copy"], shape)
+    greedy = Sampling(logits_to_probs, partial(draw_tokens, temperature=0.0, generator=None), CONFIG.vocab_size,
+                      greedy=True)
+    drafter.start([torch.tensor([1, 2, 3])], 40, greedy)
+    proposal = drafter.propose(torch.tensor([[1, 2, 3]]), [3], 3, [True])
+    tree = proposal.tree
+    assert tree.tokens.shape == (1, 3 + 6 + 6) and int(tree.counts) == 15
+    # The noisy draft's own log-probabilities along each path, computed node by node from plain passes.
+    def path_logp(node):
+        path = [node]
+        while (parent := int(parent_of[path[-1]])) >= 0:
+            path.append(parent)
+        tokens, total = [1, 2, 3], 0.0
+        for j in reversed(path):
+            logits = drafts["a noisy copy"](torch.tensor([tokens]))[0, -1].float()
+            total += logits.log_softmax(-1)[tree.tokens[0, j]].item()
+            tokens.append(int(tree.tokens[0, j]))
+        return total
+    parent_of = {int(c): place - 1 for place, kids in enumerate(tree.children[0].tolist()) for c in kids if c >= 0}
+    for level, (first, end) in enumerate([(0, 3), (3, 9)], 1):  # the levels that have children below them
+        with_children = {place - 1 for place, kids in enumerate(tree.children[0].tolist()) if kids[0] >= 0} - {-1}
+        scores = {j: path_logp(j) for j in range(first, end)}
+        best = sorted(scores, key=scores.get, reverse=True)[:2]
+        assert {j for j in with_children if first <= j < end} == set(best), (level, scores)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -127,7 +162,10 @@ def tree_p_values(target, draft, widths, seed: int, **options) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("widths, options", [((2, 2), dict(temperature=1.0)), ((4,), dict(temperature=1.0)),
                                              ((3, 1), dict(temperature=0.8, top_k=4)),
-                                             ((2, 3), dict(temperature=1.0, top_p=0.8))])
+                                             ((2, 3), dict(temperature=1.0, top_p=0.8)),
+                                             (ExpandingTree(2, 2), dict(temperature=1.0)),
+                                             (ExpandingTree(2, 3, 2), dict(temperature=0.8, top_k=4))],
+                         ids=["2x2", "4", "3x1-top-k", "2x3-top-p", "expanding-2-2-1", "expanding-2-3-2-top-k"])
 def test_tree_samples_follow_the_target_distribution(small_pair, widths, options):
     p_values = tree_p_values(*small_pair, widths, seed=21, **options)
     assert min(p_values) > LEVEL, p_values
@@ -144,6 +182,22 @@ def test_negative_control_siblings_told_their_parents_whole_p_are_detected(small
     siblings = trees.siblings
     monkeypatch.setattr(trees, "siblings", told_whole_p)
     p_values = tree_p_values(*small_pair, (2, 2), seed=21, temperature=1.0)
+    assert min(p_values) < LEVEL, p_values
+
+
+@pytest.mark.slow
+def test_negative_control_an_expanding_tree_that_keeps_only_its_best_first_drafts_is_detected(small_pair,
+                                                                                            monkeypatch):
+    # EAGLE-2's reranking in small: of the root's children only the one the draft finds more likely stays (the
+    # one given children). Which sibling is proposed then depends on its own value, which the rule cannot correct.
+    def reranked(*args):
+        tree = expand(*args)
+        has_children = tree.children[:, 1:, 0] >= 0  # (B, N)
+        return trees.prune(tree, has_children | (tree.depths > 1))
+
+    expand = trees.expand
+    monkeypatch.setattr(trees, "expand", reranked)
+    p_values = tree_p_values(*small_pair, ExpandingTree(2, 2), seed=21, temperature=1.0)
     assert min(p_values) < LEVEL, p_values
 
 
