@@ -99,7 +99,7 @@ def pass_costs(target: GPT2, draft: GPT2, prompt_len: int, Ks: list[int]) -> dic
     laid_out(target, 1)
     costs = {"target_ms": pass_ms(target, prompt_len, 1), "draft_ms": pass_ms(draft, prompt_len, 1)}
     costs["verify_ms"] = {str(K): pass_ms(laid_out(target, K + 1), prompt_len, K + 1) for K in Ks}  # str: JSON keys
-    costs["own_draft_ms"] = pass_ms(laid_out(target, max(Ks) + 1), prompt_len, 1)
+    costs["own_draft_ms"] = {str(K): pass_ms(laid_out(target, K + 1), prompt_len, 1) for K in Ks}
     return costs
 
 
@@ -261,8 +261,10 @@ def run(args) -> dict:
         for row, fn in once.items():
             raw[row].append(fn())
             bar.update()
-    costs = {key: statistics.median(c[key] for c in raw_costs) for key in raw_costs[0] if key != "verify_ms"}
-    costs["verify_ms"] = {K: statistics.median(c["verify_ms"][K] for c in raw_costs) for K in raw_costs[0]["verify_ms"]}
+    per_K = ("verify_ms", "own_draft_ms")
+    costs = {key: statistics.median(c[key] for c in raw_costs) for key in raw_costs[0] if key not in per_K}
+    for key in per_K:
+        costs[key] = {K: statistics.median(c[key][K] for c in raw_costs) for K in raw_costs[0][key]}
     bandwidth = memory_bandwidth_gbs(device)
     naive_tokens = raw[Row(NAIVE)][0]["tokens"]
     results = {
@@ -370,8 +372,8 @@ def derive(results: dict) -> list[dict]:
             K = r["lookahead"]
             # No prediction for the lookup: it proposes nothing in some rounds, which E(alpha, K) does not model.
             if K is not None and r["draft"] != "ngram":
-                draft_ms = costs.get("own_draft_ms", costs["target_ms"]) if r["draft"] == "target itself" \
-                    else costs["draft_ms"]
+                own = costs.get("own_draft_ms", {}).get(str(K), costs["target_ms"])  # older files: none
+                draft_ms = own if r["draft"] == "target itself" else costs["draft_ms"]
                 row["predicted"] = predicted_speedup(row["alpha"], K, draft_ms, costs["verify_ms"][str(K)],
                                                      costs["target_ms"])
                 row["break_even"] = break_even_alpha(K, draft_ms, costs["verify_ms"][str(K)], costs["target_ms"])

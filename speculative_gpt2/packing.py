@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from functools import partial
 
 import torch
@@ -289,7 +290,7 @@ def packing_pays(model: GPT2, rows: int) -> bool:
     (docs/design.md, "Packed weights"). Measured once per process on the MLP's first projection of up to 8 layers,
     their weights cycled through memory as a pass reads them; packed unless plain weights are CLEAR_MARGIN faster.
     False where the model cannot be packed (can_pack)."""
-    if not can_pack(model):
+    if not can_pack(model) or not isinstance(model.lm_head, (nn.Linear, PackedLinear)):  # int8 weights: neither
         return False
     config = model.config
     linear_bytes = (12 * config.n_layer * config.n_embd ** 2 + config.vocab_size * config.n_embd) * model.dtype.itemsize
@@ -329,16 +330,30 @@ def _median_sweep(product, weights: list[torch.Tensor], repeats: int) -> float:
     return statistics.median(times[1:])
 
 
+_stuck: weakref.WeakSet = weakref.WeakSet()  # models a change of layout ran out of memory for: left as they are
+
+
 def lay_out(model: GPT2, rows: int) -> bool:
     """Packs `model` for oneDNN (pack_linears) or unpacks it (unpack_linears), whichever runs its products of `rows`
     rows faster on this CPU (packing_pays); returns whether the layout changed. The layouts' products differ in
-    their last bits, so two runs compare bit for bit only in one layout (exact mode's runs share one)."""
+    their last bits, so two runs compare bit for bit only in one layout (exact mode's runs share one). If memory runs
+    out, the model is left as it was, OutOfMemory (a ValueError) says so, and its layout is not changed again."""
     packed = isinstance(model.lm_head, PackedLinear)
     wanted = packing_pays(model, rows)
-    if wanted == packed:
+    if wanted == packed or model in _stuck:
         return False
-    if wanted:
-        pack_linears(model)
-    else:
-        unpack_linears(model)
+    try:
+        if wanted:
+            pack_linears(model)
+        else:
+            try:
+                unpack_linears(model)
+            except (MemoryError, RuntimeError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                raise OutOfMemory("out of memory while unpacking the weights (unpack_linears: a dense copy of every "
+                                  "weight beside the packed ones): the model stays packed; free memory") from None
+    except OutOfMemory:
+        _stuck.add(model)
+        raise
     return True

@@ -15,7 +15,7 @@ class Origin(str, Enum):
 
     DRAFT = "draft"  # a draft token the target kept
     RESAMPLED = "resampled"  # drawn from norm(max(0, q - p)) at a rejection
-    BONUS = "bonus"  # drawn from q after all K drafts were kept
+    BONUS = "bonus"  # drawn from q after all K drafts were kept (in a tree: a kept path that ends at a leaf)
     TARGET = "target"  # plain decoding: one target pass for this token
 
     def __str__(self) -> str:

@@ -28,12 +28,12 @@ ORIGINS = tuple(Origin)
 MEANINGS = {
     Origin.DRAFT: "proposed by the draft, kept by the target",
     Origin.RESAMPLED: "a draft was rejected: drawn from norm(max(0, q - p))",
-    Origin.BONUS: "all K drafts kept: one more token drawn from q",
+    Origin.BONUS: "all K drafts kept (a tree: a path to a leaf): one more token drawn from q",
     Origin.TARGET: "a target step with nothing drafted: plain decoding, or a last token made alone",
 }
 # With coupled sampling a rejected draft gives way to the target's own sample at its place.
 COUPLED_MEANINGS = MEANINGS | {Origin.RESAMPLED: "a draft was rejected: the target's Gumbel-max token at its place",
-                               Origin.BONUS: "all K drafts kept: the target's Gumbel-max token after them"}
+                               Origin.BONUS: "all K drafts kept (a tree: a path to a leaf): the target's Gumbel-max token after them"}
 HTML_COLOURS = {Origin.DRAFT: "#b6e8b0", Origin.RESAMPLED: "#ffbf8f", Origin.BONUS: "#a9cdf7", Origin.TARGET: "#ddd0f2"}
 ANSI_COLOURS = {Origin.DRAFT: "\x1b[32m", Origin.RESAMPLED: "\x1b[31m", Origin.BONUS: "\x1b[34m",
                 Origin.TARGET: "\x1b[35m"}

@@ -15,6 +15,8 @@ from gpt2_model import GPT2, GPT2Config
 from speculative import autoregressive_sample, speculative_sample
 from speculative_gpt2 import packing
 from speculative_gpt2.drafters import PromptLookupDrafter
+from speculative_gpt2.errors import OutOfMemory
+from speculative_gpt2.int8 import quantize_int8
 from speculative_gpt2.machine import native_bfloat16
 from speculative_gpt2.packing import FrozenEmbedding, PackedLinear, pack, pack_linears, unpack_linears
 
@@ -340,3 +342,26 @@ def test_the_command_line_times_each_run_in_the_layout_its_passes_prefer(measure
     assert "target: weights plain (F.linear) for its 1-row passes" in err
     assert "target: weights packed for oneDNN for its 8-row passes" in err
     assert "identical outputs: yes" in out
+
+
+def test_a_layout_that_ran_out_of_memory_is_left_and_not_tried_again(measured, monkeypatch):
+    times, _ = measured
+    times.update({5: (2.0, 1.0)})
+    calls = []
+
+    def no_memory(model, rows=packing.PACK_ROWS):
+        calls.append(rows)
+        raise OutOfMemory("out of memory while packing the weights for oneDNN")
+
+    monkeypatch.setattr(packing, "pack_linears", no_memory)
+    model, idx = _tiny_model(), _idx(3)
+    plain = _logits(model, idx)
+    with pytest.raises(OutOfMemory):
+        packing.lay_out(model, 5)
+    assert not packing.lay_out(model, 5) and len(calls) == 1  # said once; the model keeps running as it was
+    assert not isinstance(model.lm_head, PackedLinear) and torch.equal(_logits(model, idx), plain)
+
+
+def test_int8_weights_are_never_laid_out(measured):
+    model = quantize_int8(_tiny_model())
+    assert not packing.packing_pays(model, 1) and not packing.lay_out(model, 5)
