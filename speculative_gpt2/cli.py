@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import math
 import os
 import signal
 import statistics
@@ -49,7 +48,7 @@ from speculative_gpt2.records import Generation
 from speculative_gpt2.report import (EXACT, PLAIN, NGRAM, SPECULATIVE, UNCACHED, acceptance, cost_ratio, k_used,
                                      parted, why_slower)
 from speculative_gpt2.timing import Timed, cpu_share, middle_half, speedup_lines
-from speculative_gpt2.trees import MAX_NODES, TreeShape
+from speculative_gpt2.trees import MAX_NODES, ExpandingTree, TreeShape
 from speculative_gpt2.text import printable
 from speculative_gpt2.tokenizer import load_tokenizer
 
@@ -138,7 +137,10 @@ class _Given(argparse.Action):
         namespace.lookahead_given = True
 
 
-def _tree(text: str) -> tuple[int, ...]:
+def _tree(text: str) -> TreeShape:
+    """A tree's shape: widths per depth (3x2), or an expanding tree (depth=4,width=4,expand=2)."""
+    if "=" in text:
+        return _expanding_tree(text)
     example = "e.g. 3x2: 3 drafts, then 2 below each"
     try:
         widths = tuple(int(w) for w in text.lower().split("x"))
@@ -146,10 +148,26 @@ def _tree(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"invalid tree {text!r}: give the widths per depth joined by x ({example})"
                                          ) from None
     try:
-        return TreeShape(widths).widths
+        return TreeShape(widths)
     except ValueError as e:
         reason = str(e).split(": ")[0] if "nodes" in str(e) else f"widths from 1 to {MAX_TREE_NODES}"
         raise argparse.ArgumentTypeError(f"invalid tree {text!r}: {reason} ({example})") from None
+
+
+def _expanding_tree(text: str) -> ExpandingTree:
+    example = "e.g. depth=4,width=4,expand=2: 4 drafts, then 4 below each of the 2 likeliest, at each depth"
+    try:
+        given = dict(item.split("=") for item in text.lower().split(","))
+        if not {"depth", "width"} <= set(given) <= {"depth", "width", "expand"}:
+            raise ValueError
+        values = {key: int(value) for key, value in given.items()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid tree {text!r}: give depth=D,width=W and optionally expand=E "
+                                         f"({example})") from None
+    try:
+        return ExpandingTree(**values)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"invalid tree {text!r}: {str(e).split(': ')[0]} ({example})") from None
 
 
 def _prompt(text: str) -> str:
@@ -218,7 +236,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tree", type=_tree, default=None, metavar="WIDTHS",
                         help="the draft model drafts a token tree of these widths per depth, e.g. 3x2: its 3 likeliest "
                         "(or sampled) first tokens, then 2 below each, all verified in one target pass; the depth is K "
-                        "(leave out --lookahead); at most 64 nodes")
+                        "(leave out --lookahead); at most 64 nodes. Or depth=D,width=W,expand=E: a tree grown where "
+                        "the draft is confident (W first tokens, then W below each of the E likeliest paths at each "
+                        "depth), which pays at temperature 0")
     parser.add_argument("--lookahead", "-K", type=_lookahead, default=4, action=_Given,
                         help=f"draft tokens proposed per round (K), from 1 to {MAX_LOOKAHEAD} (and K + 1 within the "
                         "target's context: a round verifies K + 1 tokens in one pass), or auto: chosen every round "
@@ -302,7 +322,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             if given:
                 parser.error(f"--tree drafts a token tree with the draft model and goes without {flag}: "
                              + ("its depth is K" if flag == "--lookahead" else "leave one of them out"))
-        args.lookahead = len(args.tree)
+        args.lookahead = args.tree.max_lookahead
     if args.matches > 1:
         if args.draft != NGRAM:
             parser.error(f"--matches follows earlier matches of prompt lookup: add --draft {NGRAM} (a draft model's "
@@ -470,8 +490,7 @@ def _run(args) -> int:
         load_seconds[role] = time.perf_counter() - started
     batch = args.batch_size if args.prompts_file is not None else 1
     if "draft" in models:  # the draft's passes: one row per prompt, or per node of a tree's widest level but the last
-        _lay_out(args, "draft", models["draft"], batch * max(math.prod(args.tree[:d]) for d in range(len(args.tree)))
-                 if args.tree else batch)
+        _lay_out(args, "draft", models["draft"], batch * (args.tree.fed() if args.tree else 1))
     if args.cuda_graphs:  # on CUDA (checked before loading): the samplers run the models through graph runners
         from speculative_gpt2.cuda_graphs import CUDAGraphRunner
 
@@ -498,7 +517,7 @@ def _run(args) -> int:
         return PromptLookupDrafter(args.ngram_max, args.ngram_min, args.matches) if lookup else draft
 
     # What exact mode pads every target pass to: a verification's rows, a token tree's nodes and its root.
-    nodes = TreeShape(args.tree).nodes(len(args.tree)) if args.tree else args.matches * max_lookahead
+    nodes = args.tree.nodes(args.tree.max_lookahead) if args.tree else args.matches * max_lookahead
     rows = padded_rows(nodes + 1)
 
     def decode(mode, prompt, max_new_tokens, generator=None, seed=None, **options):  # options: sampling, callbacks
@@ -521,7 +540,7 @@ def _run(args) -> int:
                                 prepare=prepare, options=options, exact=exact, pass_rows=rows,
                                 setup=_setup_lines(args, models, load_seconds, device, dtype))
     asked = "auto" if args.lookahead == "auto" else f"{args.lookahead}" + (
-        f", a tree {'x'.join(map(str, args.tree))}" if args.tree else f", trees of {args.matches} lookup matches"
+        f", a tree {args.tree}" if args.tree else f", trees of {args.matches} lookup matches"
         if args.matches > 1 else "")
     titles = {UNCACHED: "Plain decoding without KV cache", PLAIN: "Plain decoding",
               EXACT: f"Plain decoding, exact mode (every pass {rows} rows, as speculative sampling's)",

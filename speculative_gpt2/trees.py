@@ -93,8 +93,15 @@ class TreeShape:
         depths = torch.tensor([0] + self.depths[:N], device=device)
         return depths.expand(batch_size, -1), self._ancestry[: N + 1, : N + 1].to(device).expand(batch_size, -1, -1)
 
+    def fed(self) -> int:
+        """The most rows a draft pass of this tree feeds: its widest level but the last (the root's pass: 1)."""
+        return max([1] + [self.ends[d] - self.ends[d - 1] for d in range(1, self.max_lookahead)])
+
     def __repr__(self) -> str:
         return f"TreeShape({self.widths})"
+
+    def __str__(self) -> str:  # as the command line takes it
+        return "x".join(map(str, self.widths))
 
 
 class ExpandingTree(TreeShape):
@@ -119,8 +126,14 @@ class ExpandingTree(TreeShape):
             raise ValueError(f"{self!r} has {self.ends[-1]} nodes, more than {MAX_NODES}: lower its depth, width or "
                              f"expand")
 
+    def fed(self) -> int:
+        return self.expand if self.max_lookahead > 1 else 1
+
     def __repr__(self) -> str:
         return f"ExpandingTree(depth={self.max_lookahead}, width={self.width}, expand={self.expand})"
+
+    def __str__(self) -> str:  # as the command line takes it
+        return f"depth={self.max_lookahead},width={self.width},expand={self.expand}"
 
 
 def expand(model, shape: ExpandingTree, depth: int, cache, sampling: Sampling, logits: torch.Tensor) -> DraftTree:

@@ -8,12 +8,14 @@ import pytest
 from test_cli import checkpoints, run_cli  # noqa: F401
 
 
-@pytest.mark.parametrize("args, title", [
-    (["--tree", "3x2"], "=== Speculative sampling (K=2, a tree 3x2), exact mode ==="),
+@pytest.mark.parametrize("args, title, most", [
+    (["--tree", "3x2"], "=== Speculative sampling (K=2, a tree 3x2), exact mode ===", 9),
     (["--draft", "ngram", "--matches", "3", "-K", "3"],
-     "=== Speculative sampling (K=3, trees of 3 lookup matches), exact mode ==="),
+     "=== Speculative sampling (K=3, trees of 3 lookup matches), exact mode ===", 9),
+    (["--tree", "depth=3,width=2,expand=2"],
+     "=== Speculative sampling (K=3, a tree depth=3,width=2,expand=2), exact mode ===", 10),
 ])
-def test_a_tree_run_reports_its_drafts_per_pass_and_compares_the_texts(checkpoints, args, title):
+def test_a_tree_run_reports_its_drafts_per_pass_and_compares_the_texts(checkpoints, args, title, most):
     options = ["--draft", str(checkpoints / "draft")] if "ngram" not in args else []
     result = run_cli("--target", str(checkpoints / "target"), *options, *args, "--max-new-tokens", "20",
                      "--prompt", "one two one three one two one", "--ignore-eos", "--device", "cpu", "--no-stream")
@@ -21,8 +23,8 @@ def test_a_tree_run_reports_its_drafts_per_pass_and_compares_the_texts(checkpoin
     out = result.stdout
     assert title in out
     scored = float(re.search(r"token trees: ([\d.]+) drafts scored per target pass", out).group(1))
-    assert 1 <= scored <= (6 + 3 if "3x2" in args else 9)  # a 3x2 tree has 9 nodes, 3 matches of 3 at most 9
-    # 9 nodes and the root: every target pass, plain decoding's too, runs as 12 rows.
+    assert 1 <= scored <= most  # a 3x2 tree has 9 nodes, 3 matches of 3 at most 9, the expanding tree 2 + 2 x 4
+    # 9 or 10 nodes and the root: every target pass, plain decoding's too, runs as 12 rows.
     assert ("identical outputs: yes (speculative sampling's text against plain decoding's in exact mode, both in "
             "12-row passes)") in out
 
@@ -35,6 +37,9 @@ def test_a_tree_run_reports_its_drafts_per_pass_and_compares_the_texts(checkpoin
     (["--tree", "0x2"], "argument --tree: invalid tree '0x2': widths from 1 to 64"),
     (["--tree", "8x8x8"], "argument --tree: invalid tree '8x8x8': the tree 8x8x8 has 584 nodes, more than 64"),
     (["--tree", "three"], "invalid tree 'three': give the widths per depth joined by x"),
+    (["--tree", "depth=4,width=2,expand=3"], "invalid tree 'depth=4,width=2,expand=3': expand (the nodes given "
+     "children at each depth) must be an integer from 1 to 2"),
+    (["--tree", "depth=4,size=2"], "invalid tree 'depth=4,size=2': give depth=D,width=W and optionally expand=E"),
     (["--matches", "2"], "--matches follows earlier matches of prompt lookup: add --draft ngram"),
     (["--draft", "ngram", "--matches", "2", "--coupled"], "--matches 2 makes prompt lookup's token trees "
      "and goes without --coupled"),
@@ -56,4 +61,4 @@ def test_a_tree_runs_trace_page_draws_its_trees(checkpoints, tmp_path):
 
 def test_help_explains_trees():
     out = run_cli("--help").stdout
-    assert "--tree WIDTHS" in out and "--matches" in out and "token tree" in out
+    assert "--tree WIDTHS" in out and "--matches" in out and "token tree" in out and "depth=D,width=W,expand=E" in out
