@@ -593,7 +593,7 @@ def _run(args) -> int:
 def _lay_out(args, role: str, model, rows: int) -> None:
     """`model`'s weights packed for oneDNN or plain, whichever runs its passes of `rows` rows faster on this CPU
     (packing.lay_out), outside every clock; says so when the layout changes, which takes seconds for GPT-2 XL."""
-    if args.int8 in (role, "both") or model.device.type != "cpu":
+    if model.device.type != "cpu":  # a GPU's model, or its CUDA graph runner: nothing to lay out
         return
     started = time.perf_counter()
     try:

@@ -33,7 +33,8 @@ from speculative_gpt2.errors import OutOfMemory, is_out_of_memory
 from speculative_gpt2.machine import native_bfloat16
 
 # oneDNN lays a weight out one way for 1-row products and another for more rows; the second serves 1-row products
-# about as fast, and few-row ones much faster (docs/bench-drafters.md, "oneDNN"): one layout serves every pass.
+# about as fast, and few-row ones much faster (docs/bench-drafters.md, "oneDNN"): a packed model's one layout serves
+# every pass (whether to pack at all: packing_pays).
 PACK_ROWS = 2
 # Plain weights must run a product this much faster before a model is left unpacked: packing stays the default, and
 # a near tie between the layouts must not flip from run to run with the machine's noise.

@@ -71,18 +71,17 @@ class Generation:
     trace: list[TraceRound] | None = None
 
     def commit_round(self, drafts: list[int], round: Round, next_token: int, eos_token_id: int | None,
-                     after_leaf: bool | None = None) -> list[int]:
+                     after_leaf: bool) -> list[int]:
         """Records a round that kept drafts[:round.kept] and then emitted `next_token`; returns the committed tokens.
-        `after_leaf`: whether the last kept place has no children, so that `next_token` is a bonus (default: all of
-        a chain's drafts kept); in a tree a short branch's leaf is one before the round's depth.
+        `after_leaf`: whether the last kept place has no children (a chain's: all its drafts kept), so that
+        `next_token` is a bonus; in a tree a short branch's leaf is one before the round's depth.
 
         An EOS ends the output: what follows it is dropped and not counted as proposed or accepted.
         """
         kept, K = round.kept, len(drafts)
         new = drafts[:kept] + [next_token]
         # With no drafts (the last token of a call) the round is a plain target step.
-        bonus = kept == K if after_leaf is None else after_leaf
-        last = Origin.TARGET if K == 0 else Origin.BONUS if bonus else Origin.RESAMPLED
+        last = Origin.TARGET if K == 0 else Origin.BONUS if after_leaf else Origin.RESAMPLED
         origins = [Origin.DRAFT] * kept + [last]
         if eos_token_id in new:
             end = new.index(eos_token_id) + 1

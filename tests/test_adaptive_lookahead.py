@@ -53,11 +53,13 @@ def test_policy_follows_the_evidence():
 
 class PassCostClock:
     """A virtual clock driven by the models' forward passes: a draft pass costs 10 ms, a target pass over T tokens
-    100 + 5 T ms. With it the choice of K depends only on the acceptance observed, not on the machine."""
+    100 + 5 T ms; a drafter that is no model (None: prompt lookup) costs nothing. With it the choice of K depends
+    only on the acceptance observed, not on the machine."""
 
-    def __init__(self, target, draft):
+    def __init__(self, target, draft=None):
         self.now = 0.0
-        draft.register_forward_hook(lambda module, args, output: self._advance(10.0))
+        if draft is not None:
+            draft.register_forward_hook(lambda module, args, output: self._advance(10.0))
         target.register_forward_hook(lambda module, args, output: self._advance(100.0 + 5.0 * args[0].shape[1]))
 
     def _advance(self, ms):

@@ -20,6 +20,7 @@ from speculative_gpt2 import rules
 from speculative_gpt2.drafters import PromptLookupDrafter, Proposal, Sampling, one_hot
 from speculative_gpt2.lookahead import AdaptiveLookahead
 from speculative_gpt2.random_checkpoint import random_model
+from test_adaptive_lookahead import PassCostClock
 from test_speculative import LEVEL, SMALL, chi_square_p_value, exact_first_two
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,29 +161,11 @@ def test_scaled_residuals_are_the_seeds_weights_with_gpt2s_residual_scaling():
         torch.testing.assert_close(scaled[name], expected, rtol=1e-6, atol=0)
 
 
-class TargetPassClock:
-    """A virtual clock that only the target's passes move (100 ms + 1 ms per row): a lookup costs nothing on it,
-    so what AdaptiveLookahead learns depends on the drafts kept, never on how busy the machine is."""
-
-    def __init__(self, target):
-        self.now = 0.0
-        target.register_forward_hook(lambda module, args, output: self._advance(100.0 + args[0].shape[1]))
-
-    def _advance(self, ms):
-        self.now += ms
-
-    def mark(self):
-        return self.now
-
-    def ms(self, start, end):
-        return end - start
-
-
 def test_adaptive_lookahead_learns_that_lookup_drafts_cost_nearly_nothing():
     target = tiny_target(2, 1.0)
     policy = AdaptiveLookahead(max_lookahead=12)
     out = speculative_sample(target, PromptLookupDrafter(), [1, 2, 3], 60, lookahead=policy,
-                             clock=TargetPassClock(target))
+                             clock=PassCostClock(target))
     assert out.tokens == autoregressive_sample(target, [1, 2, 3], 60).tokens
     assert policy.draft_ms == 0.0 and min(policy.verify_ms.values()) >= 100.0, (policy.draft_ms, policy.verify_ms)
     assert max(out.lookahead_per_round) > 4  # drafts kept and free: K grows past its first 4
