@@ -1,24 +1,26 @@
 """llama.cpp beside this project: the same checkpoints, the same CPU, the same threads, in one run.
 
 llama.cpp is what a CPU user would pick instead. This converts our checkpoints to GGUF with llama.cpp's own
-converter (bf16, f16 and q8_0), then alternates rounds of llama.cpp's tools and of a worker process of ours:
+converter (f32, bf16, f16 and q8_0), then alternates rounds of llama.cpp's tools and of a worker process of ours:
 
-- plain decoding: `llama-bench -p 0 -n N` in bf16, f16 and q8_0; ours in bf16 (oneDNN-packed where the CPU runs
-  it natively) and with int8 weights (speculative_gpt2/int8.py);
-- speculative decoding with the small draft, K = 4, greedy: `llama-speculative-simple`; ours with the same draft
-  (and with the draft's weights in int8);
+- plain decoding: `llama-bench -p 0 -n N` in every GGUF type; ours in --dtype (each model in its fastest weight
+  layout, speculative_gpt2/packing.py `lay_out`) and with int8 weights (speculative_gpt2/int8.py);
+- speculative decoding with the small draft, K = 4, greedy: `llama-speculative-simple` on the GGUF of --dtype;
+  ours with the same draft (and with the draft's weights in int8);
 - prompt lookup, K = 4: `llama-lookup`; ours with `PromptLookupDrafter`.
 
 It prints ms per new token (after the prompt) for each, medians over the rounds, and our time over llama.cpp's.
 From the pass costs it also projects speculative sampling at the toyllm post's 4.06 tokens per round (a trained
 GPT-2 XL / small pair, K = 4), which random weights cannot show: (K x draft pass + verification) / 4.06.
+--dtype bfloat16 is the comparison on a CPU that multiplies bfloat16 natively (`lscpu` shows avx512_bf16 or
+amx_bf16); elsewhere torch emulates bfloat16 and float32 is the like-for-like one.
 
 llama.cpp is built from the llama-cpp-python sdist, which carries its source (fetched with pip into
 bench-out/llama.cpp and built with cmake the first time: about 25 minutes on 2 cores), or taken from --llama-cpp,
 a source tree with the tools built in build/bin. Needs cmake and a C++ compiler; the converter runs in this Python
 (numpy, safetensors, transformers: `pip install -e ".[bench]"`).
 
-    python benchmarks/llama_cpp.py --target weights/random-gpt2-xl --draft weights/random-gpt2 \
+    python benchmarks/llama_cpp.py --target weights/random-gpt2-xl --draft weights/random-gpt2 --dtype float32 \
         --json benchmarks/results/llama-cpp.json
 """
 
@@ -38,6 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("llama-bench", "llama-speculative-simple", "llama-lookup")
 TOYLLM_TOKENS_PER_ROUND = 4.06
+GGUF_TYPES = ("f32", "bf16", "f16", "q8_0")
+# Our dtype and the GGUF type that holds the same numbers.
+OUTTYPE = {"float32": "f32", "bfloat16": "bf16"}
 PROMPT = "Alan Turing theorized that computers would one day become"
 
 # Our side, in a process of its own (the models' memory is freed between rounds): prints one JSON object.
@@ -48,12 +53,14 @@ from gpt2_model import GPT2
 from speculative import autoregressive_sample, speculative_sample
 from speculative_gpt2.drafters import PromptLookupDrafter
 from speculative_gpt2.int8 import quantize_int8
-from speculative_gpt2.packing import pack_linears
+from speculative_gpt2.packing import lay_out
 from speculative_gpt2.tokenizer import load_tokenizer
 target_path, draft_path, n, K, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+dtype = getattr(torch, sys.argv[7])
 torch.set_num_threads(threads)
-load = lambda path: GPT2.from_pretrained(path, dtype=torch.bfloat16, download=False)
-target, draft = pack_linears(load(target_path)), pack_linears(load(draft_path))
+load = lambda path: GPT2.from_pretrained(path, dtype=dtype, download=False)
+target, draft = load(target_path), load(draft_path)
+lay_out(draft, 1)
 draft_int8 = quantize_int8(load(draft_path))
 prompt = load_tokenizer().encode(sys.argv[6])
 
@@ -72,17 +79,24 @@ def pass_ms(model, rows):
         times.append(1e3 * (time.perf_counter() - start))
     return statistics.median(times[1:])
 
+# Each run with the target in the layout that its passes run fastest in (1 row plain, K + 1 rows speculative).
 runs = {
-    "plain, bf16": lambda m: autoregressive_sample(target, prompt, m),
-    "speculative, small draft, K=4": lambda m: speculative_sample(target, draft, prompt, m, lookahead=K),
-    "speculative, small draft in int8, K=4": lambda m: speculative_sample(target, draft_int8, prompt, m, lookahead=K),
-    "prompt lookup, K=4": lambda m: speculative_sample(target, PromptLookupDrafter(), prompt, m, lookahead=K),
+    "plain": (1, lambda m: autoregressive_sample(target, prompt, m)),
+    "speculative, small draft, K=4": (K + 1, lambda m: speculative_sample(target, draft, prompt, m, lookahead=K)),
+    "speculative, small draft in int8, K=4": (
+        K + 1, lambda m: speculative_sample(target, draft_int8, prompt, m, lookahead=K)),
+    "prompt lookup, K=4": (K + 1, lambda m: speculative_sample(target, PromptLookupDrafter(), prompt, m, lookahead=K)),
 }
-for run in runs.values():
+result = {}
+for name, (rows, run) in runs.items():
+    lay_out(target, rows)
     run(8)  # warm-up, untimed
-result = {name: ms_per_token(run(n)) for name, run in runs.items()}
-result["passes"] = {"target": pass_ms(target, 1), "verification": pass_ms(target, K + 1), "draft": pass_ms(draft, 1),
-                    "draft in int8": pass_ms(draft_int8, 1)}
+    result[name] = ms_per_token(run(n))
+lay_out(target, 1)
+passes = {"target": pass_ms(target, 1)}
+lay_out(target, K + 1)
+result["passes"] = passes | {"verification": pass_ms(target, K + 1), "draft": pass_ms(draft, 1),
+                             "draft in int8": pass_ms(draft_int8, 1)}
 del target, draft
 target_int8 = quantize_int8(load(target_path))
 autoregressive_sample(target_int8, prompt, 8)
@@ -154,26 +168,26 @@ def llama_decode_ms(tree: Path, tool: str, args: list[str], threads: int, n: int
     return 1e3 * float(found[2]) / int(found[1])
 
 
-def llama_round(tree: Path, ggufs: dict, threads: int, n: int, K: int) -> dict:
+def llama_round(tree: Path, ggufs: dict, threads: int, n: int, K: int, outtype: str) -> dict:
+    """One round of llama.cpp's tools: plain decoding in every GGUF type, speculative runs in `outtype`."""
     draft_flags = ["--spec-draft-n-max", str(K), "--spec-draft-n-min", "0"]
-    return {
-        "plain, bf16": llama_bench_ms(tree, ggufs["target", "bf16"], threads, n),
-        "plain, f16": llama_bench_ms(tree, ggufs["target", "f16"], threads, n),
-        "plain, q8_0": llama_bench_ms(tree, ggufs["target", "q8_0"], threads, n),
+    target, draft = str(ggufs["target", outtype]), str(ggufs["draft", outtype])
+    plain = {f"plain, {t}": llama_bench_ms(tree, ggufs["target", t], threads, n) for t in GGUF_TYPES}
+    return plain | {
         "speculative, small draft, K=4": llama_decode_ms(tree, "llama-speculative-simple", [
-            "-m", str(ggufs["target", "bf16"]), "-md", str(ggufs["draft", "bf16"]), "--spec-type", "draft-simple",
-            *draft_flags], threads, n),
+            "-m", target, "-md", draft, "--spec-type", "draft-simple", *draft_flags], threads, n),
         "prompt lookup, K=4": llama_decode_ms(tree, "llama-lookup", [
-            "-m", str(ggufs["target", "bf16"]), "--spec-draft-n-max", str(K)], threads, n),
-        "passes": {"target": llama_bench_ms(tree, ggufs["target", "bf16"], threads, n),
-                   "verification": llama_bench_ms(tree, ggufs["target", "bf16"], threads, n, prompt_rows=K + 1),
-                   "draft": llama_bench_ms(tree, ggufs["draft", "bf16"], threads, n)},
+            "-m", target, "--spec-draft-n-max", str(K)], threads, n),
+        "passes": {"target": plain[f"plain, {outtype}"],
+                   "verification": llama_bench_ms(tree, ggufs["target", outtype], threads, n, prompt_rows=K + 1),
+                   "draft": llama_bench_ms(tree, ggufs["draft", outtype], threads, n)},
     }
 
 
-def our_round(target: Path, draft: Path, threads: int, n: int, K: int) -> dict:
-    run = subprocess.run([sys.executable, "-c", WORKER, str(target), str(draft), str(n), str(K), str(threads), PROMPT],
-                         cwd=ROOT, check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+def our_round(target: Path, draft: Path, threads: int, n: int, K: int, dtype: str) -> dict:
+    run = subprocess.run([sys.executable, "-c", WORKER, str(target), str(draft), str(n), str(K), str(threads), PROMPT,
+                          dtype], cwd=ROOT, check=True, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
@@ -192,6 +206,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--lookahead", type=int, default=4, help="K for both sides' speculative runs")
+    parser.add_argument("--dtype", choices=sorted(OUTTYPE), default="bfloat16",
+                        help="our weights' dtype, and the GGUF type of llama.cpp's speculative runs (bfloat16 where "
+                        "the CPU runs it natively, float32 elsewhere)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of both sides, the order alternating")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -203,13 +220,13 @@ def main(argv=None) -> None:
     tree = args.llama_cpp or fetch_and_build(ROOT / "bench-out" / "llama.cpp")
     gguf_dir = ROOT / "bench-out" / "gguf"
     ggufs = {(role, outtype): convert(tree, folder, outtype, gguf_dir) for role, folder in
-             (("target", args.target), ("draft", args.draft)) for outtype in ("bf16", "f16", "q8_0")}
-    n, K = args.max_new_tokens, args.lookahead
+             (("target", args.target), ("draft", args.draft)) for outtype in GGUF_TYPES}
+    n, K, outtype = args.max_new_tokens, args.lookahead, OUTTYPE[args.dtype]
     sides = {"ours": [], "llama.cpp": []}
     for i in range(args.rounds):
         for side in (("ours", "llama.cpp") if i % 2 == 0 else ("llama.cpp", "ours")):
-            got = (our_round(args.target, args.draft, args.threads, n, K) if side == "ours" else
-                   llama_round(tree, ggufs, args.threads, n, K))
+            got = (our_round(args.target, args.draft, args.threads, n, K, args.dtype) if side == "ours" else
+                   llama_round(tree, ggufs, args.threads, n, K, outtype))
             sides[side].append(got)
             print(f"round {i + 1}, {side}: " + ", ".join(f"{k} {v:.1f}" for k, v in got.items() if k != "passes"),
                   flush=True)
@@ -221,8 +238,9 @@ def main(argv=None) -> None:
     print(f"\n{hardware_name(torch.device('cpu')).split(',')[0]} ({flags}), {args.threads} threads, torch "
           f"{torch.__version__}; {n} new tokens after a {len(PROMPT.split())}-word prompt, greedy; ms per new token, "
           f"medians of {args.rounds} rounds")
+    print(f"ours in {args.dtype} (int8 weights: products in bfloat16); llama.cpp's speculative runs in {outtype}")
     print("| run | llama.cpp | ours | ours / llama.cpp |\n|---|---:|---:|---:|")
-    pairs = [("plain, bf16", "plain, bf16"), ("plain, f16", "plain, bf16"), ("plain, q8_0", "plain, int8 weights"),
+    pairs = [(f"plain, {t}", "plain") for t in GGUF_TYPES if t != "q8_0"] + [("plain, q8_0", "plain, int8 weights"),
              ("speculative, small draft, K=4", "speculative, small draft, K=4"),
              ("speculative, small draft, K=4", "speculative, small draft in int8, K=4"),
              ("prompt lookup, K=4", "prompt lookup, K=4")]
@@ -234,11 +252,13 @@ def main(argv=None) -> None:
         p = passes[side]
         print(f"{side}: passes (ms) " + ", ".join(f"{k} {v:.1f}" for k, v in p.items()) +
               f"; projected at {TOYLLM_TOKENS_PER_ROUND} tokens per round, K={K}: {projected_ms(p, K):.1f} ms per token"
-              + (f" ({projected_ms(p, K, 'draft in int8'):.1f} with the draft in int8)" if "draft in int8" in p else ""))
+              + (f" ({projected_ms(p, K, 'draft in int8'):.1f} with the draft in int8)" if "draft in int8" in p
+                 else ""))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": hardware_name(torch.device("cpu")), "cpu_flags": flags,
                                          "torch": torch.__version__, "threads": args.threads, "max_new_tokens": n,
+                                         "dtype": args.dtype,
                                          "lookahead": K, "command": " ".join(sys.argv), "rounds": sides,
                                          "median": median, "passes": passes}, indent=1) + "\n")
 

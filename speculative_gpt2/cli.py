@@ -138,7 +138,15 @@ class _Given(argparse.Action):
 
 
 def _tree(text: str) -> TreeShape:
-    """A tree's shape: widths per depth (3x2), or an expanding tree (depth=4,width=4,expand=2)."""
+    """A tree's shape: widths per depth (3x2), each node's parent (parents=-1,-1,0), or an expanding tree
+    (depth=4,width=4,expand=2)."""
+    if text.lower().startswith("parents="):
+        try:
+            return TreeShape.of_parents(int(parent) for parent in text[len("parents="):].split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid tree {text!r}: give each node's parent, breadth-first, -1 for the root's children (e.g. "
+                f"parents=-1,-1,0: 2 drafts, then 1 below the first; at most {MAX_TREE_NODES} nodes)") from None
     if "=" in text:
         return _expanding_tree(text)
     example = "e.g. 3x2: 3 drafts, then 2 below each"
@@ -238,7 +246,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(or sampled) first tokens, then 2 below each, all verified in one target pass; the depth is K "
                         "(leave out --lookahead); at most 64 nodes. Or depth=D,width=W,expand=E: a tree grown where "
                         "the draft is confident (W first tokens, then W below each of the E likeliest paths at each "
-                        "depth), which pays at temperature 0")
+                        "depth), which pays at temperature 0. Or parents=-1,-1,0,...: any tree, each node's parent "
+                        "breadth-first (-1: a first token), as benchmarks/trees.py --best fits one to a pair's "
+                        "measured acceptance")
     parser.add_argument("--lookahead", "-K", type=_lookahead, default=4, action=_Given,
                         help=f"draft tokens proposed per round (K), from 1 to {MAX_LOOKAHEAD} (and K + 1 within the "
                         "target's context: a round verifies K + 1 tokens in one pass), or auto: chosen every round "
@@ -266,8 +276,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "bf16, CPUs with AVX-512 BF16 or AMX: faster), else float32; the compared greedy texts are "
                         "identical in every dtype (exact mode, docs/exact-dtype.md)")
     parser.add_argument("--int8", choices=["draft", "target", "both"], default=None,
-                        help="weight-only int8 (CPU, float32 or bfloat16 activations; speculative_gpt2/int8.py): each "
-                        "pass reads half of bfloat16's bytes. For the draft it changes only how many drafts are kept, "
+                        help="weight-only int8 (CPU, --dtype float32 or bfloat16, the products in bfloat16; "
+                        "speculative_gpt2/int8.py): each pass reads half of bfloat16's bytes. For the draft it "
+                        "changes only how many drafts are kept, "
                         "never the text; for the target the text becomes the int8 model's, which speculative "
                         "sampling then keeps exactly (and its verification passes cost more than bfloat16's)")
     parser.add_argument("--cuda-graphs", action="store_true",

@@ -19,6 +19,10 @@ most likely tokens in order, each with a one-hot p.
 
 from __future__ import annotations
 
+import math
+from functools import partial
+from typing import NamedTuple
+
 import torch
 
 from speculative_gpt2.checks import check_integer
@@ -31,9 +35,11 @@ MAX_NODES = 64  # a verification of more rows is no longer nearly free on a CPU 
 
 
 class TreeShape:
-    """A lookahead policy (speculative_gpt2/lookahead.py) that drafts a tree of fixed `widths` every round: its K is
-    the tree's depth. `parents[i]` is node i's parent (-1: the root) and `depths[i]` its depth, breadth-first, so the
-    first d levels are a prefix of the nodes and their structure a slice of the whole tree's, built once here."""
+    """A lookahead policy (speculative_gpt2/lookahead.py) that drafts a tree of fixed shape every round: its K is the
+    tree's depth. `TreeShape(widths)`: every node at depth d - 1 has w_d children. `TreeShape.of_parents(parents)`:
+    any tree, such as one built from measured acceptance (tree_search.best_tree). `parents[i]` is node i's parent
+    (-1: the root) and `depths[i]` its depth, breadth-first with siblings together, so the first d levels are a
+    prefix of the nodes and their structure a slice of the whole tree's, built once here."""
 
     def __init__(self, widths):
         given = widths
@@ -44,33 +50,58 @@ class TreeShape:
         if not widths:
             raise ValueError(f"a tree's shape is its widths per depth, integers from 1 to {MAX_NODES} such as (3, 2), "
                              f"got {given!r}")
-        self.widths, self.parents, self.depths = widths, [], []
-        level = [-1]
-        for depth, width in enumerate(widths, 1):
-            level = [self._add(parent, depth) for parent in level for _ in range(width)]
-        if len(self.parents) > MAX_NODES:
-            raise ValueError(f"the tree {'x'.join(map(str, widths))} has {len(self.parents)} nodes, more than "
-                             f"{MAX_NODES}: lower its widths or its depth")
-        self.max_lookahead = len(widths)
+        total = sum(math.prod(widths[:depth]) for depth in range(1, len(widths) + 1))
+        if total > MAX_NODES:
+            raise ValueError(f"the tree {'x'.join(map(str, widths))} has {total} nodes, more than {MAX_NODES}: lower "
+                             f"its widths or its depth")
+        parents, level = [], [-1]
+        for width in widths:
+            first = len(parents)
+            parents += [parent for parent in level for _ in range(width)]
+            level = range(first, len(parents))
+        self.widths = widths
+        self._build(parents)
+
+    @classmethod
+    def of_parents(cls, parents) -> TreeShape:
+        """The tree whose node i hangs from node parents[i] (-1: the root), listed breadth-first with siblings
+        together in the order drawn: each parent an earlier node, and never smaller than the one before it."""
+        parents = list(parents)
+        fine = 0 < len(parents) <= MAX_NODES and all(
+            isinstance(parent, int) and -1 <= parent < i and (i == 0 or parent >= parents[i - 1])
+            for i, parent in enumerate(parents))
+        if not fine:
+            raise ValueError(f"a tree's parents are 1 to {MAX_NODES} integers, node i's parent (-1: the root) an "
+                             f"earlier node and never smaller than node i - 1's (breadth-first), such as [-1, -1, 0], "
+                             f"got {parents!r}")
+        shape = cls.__new__(cls)
+        shape.widths = None
+        shape._build(parents)
+        return shape
+
+    def _build(self, parents: list[int]) -> None:
+        self.parents, self.depths = parents, []
+        for parent in parents:
+            self.depths.append(1 if parent < 0 else self.depths[parent] + 1)
+        self.max_lookahead = self.depths[-1]
         # ends[d]: the nodes of the first d levels.
-        self.ends = [sum(1 for d in self.depths if d <= depth) for depth in range(len(widths) + 1)]
+        self.ends = [sum(1 for d in self.depths if d <= depth) for depth in range(self.max_lookahead + 1)]
         # Over places [root, node 0, ...]: each place's children in the order drawn, -1 after the last
         # (1 + N, max width), and whether place k is place j or one of its ancestors (1 + N, 1 + N).
-        self._children = torch.full((len(self.parents) + 1, max(widths)), -1)
-        self._ancestry = torch.eye(len(self.parents) + 1, dtype=torch.bool)
+        counts = [0] * (len(parents) + 1)
+        for parent in parents:
+            counts[parent + 1] += 1
+        self._children = torch.full((len(parents) + 1, max(counts)), -1)
+        self._ancestry = torch.eye(len(parents) + 1, dtype=torch.bool)
         self._ancestry[:, 0] = True
-        for i, parent in enumerate(self.parents):
+        for i, parent in enumerate(parents):
             kids = self._children[parent + 1]
             kids[(kids >= 0).sum()] = i
             self._ancestry[i + 1] |= self._ancestry[parent + 1]
-
-    def _add(self, parent: int, depth: int) -> int:
-        self.parents.append(parent)
-        self.depths.append(depth)
-        return len(self.parents) - 1
+        self._levels = {}
 
     def choose(self) -> int:
-        return len(self.widths)
+        return self.max_lookahead
 
     def update(self, round) -> None:
         pass
@@ -94,14 +125,58 @@ class TreeShape:
         return depths.expand(batch_size, -1), self._ancestry[: N + 1, : N + 1].to(device).expand(batch_size, -1, -1)
 
     def fed(self) -> int:
-        """The most rows a draft pass of this tree feeds: its widest level but the last (the root's pass: 1)."""
-        return max([1] + [self.ends[d] - self.ends[d - 1] for d in range(1, self.max_lookahead)])
+        """The most rows a draft pass of this tree feeds: the most nodes with children on one level (the root's
+        pass: 1)."""
+        return max([1] + [len(level.fed) for level in self.draft_plan(self.max_lookahead, "cpu").levels])
+
+    def draft_plan(self, depth: int, device) -> DraftPlan:
+        """How the draft model grows the first `depth` levels: one pass per level through its nodes that have
+        children, in places [root, those nodes ...] of their own (the leaves need no pass)."""
+        key = (depth, str(device))
+        if key not in self._levels:
+            has_children = set(self.parents[: self.ends[depth]])
+            internal = [i for i in range(self.ends[depth - 1]) if i in has_children]
+            places = [0] + [1 + i for i in internal]
+            levels, first = [], 1
+            for level in range(1, depth + 1):
+                above = [-1] if level == 1 else [i for i in internal if self.depths[i] == level - 1]
+                nodes = range(self.ends[level - 1], self.ends[level])
+                local = [above.index(self.parents[i]) for i in nodes]
+                ranks = [i - self.parents.index(self.parents[i]) for i in nodes]
+                width = max(ranks) + 1
+                pick = [n * width + r for n, r in zip(local, ranks)]
+                fed = [i for i in internal if self.depths[i] == level]
+                as_tensor = partial(torch.tensor, dtype=torch.long, device=device)
+                levels.append(DraftLevel(width, None if pick == list(range(len(above) * width)) else as_tensor(pick),
+                                         as_tensor([self.parents[i] for i in nodes]), as_tensor(fed), first))
+                first += len(fed)
+            depths = torch.tensor([0] + [self.depths[i] for i in internal], device=device)
+            ancestry = self._ancestry[places][:, places].to(device)
+            self._levels[key] = DraftPlan(levels, (depths, ancestry), len(internal))
+        return self._levels[key]
 
     def __repr__(self) -> str:
-        return f"TreeShape({self.widths})"
+        return f"TreeShape({self.widths})" if self.widths else f"TreeShape.of_parents({self.parents})"
 
     def __str__(self) -> str:  # as the command line takes it
-        return "x".join(map(str, self.widths))
+        return "x".join(map(str, self.widths)) if self.widths else "parents=" + ",".join(map(str, self.parents))
+
+
+class DraftLevel(NamedTuple):
+    """One level of a draft plan: `width` siblings drawn below each node of the level above that has children; which
+    of them are this level's nodes (`pick`, over (parent, rank) flattened; None: all), each one's parent (node
+    indices, -1 the root); the nodes with children that the next pass feeds, and their first place."""
+    width: int
+    pick: torch.Tensor | None
+    parents: torch.Tensor
+    fed: torch.Tensor
+    first: int
+
+
+class DraftPlan(NamedTuple):
+    levels: list[DraftLevel]
+    layout: tuple[torch.Tensor, torch.Tensor]  # each draft place's depth (1 + I,) and ancestry (1 + I, 1 + I)
+    internal: int  # I: the nodes with children, each fed once
 
 
 class ExpandingTree(TreeShape):
@@ -260,22 +335,24 @@ def grow(model, shape: TreeShape, depth: int, cache, sampling: Sampling, logits:
     if isinstance(shape, ExpandingTree):
         return expand(model, shape, depth, cache, sampling, logits)
     B, device, V = len(logits), logits.device, sampling.vocab_size
-    N = shape.nodes(depth)
+    N, plan = shape.nodes(depth), shape.draft_plan(depth, logits.device)
+    depths, ancestry = plan.layout
+    layout = depths.expand(B, -1), ancestry.expand(B, -1, -1)
     tokens = torch.zeros(B, N, dtype=torch.long, device=device)
     p = torch.zeros(B, N, V, device=device)
     present = torch.zeros(B, N, dtype=torch.bool, device=device)  # top-k or top-p may leave fewer tokens than widths
-    logits, start = logits[:, None].float(), 0  # (B, nodes of the level above, V)
-    for level in range(1, depth + 1):
-        end = start + logits.shape[1] * shape.widths[level - 1]
-        x, p_x, exists = siblings(sampling.process(logits), logits, shape.widths[level - 1], sampling)
-        tokens[:, start:end], p[:, start:end] = x.flatten(1), p_x.flatten(1, 2)
-        parents = torch.tensor(shape.parents[start:end], device=device)
-        present[:, start:end] = exists.flatten(1) & (True if level == 1 else present[:, parents])
-        if level < depth:  # the next level's distributions: this level's nodes through the draft model
-            logits = tree_pass(model, shape.layout(depth, B, device), tokens[:, start:end], cache,
-                               first=1 + start).float()
-        start = end
-    cache.lengths = [n - shape.nodes(depth - 1) for n in cache.lengths]
+    logits = logits[:, None].float()  # (B, nodes of the level above with children, V)
+    for level, step in enumerate(plan.levels, 1):
+        start, end = shape.ends[level - 1], shape.ends[level]
+        x, p_x, exists = siblings(sampling.process(logits), logits, step.width, sampling)  # (B, n, width)
+        x, p_x, exists = x.flatten(1), p_x.flatten(1, 2), exists.flatten(1)
+        if step.pick is not None:  # a parent with fewer children than the widest keeps its first draws
+            x, p_x, exists = x[:, step.pick], p_x[:, step.pick], exists[:, step.pick]
+        tokens[:, start:end], p[:, start:end] = x, p_x
+        present[:, start:end] = exists & (True if level == 1 else present[:, step.parents])
+        if level < depth:  # the next level's distributions: this level's nodes with children through the draft
+            logits = tree_pass(model, layout, tokens[:, step.fed], cache, first=step.first).float()
+    cache.lengths = [n - plan.internal for n in cache.lengths]
     children = shape.children(depth, device).expand(B, -1, -1)  # (B, 1 + N, W)
     tree = DraftTree(tokens, p, torch.tensor(shape.depths[:N], device=device).expand(B, N), children, None, depth)
     return prune(tree, present)
@@ -369,7 +446,7 @@ def check_tree(policy, target, drafter, coupled: bool, rows: int | None) -> None
     """ValueError, in one line, for what token trees do not take (yet); exact mode's `rows` must hold a whole tree."""
     if not drafts_trees(policy, drafter):
         return
-    what = f"lookahead={policy.widths}" if isinstance(policy, TreeShape) else f"the drafter {drafter.name}"
+    what = f"lookahead={policy.widths or policy!r}" if isinstance(policy, TreeShape) else f"the drafter {drafter.name}"
     if nodes(policy, drafter) > MAX_NODES:
         raise ValueError(f"{what} proposes up to {nodes(policy, drafter)} drafts a round with K="
                          f"{policy.max_lookahead}, more than {MAX_NODES}: lower K, or the width of its trees (a "
@@ -378,7 +455,7 @@ def check_tree(policy, target, drafter, coupled: bool, rows: int | None) -> None
         raise ValueError(f"{what} drafts token trees and CUDA graphs replay chains' passes only: draft chains, or "
                          f"use models without graphs")
     if isinstance(policy, TreeShape) and getattr(drafter, "shape", None) is None:
-        raise ValueError(f"lookahead={policy.widths} drafts a token tree, which a draft model grows: pass a GPT2 as "
+        raise ValueError(f"{what} drafts a token tree, which a draft model grows: pass a GPT2 as "
                          f"the draft, or an integer lookahead for this drafter")
     if coupled:
         raise ValueError(f"{what} drafts token trees and coupled=True drafts chains only: draft chains, or leave "

@@ -70,40 +70,47 @@ def siblings(prefix, width: int, drafter: str):
             yield list(xs), [without(p, xs[:i]) for i in range(width)], probability
 
 
-def rounds(shape: tuple[int, int], drafter: str):
-    """Every (tree, forced outcomes) of a depth-2 tree of widths `shape`: the tree's tensors, its probability, and
-    j1, j2: the child kept at depths 1 and 2 (a width: none)."""
+def below(shape) -> list[int]:
+    """Each depth-1 child's number of children: a depth-2 tree's shape is (w1, w2) or (w1, (its w2 per child))."""
     w1, w2 = shape
+    return [w2] * w1 if isinstance(w2, int) else list(w2)
+
+
+def rounds(shape, drafter: str):
+    """Every (tree, forced outcomes) of a depth-2 tree of this `shape` (`below`): the tree's tensors, its
+    probability, and j1, j2: the child kept at depths 1 and 2 (a width: none)."""
+    w1, w2s = shape[0], below(shape)
     for top, top_p, top_probability in siblings((), w1, drafter):
-        unreached = [next(siblings((x,), w2, drafter)) for x in top]
+        unreached = [next(siblings((x,), w2, drafter)) for x, w2 in zip(top, w2s)]
         for j1 in range(w1 + 1):
-            below = siblings((top[j1],), w2, drafter) if j1 < w1 else [unreached[0]]
-            for sub in below:
+            kept_below = siblings((top[j1],), w2s[j1], drafter) if j1 < w1 else [unreached[0]]
+            for sub in kept_below:
                 tokens, p, probability = list(top), list(top_p), top_probability
                 children = [list(range(w1))]
                 for i in range(w1):
                     xs, xps, sub_probability = sub if i == j1 else unreached[i]
-                    children.append(list(range(len(tokens), len(tokens) + w2)))
+                    children.append(list(range(len(tokens), len(tokens) + w2s[i])))
                     tokens, p = tokens + xs, p + xps
                     probability *= sub_probability if i == j1 else 1.0
-                children += [[]] * (w1 * w2)
-                for j2 in range(w2 + 1) if j1 < w1 else [w2]:
+                children += [[]] * sum(w2s)
+                for j2 in range(w2s[j1] + 1) if j1 < w1 else [max(w2s)]:
                     yield tokens, p, children, probability, j1, j2
 
 
-def emitted(rule, shape: tuple[int, int], drafter: str) -> torch.Tensor:
+def emitted(rule, shape, drafter: str) -> torch.Tensor:
     """P(t1, t2) (V, V) of the first two tokens a round of `rule` emits (and, when it emits one, the target's next
     step), summed over every tree and forced outcome."""
-    w1, w2 = shape
-    W = max(shape)
+    w1, w2s = shape[0], below(shape)
+    W = max([w1] + w2s)
+    parent_of = [j for j in range(w1) for _ in range(w2s[j])]  # each depth-2 node's parent
     cases = list(rounds(shape, drafter))
     tokens = torch.tensor([c[0] for c in cases])
     p = torch.stack([torch.stack(c[1]) for c in cases])
     children = torch.tensor([[kids + [-1] * (W - len(kids)) for kids in c[2]] for c in cases])
-    depths = torch.tensor([[1] * w1 + [2] * (w1 * w2)] * len(cases))
+    depths = torch.tensor([[1] * w1 + [2] * sum(w2s)] * len(cases))
 
     def prefix(c, i):  # node i's tokens from the root
-        return [c[0][i]] if i < w1 else [c[0][(i - w1) // w2], c[0][i]]
+        return [c[0][i]] if i < w1 else [c[0][parent_of[i - w1]], c[0][i]]
 
     q = torch.stack([torch.stack([q_of(())] + [q_of(prefix(c, i)) for i in range(len(c[0]))]) for c in cases])
     r = torch.full((len(cases), 2, W), KEEP, dtype=torch.float64)
@@ -151,7 +158,7 @@ def target_joint() -> torch.Tensor:
     return torch.stack([q_of(())[a] * q_of((a,)) for a in range(V)])
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (3, 2), (2, 3)])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (3, 2), (2, 3), (2, (2, 1)), (3, (0, 2, 1))], ids=str)
 @pytest.mark.parametrize("drafter", ["model", "fixed"])
 def test_the_tree_rule_emits_the_targets_tokens_exactly(shape, drafter):
     assert torch.allclose(emitted(recursive_rejection, shape, drafter), target_joint(), atol=1e-9, rtol=0)

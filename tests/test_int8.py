@@ -36,9 +36,13 @@ def test_an_int8_linear_computes_the_product_with_its_rounded_weight(dtype):
     int8, scales = quantize_rows(weight)
     for shape in ((1, 1, 64), (2, 5, 64), (7, 64)):
         x = torch.randn(*shape, generator=gen).to(dtype)
-        expected = F.linear(x.float(), int8.float() * scales[:, None], bias)
-        tolerance = 1e-4 if dtype == torch.float32 else 0.1
+        # The product's activations and scales in bfloat16 (8 bits of mantissa), its sum in float32.
+        expected = F.linear(x.bfloat16().float(), int8.float() * scales.bfloat16().float()[:, None], bias)
+        tolerance = 0.02 if dtype == torch.float32 else 0.1
+        assert layer(x).dtype == dtype
         torch.testing.assert_close(layer(x).float(), expected, atol=tolerance, rtol=tolerance)
+        if dtype == torch.float32:  # and they were rounded: the product of the unrounded ones is another
+            assert (F.linear(x, int8.float() * scales[:, None], bias) - layer(x)).abs().max() > 1e-4
 
 
 def test_an_int8_draft_changes_the_acceptance_never_the_text():
@@ -59,6 +63,13 @@ def test_an_int8_target_gives_the_int8_models_text_exactly():
     with torch.no_grad():  # another model: the rounding moves its logits
         idx = torch.tensor([prompt])
         assert not torch.allclose(target(idx), _model(0)(idx), atol=1e-4)
+
+
+def test_a_conversion_to_the_models_own_dtype_leaves_the_product_as_it_was():
+    model, idx = quantize_int8(_model(0)), torch.tensor([[2, 4, 6]])
+    with torch.no_grad():
+        before = model(idx)
+        assert torch.equal(model.float()(idx), before)  # .float() converts every floating buffer, the scales too
 
 
 def test_what_int8_refuses_in_one_line():

@@ -40,17 +40,18 @@ def path_of(shape: TreeShape, node: int) -> list[int]:
     return path[::-1]
 
 
-@pytest.mark.parametrize("widths", [(1,), (3,), (2, 2), (3, 1, 2)])
+@pytest.mark.parametrize("widths", [(1,), (3,), (2, 2), (3, 1, 2), TreeShape.of_parents([-1, -1, -1, 0, 0, 2, 3])],
+                         ids=str)
 def test_one_tree_pass_gives_every_node_the_logits_of_its_own_path(models, widths):
     target, _ = models
-    shape, prompts = TreeShape(widths), [[1, 2, 3, 4, 5], [9, 8]]
-    N = shape.nodes(len(widths))
+    shape, prompts = trees.lookahead_policy(widths), [[1, 2, 3, 4, 5], [9, 8]]
+    N = shape.nodes(shape.max_lookahead)
     cache = target.new_cache(2, max_len=32, room=N)
     target(torch.tensor([prompts[0][:-1], prompts[1][:-1] + [0] * 3]), cache)
     cache.crop([4, 1])  # ragged rows: each row's last prompt token is pending
     nodes = torch.randint(0, 64, (2, N), generator=torch.Generator().manual_seed(0))
     pending = torch.tensor([[prompts[0][-1]], [prompts[1][-1]]])
-    logits = tree_pass(target, shape.layout(len(widths), 2, 'cpu'), torch.cat([pending, nodes], 1), cache)
+    logits = tree_pass(target, shape.layout(shape.max_lookahead, 2, 'cpu'), torch.cat([pending, nodes], 1), cache)
     for b, prompt in enumerate(prompts):
         for place in range(N + 1):
             tokens = prompt + ([] if place == 0 else nodes[b, path_of(shape, place - 1)].tolist())
@@ -78,7 +79,9 @@ def test_the_kept_path_moves_to_plain_decodings_slots(models, path):
 
 
 @pytest.mark.parametrize("widths", [(2,), (2, 2), (3, 2), (1, 1, 1), (2, 2, 2), (4, 3), ExpandingTree(2, 2),
-                                    ExpandingTree(3, 2, 2), ExpandingTree(4, 3, 2), ExpandingTree(1, 4, 1)], ids=str)
+                                    ExpandingTree(3, 2, 2), ExpandingTree(4, 3, 2), ExpandingTree(1, 4, 1),
+                                    TreeShape.of_parents([-1, -1, -1, 0, 0, 1, 3]),
+                                    TreeShape.of_parents([-1, -1, 0, 2, 2, 3])], ids=str)
 @pytest.mark.parametrize("drafter", ["itself", "a noisy copy", "another model"])
 def test_greedy_tree_text_is_the_targets(models, widths, drafter):
     target, drafts = models
@@ -164,8 +167,10 @@ def tree_p_values(target, draft, widths, seed: int, **options) -> list[float]:
                                              ((3, 1), dict(temperature=0.8, top_k=4)),
                                              ((2, 3), dict(temperature=1.0, top_p=0.8)),
                                              (ExpandingTree(2, 2), dict(temperature=1.0)),
+                                             (TreeShape.of_parents([-1, -1, -1, 0, 1, 1]), dict(temperature=1.0)),
                                              (ExpandingTree(2, 3, 2), dict(temperature=0.8, top_k=4))],
-                         ids=["2x2", "4", "3x1-top-k", "2x3-top-p", "expanding-2-2-1", "expanding-2-3-2-top-k"])
+                         ids=["2x2", "4", "3x1-top-k", "2x3-top-p", "expanding-2-2-1", "parents-3-then-1-2-0",
+                              "expanding-2-3-2-top-k"])
 def test_tree_samples_follow_the_target_distribution(small_pair, widths, options):
     p_values = tree_p_values(*small_pair, widths, seed=21, **options)
     assert min(p_values) > LEVEL, p_values

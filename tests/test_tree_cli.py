@@ -14,6 +14,8 @@ from test_cli import checkpoints, run_cli  # noqa: F401
      "=== Speculative sampling (K=3, trees of 3 lookup matches), exact mode ===", 9),
     (["--tree", "depth=3,width=2,expand=2"],
      "=== Speculative sampling (K=3, a tree depth=3,width=2,expand=2), exact mode ===", 10),
+    (["--tree", "parents=-1,-1,-1,0,0,0,1,3,3,6,7"],
+     "=== Speculative sampling (K=4, a tree parents=-1,-1,-1,0,0,0,1,3,3,6,7), exact mode ===", 11),
 ])
 def test_a_tree_run_reports_its_drafts_per_pass_and_compares_the_texts(checkpoints, args, title, most):
     options = ["--draft", str(checkpoints / "draft")] if "ngram" not in args else []
@@ -24,7 +26,7 @@ def test_a_tree_run_reports_its_drafts_per_pass_and_compares_the_texts(checkpoin
     assert title in out
     scored = float(re.search(r"token trees: ([\d.]+) drafts scored per target pass", out).group(1))
     assert 1 <= scored <= most  # a 3x2 tree has 9 nodes, 3 matches of 3 at most 9, the expanding tree 2 + 2 x 4
-    # 9 or 10 nodes and the root: every target pass, plain decoding's too, runs as 12 rows.
+    # 9 to 11 nodes and the root: every target pass, plain decoding's too, runs as 12 rows.
     assert ("identical outputs: yes (speculative sampling's text against plain decoding's in exact mode, both in "
             "12-row passes)") in out
 
@@ -40,6 +42,8 @@ def test_a_tree_run_reports_its_drafts_per_pass_and_compares_the_texts(checkpoin
     (["--tree", "depth=4,width=2,expand=3"], "invalid tree 'depth=4,width=2,expand=3': expand (the nodes given "
      "children at each depth) must be an integer from 1 to 2"),
     (["--tree", "depth=4,size=2"], "invalid tree 'depth=4,size=2': give depth=D,width=W and optionally expand=E"),
+    (["--tree", "parents=-1,0,-1"], "invalid tree 'parents=-1,0,-1': give each node's parent, breadth-first"),
+    (["--tree", "parents=-1,x"], "invalid tree 'parents=-1,x': give each node's parent, breadth-first"),
     (["--matches", "2"], "--matches follows earlier matches of prompt lookup: add --draft ngram"),
     (["--draft", "ngram", "--matches", "2", "--coupled"], "--matches 2 makes prompt lookup's token trees "
      "and goes without --coupled"),
@@ -61,4 +65,5 @@ def test_a_tree_runs_trace_page_draws_its_trees(checkpoints, tmp_path):
 
 def test_help_explains_trees():
     out = run_cli("--help").stdout
-    assert "--tree WIDTHS" in out and "--matches" in out and "token tree" in out and "depth=D,width=W,expand=E" in out
+    assert "--tree WIDTHS" in out and "--matches" in out and "token tree" in out and "depth=D,width=W,expand=E" in out \
+        and "parents=-1,-1,0" in out

@@ -1,0 +1,93 @@
+"""A token tree's shape from measured acceptance: Sequoia's dynamic program (Chen et al. 2024, arXiv 2402.12374).
+
+Suppose the target keeps the i-th sibling drawn below a kept node with probability a_i, whatever the node (Sequoia's
+positional acceptance; a_1 + a_2 + ... <= 1, since at most one sibling is kept). A node is then on the kept path with
+the product of a_rank along its path, and the drafts a round keeps are, in expectation, the sum of those products over
+the tree's nodes (`expected_kept`). `best_tree(acceptance, nodes, depth)` finds the shape of at most `nodes` nodes and
+`depth` levels with the largest sum, exactly, by dynamic programming over (levels left, nodes left, the next child's
+rank): a node's subtree of n nodes is split among its children of ranks 1, 2, ..., child i taking a subtree of its own.
+`acceptance_by_rank(rounds)` measures the a_i from traced rounds (`speculative_sample(..., trace=True)`) of a tree
+wide enough to try the ranks wanted.
+
+The shape is fixed before any round, so which nodes exist never depends on what was drawn: the tree rule stays exact
+for any shape, measured or not; a shape fitted to one pair of models is merely slower on another.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from speculative_gpt2.trees import MAX_NODES, TreeShape
+
+
+def expected_kept(shape: TreeShape, acceptance: list[float]) -> float:
+    """The drafts a round of `shape` keeps in expectation when the i-th sibling is kept with acceptance[i - 1]."""
+    reach = []  # each node's probability of being on the kept path
+    for i, parent in enumerate(shape.parents):
+        rank = i - shape.parents.index(parent)  # siblings are listed together, in the order drawn
+        a = acceptance[rank] if rank < len(acceptance) else 0.0
+        reach.append(a * (1.0 if parent < 0 else reach[parent]))
+    return sum(reach)
+
+
+def best_tree(acceptance: list[float], nodes: int, depth: int) -> TreeShape:
+    """The TreeShape of at most `nodes` nodes and `depth` levels that keeps the most drafts in expectation
+    (`expected_kept`); of equal ones, the one with fewer nodes."""
+    a = [float(x) for x in acceptance]
+    if not a or not all(0.0 <= x <= 1.0 for x in a) or sum(a) > 1.0 + 1e-6:
+        raise ValueError(f"acceptance is the probability that the i-th sibling is the one kept, for i = 1, 2, ...: "
+                         f"numbers from 0 to 1 that sum to at most 1, got {acceptance!r}")
+    if not (isinstance(nodes, int) and 1 <= nodes <= MAX_NODES and isinstance(depth, int) and 1 <= depth <= nodes):
+        raise ValueError(f"best_tree takes nodes from 1 to {MAX_NODES} and a depth from 1 to nodes, got nodes={nodes!r}"
+                         f", depth={depth!r}")
+
+    @lru_cache(maxsize=None)
+    def split(levels: int, n: int, rank: int) -> tuple[float, tuple]:
+        """The best children of ranks `rank`, rank + 1, ... below a kept node, their subtrees within `levels` levels
+        and `n` nodes in all: (expected drafts kept, each child's own children, as nested tuples)."""
+        if levels == 0 or n == 0 or rank >= len(a):
+            return 0.0, ()
+        best = (0.0, ())
+        for size in range(1, n + 1):  # this child with size - 1 nodes below it
+            below, children = split(levels - 1, size - 1, 0)
+            rest, siblings = split(levels, n - size, rank + 1)
+            value = a[rank] * (1.0 + below) + rest
+            if value > best[0] + 1e-12:
+                best = (value, (children,) + siblings)
+        return best
+
+    _, root = split(depth, nodes, 0)
+    if not root:
+        raise ValueError(f"acceptance {acceptance!r} keeps nothing: no tree keeps more than no drafts")
+    parents, queue = [], [(-1, root)]
+    for parent, children in queue:  # breadth-first: parents in order, each one's children in rank order
+        for child in children:
+            parents.append(parent)
+            queue.append((len(parents) - 1, child))
+    return TreeShape.of_parents(parents)
+
+
+def acceptance_by_rank(rounds, ranks: int) -> list[float]:
+    """a_1 .. a_ranks measured from traced token-tree rounds (`TraceRound`s with `parents` and `path`): at every node
+    the rule tried children below (the pending token, then each kept node with children), which rank was kept, if
+    any; a_i counts only the nodes with at least i children. A round without drafts (the text's last token) tells
+    nothing."""
+    kept, tried = [0] * ranks, [0] * ranks
+    for round in rounds:
+        if not round.drafts:  # a last round that needed no drafts
+            continue
+        if round.parents is None:
+            raise ValueError("acceptance_by_rank reads token-tree rounds: trace rounds of a TreeShape (trace=True)")
+        children = {}
+        for i, parent in enumerate(round.parents):
+            children.setdefault(parent, []).append(i)
+        for parent, child in zip([-1] + round.path, round.path + [None]):
+            below = children.get(parent, [])
+            for rank in range(min(ranks, len(below))):
+                tried[rank] += 1
+            if child is not None and below.index(child) < ranks:
+                kept[below.index(child)] += 1
+            if child is None:
+                break
+    return [k / t if t else 0.0 for k, t in zip(kept, tried)]
+
