@@ -86,7 +86,8 @@ def main(argv=None) -> None:
             fitted[noise] = acceptance
             print(f"noise {noise}: acceptance by rank " + " ".join(f"{a:.3f}" for a in acceptance), flush=True)
         for depth in args.depths:
-            shapes = SHAPES[depth] + [best_tree(acceptance, n, depth) for n in args.best if n >= depth]
+            fits = {str(shape): shape for shape in (best_tree(acceptance, n, depth) for n in args.best if n >= depth)}
+            shapes = SHAPES[depth] + list(fits.values())  # one of each: two budgets may fit the same tree
             for shape in shapes[len(SHAPES[depth]):]:
                 print(f"  best tree of {len(shape.parents)} nodes, depth {depth}: {shape} (predicted "
                       f"{1 + expected_kept(shape, acceptance):.2f} tokens/pass; the chain "

@@ -142,11 +142,16 @@ def _tree(text: str) -> TreeShape:
     (depth=4,width=4,expand=2)."""
     if text.lower().startswith("parents="):
         try:
-            return TreeShape.of_parents(int(parent) for parent in text[len("parents="):].split(","))
+            parents = [int(parent) for parent in text[len("parents="):].split(",")]
         except ValueError:
+            parents = None
+        try:
+            return TreeShape.of_parents(parents)
+        except (TypeError, ValueError):
             raise argparse.ArgumentTypeError(
-                f"invalid tree {text!r}: give each node's parent, breadth-first, -1 for the root's children (e.g. "
-                f"parents=-1,-1,0: 2 drafts, then 1 below the first; at most {MAX_TREE_NODES} nodes)") from None
+                f"invalid tree {text!r}: give each node's parent, breadth-first, -1 for the root's children, each an "
+                f"earlier node and never smaller than the one before (e.g. parents=-1,-1,0: 2 drafts, then 1 below "
+                f"the first; at most {MAX_TREE_NODES} nodes)") from None
     if "=" in text:
         return _expanding_tree(text)
     example = "e.g. 3x2: 3 drafts, then 2 below each"
@@ -171,7 +176,7 @@ def _expanding_tree(text: str) -> ExpandingTree:
         values = {key: int(value) for key, value in given.items()}
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid tree {text!r}: give depth=D,width=W and optionally expand=E "
-                                         f"({example})") from None
+                                         f"({example}), or parents=P1,P2,... (each node's parent)") from None
     try:
         return ExpandingTree(**values)
     except ValueError as e:

@@ -35,11 +35,12 @@ def can_quantize(model: GPT2) -> bool:
     return model.device.type == "cpu" and model.dtype in (torch.float32, torch.bfloat16)
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`weight` (out, in) as int8 (out, in) and one scale per row (out,) float32: weight ~ int8 * scale."""
+def quantize_rows(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight` (out, in) as int8 (out, in) and one scale per row (out,) in `scale_dtype`: weight ~ int8 * scale. The
+    int8 values are rounded against the scales as stored, so that a scale's own rounding adds no error of gain."""
     weight = weight.detach().float()
-    scales = weight.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-    return (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8), scales
+    scales = (weight.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127).to(scale_dtype)
+    return (weight / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8), scales
 
 
 class Int8Linear(nn.Module):
@@ -50,9 +51,9 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.dtype = dtype
-        int8, scales = quantize_rows(weight)
+        int8, scales = quantize_rows(weight, PRODUCT_DTYPE)
         self.register_buffer("int8_weight", int8)
-        self.register_buffer("scales", scales.to(PRODUCT_DTYPE))
+        self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

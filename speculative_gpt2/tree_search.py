@@ -68,26 +68,31 @@ def best_tree(acceptance: list[float], nodes: int, depth: int) -> TreeShape:
 
 
 def acceptance_by_rank(rounds, ranks: int) -> list[float]:
-    """a_1 .. a_ranks measured from traced token-tree rounds (`TraceRound`s with `parents` and `path`): at every node
-    the rule tried children below (the pending token, then each kept node with children), which rank was kept, if
-    any; a_i counts only the nodes with at least i children. A round without drafts (the text's last token) tells
-    nothing."""
-    kept, tried = [0] * ranks, [0] * ranks
+    """a_1 .. a_ranks measured from traced rounds (`TraceRound`s, trace=True): at every node the rule tried children
+    below (the pending token, then each kept node with children) and that has at least `ranks` of them, which rank was
+    kept, if any. One count of nodes for every rank keeps the a_i a distribution (a round of a tree at least `ranks`
+    wide at its root, e.g. lookahead=(8,) for 8 ranks, tries one such node). A chain's round is the width-1 tree; a
+    round without drafts (the text's last token) tells nothing, nor does the node an EOS ended the round at."""
+    kept, tried = [0] * ranks, 0
     for round in rounds:
-        if not round.drafts:  # a last round that needed no drafts
+        if not round.drafts:
             continue
-        if round.parents is None:
-            raise ValueError("acceptance_by_rank reads token-tree rounds: trace rounds of a TreeShape (trace=True)")
+        parents, path = round.parents, round.path
+        if parents is None:  # a chain: each draft below the one before it
+            parents, path = list(range(-1, len(round.drafts) - 1)), list(range(round.kept))
         children = {}
-        for i, parent in enumerate(round.parents):
+        for i, parent in enumerate(parents):
             children.setdefault(parent, []).append(i)
-        for parent, child in zip([-1] + round.path, round.path + [None]):
+        tested = list(zip([-1] + path, path + [None]))
+        if round.next_token is None:  # an EOS among the kept drafts ended the round: its children were never tried
+            tested = tested[:-1]
+        for parent, child in tested:
             below = children.get(parent, [])
-            for rank in range(min(ranks, len(below))):
-                tried[rank] += 1
-            if child is not None and below.index(child) < ranks:
-                kept[below.index(child)] += 1
-            if child is None:
-                break
-    return [k / t if t else 0.0 for k, t in zip(kept, tried)]
-
+            if len(below) >= ranks:
+                tried += 1
+                if child is not None and below.index(child) < ranks:
+                    kept[below.index(child)] += 1
+    if not tried:
+        raise ValueError(f"no traced round tried {ranks} siblings at a node: trace rounds of a tree at least {ranks} "
+                         f"wide at its root, such as lookahead=({ranks},)")
+    return [k / tried for k in kept]

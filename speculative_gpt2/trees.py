@@ -66,7 +66,7 @@ class TreeShape:
     def of_parents(cls, parents) -> TreeShape:
         """The tree whose node i hangs from node parents[i] (-1: the root), listed breadth-first with siblings
         together in the order drawn: each parent an earlier node, and never smaller than the one before it."""
-        parents = list(parents)
+        parents = list(parents) if parents is not None else []
         fine = 0 < len(parents) <= MAX_NODES and all(
             isinstance(parent, int) and -1 <= parent < i and (i == 0 or parent >= parents[i - 1])
             for i, parent in enumerate(parents))

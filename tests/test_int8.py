@@ -26,6 +26,12 @@ def test_rows_round_to_int8_within_half_a_step_of_their_scale():
     assert int8.dtype == torch.int8 and int8.abs().max() <= 127 and (scales > 0).all()
     assert ((int8.float() * scales[:, None] - weight).abs() <= scales[:, None] / 2 + 1e-7).all()
     assert (int8.abs().amax(1)[torch.arange(48) != 3] == 127).all()  # each row's largest weight uses the full range
+    # Scales stored in bfloat16 (as Int8Linear keeps them): the values are rounded against the stored scale, the
+    # largest clamped where the scale rounded down, so each stays within a step of it.
+    int8, scales = quantize_rows(weight, torch.bfloat16)
+    assert scales.dtype == torch.bfloat16
+    off = (int8.float() * scales.float()[:, None] - weight).abs()
+    assert (off <= scales.float()[:, None]).all() and (off.mean() < scales.float().mean() / 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -33,16 +39,16 @@ def test_an_int8_linear_computes_the_product_with_its_rounded_weight(dtype):
     gen = torch.Generator().manual_seed(1)
     weight, bias = torch.randn(48, 64, generator=gen), torch.randn(48, generator=gen)
     layer = Int8Linear(weight, bias, dtype)
-    int8, scales = quantize_rows(weight)
+    int8, scales = quantize_rows(weight, torch.bfloat16)  # as the layer stores them
     for shape in ((1, 1, 64), (2, 5, 64), (7, 64)):
         x = torch.randn(*shape, generator=gen).to(dtype)
         # The product's activations and scales in bfloat16 (8 bits of mantissa), its sum in float32.
-        expected = F.linear(x.bfloat16().float(), int8.float() * scales.bfloat16().float()[:, None], bias)
+        expected = F.linear(x.bfloat16().float(), int8.float() * scales.float()[:, None], bias)
         tolerance = 0.02 if dtype == torch.float32 else 0.1
         assert layer(x).dtype == dtype
         torch.testing.assert_close(layer(x).float(), expected, atol=tolerance, rtol=tolerance)
         if dtype == torch.float32:  # and they were rounded: the product of the unrounded ones is another
-            assert (F.linear(x, int8.float() * scales[:, None], bias) - layer(x)).abs().max() > 1e-4
+            assert (F.linear(x, int8.float() * scales.float()[:, None], bias) - layer(x)).abs().max() > 1e-4
 
 
 def test_an_int8_draft_changes_the_acceptance_never_the_text():

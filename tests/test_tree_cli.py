@@ -42,8 +42,11 @@ def test_a_tree_run_reports_its_drafts_per_pass_and_compares_the_texts(checkpoin
     (["--tree", "depth=4,width=2,expand=3"], "invalid tree 'depth=4,width=2,expand=3': expand (the nodes given "
      "children at each depth) must be an integer from 1 to 2"),
     (["--tree", "depth=4,size=2"], "invalid tree 'depth=4,size=2': give depth=D,width=W and optionally expand=E"),
-    (["--tree", "parents=-1,0,-1"], "invalid tree 'parents=-1,0,-1': give each node's parent, breadth-first"),
+    (["--tree", "parents=-1,0,-1"], "invalid tree 'parents=-1,0,-1': give each node's parent, breadth-first, -1 for "
+     "the root's children, each an earlier node and never smaller than the one before"),
     (["--tree", "parents=-1,x"], "invalid tree 'parents=-1,x': give each node's parent, breadth-first"),
+    (["--tree", "parent=-1,0"], "give depth=D,width=W and optionally expand=E (e.g. depth=4,width=4,expand=2: 4 "
+     "drafts, then 4 below each of the 2 likeliest, at each depth), or parents=P1,P2,..."),
     (["--matches", "2"], "--matches follows earlier matches of prompt lookup: add --draft ngram"),
     (["--draft", "ngram", "--matches", "2", "--coupled"], "--matches 2 makes prompt lookup's token trees "
      "and goes without --coupled"),

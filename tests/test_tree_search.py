@@ -69,13 +69,18 @@ def test_a_confident_draft_gets_a_chain_and_a_doubtful_one_a_bush():
 
 
 def test_acceptance_is_read_from_the_ranks_kept_in_traced_rounds():
-    tree = dict(drafts=[7, 8, 9, 10, 11], parents=[-1, -1, 0, 0, 1])
-    rounds = [SimpleNamespace(**tree, path=[1, 4]),  # the root's 2nd child, then node 1's 1st
+    tree = dict(drafts=[7, 8, 9, 10, 11], parents=[-1, -1, 0, 0, 1], next_token=5)
+    rounds = [SimpleNamespace(**tree, path=[1, 4]),  # the root's 2nd child, then node 1's only one (not 2 wide)
               SimpleNamespace(**tree, path=[0]),  # the root's 1st, then neither of node 0's
               SimpleNamespace(**tree, path=[]),  # none of the root's
-              SimpleNamespace(drafts=[], parents=None, path=None)]  # a last round without drafts
-    # The first rank tried 5 times (the root thrice, nodes 1 and 0 once), kept twice; the second 4 times, kept once.
-    assert acceptance_by_rank(rounds, 2) == pytest.approx([2 / 5, 1 / 4])
+              SimpleNamespace(**tree | dict(next_token=None), path=[0]),  # an EOS at node 0: its children untried
+              SimpleNamespace(drafts=[], parents=None, path=None, next_token=5)]  # a last round without drafts
+    # Nodes with 2 children tried: the root 4 times, node 0 once; the 1st rank kept twice, the 2nd once.
+    assert acceptance_by_rank(rounds, 2) == pytest.approx([2 / 5, 1 / 5])
+    chains = [SimpleNamespace(drafts=[1, 2, 3], parents=None, path=None, kept=k, next_token=5) for k in (3, 1)]
+    assert acceptance_by_rank(chains, 1) == pytest.approx([4 / 5])  # kept 4 of the 5 drafts tried
+    with pytest.raises(ValueError, match="no traced round tried 2 siblings at a node"):
+        acceptance_by_rank(chains, 2)
 
 
 def test_a_draft_that_is_the_target_has_its_first_sibling_kept_every_time(models):
@@ -106,8 +111,6 @@ def test_a_fitted_tree_decodes_the_targets_text(models):
     (lambda: TreeShape.of_parents([-1, 0, -1]), "never smaller than node i - 1's"),
     (lambda: TreeShape.of_parents([0]), "an earlier node"),
     (lambda: TreeShape.of_parents([-1] * 65), "1 to 64 integers"),
-    (lambda: acceptance_by_rank([SimpleNamespace(drafts=[3], parents=None, path=None)], 2),
-     "trace rounds of a TreeShape"),
 ])
 def test_bad_shapes_and_acceptance_are_refused_in_one_line(call, message):
     with pytest.raises(ValueError, match=message) as refused:
