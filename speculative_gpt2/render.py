@@ -33,7 +33,8 @@ MEANINGS = {
 }
 # With coupled sampling a rejected draft gives way to the target's own sample at its place.
 COUPLED_MEANINGS = MEANINGS | {Origin.RESAMPLED: "a draft was rejected: the target's Gumbel-max token at its place",
-                               Origin.BONUS: "all K drafts kept (a tree: a path to a leaf): the target's Gumbel-max token after them"}
+                               Origin.BONUS: "all K drafts kept (a tree: a path to a leaf): the target's Gumbel-max "
+                                             "token after them"}
 HTML_COLOURS = {Origin.DRAFT: "#b6e8b0", Origin.RESAMPLED: "#ffbf8f", Origin.BONUS: "#a9cdf7", Origin.TARGET: "#ddd0f2"}
 ANSI_COLOURS = {Origin.DRAFT: "\x1b[32m", Origin.RESAMPLED: "\x1b[31m", Origin.BONUS: "\x1b[34m",
                 Origin.TARGET: "\x1b[35m"}

@@ -23,8 +23,7 @@ from speculative_gpt2.trees import MAX_NODES, TreeShape
 def expected_kept(shape: TreeShape, acceptance: list[float]) -> float:
     """The drafts a round of `shape` keeps in expectation when the i-th sibling is kept with acceptance[i - 1]."""
     reach = []  # each node's probability of being on the kept path
-    for i, parent in enumerate(shape.parents):
-        rank = i - shape.parents.index(parent)  # siblings are listed together, in the order drawn
+    for parent, rank in zip(shape.parents, shape.ranks):
         a = acceptance[rank] if rank < len(acceptance) else 0.0
         reach.append(a * (1.0 if parent < 0 else reach[parent]))
     return sum(reach)

@@ -83,6 +83,8 @@ class TreeShape:
         self.parents, self.depths = parents, []
         for parent in parents:
             self.depths.append(1 if parent < 0 else self.depths[parent] + 1)
+        # ranks[i]: node i's place among its siblings, in the order drawn (siblings are listed together).
+        self.ranks = [i - parents.index(parent) for i, parent in enumerate(parents)]
         self.max_lookahead = self.depths[-1]
         # ends[d]: the nodes of the first d levels.
         self.ends = [sum(1 for d in self.depths if d <= depth) for depth in range(self.max_lookahead + 1)]
@@ -142,9 +144,8 @@ class TreeShape:
                 above = [-1] if level == 1 else [i for i in internal if self.depths[i] == level - 1]
                 nodes = range(self.ends[level - 1], self.ends[level])
                 local = [above.index(self.parents[i]) for i in nodes]
-                ranks = [i - self.parents.index(self.parents[i]) for i in nodes]
-                width = max(ranks) + 1
-                pick = [n * width + r for n, r in zip(local, ranks)]
+                width = max(self.ranks[i] for i in nodes) + 1
+                pick = [n * width + self.ranks[i] for n, i in zip(local, nodes)]
                 fed = [i for i in internal if self.depths[i] == level]
                 as_tensor = partial(torch.tensor, dtype=torch.long, device=device)
                 levels.append(DraftLevel(width, None if pick == list(range(len(above) * width)) else as_tensor(pick),

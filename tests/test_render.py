@@ -129,7 +129,8 @@ def test_plain_text_marks_each_origin_and_counts_them(enc):
                      origins=["draft", "resampled", "bonus", "draft", "target"])
     body, legend = render.to_text(gen, enc, prompt_tokens=enc.encode("Hi")).rsplit("\n", 1)
     assert body == "Hi the[ cat]{ sat} on<!>"
-    assert legend.startswith("legend: plain: proposed by the draft") and "{..}: all K drafts kept (a tree: a path to a leaf)" in legend
+    assert legend.startswith("legend: plain: proposed by the draft") \
+        and "{..}: all K drafts kept (a tree: a path to a leaf)" in legend
     assert render.origin_counts(gen) == "draft 2, resampled 1, bonus 1, target 1"
 
 
