@@ -4,7 +4,9 @@ Each round runs a worker process per version (the commit's tree, extracted with 
 alternating order, so that load on a shared machine hits both alike; a worker loads the target, lays out its weights
 for the CPU as that version does (`prepare()` before the packing module, `pack_linears` after, `lay_out` for each
 run's passes since), warms up, and times
-plain decoding and speculative sampling with K = 4 (the target as its own draft; prompt lookup) at temperature 0.
+plain decoding and speculative sampling with K = 4 (the target as its own draft; prompt lookup) at temperature 0, a
+method's warm-up and repeats one after another (a version that lays out its weights per run changes them once, not
+before every run).
 The table gives medians over rounds and the ratio after / before (tokens per second: above 1 is faster now).
 
     python benchmarks/before_after.py --before HEAD~1 --target weights/random-gpt2-xl --dtypes float32 bfloat16 \
@@ -53,13 +55,11 @@ runs = {
     "speculative, ngram, K=4": lambda m: speculative_sample(laid_out(5), PromptLookupDrafter(), prompt, m,
                                                             lookahead=4),
 }
-for run in runs.values():
-    run(8)  # warm-up: allocations and kernel choices, untimed
 result = {name: [] for name in runs}
-for _ in range(repeats):
-    for name, run in runs.items():
-        out = run(n)
-        result[name].append(out.decode_tokens_per_second)
+for name, run in runs.items():  # a method's runs together: a layout is made once per worker, as one command does
+    run(8)  # warm-up: allocations and kernel choices, untimed
+    for _ in range(repeats):
+        result[name].append(run(n).decode_tokens_per_second)
 print(json.dumps(result))
 """
 
