@@ -49,7 +49,7 @@ from speculative_gpt2.machine import Clock, DeviceClock, synchronize
 from speculative_gpt2.records import Generation, Origin, Readback, Round, Step, TraceRound
 from speculative_gpt2.rules import (Chance, DraftTree, Verdict, check_rule, chen, path_tokens, recursive_rejection,
                                     refuse_bad_verdict, residual, sample, verdict_checks)
-from speculative_gpt2.trees import (TreeShape, check_tree, drafts_trees, grow, lookahead_policy, nodes, prune, settle,
+from speculative_gpt2.trees import (TreePolicy, check_tree, drafts_trees, grow, lookahead_policy, nodes, prune, settle,
                                     tree_of, tree_shape, verify_pass)
 
 __all__ = ["Generation", "Origin", "Round", "TraceRound", "AdaptiveLookahead", "FixedLookahead", "logits_to_probs",
@@ -111,7 +111,7 @@ class ModelDrafter:
     with its own KV cache of each row's committed tokens; `commit` rolls it back to the committed prefix it holds,
     an integer per row (finished rows: 0)."""
 
-    def __init__(self, model: GPT2, shape: TreeShape | None = None):
+    def __init__(self, model: GPT2, shape: TreePolicy | None = None):
         self.model, self.shape = model, shape  # a shape: it drafts a token tree (speculative_gpt2/trees.py)
 
     def start(self, prompts: list[torch.Tensor], max_len: int, sampling: Sampling) -> None:

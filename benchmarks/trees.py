@@ -111,7 +111,7 @@ def main(argv=None) -> None:
                        "median_call_seconds": statistics.median(run["seconds"])}
                 row["per_pass_over_chain"] = row["tokens_per_pass"] / (chain["tokens"] / chain["passes"])
                 row["speed_over_chain"] = row["tokens_per_second"] / (chain["tokens"] / sum(chain["seconds"]))
-                if isinstance(shape := next((x for x in shapes if label(x) == name), None), TreeShape):
+                if isinstance(shape := next((x for x in shapes if label(x) == name), None), (TreeShape, ExpandingTree)):
                     row["shape"] = str(shape)
                 results.append(row)
                 print(f"noise {noise:<5} depth {depth} {name:>15}: {row['tokens_per_pass']:.2f} tokens/pass "

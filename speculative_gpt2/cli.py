@@ -48,7 +48,7 @@ from speculative_gpt2.records import Generation
 from speculative_gpt2.report import (EXACT, PLAIN, NGRAM, SPECULATIVE, UNCACHED, acceptance, cost_ratio, k_used,
                                      parted, why_slower)
 from speculative_gpt2.timing import Timed, cpu_share, middle_half, speedup_lines
-from speculative_gpt2.trees import MAX_NODES, ExpandingTree, TreeShape
+from speculative_gpt2.trees import MAX_NODES, ExpandingTree, TreePolicy, TreeShape
 from speculative_gpt2.text import printable
 from speculative_gpt2.tokenizer import load_tokenizer
 
@@ -137,7 +137,7 @@ class _Given(argparse.Action):
         namespace.lookahead_given = True
 
 
-def _tree(text: str) -> TreeShape:
+def _tree(text: str) -> TreePolicy:
     """A tree's shape: widths per depth (3x2), each node's parent (parents=-1,-1,0), or an expanding tree
     (depth=4,width=4,expand=2)."""
     if text.lower().startswith("parents="):

@@ -34,12 +34,34 @@ from speculative_gpt2.rules import DraftTree
 MAX_NODES = 64  # a verification of more rows is no longer nearly free on a CPU (docs/design.md, "Token trees")
 
 
-class TreeShape:
-    """A lookahead policy (speculative_gpt2/lookahead.py) that drafts a tree of fixed shape every round: its K is the
-    tree's depth. `TreeShape(widths)`: every node at depth d - 1 has w_d children. `TreeShape.of_parents(parents)`:
-    any tree, such as one built from measured acceptance (tree_search.best_tree). `parents[i]` is node i's parent
-    (-1: the root) and `depths[i]` its depth, breadth-first with siblings together, so the first d levels are a
-    prefix of the nodes and their structure a slice of the whole tree's, built once here."""
+class TreePolicy:
+    """A lookahead policy (speculative_gpt2/lookahead.py) that drafts a token tree every round: its K
+    (`max_lookahead`) is the tree's depth, `ends[d]` the nodes of its first d levels. The shapes below say which
+    nodes they hold."""
+
+    max_lookahead: int
+    ends: list[int]
+
+    def choose(self) -> int:
+        return self.max_lookahead
+
+    def update(self, round) -> None:
+        pass
+
+    def nodes(self, depth: int) -> int:
+        """How many nodes the first `depth` levels hold."""
+        return self.ends[depth]
+
+    def fed(self) -> int:
+        """The most rows a draft pass of this tree feeds (the root's pass: 1)."""
+        raise NotImplementedError
+
+
+class TreeShape(TreePolicy):
+    """A tree of fixed shape, the same every round. `TreeShape(widths)`: every node at depth d - 1 has w_d children.
+    `TreeShape.of_parents(parents)`: any tree, such as one built from measured acceptance (tree_search.best_tree).
+    `parents[i]` is node i's parent (-1: the root) and `depths[i]` its depth, breadth-first with siblings together,
+    so the first d levels are a prefix of the nodes and their structure a slice of the whole tree's, built once here."""
 
     def __init__(self, widths):
         given = widths
@@ -102,16 +124,6 @@ class TreeShape:
             self._ancestry[i + 1] |= self._ancestry[parent + 1]
         self._levels = {}
 
-    def choose(self) -> int:
-        return self.max_lookahead
-
-    def update(self, round) -> None:
-        pass
-
-    def nodes(self, depth: int) -> int:
-        """How many nodes the first `depth` levels hold."""
-        return self.ends[depth]
-
     def children(self, depth: int, device) -> torch.Tensor:
         """(1 + N, max width) long over places [root, node 0, ...] of the first `depth` levels: each place's
         children, -1 after the last (and for the last level's, whose children lie deeper)."""
@@ -127,8 +139,7 @@ class TreeShape:
         return depths.expand(batch_size, -1), self._ancestry[: N + 1, : N + 1].to(device).expand(batch_size, -1, -1)
 
     def fed(self) -> int:
-        """The most rows a draft pass of this tree feeds: the most nodes with children on one level (the root's
-        pass: 1)."""
+        """The most nodes with children on one level (the root's pass: 1)."""
         return max([1] + [len(level.fed) for level in self.draft_plan(self.max_lookahead, "cpu").levels])
 
     def draft_plan(self, depth: int, device) -> DraftPlan:
@@ -180,8 +191,8 @@ class DraftPlan(NamedTuple):
     internal: int  # I: the nodes with children, each fed once
 
 
-class ExpandingTree(TreeShape):
-    """A lookahead policy that drafts a tree grown where the draft is most confident, as EAGLE-2 expands its trees
+class ExpandingTree(TreePolicy):
+    """A tree grown where the draft is most confident, as EAGLE-2 expands its trees
     (Li et al. 2024, arXiv 2406.16858): `width` children below the root; at each further depth the `expand` nodes of
     the level above with the highest cumulative draft probability (the product of the draft's probabilities along
     their path) get `width` children each; `depth` levels, width * (1 + (depth - 1) * expand) nodes, a draft pass of
@@ -196,8 +207,8 @@ class ExpandingTree(TreeShape):
         self.max_lookahead = check_integer("depth", depth, 1, MAX_NODES)
         self.width = check_integer("width", width, 1, MAX_NODES)
         self.expand = check_integer("expand (the nodes given children at each depth)", expand, 1, width)
-        self.widths = (width,) + (width * expand,) * (depth - 1)  # the nodes at each depth
-        self.ends = [sum(self.widths[:d]) for d in range(depth + 1)]
+        self.level_sizes = (width,) + (width * expand,) * (depth - 1)  # the nodes at each depth
+        self.ends = [sum(self.level_sizes[:d]) for d in range(depth + 1)]
         if self.ends[-1] > MAX_NODES:
             raise ValueError(f"{self!r} has {self.ends[-1]} nodes, more than {MAX_NODES}: lower its depth, width or "
                              f"expand")
@@ -249,7 +260,7 @@ def expand(model, shape: ExpandingTree, depth: int, cache, sampling: Sampling, l
             logits = tree_pass(model, (depths, ancestry), tokens.gather(1, top), cache, first=first).float()
         start = end
     cache.lengths = [n - (depth - 1) * k for n in cache.lengths]
-    levels = torch.tensor([d for d in range(1, depth + 1) for _ in range(shape.widths[d - 1])], device=device)
+    levels = torch.tensor([d for d in range(1, depth + 1) for _ in range(shape.level_sizes[d - 1])], device=device)
     return prune(DraftTree(tokens, p, levels.expand(B, N), children, None, depth), present)
 
 
@@ -330,7 +341,7 @@ def settle(cache, tree: DraftTree, path: torch.Tensor) -> None:
         buffer[:, rows, :, to] = buffer[:, rows, :, source]
 
 
-def grow(model, shape: TreeShape, depth: int, cache, sampling: Sampling, logits: torch.Tensor) -> DraftTree:
+def grow(model, shape: TreePolicy, depth: int, cache, sampling: Sampling, logits: torch.Tensor) -> DraftTree:
     """The draft model's tree of `depth` levels below each row's root, from its logits (B, V) after the root, in one
     tree pass per further level; the cache's lengths are back where they were after."""
     if isinstance(shape, ExpandingTree):
@@ -423,7 +434,7 @@ def lookahead_policy(lookahead):
 def nodes(policy, drafter=None) -> int:
     """The most nodes a round's tree holds (`policy`'s shape, or what `drafter` proposes, `drafts_trees`), else 0:
     the slots the caches need past the text."""
-    if isinstance(policy, TreeShape):
+    if isinstance(policy, TreePolicy):
         return policy.nodes(policy.max_lookahead)
     return drafter.nodes(policy.max_lookahead) if drafts_trees(policy, drafter) else 0
 
@@ -432,7 +443,7 @@ def drafts_trees(policy, drafter) -> bool:
     """Whether rounds may propose token trees: a tree's shape, or a drafter whose `nodes(K)`, the most nodes it
     proposes for K (speculative_gpt2/drafters.py), exceeds K."""
     K = getattr(policy, "max_lookahead", 0)
-    return isinstance(policy, TreeShape) or (callable(getattr(drafter, "nodes", None)) and drafter.nodes(K) > K)
+    return isinstance(policy, TreePolicy) or (callable(getattr(drafter, "nodes", None)) and drafter.nodes(K) > K)
 
 
 def verify_pass(run, model, rows: int | None, pending: torch.Tensor, tree: DraftTree, cache) -> torch.Tensor:
@@ -447,7 +458,8 @@ def check_tree(policy, target, drafter, coupled: bool, rows: int | None) -> None
     """ValueError, in one line, for what token trees do not take (yet); exact mode's `rows` must hold a whole tree."""
     if not drafts_trees(policy, drafter):
         return
-    what = f"lookahead={policy.widths or policy!r}" if isinstance(policy, TreeShape) else f"the drafter {drafter.name}"
+    what = f"the drafter {drafter.name}" if not isinstance(policy, TreePolicy) else \
+        f"lookahead={policy.widths}" if getattr(policy, "widths", None) else f"lookahead={policy!r}"
     if nodes(policy, drafter) > MAX_NODES:
         raise ValueError(f"{what} proposes up to {nodes(policy, drafter)} drafts a round with K="
                          f"{policy.max_lookahead}, more than {MAX_NODES}: lower K, or the width of its trees (a "
@@ -455,7 +467,7 @@ def check_tree(policy, target, drafter, coupled: bool, rows: int | None) -> None
     if isinstance(target, CUDAGraphRunner) or isinstance(getattr(drafter, "model", None), CUDAGraphRunner):
         raise ValueError(f"{what} drafts token trees and CUDA graphs replay chains' passes only: draft chains, or "
                          f"use models without graphs")
-    if isinstance(policy, TreeShape) and getattr(drafter, "shape", None) is None:
+    if isinstance(policy, TreePolicy) and getattr(drafter, "shape", None) is None:
         raise ValueError(f"{what} drafts a token tree, which a draft model grows: pass a GPT2 as "
                          f"the draft, or an integer lookahead for this drafter")
     if coupled:
@@ -467,6 +479,6 @@ def check_tree(policy, target, drafter, coupled: bool, rows: int | None) -> None
                          f"{1 + nodes(policy, drafter)} rows")
 
 
-def tree_shape(policy) -> TreeShape | None:
+def tree_shape(policy) -> TreePolicy | None:
     """The policy's tree shape when it drafts trees, else None."""
-    return policy if isinstance(policy, TreeShape) else None
+    return policy if isinstance(policy, TreePolicy) else None

@@ -213,6 +213,10 @@ def test_negative_control_an_expanding_tree_that_keeps_only_its_best_first_draft
     (dict(lookahead=()), "a tree's shape is its widths per depth, integers from 1 to 64 such as (3, 2), got ()"),
     (dict(lookahead=(8, 8, 8)), "the tree 8x8x8 has 584 nodes, more than 64: lower its widths or its depth"),
     (dict(draft=PromptLookupDrafter()), "lookahead=(2, 2) drafts a token tree, which a draft model grows"),
+    (dict(lookahead=ExpandingTree(2, 3), draft=PromptLookupDrafter()),  # named as given, not as its nodes per level
+     "lookahead=ExpandingTree(depth=2, width=3, expand=1) drafts a token tree, which a draft model grows"),
+    (dict(lookahead=ExpandingTree(2, 2), coupled=True, seed=1, temperature=1.0),
+     "lookahead=ExpandingTree(depth=2, width=2, expand=1) drafts token trees and coupled=True drafts chains only"),
 ])
 def test_what_trees_do_not_take_is_refused_in_one_line(models, options, message):
     target, drafts = models
