@@ -130,11 +130,12 @@ def _lookahead(text: str) -> int | str:
 
 
 class _Given(argparse.Action):
-    """Stores the value and notes that the flag was given (`lookahead_given`), which a default cannot tell."""
+    """Stores the value and notes that the flag was given (its dest in the set `given`), which a default cannot
+    tell."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values)
-        namespace.lookahead_given = True
+        namespace.given = getattr(namespace, "given", set()) | {self.dest}
 
 
 def _tree(text: str) -> TreePolicy:
@@ -237,9 +238,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"draft model: a preset name or a checkpoint folder; or {NGRAM}: prompt lookup, which "
                         "copies what followed the latest earlier match of the last n tokens (no draft model)")
     parser.add_argument("--ngram-max", type=_checked(int, check_integer, minimum=1, maximum=MAX_NGRAM), default=3,
-                        help=f"--draft {NGRAM}: the longest n-gram matched first (at most {MAX_NGRAM})")
+                        action=_Given, help=f"--draft {NGRAM}: the longest n-gram matched first (at most {MAX_NGRAM})")
     parser.add_argument("--ngram-min", type=_checked(int, check_integer, minimum=1, maximum=MAX_NGRAM), default=1,
-                        help=f"--draft {NGRAM}: the shortest n-gram matched when no longer one is found")
+                        action=_Given, help=f"--draft {NGRAM}: the shortest n-gram matched when no longer one is found")
     parser.add_argument("--max-new-tokens", type=_checked(int, check_integer, minimum=1), default=128,
                         help="tokens to generate")
     parser.add_argument("--matches", type=_checked(int, check_integer, minimum=1, maximum=MAX_MATCHES), default=1,
@@ -260,7 +261,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "from the acceptance rate so far and the pass costs: measured at temperature 0 (where K "
                         "cannot change the text in float32); at temperature > 0 the paper's cost model (a draft pass "
                         "costs c target passes, c = the bytes of weights a draft pass reads over a target pass's), so "
-                        "that --seed still decides the text; with --tree, the tree's depth")
+                        "that --seed still decides the text. Not with --tree, whose depth is K")
     parser.add_argument("--temperature", type=_checked(float, check_real, minimum=0), default=0.0,
                         help="0 is greedy; >0 samples")
     parser.add_argument("--top-k", type=_checked(int, check_integer, minimum=1), default=None,
@@ -324,6 +325,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"default)")
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
     args = parser.parse_args(argv)
+    args.given = getattr(args, "given", set())
     args.mode = "plain" if args.mode == "naive" else args.mode
     for flag, value in (("--prompts-file", args.prompts_file), ("--output", args.output), ("--trace", args.trace),
                         ("--weights-dir", args.weights_dir)):
@@ -332,7 +334,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.ngram_min > args.ngram_max:
         parser.error(f"--ngram-min {args.ngram_min} is larger than --ngram-max {args.ngram_max}")
     if args.tree is not None:
-        for flag, given in (("--lookahead", hasattr(args, "lookahead_given")),
+        for flag, given in (("--lookahead", "lookahead" in args.given),
                             (f"--draft {NGRAM}", args.draft == NGRAM),
                             ("--coupled", args.coupled), ("--cuda-graphs", args.cuda_graphs)):
             if given:
@@ -347,6 +349,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             if given:
                 parser.error(f"--matches {args.matches} makes prompt lookup's token trees and goes without {flag}: "
                              f"leave one of them out")
+    for flag in ("--ngram-max", "--ngram-min"):
+        if flag[2:].replace("-", "_") in args.given and args.draft != NGRAM:
+            parser.error(f"{flag} sets prompt lookup's n-grams: add --draft {NGRAM}, or leave {flag} out")
+    if args.temperature == 0:
+        for flag, given in (("--top-k", args.top_k is not None), ("--top-p", args.top_p is not None),
+                            ("--coupled", args.coupled)):
+            if given:
+                parser.error(f"{flag} shapes sampling, and temperature 0 (the default) is greedy: add --temperature, "
+                             f"e.g. --temperature 0.8, or leave {flag} out")
     most = AdaptiveLookahead().max_lookahead if args.lookahead == "auto" else args.lookahead
     if args.matches * most > MAX_TREE_NODES:
         parser.error(f"--matches {args.matches} with K up to {most} makes trees of up to {args.matches * most} "
@@ -640,7 +651,8 @@ def _all_absent(absent: dict[str, str], error: Exception, args) -> str:
                        for name in absent.values())
     use = " ".join(f"--{role} weights/random-{name}" for role, name in absent.items())
     return (f"{roles} are not on this machine, and {why}. To try the code on random weights of their shapes (a few "
-            f"minutes): {make}, then pass {use}. For the real weights: weights/README.md")
+            f"minutes; with --n-layer 2 after each folder, 2-layer stand-ins in seconds): {make}, then pass {use}. "
+            f"For the real weights: weights/README.md")
 
 
 def parameters(config: GPT2Config) -> int:
@@ -657,9 +669,12 @@ def _check_before_loading(args, names: dict[str, str], device: torch.device, dty
     if args.cuda_graphs and device.type != "cuda":
         raise ValueError("--cuda-graphs needs --device cuda")
     if args.int8 is not None:
-        if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        runs_dtype = dtype in (torch.float32, torch.bfloat16)
+        if device.type != "cpu" or not runs_dtype:
+            fix = [fix for fix, needed in (("--device cpu", device.type != "cpu"),
+                                           ("--dtype float32 or bfloat16", not runs_dtype)) if needed]
             raise ValueError(f"--int8 runs on the CPU in float32 or bfloat16, not {dtype_name(dtype)} on {device}: "
-                             f"add --device cpu and --dtype bfloat16 (or leave out --int8)")
+                             f"use {' and '.join(fix)} (or leave out --int8)")
         if args.int8 != "target" and "draft" not in names:
             raise ValueError(f"--int8 {args.int8} quantizes the draft model, and this run has none (--draft "
                              f"{args.draft}{', --mode plain' if args.mode == 'plain' else ''}): use --int8 target")

@@ -30,6 +30,10 @@ from speculative_gpt2.timing import Timed, cpu_share, expected_seconds, speedup_
 
 # The most a prompts file may hold: hundreds of thousands of prompts; a larger input is most likely not one.
 MAX_FILE_BYTES = 64 * 2**20
+# The command line's options that hold for the whole run: a JSON line naming one is refused, not silently ignored,
+# since a line's "seed" does act and these would seem to as well. Other fields (ids, metadata) stay ignored.
+RUN_OPTIONS = {"max_new_tokens", "temperature", "top_k", "top_p", "lookahead", "tree", "matches", "draft", "target",
+               "coupled", "exact", "ignore_eos", "dtype", "device", "int8", "mode", "batch_size"}
 # The runs, as the progress bar and the summary name them.
 NAMES = {PLAIN: "plain decoding", EXACT: "plain decoding, exact mode", SPECULATIVE: "speculative sampling"}
 
@@ -49,7 +53,8 @@ def read_prompts(path: str, enc) -> list[PromptLine]:
 
     The file is UTF-8 (a BOM is skipped, CRLF line ends are fine); blank lines are skipped. Its first non-blank
     line decides its format, for every line: when it starts with `{` the file is JSON lines, each line an object
-    with a string "prompt" and, for coupled sampling, an integer "seed" (other fields ignored); otherwise each
+    with a string "prompt" and, for coupled sampling, an integer "seed" (other fields ignored, but a run's option
+    such as "temperature" is refused: RUN_OPTIONS); otherwise each
     line is one prompt, exactly as written.
     """
     try:
@@ -105,6 +110,10 @@ def _json_prompt(line: str, where: str) -> str:
                          f"{{\"prompt\": \"your text\"}}") from None
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
         raise ValueError(f'{where}: this JSON line has no "prompt" string: write {{"prompt": "your text"}}')
+    for key in record:
+        if key.replace("-", "_") in RUN_OPTIONS:
+            raise ValueError(f'{where}: "{printable(key)}" is an option of the whole run, not of one prompt: give it on '
+                             f'the command line (--{key.replace("_", "-")}) and remove it from the line')
     seed = record.get("seed")
     if seed is not None:
         try:

@@ -114,9 +114,16 @@ if __name__ == "__main__":
     parser.add_argument("--scaled-residuals", action="store_true",
                         help="GPT-2's own initialization: attn.c_proj and mlp.c_proj divided by sqrt(2 * n_layer); "
                         "greedy text then repeats a token (a target that loops)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the checkpoint the folder already holds (without it, such a folder is refused: "
+                        "it may hold downloaded weights)")
     args = parser.parse_args()
     if args.n_layer is not None and args.n_layer < 1:
         parser.error(f"argument --n-layer: invalid value {args.n_layer}: must be >= 1")
+    if (Path(args.folder) / "model.safetensors").exists() and not args.force:
+        print(f"{parser.prog}: error: {args.folder} already holds a checkpoint (model.safetensors): write to a new "
+              f"folder, or add --force to replace it", file=sys.stderr)
+        sys.exit(2)
     start = time.perf_counter()
     try:
         out = write_random_checkpoint(args.name, args.folder, seed=args.seed, std=args.std, n_layer=args.n_layer,

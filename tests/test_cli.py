@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gpt2_model import GPT2Config
+from speculative_gpt2 import cli
 from speculative_gpt2.machine import dtype_name, resolve_dtype
 from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 
@@ -269,3 +270,24 @@ def test_a_draft_larger_than_the_target_gets_a_note(checkpoints, tmp_path):
     smaller = run_cli("--target", str(tmp_path / "big"), "--draft", str(checkpoints / "draft"), "--max-new-tokens",
                       "4", "--device", "cpu", "--mode", "speculative")
     assert smaller.returncode == 0 and "not smaller" not in smaller.stderr  # the negative control
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-k", "50"], "--top-k shapes sampling, and temperature 0 (the default) is greedy: add --temperature"),
+    (["--top-p", "0.5"], "--top-p shapes sampling, and temperature 0 (the default) is greedy"),
+    (["--coupled"], "--coupled shapes sampling, and temperature 0 (the default) is greedy"),
+    (["--ngram-max", "5"], "--ngram-max sets prompt lookup's n-grams: add --draft ngram"),
+    (["--ngram-min", "2"], "--ngram-min sets prompt lookup's n-grams: add --draft ngram"),
+])
+def test_options_that_would_do_nothing_are_refused(checkpoints, refused_before_loading, args, message):
+    err = refused_before_loading("--target", checkpoints / "target", "--draft", checkpoints / "draft", *args)
+    assert message in err
+
+
+@pytest.mark.parametrize("args, dest, value", [
+    (["--top-k", "50", "--temperature", "0.8"], "top_k", 50), (["--coupled", "--temperature", "1"], "coupled", True),
+    (["--ngram-max", "5", "--draft", "ngram"], "ngram_max", 5),
+    (["--ngram-min", "2", "--draft", "ngram"], "ngram_min", 2),
+])
+def test_the_same_options_where_they_act_are_taken(args, dest, value):
+    assert getattr(cli.parse_args(["--target", "t", *args]), dest) == value

@@ -72,6 +72,7 @@ def test_every_missing_model_is_named_at_once_with_the_commands_that_make_both(t
     assert ("python -m speculative_gpt2.random_checkpoint gpt2-xl weights/random-gpt2-xl && python -m "
             "speculative_gpt2.random_checkpoint gpt2 weights/random-gpt2, then pass --target weights/random-gpt2-xl "
             "--draft weights/random-gpt2") in err
+    assert "with --n-layer 2 after each folder, 2-layer stand-ins in seconds" in err
 
 
 def test_the_notebook_finds_the_random_checkpoints_of_the_offline_route(tmp_path, monkeypatch):
@@ -87,3 +88,18 @@ def test_the_notebook_finds_the_random_checkpoints_of_the_offline_route(tmp_path
                                                                    True)
     # Folders named by the caller come first, and are no random stand-ins.
     assert local_pair(weights / "random-gpt2", weights / "random-gpt2", weights_dir=weights)[2] is False
+
+
+def test_random_checkpoint_refuses_a_folder_that_holds_a_checkpoint_unless_forced(tmp_path):
+    """A slip of the folder name must not replace downloaded weights with random ones."""
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"downloaded weights")
+    command = [sys.executable, "-m", "speculative_gpt2.random_checkpoint", "gpt2", str(folder), "--n-layer", "1"]
+    refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "already holds a checkpoint (model.safetensors)" in refused.stderr and "--force" in refused.stderr
+    assert (folder / "model.safetensors").read_bytes() == b"downloaded weights"
+    forced = subprocess.run([*command, "--force"], capture_output=True, text=True, cwd=ROOT)
+    assert forced.returncode == 0, forced.stderr
+    assert GPT2.from_pretrained(str(folder), download=False).config.n_layer == 1

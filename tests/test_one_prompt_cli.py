@@ -87,5 +87,6 @@ def test_a_seed_per_line_is_that_lines_seed_alone(near_tie_checkpoints, tmp_path
     err = refused_before_loading(*models(near_tie_checkpoints), "--prompts-file", prompts, "--temperature", 1.0)
     assert 'line 1 has a "seed"' in err and "add --coupled" in err
     prompts.write_text(json.dumps({"prompt": "Hello", "seed": -2}) + "\n", encoding="utf-8")
-    err = refused_before_loading(*models(near_tie_checkpoints), "--prompts-file", prompts, "--coupled")
+    err = refused_before_loading(*models(near_tie_checkpoints), "--prompts-file", prompts, "--coupled",
+                                 "--temperature", 1)
     assert 'line 1: "seed" must be an integer from 0' in err

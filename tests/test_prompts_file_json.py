@@ -1,6 +1,7 @@
 """A JSON-lines --prompts-file whose line the parser cannot take for reasons beyond a syntax error (nesting too deep
 for its recursion, a number too long to convert): the line is named by file and number, in one line, status 2."""
 
+import json
 import os
 import subprocess
 import sys
@@ -81,3 +82,18 @@ def test_syntax_errors_keep_their_reason_and_column(tmp_path, enc):
     # The parser's own errors keep their message: the character where it stopped.
     with pytest.raises(ValueError, match=r"line 1: invalid JSON \(Expecting ',' delimiter, column 16\)"):
         prompts_file.read_prompts(str(prompts(tmp_path, '{"prompt": "a" "b"}')), enc)
+
+
+@pytest.mark.parametrize("key, flag", [("temperature", "--temperature"), ("max_new_tokens", "--max-new-tokens"),
+                                       ("top-p", "--top-p"), ("lookahead", "--lookahead")])
+def test_a_line_that_sets_an_option_of_the_run_is_refused_with_the_flag(tmp_path, enc, key, flag):
+    path = prompts(tmp_path, GOOD, json.dumps({"prompt": "Hello there", key: 0.9}))
+    with pytest.raises(ValueError) as error:
+        prompts_file.read_prompts(str(path), enc)
+    assert str(error.value) == (f'--prompts-file {path}, line 2: "{key}" is an option of the whole run, not of one '
+                                f'prompt: give it on the command line ({flag}) and remove it from the line')
+
+
+def test_other_fields_of_a_line_are_still_ignored(tmp_path, enc):
+    path = prompts(tmp_path, json.dumps({"prompt": "Hello", "id": "a-17", "source": {"url": "x"}}))
+    assert [p.text for p in prompts_file.read_prompts(str(path), enc)] == ["Hello"]
