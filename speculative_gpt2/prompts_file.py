@@ -112,8 +112,8 @@ def _json_prompt(line: str, where: str) -> str:
         raise ValueError(f'{where}: this JSON line has no "prompt" string: write {{"prompt": "your text"}}')
     for key in record:
         if key.replace("-", "_") in RUN_OPTIONS:
-            raise ValueError(f'{where}: "{printable(key)}" is an option of the whole run, not of one prompt: give it on '
-                             f'the command line (--{key.replace("_", "-")}) and remove it from the line')
+            raise ValueError(f'{where}: "{printable(key)}" is an option of the whole run, not of one prompt: give it '
+                             f'on the command line (--{key.replace("_", "-")}) and remove it from the line')
     seed = record.get("seed")
     if seed is not None:
         try:
