@@ -299,7 +299,8 @@ def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], runs: d
                      f"{k_used(generations, args.lookahead, args.draft == NGRAM)}")
         if SPECULATIVE in timed and PLAIN in timed:
             lines += why_slower(runs[SPECULATIVE], runs[PLAIN], trusted, lookahead=args.lookahead,
-                                lookup=args.draft == NGRAM, dtype=dtype, device=device)
+                                lookup=args.draft == NGRAM, dtype=dtype, device=device,
+                                exact_rows=pass_rows if runs.get(EXACT) else None)
     verdicts = [r["identical"] for _, _, r in done if "identical" in r]
     if verdicts and (args.temperature == 0 or args.coupled):
         parted = [str(p.line) for p, _, r in done if r.get("identical") is False]

@@ -46,9 +46,11 @@ def acceptance(runs: list[Generation]) -> str:
 
 
 def why_slower(spec: list[Generation], plain: list[Generation], speedup: float, *, lookahead: int | str,
-               lookup: bool, dtype: torch.dtype, device) -> list[str]:
+               lookup: bool, dtype: torch.dtype, device, exact_rows: int | None = None) -> list[str]:
     """When speculative sampling was slower than plain decoding (`speedup`: the figure the report trusts), a line
-    that says why from the runs' median step costs, and one of what to try; otherwise none.
+    that says why from the runs' median step costs, and one of what to try; otherwise none. `exact_rows`: the rows
+    of exact mode's passes when the speculative run was in exact mode, whose prefill of a long prompt (in passes of
+    that many rows) can outweigh everything else; a line says so when it did.
 
     The break-even is in the report's own terms: a round costs some target passes (its drafts and its
     verification, at their median pace) and yields some tokens; it pays when it yields more tokens than it costs.
@@ -89,7 +91,18 @@ def why_slower(spec: list[Generation], plain: list[Generation], speedup: float, 
         tries.append("--dtype bfloat16 (native on this hardware: cheaper passes)")
     if yielded >= cost:
         tries.append("more --max-new-tokens")
-    return [line] + ([f"try: {'; '.join(tries)}"] if tries else [])
+    return _prefill_line(spec, plain, exact_rows) + [line] + ([f"try: {'; '.join(tries)}"] if tries else [])
+
+
+def _prefill_line(spec: list[Generation], plain: list[Generation], exact_rows: int | None) -> list[str]:
+    """A line when exact mode's prefill took most of the speculative run and several times plain decoding's."""
+    prefill, spent = sum(g.prefill_seconds for g in spec), sum(g.seconds for g in spec)
+    plain_prefill = sum(g.prefill_seconds for g in plain)
+    if exact_rows is None or prefill <= spent / 2 or prefill <= 2 * plain_prefill:
+        return []
+    return [f"why: the prompt's prefill took {prefill:.1f} s of the speculative run's {spent:.1f} s (plain decoding's "
+            f"{plain_prefill:.1f} s): exact mode, which makes the texts compare bit for bit, runs it in passes of "
+            f"{exact_rows} rows, many for a long prompt; --mode speculative times it without exact mode"]
 
 
 def cost_ratio(target, draft) -> float:

@@ -75,6 +75,19 @@ def cpu_share(cpu_seconds: float, wall_seconds: float, threads: int) -> float:
     return cpu_seconds / (wall_seconds * threads) if wall_seconds > 0 else 1.0
 
 
+def pace_line(run: Timed) -> str:
+    """The timing line of a run timed alone (no speedup to state): whether it kept its median pace and got its
+    threads' CPU time, that is, whether its speed holds."""
+    share = f", {100 * run.cpu_share:.0f} % of its threads' CPU time" if run.cpu_share is not None else ""
+    if run.slowdown > BUSY:
+        return (f"timing: the machine was busy: {run.name} took {run.slowdown:.2f}x the time its median steps predict"
+                f"{share}, so other work ran during it; its speed above does not hold (its median steps do)")
+    if run.cpu_share is not None and run.cpu_share < FAIR_SHARE:
+        return (f"timing: {run.name} kept its median pace ({run.slowdown:.2f}x) but got only {share[2:]}: other "
+                f"processes ran throughout; its speed above is low")
+    return f"timing: {run.name} took {run.slowdown:.2f}x of its median pace{share} (a quiet machine: its speed holds)"
+
+
 def speedup_lines(spec: Timed, base: Timed, label: str, others: tuple[Timed, ...] = (),
                   repeats: str = "") -> tuple[float, list[str]]:
     """The speedup of `spec` over `base` and the lines that state it; returns (the figure to trust, lines).

@@ -102,6 +102,8 @@ def test_sampling_mode_and_options(checkpoints):
                      "--mode", "speculative", "--lookahead", "3", "--seed", "1")
     assert result.returncode == 0, result.stderr
     assert "=== Speculative sampling (K=3) ===" in result.stdout and "=== Plain decoding ===" not in result.stdout
+    assert re.search(r"^timing: speculative sampling (took|kept)|^timing: the machine was busy: speculative",
+                     result.stdout, re.MULTILINE)  # timed alone, its pace is still checked
 
 
 @pytest.mark.parametrize(

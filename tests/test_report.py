@@ -16,7 +16,7 @@ from speculative import Generation, Origin, Round
 from speculative_gpt2.random_checkpoint import tiny_pair
 from speculative_gpt2.records import Step
 from speculative_gpt2.report import acceptance, k_used, why_slower
-from speculative_gpt2.timing import BUSY, Timed, expected_seconds, speedup_lines
+from speculative_gpt2.timing import BUSY, Timed, expected_seconds, pace_line, speedup_lines
 
 CPU = torch.device("cpu")
 
@@ -77,6 +77,19 @@ def test_a_quiet_machine_prints_the_timed_speedup():  # the negative control of 
     assert lines == [f"speedup over plain decoding: {trusted:.2f}x (from the median steps: {trusted:.2f}x)",
                      "timing: each run took plain decoding 1.00x, speculative sampling 1.00x of its median pace (a "
                      "quiet machine: the timed figures hold)"]
+
+
+def test_a_run_timed_alone_is_checked_against_its_own_pace_too():
+    quiet = Timed.of("speculative sampling", [speculative_run([Round(4, 4, 80, 120)] * 5)], [0.95])
+    burst = Timed.of("speculative sampling", [speculative_run([Round(4, 4, 80, 120)] * 5,
+                                                              [200.0] * 3 + [2000.0] * 2)], [0.95])
+    starved = Timed.of("plain decoding", [naive_run([100.0] * 25)], [0.6])
+    assert pace_line(quiet) == ("timing: speculative sampling took 1.00x of its median pace, 95 % of its threads' CPU "
+                                "time (a quiet machine: its speed holds)")
+    assert pace_line(burst).startswith("timing: the machine was busy: speculative sampling took 4.27x the time its "
+                                       "median steps predict, 95 % of its threads' CPU time")
+    assert pace_line(starved) == ("timing: plain decoding kept its median pace (1.00x) but got only 60 % of its "
+                                  "threads' CPU time: other processes ran throughout; its speed above is low")
 
 
 def test_load_on_both_runs_alike_keeps_the_ratio_and_says_the_speeds_are_off():
@@ -293,3 +306,18 @@ def test_repeats_alternate_the_runs_and_state_the_range(tiny_checkpoints, run_cl
 def test_bad_repeats_are_one_line(run_cli, args, message):
     status, out, err = run_cli(*args)
     assert status == 2 and out == "" and message in err and err.count("\n") == 1, err
+
+
+def test_an_exact_mode_prefill_that_took_the_run_is_named_before_the_rounds():
+    # A long prompt: the speculative run in exact mode spent 40 of its 41 s in 8-row prefill passes, plain 3 s.
+    spec = speculative_run([Round(4, 0, 80, 140)] * 5, prefill=40.0)
+    plain = naive_run([100.0] * 5, prefill=3.0)
+    lines = why_slower([spec], [plain], 0.1, lookahead=4, lookup=False, dtype=torch.float32, device=CPU, exact_rows=8)
+    assert lines[0] == ("why: the prompt's prefill took 40.0 s of the speculative run's 41.1 s (plain decoding's "
+                        "3.0 s): exact mode, which makes the texts compare bit for bit, runs it in passes of 8 rows, "
+                        "many for a long prompt; --mode speculative times it without exact mode")
+    assert lines[1].startswith("why: at K=4 a drafting round cost")
+    assert not any("prefill took" in line for line in why(spec, plain, 0.1))  # not in exact mode: not that
+    short = speculative_run([Round(4, 0, 80, 130)] * 5, prefill=0.3)  # a short prompt's prefill: the rounds only
+    assert not any("prefill took" in line for line in why_slower(
+        [short], [plain], 0.5, lookahead=4, lookup=False, dtype=torch.float32, device=CPU, exact_rows=8))
