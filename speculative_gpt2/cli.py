@@ -42,7 +42,8 @@ from speculative_gpt2.exact import padded_rows
 from speculative_gpt2.files import open_output, refuse_unless_regular, write_page
 from speculative_gpt2.int8 import is_int8, quantize_int8
 from speculative_gpt2.lookahead import AdaptiveLookahead
-from speculative_gpt2.machine import DTYPES, dtype_name, hardware_name, peak_memory, resolve_device, resolve_dtype
+from speculative_gpt2.machine import (DTYPES, dtype_name, hardware_name, native_bfloat16, peak_memory,
+                                     resolve_device, resolve_dtype)
 from speculative_gpt2.packing import PackedLinear, lay_out
 from speculative_gpt2.records import Generation
 from speculative_gpt2.report import (EXACT, PLAIN, NGRAM, SPECULATIVE, UNCACHED, acceptance, cost_ratio, k_used,
@@ -460,9 +461,11 @@ def _run(args) -> int:
         torch.set_num_threads(args.threads)
     enc = load_tokenizer()
     if args.prompts_file is not None:
-        from speculative_gpt2.prompts_file import read_prompts, run_prompts_file
+        from speculative_gpt2.prompts_file import json_looking_note, read_prompts, run_prompts_file
 
         file_prompts = read_prompts(args.prompts_file, enc)  # every line checked before any model loads
+        if note := json_looking_note(args.prompts_file, file_prompts):
+            print(note, file=sys.stderr)
         seeded = next((p for p in file_prompts if p.seed is not None), None)
         if seeded is not None and not args.coupled:
             raise ValueError(f'--prompts-file {args.prompts_file}, line {seeded.line} has a "seed": a seed per prompt '
@@ -909,5 +912,7 @@ def _setup_lines(args, models: dict[str, GPT2], load_seconds: dict[str, float], 
     threads = f", threads: {torch.get_num_threads()}" if device.type == "cpu" else ""
     graphs = f", CUDA graphs {'on' if args.cuda_graphs else 'off'}" if device.type == "cuda" else ""
     hardware = hardware_name(device).split(",")[0]
-    lines.append(f"dtype: {dtype_name(dtype)}, device: {device} ({hardware}{threads}){graphs}")
+    emulated = (", emulated on this CPU (no AVX-512 BF16 or AMX; --dtype auto picks float32 here)"
+                if device.type == "cpu" and dtype == torch.bfloat16 and not native_bfloat16() else "")
+    lines.append(f"dtype: {dtype_name(dtype)}{emulated}, device: {device} ({hardware}{threads}){graphs}")
     return lines

@@ -93,6 +93,19 @@ def read_prompts(path: str, enc) -> list[PromptLine]:
     return prompts
 
 
+def json_looking_note(path: str, prompts: list[PromptLine]) -> str | None:
+    """A note when a plain-text file (its first line not JSON) holds lines that look like JSON prompt lines: they
+    are prompts as written, which a user who mixed the formats may not expect."""
+    if prompts[0].text.lstrip().startswith("{"):
+        return None
+    looking = [p.line for p in prompts if p.text.lstrip().startswith("{") and '"prompt"' in p.text]
+    if not looking:
+        return None
+    more = f" (and {len(looking) - 1} more)" if len(looking) > 1 else ""
+    return (f"note: --prompts-file {path} is plain text, as its first line decides: line {looking[0]}{more}, which "
+            f"looks like a JSON line, is a prompt as written; for JSON lines, make every line one")
+
+
 def _json_prompt(line: str, where: str) -> str:
     try:
         record = json.loads(line)

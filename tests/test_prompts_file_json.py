@@ -97,3 +97,16 @@ def test_a_line_that_sets_an_option_of_the_run_is_refused_with_the_flag(tmp_path
 def test_other_fields_of_a_line_are_still_ignored(tmp_path, enc):
     path = prompts(tmp_path, json.dumps({"prompt": "Hello", "id": "a-17", "source": {"url": "x"}}))
     assert [p.text for p in prompts_file.read_prompts(str(path), enc)] == ["Hello"]
+
+
+def test_a_json_looking_line_in_a_plain_text_file_is_a_prompt_and_noted(tmp_path, enc):
+    path = prompts(tmp_path, "Hello there", '{"prompt": "x"}', "More", ' {"prompt": "y", "seed": 1}')
+    read = prompts_file.read_prompts(str(path), enc)
+    assert [p.text for p in read] == ["Hello there", '{"prompt": "x"}', "More", ' {"prompt": "y", "seed": 1}']
+    assert prompts_file.json_looking_note(str(path), read) == (
+        f"note: --prompts-file {path} is plain text, as its first line decides: line 2 (and 1 more), which looks "
+        f"like a JSON line, is a prompt as written; for JSON lines, make every line one")
+    plain = prompts(tmp_path, "Hello there", "{braces} in text")  # no "prompt" key: nothing to note
+    assert prompts_file.json_looking_note(str(plain), prompts_file.read_prompts(str(plain), enc)) is None
+    json_file = prompts(tmp_path, GOOD, GOOD)
+    assert prompts_file.json_looking_note(str(json_file), prompts_file.read_prompts(str(json_file), enc)) is None

@@ -321,3 +321,22 @@ def test_an_exact_mode_prefill_that_took_the_run_is_named_before_the_rounds():
     short = speculative_run([Round(4, 0, 80, 130)] * 5, prefill=0.3)  # a short prompt's prefill: the rounds only
     assert not any("prefill took" in line for line in why_slower(
         [short], [plain], 0.5, lookahead=4, lookup=False, dtype=torch.float32, device=CPU, exact_rows=8))
+
+
+def test_a_run_timed_alone_that_a_busy_phase_slowed_is_named(tiny_checkpoints, run_cli, monkeypatch):
+    slowed_during(monkeypatch, "speculative_sample", range(2, 5))
+    status, out, err = run_cli("--target", tiny_checkpoints / "target", "--draft", tiny_checkpoints / "draft",
+                               "--max-new-tokens", 40, "--ignore-eos", "--no-stream", "--lookahead", 3,
+                               "--mode", "speculative")
+    assert status == 0, err
+    assert "speedup over" not in out and "timing: the machine was busy: speculative sampling took" in out
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bfloat16_on_a_cpu_that_emulates_it_is_said_so(tiny_checkpoints, run_cli, monkeypatch, native):
+    monkeypatch.setattr("speculative_gpt2.cli.native_bfloat16", lambda: native)
+    status, out, err = run_cli("--target", tiny_checkpoints / "target", "--max-new-tokens", 2, "--mode", "plain",
+                               "--dtype", "bfloat16", "--device", "cpu", "--no-stream")
+    assert status == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("dtype: "))
+    assert ("emulated on this CPU (no AVX-512 BF16 or AMX; --dtype auto picks float32 here)" in line) != native, line
