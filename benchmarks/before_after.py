@@ -56,7 +56,7 @@ runs = {
                                                             lookahead=4),
 }
 result = {name: [] for name in runs}
-for name, run in runs.items():  # a method's runs together: a layout is made once per worker, as one command does
+for name, run in runs.items():  # a method's runs together: each row count's layout made once, as one command does
     run(8)  # warm-up: allocations and kernel choices, untimed
     for _ in range(repeats):
         result[name].append(run(n).decode_tokens_per_second)

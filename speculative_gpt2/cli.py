@@ -276,7 +276,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "machine (with any --lookahead); with --coupled, the seed of the Gumbel noise (a JSON line of "
                         "--prompts-file may carry its own \"seed\")")
     parser.add_argument("--coupled", action="store_true",
-                        help="coupled sampling: each token is the Gumbel-max of its distribution with noise fixed by "
+                        help="coupled sampling (temperature > 0): each token is the Gumbel-max of its distribution "
+                        "with noise fixed by "
                         "--seed and its position, so that at temperature > 0 speculative sampling gives plain "
                         "decoding's text token for token (compared, as at temperature 0), whatever K, drafter or "
                         "batch; drafts from a model are kept somewhat less often than by Chen's rule")
@@ -336,6 +337,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         ("--weights-dir", args.weights_dir)):
         if value == "":
             parser.error(f"{flag} is empty: give a file or folder name")
+    for flag in ("--ngram-max", "--ngram-min"):
+        if flag[2:].replace("-", "_") in args.given and args.draft != NGRAM:
+            parser.error(f"{flag} sets prompt lookup's n-grams: add --draft {NGRAM}, or leave {flag} out")
     if args.ngram_min > args.ngram_max:
         parser.error(f"--ngram-min {args.ngram_min} is larger than --ngram-max {args.ngram_max}")
     if args.tree is not None:
@@ -354,15 +358,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             if given:
                 parser.error(f"--matches {args.matches} makes prompt lookup's token trees and goes without {flag}: "
                              f"leave one of them out")
-    for flag in ("--ngram-max", "--ngram-min"):
-        if flag[2:].replace("-", "_") in args.given and args.draft != NGRAM:
-            parser.error(f"{flag} sets prompt lookup's n-grams: add --draft {NGRAM}, or leave {flag} out")
     if args.temperature == 0:
         for flag, given in (("--top-k", args.top_k is not None), ("--top-p", args.top_p is not None),
                             ("--coupled", args.coupled)):
             if given:
-                parser.error(f"{flag} shapes sampling, and temperature 0 (the default) is greedy: add --temperature, "
-                             f"e.g. --temperature 0.8, or leave {flag} out")
+                parser.error(f"{flag} shapes sampling, and at temperature 0 (greedy, the default) there is none: give "
+                             f"a temperature above 0, e.g. --temperature 0.8, or leave {flag} out")
     most = AdaptiveLookahead().max_lookahead if args.lookahead == "auto" else args.lookahead
     if args.matches * most > MAX_TREE_NODES:
         parser.error(f"--matches {args.matches} with K up to {most} makes trees of up to {args.matches * most} "
@@ -468,8 +469,9 @@ def _run(args) -> int:
             print(note, file=sys.stderr)
         seeded = next((p for p in file_prompts if p.seed is not None), None)
         if seeded is not None and not args.coupled:
+            add = "--coupled" if args.temperature > 0 else "--temperature 0.8 --coupled (a temperature above 0)"
             raise ValueError(f'--prompts-file {args.prompts_file}, line {seeded.line} has a "seed": a seed per prompt '
-                             f"is coupled sampling's (each row its own noise): add --coupled, or remove the seeds")
+                             f"is coupled sampling's (each row its own noise): add {add}, or remove the seeds")
         # (tokens, what an error names, what to shorten): one entry per prompt.
         checked = [(p.tokens, f"--prompts-file {args.prompts_file}, line {p.line}: ", f"line {p.line}")
                    for p in file_prompts]
@@ -678,10 +680,10 @@ def _check_before_loading(args, names: dict[str, str], device: torch.device, dty
     if args.int8 is not None:
         runs_dtype = dtype in (torch.float32, torch.bfloat16)
         if device.type != "cpu" or not runs_dtype:
-            fix = [fix for fix, needed in (("--device cpu", device.type != "cpu"),
-                                           ("--dtype float32 or bfloat16", not runs_dtype)) if needed]
+            fixes = [fix for fix, needed in (("--device cpu", device.type != "cpu"),
+                                             ("--dtype float32 or bfloat16", not runs_dtype)) if needed]
             raise ValueError(f"--int8 runs on the CPU in float32 or bfloat16, not {dtype_name(dtype)} on {device}: "
-                             f"use {' and '.join(fix)} (or leave out --int8)")
+                             f"use {' and '.join(fixes)} (or leave out --int8)")
         if args.int8 != "target" and "draft" not in names:
             raise ValueError(f"--int8 {args.int8} quantizes the draft model, and this run has none (--draft "
                              f"{args.draft}{', --mode plain' if args.mode == 'plain' else ''}): use --int8 target")

@@ -26,14 +26,16 @@ from speculative_gpt2.machine import peak_memory
 from speculative_gpt2.records import Generation
 from speculative_gpt2.report import EXACT, PLAIN, NGRAM, SPECULATIVE, acceptance, k_used, why_slower
 from speculative_gpt2.text import printable
-from speculative_gpt2.timing import Timed, cpu_share, expected_seconds, speedup_lines
+from speculative_gpt2.timing import Timed, cpu_share, expected_seconds, pace_line, speedup_lines
 
 # The most a prompts file may hold: hundreds of thousands of prompts; a larger input is most likely not one.
 MAX_FILE_BYTES = 64 * 2**20
-# The command line's options that hold for the whole run: a JSON line naming one is refused, not silently ignored,
-# since a line's "seed" does act and these would seem to as well. Other fields (ids, metadata) stay ignored.
-RUN_OPTIONS = {"max_new_tokens", "temperature", "top_k", "top_p", "lookahead", "tree", "matches", "draft", "target",
-               "coupled", "exact", "ignore_eos", "dtype", "device", "int8", "mode", "batch_size"}
+# Generation settings that hold for the whole run, each with its flag: a JSON line naming one is refused, not silently
+# ignored, since a line's "seed" does act and these would seem to as well. Other fields stay ignored: ids and
+# metadata, and names such as "target" that datasets use for a reference answer.
+RUN_OPTIONS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+               "top_p": "--top-p", "lookahead": "--lookahead", "tree": "--tree", "matches": "--matches",
+               "ignore_eos": "--ignore-eos", "coupled": "--coupled"}
 # The runs, as the progress bar and the summary name them.
 NAMES = {PLAIN: "plain decoding", EXACT: "plain decoding, exact mode", SPECULATIVE: "speculative sampling"}
 
@@ -54,8 +56,7 @@ def read_prompts(path: str, enc) -> list[PromptLine]:
     The file is UTF-8 (a BOM is skipped, CRLF line ends are fine); blank lines are skipped. Its first non-blank
     line decides its format, for every line: when it starts with `{` the file is JSON lines, each line an object
     with a string "prompt" and, for coupled sampling, an integer "seed" (other fields ignored, but a run's option
-    such as "temperature" is refused: RUN_OPTIONS); otherwise each
-    line is one prompt, exactly as written.
+    such as "temperature" is refused: RUN_OPTIONS); otherwise each line is one prompt, exactly as written.
     """
     try:
         kind = os.stat(path).st_mode
@@ -124,9 +125,9 @@ def _json_prompt(line: str, where: str) -> str:
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
         raise ValueError(f'{where}: this JSON line has no "prompt" string: write {{"prompt": "your text"}}')
     for key in record:
-        if key.replace("-", "_") in RUN_OPTIONS:
+        if (flag := RUN_OPTIONS.get(key.replace("-", "_"))) is not None:
             raise ValueError(f'{where}: "{printable(key)}" is an option of the whole run, not of one prompt: give it '
-                             f'on the command line (--{key.replace("_", "-")}) and remove it from the line')
+                             f'on the command line ({flag}) and remove it from the line')
     seed = record.get("seed")
     if seed is not None:
         try:
@@ -302,6 +303,8 @@ def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], runs: d
         others = (timed[EXACT],) if EXACT in timed else ()
         trusted, speedup = speedup_lines(timed[SPECULATIVE], timed[PLAIN], "batched plain decoding", others)
         lines += speedup
+    elif alone := [timed[mode] for mode in (SPECULATIVE, PLAIN) if mode in timed]:  # one run: its own pace
+        lines.append(pace_line(alone[0]))
     if SPECULATIVE in totals:
         generations = [g for _, g, _ in done]
         rates = [g.acceptance_rate for g in generations if g.acceptance_rate is not None]

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from gpt2_model import PRESETS, GPT2, GPT2Config
+from speculative_gpt2.state_dict import CHECKPOINT_FILES
 
 
 def random_model(config: GPT2Config, seed: int, scale: float = 1.0, scaled_residuals: bool = False) -> GPT2:
@@ -120,9 +121,11 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.n_layer is not None and args.n_layer < 1:
         parser.error(f"argument --n-layer: invalid value {args.n_layer}: must be >= 1")
-    if (Path(args.folder) / "model.safetensors").exists() and not args.force:
-        print(f"{parser.prog}: error: {args.folder} already holds a checkpoint (model.safetensors): write to a new "
-              f"folder, or add --force to replace it", file=sys.stderr)
+    held = next((name for name in (*CHECKPOINT_FILES, *(f"{n}.index.json" for n in CHECKPOINT_FILES), "config.json")
+                 if (Path(args.folder) / name).exists()), None)
+    if held is not None and not args.force:  # a download's weights would be hidden or replaced by random ones
+        print(f"{parser.prog}: error: {args.folder} already holds a checkpoint ({held}): write to a new folder, or add "
+              f"--force to replace it", file=sys.stderr)
         sys.exit(2)
     start = time.perf_counter()
     try:

@@ -458,8 +458,8 @@ def check_tree(policy, target, drafter, coupled: bool, rows: int | None) -> None
     """ValueError, in one line, for what token trees do not take (yet); exact mode's `rows` must hold a whole tree."""
     if not drafts_trees(policy, drafter):
         return
-    what = f"the drafter {drafter.name}" if not isinstance(policy, TreePolicy) else \
-        f"lookahead={policy.widths}" if getattr(policy, "widths", None) else f"lookahead={policy!r}"
+    what = (f"lookahead={getattr(policy, 'widths', None) or policy!r}" if isinstance(policy, TreePolicy)
+            else f"the drafter {drafter.name}")
     if nodes(policy, drafter) > MAX_NODES:
         raise ValueError(f"{what} proposes up to {nodes(policy, drafter)} drafts a round with K="
                          f"{policy.max_lookahead}, more than {MAX_NODES}: lower K, or the width of its trees (a "

@@ -275,9 +275,11 @@ def test_a_draft_larger_than_the_target_gets_a_note(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--top-k", "50"], "--top-k shapes sampling, and temperature 0 (the default) is greedy: add --temperature"),
-    (["--top-p", "0.5"], "--top-p shapes sampling, and temperature 0 (the default) is greedy"),
-    (["--coupled"], "--coupled shapes sampling, and temperature 0 (the default) is greedy"),
+    (["--top-k", "50"], "--top-k shapes sampling, and at temperature 0 (greedy, the default) there is none: give a "
+                        "temperature above 0, e.g. --temperature 0.8, or leave --top-k out"),
+    (["--top-p", "0.5", "--temperature", "0"], "--top-p shapes sampling, and at temperature 0 (greedy"),
+    (["--coupled"], "--coupled shapes sampling, and at temperature 0 (greedy, the default) there is none"),
+    (["--ngram-min", "5"], "--ngram-min sets prompt lookup's n-grams: add --draft ngram"),  # before "larger than"
     (["--ngram-max", "5"], "--ngram-max sets prompt lookup's n-grams: add --draft ngram"),
     (["--ngram-min", "2"], "--ngram-min sets prompt lookup's n-grams: add --draft ngram"),
 ])

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "weights" / "README.md"]
-LINK = re.compile(r"\]\(([^)\s]+)\)")
+LINK = re.compile(r"\]\(([^)\s]+)(?: \"[^\"]*\")?\)")  # [text](target) or [text](target "title")
 HEADING = re.compile(r"^#{1,6} +(.+?) *$", re.MULTILINE)
 FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 
@@ -30,6 +30,12 @@ def anchors(markdown: str) -> set[str]:
 def relative_links(page: Path) -> list[str]:
     text = FENCE.sub("", page.read_text(encoding="utf-8"))
     return [link for link in LINK.findall(text) if not re.match(r"[a-z]+:", link)]
+
+
+def test_the_links_are_found():  # a pattern that stopped matching would pass every page below
+    links = relative_links(ROOT / "README.md")
+    assert len(links) > 10 and any("#" in link for link in links) and "docs/errors.md" in links
+    assert LINK.findall('[a](docs/x.md "a title") [b](y.md#z)') == ["docs/x.md", "y.md#z"]
 
 
 def test_anchors_follow_githubs_rules():

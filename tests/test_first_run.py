@@ -90,16 +90,20 @@ def test_the_notebook_finds_the_random_checkpoints_of_the_offline_route(tmp_path
     assert local_pair(weights / "random-gpt2", weights / "random-gpt2", weights_dir=weights)[2] is False
 
 
-def test_random_checkpoint_refuses_a_folder_that_holds_a_checkpoint_unless_forced(tmp_path):
-    """A slip of the folder name must not replace downloaded weights with random ones."""
+@pytest.mark.parametrize("held", ["model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                                  "config.json"])
+def test_random_checkpoint_refuses_a_folder_that_holds_a_checkpoint_unless_forced(tmp_path, held):
+    """A slip of the folder name must not replace downloaded weights with random ones, nor hide them behind a
+    random model.safetensors, which loading prefers."""
     folder = tmp_path / "gpt2"
     folder.mkdir()
-    (folder / "model.safetensors").write_bytes(b"downloaded weights")
+    (folder / held).write_bytes(b"downloaded")
     command = [sys.executable, "-m", "speculative_gpt2.random_checkpoint", "gpt2", str(folder), "--n-layer", "1"]
     refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
-    assert "already holds a checkpoint (model.safetensors)" in refused.stderr and "--force" in refused.stderr
-    assert (folder / "model.safetensors").read_bytes() == b"downloaded weights"
-    forced = subprocess.run([*command, "--force"], capture_output=True, text=True, cwd=ROOT)
-    assert forced.returncode == 0, forced.stderr
-    assert GPT2.from_pretrained(str(folder), download=False).config.n_layer == 1
+    assert f"already holds a checkpoint ({held})" in refused.stderr and "--force" in refused.stderr
+    assert sorted(p.name for p in folder.iterdir()) == [held] and (folder / held).read_bytes() == b"downloaded"
+    if held == "model.safetensors":
+        forced = subprocess.run([*command, "--force"], capture_output=True, text=True, cwd=ROOT)
+        assert forced.returncode == 0, forced.stderr
+        assert GPT2.from_pretrained(str(folder), download=False).config.n_layer == 1

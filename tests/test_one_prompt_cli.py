@@ -86,6 +86,8 @@ def test_a_seed_per_line_is_that_lines_seed_alone(near_tie_checkpoints, tmp_path
     assert json.loads(out)["tokens"] == rows[1]["tokens"]
     err = refused_before_loading(*models(near_tie_checkpoints), "--prompts-file", prompts, "--temperature", 1.0)
     assert 'line 1 has a "seed"' in err and "add --coupled" in err
+    err = refused_before_loading(*models(near_tie_checkpoints), "--prompts-file", prompts)  # greedy: both are needed
+    assert 'line 1 has a "seed"' in err and "add --temperature 0.8 --coupled (a temperature above 0)" in err
     prompts.write_text(json.dumps({"prompt": "Hello", "seed": -2}) + "\n", encoding="utf-8")
     err = refused_before_loading(*models(near_tie_checkpoints), "--prompts-file", prompts, "--coupled",
                                  "--temperature", 1)

@@ -5,6 +5,7 @@ runs before the file is touched."""
 import errno
 import fcntl
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -240,6 +241,7 @@ def test_a_good_run_replaces_an_older_file(checkpoints, prompts, tmp_path, run_c
                          "--output", output)
     assert status == 0, err
     assert [line.startswith('{"line": ') for line in output.read_text().splitlines()] == [True, True]
+    assert re.search(r"^timing: (speculative sampling|the machine was busy)", err, re.MULTILINE)  # timed alone
 
 
 

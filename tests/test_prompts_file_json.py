@@ -95,8 +95,15 @@ def test_a_line_that_sets_an_option_of_the_run_is_refused_with_the_flag(tmp_path
 
 
 def test_other_fields_of_a_line_are_still_ignored(tmp_path, enc):
-    path = prompts(tmp_path, json.dumps({"prompt": "Hello", "id": "a-17", "source": {"url": "x"}}))
+    path = prompts(tmp_path, json.dumps({"prompt": "Hello", "id": "a-17", "source": {"url": "x"}, "target": "Hi"}))
     assert [p.text for p in prompts_file.read_prompts(str(path), enc)] == ["Hello"]
+
+
+def test_every_flag_a_refusal_names_is_the_command_lines(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert all(f"{flag} " in help_text or f"{flag}\n" in help_text for flag in prompts_file.RUN_OPTIONS.values())
 
 
 def test_a_json_looking_line_in_a_plain_text_file_is_a_prompt_and_noted(tmp_path, enc):
