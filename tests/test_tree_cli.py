@@ -52,6 +52,8 @@ def test_a_tree_run_reports_its_drafts_per_pass_and_compares_the_texts(checkpoin
      "and goes without --coupled"),
     (["--draft", "ngram", "--matches", "17"], "argument --matches: invalid value '17'"),
     (["--draft", "ngram", "--matches", "16", "-K", "8"], "--matches 16 with K up to 8 makes trees of up to 128 drafts"),
+    (["--tree", "auto", "--lookahead", "3"], "--tree drafts a token tree with the draft model and goes without "
+     "--lookahead: its depth is K"),
 ])
 def test_what_tree_runs_do_not_take_exits_2_in_one_line(checkpoints, refused_before_loading, args, message):
     assert message in refused_before_loading("--target", str(checkpoints / "target"), *args)
@@ -69,4 +71,28 @@ def test_a_tree_runs_trace_page_draws_its_trees(checkpoints, tmp_path):
 def test_help_explains_trees():
     out = run_cli("--help").stdout
     assert "--tree WIDTHS" in out and "--matches" in out and "token tree" in out and "depth=D,width=W,expand=E" in out \
-        and "parents=-1,-1,0" in out
+        and "parents=-1,-1,0" in out and "Or auto: that fit on the prompt itself" in " ".join(out.split())
+
+
+def test_tree_auto_fits_the_tree_on_the_prompt_and_keeps_the_text(checkpoints):
+    # The target as its own draft: the first sibling is always kept and no other ever is, so the fit is the chain.
+    result = run_cli("--target", str(checkpoints / "target"), "--draft", str(checkpoints / "target"), "--tree", "auto",
+                     "--max-new-tokens", "12", "--prompt", "one two one three", "--ignore-eos", "--device", "cpu",
+                     "--no-stream")
+    assert result.returncode == 0, result.stderr
+    assert "--tree auto: acceptance by sibling rank 1.00 0.00 0.00 0.00 0.00 0.00 0.00 0.00 over " in result.stderr
+    assert "=== Speculative sampling (K=4, a tree parents=-1,0,1,2), exact mode ===" in result.stdout
+    assert "identical outputs: yes" in result.stdout
+
+
+def test_tree_auto_with_no_first_draft_kept_drafts_a_chain(checkpoints, capsys, monkeypatch):
+    from speculative_gpt2 import cli
+
+    monkeypatch.setattr(cli, "acceptance_by_rank", lambda rounds, ranks: [0.0] * ranks)
+    status = cli.main(["--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"), "--tree",
+                       "auto", "--max-new-tokens", "6", "--ignore-eos", "--device", "cpu", "--no-stream",
+                       "--mode", "speculative"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "--tree auto: no first draft was kept in " in err and "a chain of K = 4" in err
+    assert "=== Speculative sampling (K=4, a tree 1x1x1x1) ===" in out
