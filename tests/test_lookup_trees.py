@@ -4,7 +4,8 @@ tree rule (exact for one-hot p by enumeration in test_acceptance_rules.py).
 
 Here: the trie holds each continuation once and in order, greedy text is the target's for ragged batches, samples
 follow the target's distribution (chi-square at level 1e-3, with a negative control: a rule that forgets the
-siblings it rejected), and what lookup trees do not take is refused in one line. Exact mode: test_exact_trees.py."""
+siblings it rejected), the replay benchmark's counts are a greedy call's, and what lookup trees do not take is
+refused in one line. Exact mode: test_exact_trees.py."""
 
 import pytest
 import torch
@@ -77,6 +78,19 @@ def test_greedy_lookup_tree_text_is_the_targets(looping, matches, K):
     assert Spy.widest >= 2  # real trees were verified, not only chains
     alone = speculative_sample(looping, PromptLookupDrafter(matches=matches), PROMPTS[0], 24, lookahead=K)
     assert alone.tokens == outs[0].tokens
+
+
+@pytest.mark.parametrize("matches, K", [(1, 4), (3, 3)])
+def test_the_replay_benchmark_counts_the_rounds_and_kept_drafts_a_greedy_call_makes(looping, matches, K):
+    # benchmarks/lookup_replay.py stands a text in for the target: replaying the target's own greedy text must give
+    # the call's own rounds, or its figures for real text say nothing.
+    from benchmarks.lookup_replay import replay
+
+    prompt = PROMPTS[0]
+    out = speculative_sample(looping, PromptLookupDrafter(matches=matches), prompt, 40, lookahead=K)
+    counts = replay(prompt, out.tokens, PromptLookupDrafter(matches=matches), K)
+    assert counts == {"passes": len(out.rounds), "tokens": 40, "drafts_verified": sum(r.nodes for r in out.rounds)}
+    assert sum(r.kept for r in out.rounds) > len(out.rounds)  # the lookup found the loop: drafts were kept
 
 
 LOOKUP_PROMPTS = [[1, 2, 1, 3, 1, 4, 1], [6, 5, 6, 7, 6], [3]]  # the last token followed by 3, 2 and 0 others
