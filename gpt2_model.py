@@ -278,14 +278,16 @@ class GPT2(nn.Module):
         max_len = self.config.n_positions if max_len is None else max_len
         return check_integer("max_len", max_len, 1, self.config.n_positions) + check_integer("room", room, 0)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, logits: bool = True) -> torch.Tensor | None:
         """Logits (B, T, vocab_size) for the tokens `idx` (B, T).
 
         With a cache, `idx` holds only the new tokens: row b's at positions `cache.lengths[b] ...`, the rows of a
         batch each where its own sequence is; their keys and values are appended to the cache. Several new tokens
-        at once are scored in one pass (draft verification)."""
+        at once are scored in one pass (draft verification). `logits=False` (a prefill, which only fills the cache)
+        skips the LM head and returns None."""
         positions = self.positions(idx, cache)
-        logits = self.forward_at(idx, positions, cache, None if cache is None else cache.span(idx.shape[1]))
+        logits = self.forward_at(idx, positions, cache, None if cache is None else cache.span(idx.shape[1]),
+                                 logits=logits)
         if cache is not None:
             cache.lengths = [n + idx.shape[1] for n in cache.lengths]
         return logits
@@ -309,7 +311,8 @@ class GPT2(nn.Module):
 
     def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
                    span: int | None = None, slots: torch.Tensor | None = None,
-                   sees: torch.Tensor | None = None, reads: torch.Tensor | None = None) -> torch.Tensor:
+                   sees: torch.Tensor | None = None, reads: torch.Tensor | None = None,
+                   logits: bool = True) -> torch.Tensor | None:
         """Logits (B, T, vocab_size) for tokens `idx` (B, T) at `positions` (B, T), a device tensor; with a cache,
         their keys and values are written there, and attention reads its first `span` slots (`cache.span(T)`;
         None: all, the same result with more work). The static-shape core of `forward`: with span None no host
@@ -317,7 +320,8 @@ class GPT2(nn.Module):
         A token tree's pass (speculative_gpt2/trees.py) gives each token a slot of its own, `slots` (B, T), and says
         which slots each may see, `sees` (B, T, span); by default a token's slot is its position and it sees the
         slots of the positions up to its own. Exact mode's tree pass gives instead `reads` (B, T, span), the slot each
-        token reads at each slot (`attend_each`): its ancestors at their positions' slots."""
+        token reads at each slot (`attend_each`): its ancestors at their positions' slots. `logits=False`: None,
+        without the LM head (a prefill's rows need only their keys and values)."""
         span = None if cache is None else span or cache.keys.shape[3]
         if cache is not None:
             cache.reach(span)
@@ -334,7 +338,7 @@ class GPT2(nn.Module):
         for i, block in enumerate(self.h):
             x = block(x, None if cache is None else (cache.keys[i, ..., :span, :], cache.values[i, ..., :span, :]),
                       slots, mask, reads)
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        return self.lm_head(self.ln_f(x)) if logits else None  # (B, T, vocab_size)
 
     def _check_cache(self, cache: KVCache, batch_size: int) -> None:
         if not isinstance(cache, KVCache):

@@ -150,10 +150,10 @@ class ModelDrafter:
 
 
 def prefill(run: Callable, cache: KVCache, ids: torch.Tensor, lengths: list[int]) -> None:
-    """Every row's prompt (ids[b, :lengths[b]]) minus its last token, in one pass `run(idx, cache)`: shorter rows
-    are padded, and cropped back after. Each row's last prompt token is then pending."""
+    """Every row's prompt (ids[b, :lengths[b]]) minus its last token, in one pass `run(idx, cache, logits=False)`:
+    shorter rows are padded, and cropped back after. Each row's last prompt token is then pending."""
     if max(lengths) > 1:
-        run(ids[:, : max(lengths) - 1], cache)
+        run(ids[:, : max(lengths) - 1], cache, logits=False)  # only the keys and values: no LM head
         cache.crop([n - 1 for n in lengths])
 
 

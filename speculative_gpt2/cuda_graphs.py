@@ -46,14 +46,16 @@ class CUDAGraphRunner:
     def positions(self, idx: torch.Tensor, cache, rows: int | None = None) -> torch.Tensor:
         return self.model.positions(idx, cache, rows)
 
-    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache, span: int | None = None) -> torch.Tensor:
+    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache, span: int | None = None,
+                   logits: bool = True) -> torch.Tensor | None:
         if cache is None or idx.shape[1] > MAX_GRAPHED_ROWS or torch.is_grad_enabled():
-            return self.model.forward_at(idx, positions, cache, span)
-        return self.graphs.run(self.model, idx, positions, cache)  # the whole buffer: one shape to capture
+            return self.model.forward_at(idx, positions, cache, span, logits=logits)
+        out = self.graphs.run(self.model, idx, positions, cache)  # the whole buffer: one shape to capture
+        return out if logits else None
 
-    def __call__(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
+    def __call__(self, idx: torch.Tensor, cache=None, logits: bool = True) -> torch.Tensor | None:
         span = None if cache is None else cache.span(idx.shape[1])
-        logits = self.forward_at(idx, self.positions(idx, cache), cache, span)
+        logits = self.forward_at(idx, self.positions(idx, cache), cache, span, logits=logits)
         if cache is not None:
             cache.lengths = [n + idx.shape[1] for n in cache.lengths]
         return logits

@@ -29,27 +29,28 @@ def padded_rows(rows: int) -> int:
     return -(-rows // PASS_ROW_MULTIPLE) * PASS_ROW_MULTIPLE
 
 
-def fixed_rows_pass(model, idx: torch.Tensor, cache, rows: int | None) -> torch.Tensor:
+def fixed_rows_pass(model, idx: torch.Tensor, cache, rows: int | None, logits: bool = True) -> torch.Tensor | None:
     """model(idx, cache=cache) for the new tokens idx (B, T), computed as a pass of `rows` rows (token 0 in the
     rows past T); a longer pass (a prefill) as consecutive passes of `rows` rows. None runs it as it is. Logits
-    (B, T, V).
+    (B, T, V), or None with `logits=False` (the cache filled, no LM head).
 
     A prefill in one pass of all its rows would not do: a matrix product of hundreds of rows is another kernel, whose
     rows round apart from a few rows' (measured: bfloat16 on an AMX CPU, 252 rows against 1200), so a prompt's keys
     and values would depend on the batch's longest prompt."""
     if rows is None:
-        return model(idx, cache=cache)
-    return torch.cat([_pass(model, idx[:, start : start + rows], cache, rows) for start in range(0, idx.shape[1], rows)],
-                     1)
+        return model(idx, cache=cache, logits=logits)
+    passes = [_pass(model, idx[:, start : start + rows], cache, rows, logits) for start in range(0, idx.shape[1], rows)]
+    return torch.cat(passes, 1) if logits else None
 
 
-def _pass(model, idx: torch.Tensor, cache, rows: int) -> torch.Tensor:
-    """One pass of `rows` rows for the T <= rows new tokens idx (B, T): logits (B, T, V)."""
+def _pass(model, idx: torch.Tensor, cache, rows: int, logits: bool) -> torch.Tensor | None:
+    """One pass of `rows` rows for the T <= rows new tokens idx (B, T): logits (B, T, V), or None."""
     B, T = idx.shape
     positions = model.positions(idx, cache, rows)  # (B, rows), checked against the context and the cache's room
-    logits = model.forward_at(torch.cat([idx, idx.new_zeros(B, rows - T)], 1), positions, cache, cache.span(rows))
+    out = model.forward_at(torch.cat([idx, idx.new_zeros(B, rows - T)], 1), positions, cache, cache.span(rows),
+                           logits=logits)
     cache.lengths = [n + T for n in cache.lengths]
-    return logits[:, :T]
+    return out[:, :T] if logits else None
 
 
 def pass_rows(exact, max_lookahead: int | None, model) -> int | None:

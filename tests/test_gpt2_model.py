@@ -307,6 +307,30 @@ def test_a_cache_zeroes_the_blocks_its_text_reaches_and_what_lies_past_them_chan
     assert fresh.keys[..., reached:, :].isnan().all() and fresh.values[..., reached:, :].isnan().all()
 
 
+def test_a_pass_without_logits_fills_the_cache_alike_and_the_samplers_prefill_skips_the_lm_head():
+    # A prefill needs only the prompt's keys and values: with logits=False the LM head (GPT-2 small's costliest
+    # product at a prompt's rows) is not run, and the cache holds the same values bit for bit.
+    config = GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2, vocab_size=50)
+    model = GPT2(config).eval()
+    idx = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        with_logits, without = model.new_cache(2), model.new_cache(2)
+        assert model(idx, cache=with_logits).shape == (2, 9, 50)
+        assert model(idx, cache=without, logits=False) is None
+        assert without.lengths == with_logits.lengths == [9, 9]
+        reached = KVCache.slots(9)
+        assert torch.equal(without.keys[..., :reached, :], with_logits.keys[..., :reached, :])
+        assert torch.equal(without.values[..., :reached, :], with_logits.values[..., :reached, :])
+    from speculative import autoregressive_sample, speculative_sample
+
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[1]))
+    autoregressive_sample(model, list(range(20)), 3)
+    speculative_sample(model, model, list(range(20)), 3, lookahead=2)
+    speculative_sample(model, model, list(range(20)), 3, lookahead=2, exact=True)
+    assert rows and max(rows) <= 4  # one pending token or a verification's rows: never the prompt's 19
+
+
 def test_a_cache_that_does_not_fit_the_model_is_refused():
     small = GPT2(GPT2Config(n_positions=16, n_embd=16, n_layer=1, n_head=2, vocab_size=50))
     large = GPT2(GPT2Config(n_positions=64, n_embd=16, n_layer=1, n_head=2, vocab_size=50))
