@@ -17,7 +17,8 @@ from speculative_gpt2.drafters import PromptLookupDrafter, Sampling, TreeProposa
 from speculative_gpt2.random_checkpoint import random_model
 from speculative_gpt2.records import Origin, TraceRound
 from speculative_gpt2.rules import chen
-from test_speculative import LEVEL, N_SAMPLES, chi_square_p_value, exact_first_two, small_pair  # noqa: F401
+from test_speculative import (LEVEL, batched_first_two_counts, chi_square_p_value, exact_first_two,  # noqa: F401
+                             small_pair)
 
 CONFIG = GPT2Config(vocab_size=64, n_positions=128, n_embd=32, n_layer=2, n_head=2)
 
@@ -97,14 +98,11 @@ LOOKUP_PROMPTS = [[1, 2, 1, 3, 1, 4, 1], [6, 5, 6, 7, 6], [3]]  # the last token
 
 
 def lookup_p_values(target, seed: int, **options) -> list[float]:
-    V = target.config.vocab_size
-    counts = torch.zeros(len(LOOKUP_PROMPTS), V, V)
     generator = torch.Generator().manual_seed(seed)
     drafter = PromptLookupDrafter(matches=3)
-    for _ in range(N_SAMPLES):
-        for b, out in enumerate(speculative_sample(target, drafter, LOOKUP_PROMPTS, 3, lookahead=2,
-                                                   generator=generator, **options)):
-            counts[b, out.tokens[0], out.tokens[1]] += 1
+    counts = batched_first_two_counts(
+        lambda batch: speculative_sample(target, drafter, batch, 3, lookahead=2, generator=generator, **options),
+        LOOKUP_PROMPTS, target.config.vocab_size)
     return [chi_square_p_value(counts[b], exact_first_two(target, p, **options)) for b, p in enumerate(LOOKUP_PROMPTS)]
 
 

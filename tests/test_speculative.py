@@ -159,6 +159,21 @@ def first_two_counts(sampler, V, seed):
     return counts
 
 
+# Batched draws: each call decodes COPIES rows of every prompt, each row as if alone (test_one_prompt_one_text.py), so
+# the rows are independent samples; 120 calls of 25 copies draw N_SAMPLES per prompt about 8x faster than 3000 calls.
+COPIES = 25
+
+
+def batched_first_two_counts(sample, prompts, V):
+    """(len(prompts), V, V) counts of the first two tokens of N_SAMPLES rows per prompt: `sample(batch)` decodes a
+    batch of prompts (COPIES of each) and returns its Generations."""
+    counts = torch.zeros(len(prompts), V, V)
+    for _ in range(N_SAMPLES // COPIES):
+        for row, out in enumerate(sample(prompts * COPIES)):
+            counts[row % len(prompts), out.tokens[0], out.tokens[1]] += 1
+    return counts
+
+
 def chi_square_p_value(counts, probs):
     """Pearson's test; cells expecting fewer than 5 are pooled into one. 0 when a zero-probability cell is hit."""
     expected = probs.double().flatten() * counts.sum()

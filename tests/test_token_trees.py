@@ -20,7 +20,8 @@ from speculative_gpt2.render import trace_page
 from speculative_gpt2.tokenizer import load_tokenizer
 from speculative_gpt2.trees import ExpandingTree, TreeShape, settle, tree_pass
 from test_batched import PROMPTS
-from test_speculative import LEVEL, N_SAMPLES, chi_square_p_value, exact_first_two, small_pair  # noqa: F401
+from test_speculative import (LEVEL, batched_first_two_counts, chi_square_p_value, exact_first_two,  # noqa: F401
+                             small_pair)
 
 CONFIG = GPT2Config(vocab_size=64, n_positions=128, n_embd=32, n_layer=2, n_head=2)
 
@@ -152,13 +153,10 @@ def test_a_width_past_the_vocabulary_proposes_each_token_once(small_pair):
 
 def tree_p_values(target, draft, widths, seed: int, **options) -> list[float]:
     """Chi-square p-values of the first two tokens of each row of a ragged batch against the target's."""
-    V = target.config.vocab_size
-    counts = torch.zeros(len(PROMPTS), V, V)
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(N_SAMPLES):
-        for b, out in enumerate(speculative_sample(target, draft, PROMPTS, 3, lookahead=widths, generator=generator,
-                                                   **options)):
-            counts[b, out.tokens[0], out.tokens[1]] += 1
+    counts = batched_first_two_counts(
+        lambda batch: speculative_sample(target, draft, batch, 3, lookahead=widths, generator=generator, **options),
+        PROMPTS, target.config.vocab_size)
     return [chi_square_p_value(counts[b], exact_first_two(target, p, **options)) for b, p in enumerate(PROMPTS)]
 
 
