@@ -312,7 +312,7 @@ def speculative_sample(target: GPT2, draft: GPT2 | Drafter, prompt, max_new_toke
         committed = [None] * B
         for b in active:
             k = counts[b]
-            round = Round(k, read.kept[b], draft_ms * k / K if K else 0.0, verify_ms, tree.tokens.shape[1])
+            round = Round(k, read.kept[b], draft_ms * k / max(K, 1), verify_ms, tree.tokens.shape[1], read.nodes[b])
             traced = partial(TraceRound.of, tree, q, verdict, b, sources[b])
             new = _record_round(batch.outs[b], read.path[b][:k], round, read.next_token[b], read.leaf[b], eos_token_id,
                                 policy, partial(batch.stream, b), traced)

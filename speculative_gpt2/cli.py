@@ -19,6 +19,7 @@ progress bar and a summary on stderr (speculative_gpt2/prompts_file.py).
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import os
 import signal
@@ -49,7 +50,7 @@ from speculative_gpt2.records import Generation
 from speculative_gpt2.report import (EXACT, PLAIN, NGRAM, SPECULATIVE, UNCACHED, acceptance, cost_ratio, k_used,
                                      parted, why_slower)
 from speculative_gpt2.timing import Timed, cpu_share, middle_half, pace_line, speedup_lines
-from speculative_gpt2.tree_search import acceptance_by_rank, best_tree, expected_kept
+from speculative_gpt2.tree_search import FittedTree
 from speculative_gpt2.trees import MAX_NODES, ExpandingTree, TreePolicy, TreeShape
 from speculative_gpt2.text import printable
 from speculative_gpt2.tokenizer import load_tokenizer
@@ -140,52 +141,11 @@ class _Given(argparse.Action):
         namespace.given = getattr(namespace, "given", set()) | {self.dest}
 
 
-class _AutoTree:
-    """--tree auto until the models load: a depth and a node budget, then the tree fitted on the prompt (_fit_tree)
-    takes its place. The fit's settings: benchmarks/trees.py --best measured 15 nodes of depth 4 the fastest at
-    temperature 0 (docs/results-history.md, "Trees fitted to measured acceptance")."""
-
-    max_lookahead, budget, calibration_width, calibration_tokens = 4, 15, 8, 32
-
-    def nodes(self, depth: int) -> int:
-        return self.budget
-
-    def fed(self) -> int:
-        return 1  # the calibration's fan: one draft pass of the root a round
-
-    def __str__(self) -> str:
-        return "auto"
-
-
-def _fit_tree(target, draft, prompt: list[int], args, options: dict, device) -> TreePolicy:
-    """--tree auto: the tree of at most `budget` nodes and depth 4 that keeps the most drafts in expectation
-    (tree_search.best_tree) at the acceptance of each sibling rank measured on the prompt, in rounds that try
-    `calibration_width` siblings (`calibration_tokens` tokens, not timed); a chain of K = 4 when no rank was kept."""
-    auto = args.tree
-    print(f"Fitting the tree (--tree auto): {auto.calibration_tokens} tokens of rounds that try "
-          f"{auto.calibration_width} first drafts, not timed ...", file=sys.stderr)
-    out = speculative_sample(target, draft, prompt, auto.calibration_tokens, lookahead=(auto.calibration_width,),
-                             trace=True, generator=torch.Generator(device).manual_seed(args.seed),
-                             **options | {"eos_token_id": None})
-    acceptance = acceptance_by_rank(out.trace, auto.calibration_width)
-    measured = " ".join(f"{a:.2f}" for a in acceptance)
-    if not any(acceptance):
-        print(f"--tree auto: no first draft was kept in {len(out.trace)} rounds (acceptance by rank {measured}): a "
-              f"chain of K = {auto.max_lookahead}", file=sys.stderr)
-        return TreeShape((1,) * auto.max_lookahead)
-    fitted = best_tree(acceptance, auto.budget, auto.max_lookahead)
-    chain = expected_kept(TreeShape((1,) * auto.max_lookahead), acceptance)
-    print(f"--tree auto: acceptance by sibling rank {measured} over {len(out.trace)} rounds: the tree {fitted} "
-          f"({len(fitted.parents)} nodes) keeps {expected_kept(fitted, acceptance):.2f} drafts a round in expectation, "
-          f"a chain of K = {auto.max_lookahead} {chain:.2f}", file=sys.stderr)
-    return fitted
-
-
 def _tree(text: str) -> TreePolicy:
     """A tree's shape: widths per depth (3x2), each node's parent (parents=-1,-1,0), an expanding tree
-    (depth=4,width=4,expand=2), or auto (fitted on the prompt once the models load)."""
-    if text.lower() == "auto":
-        return _AutoTree()
+    (depth=4,width=4,expand=2), or auto (fitted during each run, tree_search.FittedTree)."""
+    if text.lower() == "auto":  # a template: every call gets a fresh copy (`lookahead` in main)
+        return FittedTree()
     if text.lower().startswith("parents="):
         try:
             parents = [int(parent) for parent in text[len("parents="):].split(",")]
@@ -302,8 +262,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the draft is confident (W first tokens, then W below each of the E likeliest paths at each "
                         "depth), which pays at temperature 0. Or parents=-1,-1,0,...: any tree, each node's parent "
                         "breadth-first (-1: a first token), as benchmarks/trees.py --best fits one to a pair's "
-                        "measured acceptance. Or auto: that fit on the prompt itself, once the models load (32 "
-                        "tokens of rounds that try 8 first drafts, not timed; at most 15 nodes, depth 4)")
+                        "measured acceptance. Or auto: that fit made during the run itself (its first 8 rounds try 8 "
+                        "first drafts; then, every 8 rounds, the tree of at most 15 nodes and depth 4 that keeps the "
+                        "most at the acceptance measured so far)")
     parser.add_argument("--lookahead", "-K", type=_lookahead, default=4, action=_Given,
                         help=f"draft tokens proposed per round (K), from 1 to {MAX_LOOKAHEAD} (and K + 1 within the "
                         "target's context: a round verifies K + 1 tokens in one pass), or auto: chosen every round "
@@ -394,7 +355,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             if given:
                 parser.error(f"--tree drafts a token tree with the draft model and goes without {flag}: "
                              + ("its depth is K" if flag == "--lookahead" else "leave one of them out"))
-        args.lookahead = args.tree.max_lookahead
+        args.lookahead = getattr(args.tree, "most_depth", args.tree.max_lookahead)  # auto: its deepest
     if args.matches > 1:
         if args.draft != NGRAM:
             parser.error(f"--matches follows earlier matches of prompt lookup: add --draft {NGRAM} (a draft model's "
@@ -579,10 +540,6 @@ def _run(args) -> int:
     target, draft = models["target"], models.get("draft")
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    eos_token_id=None if args.ignore_eos else enc.eot_token)
-    if isinstance(args.tree, _AutoTree) and draft is not None:
-        args.tree = _fit_tree(target, draft, checked[0][0], args, options, device)
-        args.lookahead = args.tree.max_lookahead
-        _lay_out(args, "draft", models["draft"], batch * args.tree.fed())
     n = args.max_new_tokens
     # Comparing texts (greedy, or coupled): every target pass gets the verification's shape, so that they are equal
     # in any dtype.
@@ -590,7 +547,12 @@ def _run(args) -> int:
     max_lookahead = (EXACT_MAX_LOOKAHEAD if exact else AdaptiveLookahead().max_lookahead) if args.lookahead == "auto" \
         else args.lookahead
 
+    fitted = []  # --tree auto: each call's FittedTree, the last one's fit reported
+
     def lookahead():  # a fresh policy for every call: what one run learned must not steer the next
+        if isinstance(args.tree, FittedTree):
+            fitted.append(copy.deepcopy(args.tree))
+            return fitted[-1]
         if args.lookahead != "auto":
             return args.tree or args.lookahead
         # At temperature > 0, K must not follow measured times, which vary from run to run: K changes how the
@@ -602,7 +564,7 @@ def _run(args) -> int:
         return PromptLookupDrafter(args.ngram_max, args.ngram_min, args.matches) if lookup else draft
 
     # What exact mode pads every target pass to: a verification's rows, a token tree's nodes and its root.
-    nodes = args.tree.nodes(args.tree.max_lookahead) if args.tree else args.matches * max_lookahead
+    nodes = args.tree.most_nodes() if args.tree else args.matches * max_lookahead
     rows = padded_rows(nodes + 1)
 
     def decode(mode, prompt, max_new_tokens, generator=None, seed=None, **options):  # options: sampling, callbacks
@@ -663,6 +625,11 @@ def _run(args) -> int:
                 shares[mode].append(cpu_share(time.process_time() - cpu, time.perf_counter() - wall,
                                               torch.get_num_threads()))
     _print_summary(args, results, shares, models, load_seconds, warm_up_seconds, device, dtype, rows)
+    if fitted:  # --tree auto: where the last speculative run's fit ended
+        tree = fitted[-1]
+        print(f"--tree auto: the last run ended with the tree parents={','.join(map(str, tree.parents))} "
+              f"({len(tree.parents)} nodes, depth {tree.max_lookahead}), fitted to the acceptance by sibling rank "
+              f"{' '.join(f'{a:.2f}' for a in tree.acceptance())}")
     if args.show_acceptance:
         _show_acceptance(args, results.get(SPECULATIVE, [None])[0], enc, prompt)
     if args.trace is not None:
@@ -919,6 +886,7 @@ def _print_summary(args, results: dict[str, list[Generation]], shares: dict[str,
         if (args.tree is not None or args.matches > 1) and spec.rounds:
             print(f"token trees: {statistics.mean(r.nodes for r in spec.rounds):.1f} drafts scored per target pass "
                   f"(a chain of K = {args.lookahead} scores {args.lookahead})")
+
         if args.draft == NGRAM:  # a lookup makes no draft pass: count what it proposed
             no_match = sum(k == 0 for k in spec.lookahead_per_round)
             print(f"target passes: {spec.target_calls}, drafted tokens: {spec.draft_calls} by prompt lookup "

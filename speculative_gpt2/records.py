@@ -26,14 +26,16 @@ class Origin(str, Enum):
 @dataclass(frozen=True)
 class Round:
     """One round of speculative sampling: `lookahead` drafts proposed (K; a token tree's depth), `kept` of them
-    kept by the target, the measured milliseconds of the draft passes and of the verification pass, and `nodes`,
-    the drafts that pass scored (a tree's nodes; a chain's K)."""
+    kept by the target, the measured milliseconds of the draft passes and of the verification pass, `nodes`, the
+    drafts that pass scored (a tree's nodes; a chain's K), and `path`, the kept drafts' node indices in the round's
+    tree (a chain's: 0, 1, ...), which a policy that fits its tree to the rounds reads (tree_search.FittedTree)."""
 
     lookahead: int
     kept: int
     draft_ms: float = 0.0
     verify_ms: float = 0.0
     nodes: int = 0
+    path: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class Generation:
             end = new.index(eos_token_id) + 1
             new, origins = new[:end], origins[:end]
             if end <= kept:  # the EOS was a kept draft: the drafts after it were never needed
-                round = Round(end, end, round.draft_ms, round.verify_ms, round.nodes)
+                round = Round(end, end, round.draft_ms, round.verify_ms, round.nodes, round.path[:end])
         self.tokens += new
         self.origins += origins
         self.rounds.append(round)
@@ -239,14 +241,15 @@ class TraceRound:
 
 class Readback(NamedTuple):
     """What a round reads back from the device in its one host sync: each row's path (the kept drafts first), drafts
-    kept, next token and whether the kept path ended at a leaf (the next token then a bonus), and the checks
-    (booleans) of the proposal, the rule and the models."""
+    kept, next token and whether the kept path ended at a leaf (the next token then a bonus), the checks
+    (booleans) of the proposal, the rule and the models, and each row's kept node indices (the verdict's path)."""
 
     path: list[list[int]]
     kept: list[int]
     next_token: list[int]
     leaf: list[bool]
     checks: list[bool]
+    nodes: list[tuple[int, ...]]
 
     @classmethod
     def of(cls, path: torch.Tensor, verdict, tree, checks: list[torch.Tensor]) -> Readback:
@@ -261,8 +264,10 @@ class Readback(NamedTuple):
         last = torch.where(verdict.kept > 0, last, 0).clamp(0, tree.children.shape[1] - 1)
         leaf = tree.children[torch.arange(B, device=last.device), last, 0] < 0
         flat = torch.cat([path.flatten(), verdict.kept, verdict.next_token, leaf.long(),
-                          torch.stack(checks).long()]).tolist()
+                          verdict.path.long().flatten(), torch.stack(checks).long()]).tolist()
         kept, following = flat[B * K : B * K + B], flat[B * K + B : B * K + 2 * B]
         leaf = [bool(x) for x in flat[B * K + 2 * B : B * K + 3 * B]]
-        checks = [bool(x) for x in flat[B * K + 3 * B :]]
-        return cls([flat[b * K : (b + 1) * K] for b in range(B)], kept, following, leaf, checks)
+        at = B * K + 3 * B  # each row's node indices, depth of them (-1 past the kept ones)
+        nodes = [tuple(flat[at + b * depth : at + b * depth + min(k, depth)]) for b, k in enumerate(kept)]
+        checks = [bool(x) for x in flat[at + B * depth :]]
+        return cls([flat[b * K : (b + 1) * K] for b in range(B)], kept, following, leaf, checks, nodes)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from speculative_gpt2.checks import check_integer
 from speculative_gpt2.trees import MAX_NODES, TreeShape
 
 
@@ -95,3 +96,57 @@ def acceptance_by_rank(rounds, ranks: int) -> list[float]:
         raise ValueError(f"no traced round tried {ranks} siblings at a node: trace rounds of a tree at least {ranks} "
                          f"wide at its root, such as lookahead=({ranks},)")
     return [k / tried for k in kept]
+
+
+class FittedTree(TreeShape):
+    """A tree fitted to the acceptance its own rounds measure, during the call: its first rounds try `width` first
+    drafts (a fan, depth 1); then, every `every` rounds, it becomes `best_tree` of at most `budget` nodes and `depth`
+    levels at the a_i measured so far. a_i is counted at every node whose children a round tried: among such nodes
+    with at least i children, how often the i-th was the one kept (whether it is does not depend on the siblings drawn
+    after it). Each round's shape is fixed before its drafts are drawn, from earlier rounds only, so the tree rule
+    stays exact, as with any adaptive K. The object keeps what it measured: a second call starts from the last fit.
+    A chain of `depth` drafts while no first draft has been kept."""
+
+    def __init__(self, budget: int = 15, depth: int = 4, width: int = 8, every: int = 8):
+        self.budget = check_integer("budget (the most nodes)", budget, 1, MAX_NODES)
+        self.most_depth = check_integer("depth", depth, 1, self.budget)
+        self.width = check_integer("width (first drafts tried while measuring)", width, 1, MAX_NODES)
+        self.every = check_integer("every (rounds between fits)", every, 1)
+        self.kept, self.tried = [0] * self.width, [0] * self.width  # by sibling rank
+        self.rounds = 0
+        super().__init__((self.width,))
+
+    def most_nodes(self) -> int:
+        return max(self.budget, self.width)
+
+    def acceptance(self) -> list[float]:
+        """The measured a_1 .. a_width (0 where no node had that many children), scaled to sum to at most 1."""
+        a = [k / t if t else 0.0 for k, t in zip(self.kept, self.tried)]
+        return [x / max(1.0, sum(a)) for x in a]
+
+    def choose(self) -> int:
+        if self.rounds >= self.every:  # refit between rounds: every row of the last round was counted on its shape
+            self.rounds, a = 0, self.acceptance()
+            fitted = best_tree(a, self.budget, self.most_depth) if any(a) else TreeShape((1,) * self.most_depth)
+            self._build(fitted.parents)
+        return self.max_lookahead
+
+    def update(self, round) -> None:
+        """Counts one row's round: at the root and at each kept node, which of its children (if any) was kept."""
+        self.rounds += 1
+        children = {}
+        for i, parent in enumerate(self.parents[: self.ends[round.lookahead]]):  # the levels this row drafted
+            children.setdefault(parent, []).append(i)
+        path = list(round.path)
+        for parent, child in zip([-1] + path, path + [None]):
+            below = children.get(parent, [])
+            for rank in range(min(len(below), self.width)):
+                self.tried[rank] += 1
+            if child is not None and below.index(child) < self.width:
+                self.kept[below.index(child)] += 1
+
+    def __repr__(self) -> str:
+        return (f"FittedTree(budget={self.budget}, depth={self.most_depth}, width={self.width}, every={self.every})")
+
+    def __str__(self) -> str:
+        return "auto"

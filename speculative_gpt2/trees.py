@@ -52,6 +52,10 @@ class TreePolicy:
         """How many nodes the first `depth` levels hold."""
         return self.ends[depth]
 
+    def most_nodes(self) -> int:
+        """The most nodes a round's tree may hold, in any round of a call: the slots the caches keep past the text."""
+        return self.nodes(self.max_lookahead)
+
     def fed(self) -> int:
         """The most rows a draft pass of this tree feeds (the root's pass: 1)."""
         raise NotImplementedError
@@ -435,7 +439,7 @@ def nodes(policy, drafter=None) -> int:
     """The most nodes a round's tree holds (`policy`'s shape, or what `drafter` proposes, `drafts_trees`), else 0:
     the slots the caches need past the text."""
     if isinstance(policy, TreePolicy):
-        return policy.nodes(policy.max_lookahead)
+        return policy.most_nodes()
     return drafter.nodes(policy.max_lookahead) if drafts_trees(policy, drafter) else 0
 
 

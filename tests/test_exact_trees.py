@@ -15,6 +15,7 @@ from gpt2_model import KEY_BLOCK
 from near_ties import VOCAB, near_tie_model
 from speculative import autoregressive_sample, speculative_sample
 from speculative_gpt2.drafters import PromptLookupDrafter
+from speculative_gpt2.tree_search import FittedTree
 
 BOUNDED = settings(max_examples=8, deadline=None, derandomize=True)
 SHAPES = [(2,), (2, 2), (3, 2), (2, 2, 2), (4, 1), (3, 1, 2)]
@@ -55,6 +56,19 @@ def test_full_trees_over_a_long_run_give_plain_decodings_text(dtype_name):
     for out, prompt in zip(outs, prompts):
         assert out.tokens == alone(dtype_name, prompt, 30)
         assert out.tokens_per_target_call > 2
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_a_tree_fitted_during_the_call_changes_shape_and_each_row_is_still_its_prompt_alone(dtype_name):
+    # Every fit changes the nodes a pass holds; exact mode's rows hold the most (the budget's) in every pass.
+    target, draft = near_tie_model(dtype_name), near_tie_model(dtype_name, n_layer=1, seed=1)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (3, 90, 40)]
+    tree = FittedTree(budget=7, depth=3, width=4, every=2)
+    outs = speculative_sample(target, draft, prompts, 24, lookahead=tree, exact=True)
+    for out, prompt in zip(outs, prompts):
+        assert out.tokens == alone(dtype_name, prompt, 24)
+    assert len({r.nodes for out in outs for r in out.rounds}) > 1
 
 
 def test_negative_control_the_same_trees_outside_exact_mode_part_from_plain_decoding():

@@ -18,6 +18,7 @@ from speculative_gpt2.random_checkpoint import noisy_copy, random_model
 from speculative_gpt2.rules import DraftTree, chen
 from speculative_gpt2.render import trace_page
 from speculative_gpt2.tokenizer import load_tokenizer
+from speculative_gpt2.tree_search import FittedTree
 from speculative_gpt2.trees import ExpandingTree, TreeShape, settle, tree_pass
 from test_batched import PROMPTS
 from test_speculative import (LEVEL, batched_first_two_counts, chi_square_p_value, exact_first_two,  # noqa: F401
@@ -166,9 +167,10 @@ def tree_p_values(target, draft, widths, seed: int, **options) -> list[float]:
                                              ((2, 3), dict(temperature=1.0, top_p=0.8)),
                                              (ExpandingTree(2, 2), dict(temperature=1.0)),
                                              (TreeShape.of_parents([-1, -1, -1, 0, 1, 1]), dict(temperature=1.0)),
-                                             (ExpandingTree(2, 3, 2), dict(temperature=0.8, top_k=4))],
+                                             (ExpandingTree(2, 3, 2), dict(temperature=0.8, top_k=4)),
+                                             (FittedTree(budget=6, depth=2, width=3, every=1), dict(temperature=1.0))],
                          ids=["2x2", "4", "3x1-top-k", "2x3-top-p", "expanding-2-2-1", "parents-3-then-1-2-0",
-                              "expanding-2-3-2-top-k"])
+                              "expanding-2-3-2-top-k", "fitted-every-round"])
 def test_tree_samples_follow_the_target_distribution(small_pair, widths, options):
     p_values = tree_p_values(*small_pair, widths, seed=21, **options)
     assert min(p_values) > LEVEL, p_values
