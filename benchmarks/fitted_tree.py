@@ -3,8 +3,8 @@ against the chain: tokens per target pass and decode tokens/s, configurations in
 
 The pair: the target and a noisy copy of it (weights perturbed by `--noise` of each tensor's std; 0.2 on the random
 GPT-2 small shape is the pair of total variation about 0.13 of benchmarks/trees.py). FittedTree starts each call
-afresh ("fresh") or carries what it measured in the call before ("carried", as the command line's warm-up and timed
-runs do); the calibrated tree is `best_tree` at the acceptance by rank of 32 tokens of rounds that try 8 first drafts
+afresh ("fresh", as the command line's `--tree auto` does) or carries what it measured in the call before
+("carried", a library user passing one object to several calls); the calibrated tree is `best_tree` at the acceptance by rank of 32 tokens of rounds that try 8 first drafts
 on the same prompt (what `--tree auto` did before the fit moved into the call; not timed here).
 
     python benchmarks/fitted_tree.py --target weights/random-gpt2 --out benchmarks/results/fitted-tree.json

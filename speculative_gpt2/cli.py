@@ -547,12 +547,12 @@ def _run(args) -> int:
     max_lookahead = (EXACT_MAX_LOOKAHEAD if exact else AdaptiveLookahead().max_lookahead) if args.lookahead == "auto" \
         else args.lookahead
 
-    fitted = []  # --tree auto: each call's FittedTree, the last one's fit reported
+    fitted = []  # --tree auto: the last call's FittedTree, whose fit is reported
 
     def lookahead():  # a fresh policy for every call: what one run learned must not steer the next
         if isinstance(args.tree, FittedTree):
-            fitted.append(copy.deepcopy(args.tree))
-            return fitted[-1]
+            fitted[:] = [copy.deepcopy(args.tree)]
+            return fitted[0]
         if args.lookahead != "auto":
             return args.tree or args.lookahead
         # At temperature > 0, K must not follow measured times, which vary from run to run: K changes how the
@@ -627,9 +627,13 @@ def _run(args) -> int:
     _print_summary(args, results, shares, models, load_seconds, warm_up_seconds, device, dtype, rows)
     if fitted:  # --tree auto: where the last speculative run's fit ended
         tree = fitted[-1]
-        print(f"--tree auto: the last run ended with the tree parents={','.join(map(str, tree.parents))} "
-              f"({len(tree.parents)} nodes, depth {tree.max_lookahead}), fitted to the acceptance by sibling rank "
-              f"{' '.join(f'{a:.2f}' for a in tree.acceptance())}")
+        if tree.fitted_to is None:
+            print(f"--tree auto: the last run was too short to fit a tree ({tree.every} rounds first try "
+                  f"{tree.width} first drafts); it drafted those")
+        else:
+            print(f"--tree auto: the last run ended with the tree parents={','.join(map(str, tree.parents))} "
+                  f"({len(tree.parents)} nodes, depth {tree.max_lookahead}), fitted to the acceptance by sibling rank "
+                  f"{' '.join(f'{a:.2f}' for a in tree.fitted_to)}")
     if args.show_acceptance:
         _show_acceptance(args, results.get(SPECULATIVE, [None])[0], enc, prompt)
     if args.trace is not None:
@@ -878,7 +882,7 @@ def _print_summary(args, results: dict[str, list[Generation]], shares: dict[str,
             print(f"speedup over plain decoding without KV cache: "
                   f"{spec.tokens_per_second / uncached.tokens_per_second:.2f}x (timed)")
         print(acceptance([spec]))
-        k = k_used([spec], args.lookahead, args.draft == NGRAM)
+        k = k_used([spec], "auto" if isinstance(args.tree, FittedTree) else args.lookahead, args.draft == NGRAM)
         print(f"mean tokens per target pass: {spec.tokens_per_target_call:.2f}; {k}" + (
             f" (from the cost model, c = {cost_ratio(models['target'], models.get('draft')):.3f}: the same seed "
             f"gives the same text)" if args.lookahead == "auto" and args.temperature > 0 and not args.coupled else

@@ -48,10 +48,10 @@ class CUDAGraphRunner:
 
     def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache, span: int | None = None,
                    logits: bool = True) -> torch.Tensor | None:
-        if cache is None or idx.shape[1] > MAX_GRAPHED_ROWS or torch.is_grad_enabled():
+        # A prefill (no logits) runs eagerly, as a long one always did: a captured pass would run the LM head too.
+        if cache is None or not logits or idx.shape[1] > MAX_GRAPHED_ROWS or torch.is_grad_enabled():
             return self.model.forward_at(idx, positions, cache, span, logits=logits)
-        out = self.graphs.run(self.model, idx, positions, cache)  # the whole buffer: one shape to capture
-        return out if logits else None
+        return self.graphs.run(self.model, idx, positions, cache)  # the whole buffer: one shape to capture
 
     def __call__(self, idx: torch.Tensor, cache=None, logits: bool = True) -> torch.Tensor | None:
         span = None if cache is None else cache.span(idx.shape[1])

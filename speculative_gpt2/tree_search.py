@@ -10,7 +10,8 @@ rank): a node's subtree of n nodes is split among its children of ranks 1, 2, ..
 wide enough to try the ranks wanted.
 
 The shape is fixed before any round, so which nodes exist never depends on what was drawn: the tree rule stays exact
-for any shape, measured or not; a shape fitted to one pair of models is merely slower on another.
+for any shape, measured or not; a shape fitted to one pair of models is merely slower on another. `FittedTree` refits
+during a call, between rounds, from the rounds before: each round's shape is still fixed before its drafts.
 """
 
 from __future__ import annotations
@@ -99,25 +100,27 @@ def acceptance_by_rank(rounds, ranks: int) -> list[float]:
 
 
 class FittedTree(TreeShape):
-    """A tree fitted to the acceptance its own rounds measure, during the call: its first rounds try `width` first
-    drafts (a fan, depth 1); then, every `every` rounds, it becomes `best_tree` of at most `budget` nodes and `depth`
-    levels at the a_i measured so far. a_i is counted at every node whose children a round tried: among such nodes
-    with at least i children, how often the i-th was the one kept (whether it is does not depend on the siblings drawn
-    after it). Each round's shape is fixed before its drafts are drawn, from earlier rounds only, so the tree rule
-    stays exact, as with any adaptive K. The object keeps what it measured: a second call starts from the last fit.
-    A chain of `depth` drafts while no first draft has been kept."""
+    """A tree fitted to the acceptance its own rounds measure, during the call: its first `every` rounds try `width`
+    first drafts (a fan, depth 1); then, every `every` rounds (a batch's round counts once), it becomes `best_tree` of
+    at most `budget` nodes and `depth` levels at the a_i measured so far, or the chain of `depth` drafts when no
+    draft was kept. a_i is counted at every node whose children a round tried: among such nodes with at least i
+    children, how often the i-th was the one kept (whether it is does not depend on the siblings drawn after it).
+    Each round's shape is fixed before its drafts are drawn, from earlier rounds only, so the tree rule stays exact,
+    as with any adaptive K. A rank that a fit leaves out is not measured again: one never kept while the fan was
+    tried stays out. The object keeps what it measured: a second call starts from the last fit."""
 
     def __init__(self, budget: int = 15, depth: int = 4, width: int = 8, every: int = 8):
         self.budget = check_integer("budget (the most nodes)", budget, 1, MAX_NODES)
         self.most_depth = check_integer("depth", depth, 1, self.budget)
-        self.width = check_integer("width (first drafts tried while measuring)", width, 1, MAX_NODES)
+        self.width = check_integer("width (first drafts tried while measuring)", width, 1, self.budget)
         self.every = check_integer("every (rounds between fits)", every, 1)
         self.kept, self.tried = [0] * self.width, [0] * self.width  # by sibling rank
-        self.rounds = 0
+        self.rounds, self.fitted_to = 0, None  # rounds since the last fit; the acceptance it was fitted to
         super().__init__((self.width,))
+        self.widths = None  # its shape changes: no widths name it
 
     def most_nodes(self) -> int:
-        return max(self.budget, self.width)
+        return self.budget
 
     def acceptance(self) -> list[float]:
         """The measured a_1 .. a_width (0 where no node had that many children), scaled to sum to at most 1."""
@@ -125,15 +128,18 @@ class FittedTree(TreeShape):
         return [x / max(1.0, sum(a)) for x in a]
 
     def choose(self) -> int:
-        if self.rounds >= self.every:  # refit between rounds: every row of the last round was counted on its shape
-            self.rounds, a = 0, self.acceptance()
+        """Called once at the start of every round: refits after `every` rounds, whose rows were all counted on the
+        shape they drafted."""
+        if self.rounds >= self.every:
+            self.rounds, self.fitted_to = 0, self.acceptance()
+            a = self.fitted_to
             fitted = best_tree(a, self.budget, self.most_depth) if any(a) else TreeShape((1,) * self.most_depth)
             self._build(fitted.parents)
+        self.rounds += 1
         return self.max_lookahead
 
     def update(self, round) -> None:
         """Counts one row's round: at the root and at each kept node, which of its children (if any) was kept."""
-        self.rounds += 1
         children = {}
         for i, parent in enumerate(self.parents[: self.ends[round.lookahead]]):  # the levels this row drafted
             children.setdefault(parent, []).append(i)
@@ -146,7 +152,7 @@ class FittedTree(TreeShape):
                 self.kept[below.index(child)] += 1
 
     def __repr__(self) -> str:
-        return (f"FittedTree(budget={self.budget}, depth={self.most_depth}, width={self.width}, every={self.every})")
+        return f"FittedTree(budget={self.budget}, depth={self.most_depth}, width={self.width}, every={self.every})"
 
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # as the command line takes it
         return "auto"

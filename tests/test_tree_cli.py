@@ -86,6 +86,20 @@ def test_tree_auto_fits_the_tree_during_the_run_and_keeps_the_text(checkpoints):
             "acceptance by sibling rank 1.00 0.00 0.00 0.00 0.00 0.00 0.00 0.00") in result.stdout
 
 
+def test_tree_auto_in_a_run_too_short_to_fit_says_so(checkpoints, capsys):
+    from speculative_gpt2 import cli
+
+    status = cli.main(["--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"), "--tree", "auto",
+                       "--max-new-tokens", "6", "--ignore-eos", "--device", "cpu", "--no-stream", "--mode",
+                       "speculative"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "=== Speculative sampling (K=4, a tree auto) ===" in out
+    assert ("--tree auto: the last run was too short to fit a tree (8 rounds first try 8 first drafts); it drafted "
+            "those") in out
+    assert "K auto: mean 1.00, from 1 to 1" in out  # the fan's depth, not a K cut by the tokens left
+
+
 def test_each_run_of_tree_auto_fits_afresh_so_a_seed_gives_one_text(checkpoints, capsys, monkeypatch):
     # At temperature 1 the tree decides how the random stream is used: what one run measured must not steer the
     # next, or the second timed run of the same seed would give another text.

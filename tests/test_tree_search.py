@@ -107,14 +107,13 @@ def test_a_fitted_tree_decodes_the_targets_text(models):
 
 def test_a_tree_fitted_during_the_call_counts_each_rank_where_it_was_tried_and_refits_between_rounds():
     tree = FittedTree(budget=6, depth=3, width=4, every=4)
-    assert tree.parents == [-1] * 4 and tree.choose() == 1  # the fan first: 4 first drafts, depth 1
-    for path in [(0,), (0,), (2,)]:  # ranks 1, 1 and 3 kept
+    for path in [(0,), (0,), (2,), ()]:  # ranks 1, 1 and 3 kept, then none
+        assert tree.choose() == 1 and tree.parents == [-1] * 4  # the first `every` rounds: the fan, depth 1
         tree.update(Round(1, len(path), nodes=4, path=path))
-        assert tree.choose() == 1 and tree.parents == [-1] * 4  # fewer than `every` rounds: still the fan
-    tree.update(Round(1, 0, nodes=4, path=()))  # none kept
-    assert tree.acceptance() == [0.5, 0.0, 0.25, 0.0]
-    tree.choose()  # the 4th round counted: refit
+    assert tree.acceptance() == [0.5, 0.0, 0.25, 0.0] and tree.fitted_to is None
+    tree.choose()  # the fifth round begins: refit
     assert tree.parents == best_tree([0.5, 0.0, 0.25, 0.0], 6, 3).parents != [-1] * 4
+    assert tree.fitted_to == [0.5, 0.0, 0.25, 0.0]
     # On the fitted tree a node with 2 children counts ranks 1 and 2 only: rank 3's estimate keeps its 4 tries.
     root_children = tree.parents.count(-1)
     tree.update(Round(tree.max_lookahead, 0, path=()))
@@ -125,6 +124,7 @@ def test_a_tree_fitted_during_the_call_counts_each_rank_where_it_was_tried_and_r
 def test_a_fitted_tree_that_measured_nothing_kept_is_a_chain():
     tree = FittedTree(budget=6, depth=3, width=4, every=2)
     for _ in range(2):
+        tree.choose()
         tree.update(Round(1, 0, nodes=4, path=()))
     assert tree.choose() == 3 and tree.parents == [-1, 0, 1]
 
@@ -132,12 +132,12 @@ def test_a_fitted_tree_that_measured_nothing_kept_is_a_chain():
 def test_a_tree_fitted_during_the_call_keeps_the_text_and_fits_a_chain_to_the_target_itself(models):
     target, drafts = models
     prompts = [[5, 6, 7], [1] * 9]
-    for draft in (target, drafts["a noisy copy"]):
+    for draft in (target, drafts["another model"]):
         tree = FittedTree(every=3)
         outs = speculative_sample(target, draft, prompts, 40, lookahead=tree)
         assert [out.tokens for out in outs] == [autoregressive_sample(target, p, 40).tokens for p in prompts]
         assert {r.nodes for out in outs for r in out.rounds} > {8}  # the fan, then fitted trees of other sizes
-    assert tree.acceptance()[0] < 1.0
+    assert tree.acceptance()[0] < 1.0 and tree.parents.count(-1) > 1  # another model: first drafts beside the first
     itself = FittedTree(every=3)
     speculative_sample(target, target, [5, 6, 7], 40, lookahead=itself)
     assert itself.acceptance() == [1.0] + [0.0] * 7 and itself.parents == [-1, 0, 1, 2]
@@ -147,6 +147,8 @@ def test_a_tree_fitted_during_the_call_keeps_the_text_and_fits_a_chain_to_the_ta
     (lambda: FittedTree(budget=0), r"budget \(the most nodes\) must be an integer from 1 to 64"),
     (lambda: FittedTree(budget=4, depth=5), "depth must be an integer from 1 to 4"),
     (lambda: FittedTree(every=0), r"every \(rounds between fits\)"),
+    (lambda: FittedTree(budget=6, width=8), r"width \(first drafts tried while measuring\) must be an integer from 1 "
+                                            r"to 6"),
     (lambda: best_tree([0.7, 0.5], 4, 2), "numbers from 0 to 1 that sum to at most 1"),
     (lambda: best_tree([], 4, 2), "numbers from 0 to 1"),
     (lambda: best_tree([0.5], 0, 1), "nodes from 1 to 64"),
