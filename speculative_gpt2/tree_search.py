@@ -122,6 +122,11 @@ class FittedTree(TreeShape):
     def most_nodes(self) -> int:
         return self.budget
 
+    def fed(self) -> int:
+        """The rows a draft pass of a fit typically feeds (its nodes per level), for the draft's weight layout chosen
+        before the call: the fan's first rounds feed 1, and the fits that follow more."""
+        return max(1, self.budget // self.most_depth)
+
     def acceptance(self) -> list[float]:
         """The measured a_1 .. a_width (0 where no node had that many children), scaled to sum to at most 1."""
         a = [k / t if t else 0.0 for k, t in zip(self.kept, self.tried)]
