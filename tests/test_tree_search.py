@@ -121,6 +121,33 @@ def test_a_tree_fitted_during_the_call_counts_each_rank_where_it_was_tried_and_r
                                                                                                    root_children)
 
 
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(seeds=st.lists(st.integers(0, 2**31), min_size=1, max_size=40), budget=st.integers(1, 20),
+       depth=st.integers(1, 5), width=st.integers(1, 8), every=st.integers(1, 4), rejects=st.booleans())
+def test_whatever_its_rounds_keep_a_fitted_tree_stays_within_its_budget_and_depth(seeds, budget, depth, width, every,
+                                                                                 rejects):
+    # Rounds keep random paths of the shape they drafted (each node's children tried in order, one kept or none):
+    # the acceptance stays a distribution over ranks and every fit a valid tree within the budget and depth.
+    depth, width = min(depth, budget), min(width, budget)
+    tree = FittedTree(budget=budget, depth=depth, width=width, every=every)
+    for seed in seeds:
+        levels = tree.choose()
+        assert 1 <= levels <= depth and len(tree.parents) <= budget
+        generator = torch.Generator().manual_seed(seed)
+        path, at, drafted = [], -1, int(torch.randint(1, levels + 1, (), generator=generator))  # a row may draft fewer
+        for _ in range(drafted):
+            children = [i for i, parent in enumerate(tree.parents) if parent == at]
+            pick = int(torch.randint(0, len(children) + rejects, (), generator=generator)) if children else 0
+            if pick == len(children):  # every child rejected
+                break
+            path.append(children[pick])
+            at = children[pick]
+        tree.update(Round(drafted, len(path), path=tuple(path)))
+        a = tree.acceptance()
+        assert all(0.0 <= x <= 1.0 for x in a) and sum(a) <= 1.0 + 1e-9
+        assert all(k <= t for k, t in zip(tree.kept, tree.tried))
+
+
 def test_a_fitted_tree_that_measured_nothing_kept_is_a_chain():
     tree = FittedTree(budget=6, depth=3, width=4, every=2)
     for _ in range(2):
