@@ -882,7 +882,8 @@ def _print_summary(args, results: dict[str, list[Generation]], shares: dict[str,
             print(f"speedup over plain decoding without KV cache: "
                   f"{spec.tokens_per_second / uncached.tokens_per_second:.2f}x (timed)")
         print(acceptance([spec]))
-        k = k_used([spec], "auto" if isinstance(args.tree, FittedTree) else args.lookahead, args.draft == NGRAM)
+        asked = "auto" if isinstance(args.tree, FittedTree) else args.lookahead  # a fitted tree's depth changes
+        k = k_used([spec], asked, args.draft == NGRAM)
         print(f"mean tokens per target pass: {spec.tokens_per_target_call:.2f}; {k}" + (
             f" (from the cost model, c = {cost_ratio(models['target'], models.get('draft')):.3f}: the same seed "
             f"gives the same text)" if args.lookahead == "auto" and args.temperature > 0 and not args.coupled else
@@ -890,7 +891,6 @@ def _print_summary(args, results: dict[str, list[Generation]], shares: dict[str,
         if (args.tree is not None or args.matches > 1) and spec.rounds:
             print(f"token trees: {statistics.mean(r.nodes for r in spec.rounds):.1f} drafts scored per target pass "
                   f"(a chain of K = {args.lookahead} scores {args.lookahead})")
-
         if args.draft == NGRAM:  # a lookup makes no draft pass: count what it proposed
             no_match = sum(k == 0 for k in spec.lookahead_per_round)
             print(f"target passes: {spec.target_calls}, drafted tokens: {spec.draft_calls} by prompt lookup "
@@ -898,8 +898,9 @@ def _print_summary(args, results: dict[str, list[Generation]], shares: dict[str,
         else:
             print(f"target passes: {spec.target_calls}, draft passes: {spec.draft_calls}")
         if trusted is not None:
-            for line in why_slower([spec], [plain], trusted, lookahead=args.lookahead, lookup=args.draft == NGRAM,
-                                   dtype=dtype, device=device, exact_rows=rows if exact is not None else None):
+            for line in why_slower([spec], [plain], trusted, lookahead=asked, lookup=args.draft == NGRAM,
+                                   dtype=dtype, device=device, exact_rows=rows if exact is not None else None,
+                                   tree=None if args.tree is None else str(args.tree)):
                 print(line)
     print(f"peak memory: {peak_memory(device)}")
     reference = exact or plain  # greedy or coupled: what the speculative text must equal token for token

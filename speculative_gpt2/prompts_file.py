@@ -316,9 +316,10 @@ def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], runs: d
         lines.append(f"mean tokens per target pass: {sum(len(g.tokens) for g in generations) / max(passes, 1):.2f}; "
                      f"{k_used(generations, asked, args.draft == NGRAM)}")
         if SPECULATIVE in timed and PLAIN in timed:
-            lines += why_slower(runs[SPECULATIVE], runs[PLAIN], trusted, lookahead=args.lookahead,
+            lines += why_slower(runs[SPECULATIVE], runs[PLAIN], trusted, lookahead=asked,
                                 lookup=args.draft == NGRAM, dtype=dtype, device=device,
-                                exact_rows=pass_rows if runs.get(EXACT) else None)
+                                exact_rows=pass_rows if runs.get(EXACT) else None,
+                                tree=None if args.tree is None else str(args.tree))
     verdicts = [r["identical"] for _, _, r in done if "identical" in r]
     if verdicts and (args.temperature == 0 or args.coupled):
         parted = [str(p.line) for p, _, r in done if r.get("identical") is False]

@@ -46,11 +46,13 @@ def acceptance(runs: list[Generation]) -> str:
 
 
 def why_slower(spec: list[Generation], plain: list[Generation], speedup: float, *, lookahead: int | str,
-               lookup: bool, dtype: torch.dtype, device, exact_rows: int | None = None) -> list[str]:
+               lookup: bool, dtype: torch.dtype, device, exact_rows: int | None = None,
+               tree: str | None = None) -> list[str]:
     """When speculative sampling was slower than plain decoding (`speedup`: the figure the report trusts), a line
     that says why from the runs' median step costs, and one of what to try; otherwise none. `exact_rows`: the rows
     of exact mode's passes when the speculative run was in exact mode, whose prefill of a long prompt (in passes of
-    that many rows) can outweigh everything else; a line says so when it did.
+    that many rows) can outweigh everything else; a line says so when it did. `tree`: the command line's --tree
+    (its depth is K, so no --lookahead is offered; a fixed shape is offered auto).
 
     The break-even is in the report's own terms: a round costs some target passes (its drafts and its
     verification, at their median pace) and yields some tokens; it pays when it yields more tokens than it costs.
@@ -79,7 +81,9 @@ def why_slower(spec: list[Generation], plain: list[Generation], speedup: float, 
     else:
         line = (f"why: a round yielded {yielded:.2f} tokens for {cost:.2f} target passes, which pays, but the prefills "
                 f"(the draft's too) and the last rounds of a short run took the gain")
-    tries = [] if lookahead == "auto" else ["--lookahead auto (it lowers K when drafts are rejected)"]
+    tries = [] if lookahead == "auto" or tree == "auto" else [
+        "--lookahead auto (it lowers K when drafts are rejected)" if tree is None else
+        "--tree auto (a tree fitted to the drafts kept during the run)"]
     rate = kept / proposed if proposed else 0.0
     if lookup and (rate < 0.5 or empty > rounds / 2):
         tries.append("a draft model (--draft gpt2, downloaded once; or a checkpoint folder of a small GPT-2): prompt "

@@ -102,12 +102,12 @@ def acceptance_by_rank(rounds, ranks: int) -> list[float]:
 class FittedTree(TreeShape):
     """A tree fitted to the acceptance its own rounds measure, during the call: its first `every` rounds try `width`
     first drafts (a fan, depth 1); then, every `every` rounds (a batch's round counts once), it becomes `best_tree` of
-    at most `budget` nodes and `depth` levels at the a_i measured so far, or the chain of `depth` drafts when no
-    draft was kept. a_i is counted at every node whose children a round tried: among such nodes with at least i
-    children, how often the i-th was the one kept (whether it is does not depend on the siblings drawn after it).
-    Each round's shape is fixed before its drafts are drawn, from earlier rounds only, so the tree rule stays exact,
-    as with any adaptive K. A rank that a fit leaves out is not measured again: one never kept while the fan was
-    tried stays out. The object keeps what it measured: a second call starts from the last fit."""
+    at most `budget` nodes and `depth` levels at the a_i measured so far; while no draft has been kept it stays the fan
+    (one draft pass a round, every rank still measured). a_i is counted at every node whose children a round tried:
+    among such nodes with at least i children, how often the i-th was the one kept (whether it is does not depend on the
+    siblings drawn after it). Each round's shape is fixed before its drafts are drawn, from earlier rounds only, so the
+    tree rule stays exact, as with any adaptive K. A rank that a fit leaves out is not measured again: one never kept
+    while the fan was tried stays out. The object keeps what it measured: a second call starts from the last fit."""
 
     def __init__(self, budget: int = 15, depth: int = 4, width: int = 8, every: int = 8):
         self.budget = check_integer("budget (the most nodes)", budget, 1, MAX_NODES)
@@ -138,7 +138,7 @@ class FittedTree(TreeShape):
         if self.rounds >= self.every:
             self.rounds, self.fitted_to = 0, self.acceptance()
             a = self.fitted_to
-            fitted = best_tree(a, self.budget, self.most_depth) if any(a) else TreeShape((1,) * self.most_depth)
+            fitted = best_tree(a, self.budget, self.most_depth) if any(a) else TreeShape((self.width,))
             self._build(fitted.parents)
         self.rounds += 1
         return self.max_lookahead

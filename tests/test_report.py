@@ -178,6 +178,19 @@ def test_a_useless_draft_is_explained_in_target_passes_per_round():
     assert "ngram" not in lines[1] and "--draft gpt2" not in lines[1]
 
 
+@pytest.mark.parametrize("tree, lookahead, offered", [("3x2", 2, "try: --tree auto (a tree fitted to the drafts "
+                                                                     "kept during the run)"),
+                                                      ("auto", "auto", None), (None, 4, "try: --lookahead auto")])
+def test_a_tree_run_is_not_offered_a_lookahead_it_cannot_take(tree, lookahead, offered):
+    # --tree sets K by its depth and refuses --lookahead: a fixed shape is offered the fitted one, auto nothing on K.
+    spec = speculative_run([Round(2, 0, draft_ms=40, verify_ms=130, nodes=9)] * 5)
+    lines = why_slower([spec], [naive_run([100.0] * 5)], 0.5, lookahead=lookahead, lookup=False, dtype=torch.float32,
+                       device=CPU, tree=tree)
+    hint = lines[1]
+    assert (offered is None or hint.startswith(offered)) and ("--lookahead" in hint) == (tree is None)
+    assert ("--tree auto" in hint) == (tree == "3x2")
+
+
 def test_the_parts_of_a_round_add_up_to_its_cost_when_rounds_draft_fewer():
     # Rounds of 3 or 4 drafts (the last tokens of a budget): the cost is the mean drafts times a draft pass plus a
     # verification, each a median, and the line says so; a hint names the acceptance it saw.

@@ -148,12 +148,19 @@ def test_whatever_its_rounds_keep_a_fitted_tree_stays_within_its_budget_and_dept
         assert all(k <= t for k, t in zip(tree.kept, tree.tried))
 
 
-def test_a_fitted_tree_that_measured_nothing_kept_is_a_chain():
+def test_a_fitted_tree_that_measured_nothing_kept_stays_the_fan_until_a_draft_is_kept():
+    # Nothing kept: the cheapest round that still measures every rank (one draft pass), not a deep chain.
     tree = FittedTree(budget=6, depth=3, width=4, every=2)
     for _ in range(2):
         tree.choose()
         tree.update(Round(1, 0, nodes=4, path=()))
-    assert tree.choose() == 3 and tree.parents == [-1, 0, 1]
+    assert tree.choose() == 1 and tree.parents == [-1] * 4 and tree.fitted_to == [0.0] * 4
+    tree.update(Round(1, 1, nodes=4, path=(1,)))  # the third round keeps rank 2
+    tree.choose()
+    tree.update(Round(1, 0, nodes=4, path=()))
+    tree.choose()  # the fifth round begins: refit to what was kept
+    assert tree.fitted_to == [0.0, 0.25, 0.0, 0.0]  # 1 of 4 rounds
+    assert tree.parents == best_tree([0.0, 0.25, 0.0, 0.0], 6, 3).parents != [-1] * 4
 
 
 def test_a_tree_fitted_during_the_call_keeps_the_text_and_fits_a_chain_to_the_target_itself(models):
