@@ -586,12 +586,14 @@ def _run(args) -> int:
         return run_prompts_file(args, file_prompts, enc=enc, device=device, dtype=dtype, decode=decode,
                                 prepare=prepare, options=options, exact=exact, pass_rows=rows,
                                 setup=_setup_lines(args, models, load_seconds, device, dtype))
-    asked = "auto" if args.lookahead == "auto" else f"{args.lookahead}" + (
+    asked = "K=auto" if args.lookahead == "auto" else f"K={args.lookahead}" + (
         f", a tree {args.tree}" if args.tree else f", trees of {args.matches} lookup matches"
         if args.matches > 1 else "")
+    if isinstance(args.tree, FittedTree):
+        asked = f"a tree fitted during the run, depth up to {args.tree.most_depth}"
     titles = {UNCACHED: "Plain decoding without KV cache", PLAIN: "Plain decoding",
               EXACT: f"Plain decoding, exact mode (every pass {rows} rows, as speculative sampling's)",
-              SPECULATIVE: f"Speculative sampling (K={asked})" + (", exact mode" if exact else "")}
+              SPECULATIVE: f"Speculative sampling ({asked})" + (", exact mode" if exact else "")}
     modes = [m for m, wanted in ((UNCACHED, args.no_cache_baseline and args.mode != "speculative"),
                                  (PLAIN, args.mode != "speculative"), (EXACT, exact),
                                  (SPECULATIVE, args.mode != "plain")) if wanted]
@@ -628,12 +630,15 @@ def _run(args) -> int:
     if fitted:  # --tree auto: where the last speculative run's fit ended
         tree = fitted[-1]
         if tree.fitted_to is None:
-            print(f"--tree auto: the last run was too short to fit a tree ({tree.every} rounds first try "
-                  f"{tree.width} first drafts); it drafted those")
+            print(f"--tree auto: the last run had {tree.rounds} rounds, and the first {tree.every} try "
+                  f"{tree.width} first drafts before the first fit: it drafted those only")
+        elif not any(tree.fitted_to):
+            print(f"--tree auto: no draft was kept in the last run ({tree.fitted_at} tries), so it stayed on the "
+                  f"{tree.width} first drafts (one draft pass a round); a better-matched draft is what would pay")
         else:
             print(f"--tree auto: the last run ended with the tree parents={','.join(map(str, tree.parents))} "
                   f"({len(tree.parents)} nodes, depth {tree.max_lookahead}), fitted to the acceptance by sibling rank "
-                  f"{' '.join(f'{a:.2f}' for a in tree.fitted_to)}")
+                  f"{' '.join(f'{a:.2f}' for a in tree.fitted_to)} (measured at {tree.fitted_at} nodes)")
     if args.show_acceptance:
         _show_acceptance(args, results.get(SPECULATIVE, [None])[0], enc, prompt)
     if args.trace is not None:
@@ -883,7 +888,7 @@ def _print_summary(args, results: dict[str, list[Generation]], shares: dict[str,
                   f"{spec.tokens_per_second / uncached.tokens_per_second:.2f}x (timed)")
         print(acceptance([spec]))
         asked = "auto" if isinstance(args.tree, FittedTree) else args.lookahead  # a fitted tree's depth changes
-        k = k_used([spec], asked, args.draft == NGRAM)
+        k = k_used([spec], asked, args.draft == NGRAM, what="tree depth" if asked == "auto" and args.tree else "K")
         print(f"mean tokens per target pass: {spec.tokens_per_target_call:.2f}; {k}" + (
             f" (from the cost model, c = {cost_ratio(models['target'], models.get('draft')):.3f}: the same seed "
             f"gives the same text)" if args.lookahead == "auto" and args.temperature > 0 and not args.coupled else

@@ -151,6 +151,9 @@ def _average(old: float | None, new: float, weight: float = 0.3) -> float:
 
 def as_policy(lookahead) -> LookaheadPolicy:
     """A lookahead as the samplers take it: K (an integer >= 1), "auto" (a fresh AdaptiveLookahead), or a policy."""
+    if isinstance(lookahead, type):  # FittedTree, not FittedTree(): its methods would fail on a missing self
+        raise ValueError(f"lookahead is the class {lookahead.__name__}, not a policy: pass an instance, "
+                         f"{lookahead.__name__}()")
     if callable(getattr(lookahead, "choose", None)) and callable(getattr(lookahead, "update", None)):
         return lookahead
     if isinstance(lookahead, str) and lookahead == "auto":  # as on the command line: a fresh policy for this call
@@ -158,5 +161,5 @@ def as_policy(lookahead) -> LookaheadPolicy:
     try:
         return FixedLookahead(check_integer("lookahead", lookahead, minimum=1))
     except ValueError:
-        raise ValueError(f"lookahead must be an integer >= 1, 'auto', or a policy such as AdaptiveLookahead(), "
-                         f"got {lookahead!r}") from None
+        raise ValueError(f"lookahead must be an integer >= 1, 'auto', a tree's widths such as (3, 2), or a policy "
+                         f"such as AdaptiveLookahead() or FittedTree(), got {lookahead!r}") from None

@@ -314,7 +314,7 @@ def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], runs: d
                      f"{f'{sum(rates) / len(rates):.2f}' if rates else 'n/a'}")
         asked = "auto" if isinstance(args.tree, FittedTree) else args.lookahead  # a fitted tree's depth changes
         lines.append(f"mean tokens per target pass: {sum(len(g.tokens) for g in generations) / max(passes, 1):.2f}; "
-                     f"{k_used(generations, asked, args.draft == NGRAM)}")
+                     f"{k_used(generations, asked, args.draft == NGRAM, what='tree depth' if args.tree else 'K')}")
         if SPECULATIVE in timed and PLAIN in timed:
             lines += why_slower(runs[SPECULATIVE], runs[PLAIN], trusted, lookahead=asked,
                                 lookup=args.draft == NGRAM, dtype=dtype, device=device,

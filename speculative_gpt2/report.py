@@ -24,14 +24,15 @@ def parted(tokens: list[int], other: list[int]) -> int:
     return next((i for i, (a, b) in enumerate(zip(tokens, other)) if a != b), min(len(tokens), len(other)))
 
 
-def k_used(runs: list[Generation], asked: int | str, lookup: bool = False, short: bool = False) -> str:
+def k_used(runs: list[Generation], asked: int | str, lookup: bool = False, short: bool = False,
+           what: str = "K") -> str:
     """The K the rounds drafted with, as the report says it: K=4 (and its mean when rounds drafted fewer); with
-    auto, its mean and range. `short`: only K, or auto's mean."""
+    auto, its mean and range. `short`: only K, or auto's mean. `what` names it (a fitted tree's "depth")."""
     widths = [s.width for g in runs for s in g.steps if s.width > 0]
     mean = sum(widths) / len(widths) if widths else 0.0
     if asked == "auto":
-        return f"K auto (mean {mean:.2f})" if short or not widths else \
-            f"K auto: mean {mean:.2f}, from {min(widths)} to {max(widths)}"
+        return f"{what} auto (mean {mean:.2f})" if short or not widths else \
+            f"{what} auto: mean {mean:.2f}, from {min(widths)} to {max(widths)}"
     if short or min(widths, default=asked) == max(widths, default=asked) == asked:
         return f"K={asked}"
     fewer = "no more than the tokens left" + (" or than a lookup finds" if lookup else "")
@@ -73,7 +74,9 @@ def why_slower(spec: list[Generation], plain: list[Generation], speedup: float, 
     rounds = sum(len(g.rounds) for g in spec)
     empty = sum(r.lookahead == 0 for g in spec for r in g.rounds)
     if yielded < cost:
-        line = (f"why: at {k_used(spec, lookahead, short=True)} a drafting round cost {cost:.2f} target passes "
+        at = k_used(spec, "auto" if tree == "auto" else lookahead, short=True, what="a fitted tree's depth"
+                    if tree == "auto" else "K")
+        line = (f"why: at {at} a drafting round cost {cost:.2f} target passes "
                 f"({drafts:.2f} {each} each, and a verification of {t_verify:.2f}: medians) and yielded "
                 f"{yielded:.2f} tokens: it pays only when it yields more than it costs")
         if empty and lookup:

@@ -109,13 +109,16 @@ class FittedTree(TreeShape):
     tree rule stays exact, as with any adaptive K. A rank that a fit leaves out is not measured again: one never kept
     while the fan was tried stays out. The object keeps what it measured: a second call starts from the last fit."""
 
-    def __init__(self, budget: int = 15, depth: int = 4, width: int = 8, every: int = 8):
+    def __init__(self, budget: int = 15, depth: int = 4, width: int | None = None, every: int = 8):
         self.budget = check_integer("budget (the most nodes)", budget, 1, MAX_NODES)
         self.most_depth = check_integer("depth", depth, 1, self.budget)
-        self.width = check_integer("width (first drafts tried while measuring)", width, 1, self.budget)
+        width = min(8, self.budget) if width is None else width  # 8 first drafts, or as many as the budget holds
+        self.width = check_integer("width (first drafts tried while measuring, at most the budget)", width, 1,
+                                   self.budget)
         self.every = check_integer("every (rounds between fits)", every, 1)
         self.kept, self.tried = [0] * self.width, [0] * self.width  # by sibling rank
-        self.rounds, self.fitted_to = 0, None  # rounds since the last fit; the acceptance it was fitted to
+        # Rounds since the last fit; the acceptance it was fitted to, and at how many nodes rank 1 was tried then.
+        self.rounds, self.fitted_to, self.fitted_at = 0, None, 0
         super().__init__((self.width,))
         self.widths = None  # its shape changes: no widths name it
 
@@ -136,7 +139,7 @@ class FittedTree(TreeShape):
         """Called once at the start of every round: refits after `every` rounds, whose rows were all counted on the
         shape they drafted."""
         if self.rounds >= self.every:
-            self.rounds, self.fitted_to = 0, self.acceptance()
+            self.rounds, self.fitted_to, self.fitted_at = 0, self.acceptance(), self.tried[0]
             a = self.fitted_to
             fitted = best_tree(a, self.budget, self.most_depth) if any(a) else TreeShape((self.width,))
             self._build(fitted.parents)

@@ -170,7 +170,7 @@ def test_a_bin_that_is_not_a_dict_of_tensors(reference_folder, tmp_path, content
         (dict(eos_token_id=True), "eos_token_id must be an integer >= 0, got True"),
         (dict(eos_token_id=100), "eos_token_id=100 is not a token id of the models"),
         (dict(max_new_tokens=3.0), "max_new_tokens must be an integer >= 1, got 3.0"),
-        (dict(lookahead=2.0), "lookahead must be an integer >= 1, .auto., or a policy"),
+        (dict(lookahead=2.0), "lookahead must be an integer >= 1, .auto., a tree.s widths"),
         (dict(draft="draft"), r"draft must be a GPT2 model or a drafter \(start, propose and commit methods"),
     ],
 )

@@ -23,7 +23,7 @@ def test_lookahead_auto_in_python_as_on_the_command_line():
     target, draft = tiny_pair()
     out = speculative_sample(target, draft, [1, 2, 3], 24, lookahead="auto")
     assert len(out.tokens) == 24 and len(set(out.lookahead_per_round[:-1])) >= 1
-    with pytest.raises(ValueError, match="an integer >= 1, 'auto', or a policy"):
+    with pytest.raises(ValueError, match="an integer >= 1, 'auto', a tree's widths such as \\(3, 2\\), or a policy"):
         speculative_sample(target, draft, [1, 2, 3], 4, lookahead="Auto")
 
 

@@ -330,7 +330,7 @@ def test_on_tokens_streams_each_round(target, drafts):
         (dict(prompt=torch.zeros(2, 3, 4, dtype=torch.long)), "1-D array of token ids"),  # 2-D: a batch
         (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
         (dict(lookahead=0), "lookahead must be an integer >= 1"),
-        (dict(lookahead="fast"), "lookahead must be an integer >= 1, .auto., or a policy"),
+        (dict(lookahead="fast"), "lookahead must be an integer >= 1, .auto., a tree.s widths"),
         (dict(temperature=-0.1), "temperature must be a finite number >= 0"),
         (dict(top_k=0), "top_k must be an integer >= 1"),
         (dict(top_p=0.0), r"top_p must be a finite number in \(0, 1\]"),

@@ -80,7 +80,7 @@ def test_tree_auto_fits_the_tree_during_the_run_and_keeps_the_text(checkpoints):
                      "--max-new-tokens", "30", "--prompt", "one two one three", "--ignore-eos", "--device", "cpu",
                      "--no-stream")
     assert result.returncode == 0, result.stderr
-    assert "=== Speculative sampling (K=4, a tree auto), exact mode ===" in result.stdout
+    assert "=== Speculative sampling (a tree fitted during the run, depth up to 4), exact mode ===" in result.stdout
     assert "identical outputs: yes" in result.stdout
     assert ("--tree auto: the last run ended with the tree parents=-1,0,1,2 (4 nodes, depth 4), fitted to the "
             "acceptance by sibling rank 1.00 0.00 0.00 0.00 0.00 0.00 0.00 0.00") in result.stdout
@@ -94,10 +94,30 @@ def test_tree_auto_in_a_run_too_short_to_fit_says_so(checkpoints, capsys):
                        "speculative"])
     out, err = capsys.readouterr()
     assert status == 0, err
-    assert "=== Speculative sampling (K=4, a tree auto) ===" in out
-    assert ("--tree auto: the last run was too short to fit a tree (8 rounds first try 8 first drafts); it drafted "
-            "those") in out
-    assert "K auto: mean 1.00, from 1 to 1" in out  # the fan's depth, not a K cut by the tokens left
+    assert "=== Speculative sampling (a tree fitted during the run, depth up to 4) ===" in out
+    assert re.search(r"--tree auto: the last run had \d rounds, and the first 8 try 8 first drafts before the first "
+                     r"fit: it drafted those only", out)
+    assert "tree depth auto: mean 1.00, from 1 to 1" in out  # the fan's depth, not a K cut by the tokens left
+
+
+def test_tree_auto_that_kept_no_draft_says_it_stayed_on_the_first_drafts(checkpoints, capsys, monkeypatch):
+    # Every round's verdict counted as keeping nothing: the fit stays the fan, and the line says why.
+    import dataclasses
+
+    from speculative_gpt2 import cli
+
+    class NothingKept(cli.FittedTree):
+        def update(self, round):
+            super().update(dataclasses.replace(round, kept=0, path=()))
+
+    monkeypatch.setattr(cli, "FittedTree", NothingKept)
+    status = cli.main(["--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"), "--tree", "auto",
+                       "--max-new-tokens", "24", "--ignore-eos", "--device", "cpu", "--no-stream", "--mode",
+                       "speculative"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert re.search(r"--tree auto: no draft was kept in the last run \(\d+ tries\), so it stayed on the 8 first "
+                     r"drafts \(one draft pass a round\)", out)
 
 
 def test_each_run_of_tree_auto_fits_afresh_so_a_seed_gives_one_text(checkpoints, capsys, monkeypatch):

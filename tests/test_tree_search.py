@@ -181,8 +181,10 @@ def test_a_tree_fitted_during_the_call_keeps_the_text_and_fits_a_chain_to_the_ta
     (lambda: FittedTree(budget=0), r"budget \(the most nodes\) must be an integer from 1 to 64"),
     (lambda: FittedTree(budget=4, depth=5), "depth must be an integer from 1 to 4"),
     (lambda: FittedTree(every=0), r"every \(rounds between fits\)"),
-    (lambda: FittedTree(budget=6, width=8), r"width \(first drafts tried while measuring\) must be an integer from 1 "
-                                            r"to 6"),
+    (lambda: FittedTree(budget=6, width=8), r"width \(first drafts tried while measuring, at most the budget\) must be "
+                                            r"an integer from 1 to 6"),
+    (lambda: speculative_sample(None, None, [1], 4, lookahead=FittedTree), "lookahead is the class FittedTree, not a "
+                                                                          r"policy: pass an instance, FittedTree\(\)"),
     (lambda: best_tree([0.7, 0.5], 4, 2), "numbers from 0 to 1 that sum to at most 1"),
     (lambda: best_tree([], 4, 2), "numbers from 0 to 1"),
     (lambda: best_tree([0.5], 0, 1), "nodes from 1 to 64"),
