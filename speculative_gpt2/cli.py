@@ -271,7 +271,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "from the acceptance rate so far and the pass costs: measured at temperature 0 (where K "
                         "cannot change the text in float32); at temperature > 0 the paper's cost model (a draft pass "
                         "costs c target passes, c = the bytes of weights a draft pass reads over a target pass's), so "
-                        "that --seed still decides the text. Not with --tree, whose depth is K")
+                        "that --seed still decides the text. Not with --tree, which sets its own depth")
     parser.add_argument("--temperature", type=_checked(float, check_real, minimum=0), default=0.0,
                         help="0 is greedy; >0 samples")
     parser.add_argument("--top-k", type=_checked(int, check_integer, minimum=1), default=None,
@@ -352,9 +352,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         for flag, given in (("--lookahead", "lookahead" in args.given),
                             (f"--draft {NGRAM}", args.draft == NGRAM),
                             ("--coupled", args.coupled), ("--cuda-graphs", args.cuda_graphs)):
+            why = {"--lookahead": "the tree sets its depth itself (3x2: 2; auto: up to 4)",
+                   f"--draft {NGRAM}": f"for prompt lookup's trees, use --draft {NGRAM} --matches M instead",
+                   "--coupled": "coupled sampling verifies chains only",
+                   "--cuda-graphs": "the graphs replay chains' passes only"}
             if given:
-                parser.error(f"--tree drafts a token tree with the draft model and goes without {flag}: "
-                             + ("its depth is K" if flag == "--lookahead" else "leave one of them out"))
+                parser.error(f"--tree drafts a token tree with the draft model and goes without {flag}: {why[flag]}")
         args.lookahead = getattr(args.tree, "most_depth", args.tree.max_lookahead)  # auto: its deepest
     if args.matches > 1:
         if args.draft != NGRAM:
@@ -894,8 +897,10 @@ def _print_summary(args, results: dict[str, list[Generation]], shares: dict[str,
             f"gives the same text)" if args.lookahead == "auto" and args.temperature > 0 and not args.coupled else
             " (from measured times)" if args.lookahead == "auto" else ""))
         if (args.tree is not None or args.matches > 1) and spec.rounds:
+            chain = f"a chain of K = {args.lookahead} scores {args.lookahead}" if isinstance(args.lookahead, int) \
+                and not isinstance(args.tree, FittedTree) else "a chain scores its K"
             print(f"token trees: {statistics.mean(r.nodes for r in spec.rounds):.1f} drafts scored per target pass "
-                  f"(a chain of K = {args.lookahead} scores {args.lookahead})")
+                  f"({chain})")
         if args.draft == NGRAM:  # a lookup makes no draft pass: count what it proposed
             no_match = sum(k == 0 for k in spec.lookahead_per_round)
             print(f"target passes: {spec.target_calls}, drafted tokens: {spec.draft_calls} by prompt lookup "

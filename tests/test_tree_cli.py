@@ -33,9 +33,10 @@ def test_a_tree_run_reports_its_drafts_per_pass_and_compares_the_texts(checkpoin
 
 @pytest.mark.parametrize("args, message", [
     (["--tree", "3x2", "--lookahead", "3"], "--tree drafts a token tree with the draft model and goes without "
-     "--lookahead: its depth is K"),
-    (["--tree", "3x2", "--draft", "ngram"], "goes without --draft ngram"),
-    (["--tree", "2x2", "--coupled"], "goes without --coupled"),
+     "--lookahead: the tree sets its depth itself (3x2: 2; auto: up to 4)"),
+    (["--tree", "3x2", "--draft", "ngram"], "goes without --draft ngram: for prompt lookup's trees, use --draft ngram "
+     "--matches M instead"),
+    (["--tree", "2x2", "--coupled"], "goes without --coupled: coupled sampling verifies chains only"),
     (["--tree", "0x2"], "argument --tree: invalid tree '0x2': widths from 1 to 64"),
     (["--tree", "8x8x8"], "argument --tree: invalid tree '8x8x8': the tree 8x8x8 has 584 nodes, more than 64"),
     (["--tree", "three"], "invalid tree 'three': give the widths per depth joined by x"),
@@ -53,7 +54,7 @@ def test_a_tree_run_reports_its_drafts_per_pass_and_compares_the_texts(checkpoin
     (["--draft", "ngram", "--matches", "17"], "argument --matches: invalid value '17'"),
     (["--draft", "ngram", "--matches", "16", "-K", "8"], "--matches 16 with K up to 8 makes trees of up to 128 drafts"),
     (["--tree", "auto", "--lookahead", "3"], "--tree drafts a token tree with the draft model and goes without "
-     "--lookahead: its depth is K"),
+     "--lookahead: the tree sets its depth itself"),
 ])
 def test_what_tree_runs_do_not_take_exits_2_in_one_line(checkpoints, refused_before_loading, args, message):
     assert message in refused_before_loading("--target", str(checkpoints / "target"), *args)
