@@ -255,6 +255,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"--draft {NGRAM}: follow the M latest earlier matches, not only the latest: their "
                         f"continuations, merged where they agree, are verified as one token tree of up to M x K "
                         f"drafts in one target pass (at most {MAX_MATCHES}; 1: a chain)")
+    auto = FittedTree()  # --tree auto's settings, as its help states them
     parser.add_argument("--tree", type=_tree, default=None, metavar="WIDTHS",
                         help="the draft model drafts a token tree of these widths per depth, e.g. 3x2: its 3 likeliest "
                         "(or sampled) first tokens, then 2 below each, all verified in one target pass; the depth is K "
@@ -262,9 +263,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the draft is confident (W first tokens, then W below each of the E likeliest paths at each "
                         "depth), which pays at temperature 0. Or parents=-1,-1,0,...: any tree, each node's parent "
                         "breadth-first (-1: a first token), as benchmarks/trees.py --best fits one to a pair's "
-                        "measured acceptance. Or auto: that fit made during the run itself (its first 8 rounds try 8 "
-                        "first drafts; then, every 8 rounds, the tree of at most 15 nodes and depth 4 that keeps the "
-                        "most at the acceptance measured so far)")
+                        f"measured acceptance. Or auto: that fit made during the run itself (its first {auto.every} "
+                        f"rounds try {auto.width} first drafts; then, every {auto.every} rounds, the tree of at most "
+                        f"{auto.budget} nodes and depth {auto.most_depth} that keeps the most at the acceptance "
+                        f"measured so far)")
     parser.add_argument("--lookahead", "-K", type=_lookahead, default=4, action=_Given,
                         help=f"draft tokens proposed per round (K), from 1 to {MAX_LOOKAHEAD} (and K + 1 within the "
                         "target's context: a round verifies K + 1 tokens in one pass), or auto: chosen every round "
@@ -352,7 +354,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         for flag, given in (("--lookahead", "lookahead" in args.given),
                             (f"--draft {NGRAM}", args.draft == NGRAM),
                             ("--coupled", args.coupled), ("--cuda-graphs", args.cuda_graphs)):
-            why = {"--lookahead": "the tree sets its depth itself (3x2: 2; auto: up to 4)",
+            why = {"--lookahead": f"the tree sets its depth itself (3x2: 2; auto: up to {FittedTree().most_depth})",
                    f"--draft {NGRAM}": f"for prompt lookup's trees, use --draft {NGRAM} --matches M instead",
                    "--coupled": "coupled sampling verifies chains only",
                    "--cuda-graphs": "the graphs replay chains' passes only"}
@@ -890,8 +892,8 @@ def _print_summary(args, results: dict[str, list[Generation]], shares: dict[str,
             print(f"speedup over plain decoding without KV cache: "
                   f"{spec.tokens_per_second / uncached.tokens_per_second:.2f}x (timed)")
         print(acceptance([spec]))
-        asked = "auto" if isinstance(args.tree, FittedTree) else args.lookahead  # a fitted tree's depth changes
-        k = k_used([spec], asked, args.draft == NGRAM, what="tree depth" if asked == "auto" and args.tree else "K")
+        tree = None if args.tree is None else str(args.tree)
+        k = k_used([spec], args.lookahead, args.draft == NGRAM, tree=tree)
         print(f"mean tokens per target pass: {spec.tokens_per_target_call:.2f}; {k}" + (
             f" (from the cost model, c = {cost_ratio(models['target'], models.get('draft')):.3f}: the same seed "
             f"gives the same text)" if args.lookahead == "auto" and args.temperature > 0 and not args.coupled else
@@ -908,9 +910,9 @@ def _print_summary(args, results: dict[str, list[Generation]], shares: dict[str,
         else:
             print(f"target passes: {spec.target_calls}, draft passes: {spec.draft_calls}")
         if trusted is not None:
-            for line in why_slower([spec], [plain], trusted, lookahead=asked, lookup=args.draft == NGRAM,
+            for line in why_slower([spec], [plain], trusted, lookahead=args.lookahead, lookup=args.draft == NGRAM,
                                    dtype=dtype, device=device, exact_rows=rows if exact is not None else None,
-                                   tree=None if args.tree is None else str(args.tree)):
+                                   tree=tree):
                 print(line)
     print(f"peak memory: {peak_memory(device)}")
     reference = exact or plain  # greedy or coupled: what the speculative text must equal token for token

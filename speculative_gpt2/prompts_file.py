@@ -27,7 +27,6 @@ from speculative_gpt2.records import Generation
 from speculative_gpt2.report import EXACT, PLAIN, NGRAM, SPECULATIVE, acceptance, k_used, why_slower
 from speculative_gpt2.text import printable
 from speculative_gpt2.timing import Timed, cpu_share, expected_seconds, pace_line, speedup_lines
-from speculative_gpt2.tree_search import FittedTree
 
 # The most a prompts file may hold: hundreds of thousands of prompts; a larger input is most likely not one.
 MAX_FILE_BYTES = 64 * 2**20
@@ -312,14 +311,13 @@ def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], runs: d
         passes = sum(g.target_calls for g in generations)
         lines.append(f"{acceptance(generations)} over all rows; mean per prompt "
                      f"{f'{sum(rates) / len(rates):.2f}' if rates else 'n/a'}")
-        asked = "auto" if isinstance(args.tree, FittedTree) else args.lookahead  # a fitted tree's depth changes
+        tree = None if args.tree is None else str(args.tree)
         lines.append(f"mean tokens per target pass: {sum(len(g.tokens) for g in generations) / max(passes, 1):.2f}; "
-                     f"{k_used(generations, asked, args.draft == NGRAM, what='tree depth' if args.tree else 'K')}")
+                     f"{k_used(generations, args.lookahead, args.draft == NGRAM, tree=tree)}")
         if SPECULATIVE in timed and PLAIN in timed:
-            lines += why_slower(runs[SPECULATIVE], runs[PLAIN], trusted, lookahead=asked,
+            lines += why_slower(runs[SPECULATIVE], runs[PLAIN], trusted, lookahead=args.lookahead,
                                 lookup=args.draft == NGRAM, dtype=dtype, device=device,
-                                exact_rows=pass_rows if runs.get(EXACT) else None,
-                                tree=None if args.tree is None else str(args.tree))
+                                exact_rows=pass_rows if runs.get(EXACT) else None, tree=tree)
     verdicts = [r["identical"] for _, _, r in done if "identical" in r]
     if verdicts and (args.temperature == 0 or args.coupled):
         parted = [str(p.line) for p, _, r in done if r.get("identical") is False]

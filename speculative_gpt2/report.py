@@ -25,12 +25,14 @@ def parted(tokens: list[int], other: list[int]) -> int:
 
 
 def k_used(runs: list[Generation], asked: int | str, lookup: bool = False, short: bool = False,
-           what: str = "K") -> str:
+           tree: str | None = None) -> str:
     """The K the rounds drafted with, as the report says it: K=4 (and its mean when rounds drafted fewer); with
-    auto, its mean and range. `short`: only K, or auto's mean. `what` names it (a fitted tree's "depth")."""
+    auto, its mean and range. `short`: only K, or auto's mean. `tree`: the command line's --tree; with auto (a tree
+    fitted during the run) its depth changes as K auto's does."""
     widths = [s.width for g in runs for s in g.steps if s.width > 0]
     mean = sum(widths) / len(widths) if widths else 0.0
-    if asked == "auto":
+    what = "tree depth" if tree == "auto" else "K"
+    if asked == "auto" or tree == "auto":
         return f"{what} auto (mean {mean:.2f})" if short or not widths else \
             f"{what} auto: mean {mean:.2f}, from {min(widths)} to {max(widths)}"
     if short or min(widths, default=asked) == max(widths, default=asked) == asked:
@@ -74,8 +76,7 @@ def why_slower(spec: list[Generation], plain: list[Generation], speedup: float, 
     rounds = sum(len(g.rounds) for g in spec)
     empty = sum(r.lookahead == 0 for g in spec for r in g.rounds)
     if yielded < cost:
-        at = k_used(spec, "auto" if tree == "auto" else lookahead, short=True, what="a fitted tree's depth"
-                    if tree == "auto" else "K")
+        at = k_used(spec, lookahead, short=True, tree=tree)
         line = (f"why: at {at} a drafting round cost {cost:.2f} target passes "
                 f"({drafts:.2f} {each} each, and a verification of {t_verify:.2f}: medians) and yielded "
                 f"{yielded:.2f} tokens: it pays only when it yields more than it costs")

@@ -68,6 +68,15 @@ def best_tree(acceptance: list[float], nodes: int, depth: int) -> TreeShape:
     return TreeShape.of_parents(parents)
 
 
+def tried_children(parents: list[int], path: list[int]) -> list[tuple[list[int], int | None]]:
+    """Where a round's rule tried children: at the root, then at each kept node (path: node indices), the node's
+    children in the order drawn (empty at a leaf) and the one kept there (None: every one rejected)."""
+    children = {}
+    for i, parent in enumerate(parents):
+        children.setdefault(parent, []).append(i)
+    return [(children.get(parent, []), child) for parent, child in zip([-1] + path, path + [None])]
+
+
 def acceptance_by_rank(rounds, ranks: int) -> list[float]:
     """a_1 .. a_ranks measured from traced rounds (`TraceRound`s, trace=True): at every node the rule tried children
     below (the pending token, then each kept node with children) and that has at least `ranks` of them, which rank was
@@ -81,14 +90,10 @@ def acceptance_by_rank(rounds, ranks: int) -> list[float]:
         parents, path = round.parents, round.path
         if parents is None:  # a chain: each draft below the one before it
             parents, path = list(range(-1, len(round.drafts) - 1)), list(range(round.kept))
-        children = {}
-        for i, parent in enumerate(parents):
-            children.setdefault(parent, []).append(i)
-        tested = list(zip([-1] + path, path + [None]))
-        if round.next_token is None:  # an EOS among the kept drafts ended the round: its children were never tried
+        tested = tried_children(parents, path)
+        if round.next_token is None:  # an EOS ended the round: the trace does not say which of its children was kept
             tested = tested[:-1]
-        for parent, child in tested:
-            below = children.get(parent, [])
+        for below, child in tested:
             if len(below) >= ranks:
                 tried += 1
                 if child is not None and below.index(child) < ranks:
@@ -148,16 +153,11 @@ class FittedTree(TreeShape):
 
     def update(self, round) -> None:
         """Counts one row's round: at the root and at each kept node, which of its children (if any) was kept."""
-        children = {}
-        for i, parent in enumerate(self.parents[: self.ends[round.lookahead]]):  # the levels this row drafted
-            children.setdefault(parent, []).append(i)
-        path = list(round.path)
-        for parent, child in zip([-1] + path, path + [None]):
-            below = children.get(parent, [])
-            for rank in range(min(len(below), self.width)):
+        for below, child in tried_children(self.parents[: self.ends[round.lookahead]], list(round.path)):
+            for rank in range(min(len(below), self.width)):  # the levels this row drafted
                 self.tried[rank] += 1
-            if child is not None and below.index(child) < self.width:
-                self.kept[below.index(child)] += 1
+            if child is not None and self.ranks[child] < self.width:
+                self.kept[self.ranks[child]] += 1
 
     def __repr__(self) -> str:
         return f"FittedTree(budget={self.budget}, depth={self.most_depth}, width={self.width}, every={self.every})"
