@@ -4,8 +4,11 @@ against the chain: tokens per target pass and decode tokens/s, configurations in
 The pair: the target and a noisy copy of it (weights perturbed by `--noise` of each tensor's std; 0.2 on the random
 GPT-2 small shape is the pair of total variation about 0.13 of benchmarks/trees.py). FittedTree starts each call
 afresh ("fresh", as the command line's `--tree auto` does) or carries what it measured in the call before
-("carried", a library user passing one object to several calls); the calibrated tree is `best_tree` at the acceptance by rank of 32 tokens of rounds that try 8 first drafts
-on the same prompt (what `--tree auto` did before the fit moved into the call; not timed here).
+("carried", a library user passing one object to several calls); the calibrated tree is `best_tree` at the
+acceptance by rank of 32 tokens of rounds that try 8 first drafts on the same prompt (what `--tree auto` did before
+the fit moved into the call; not timed here). Fresh FittedTrees also fit by costs: the rounds' measured times
+(`costs="measured"`, the command line's at temperature 0) and the paper's cost model (`costs=c`, c the draft's
+bytes of weights over the target's, the command line's at temperature > 0).
 
     python benchmarks/fitted_tree.py --target weights/random-gpt2 --out benchmarks/results/fitted-tree.json
 """
@@ -27,6 +30,7 @@ from gpt2_model import GPT2  # noqa: E402
 from speculative import autoregressive_sample, speculative_sample  # noqa: E402
 from speculative_gpt2.machine import hardware_name  # noqa: E402
 from speculative_gpt2.random_checkpoint import noisy_copy  # noqa: E402
+from speculative_gpt2.report import cost_ratio  # noqa: E402
 from speculative_gpt2.tree_search import FittedTree, acceptance_by_rank, best_tree  # noqa: E402
 from speculative_gpt2.trees import TreeShape  # noqa: E402
 
@@ -43,14 +47,17 @@ def main(argv=None) -> None:
     target = GPT2.from_pretrained(args.target)
     draft = noisy_copy(target, args.noise, seed=1)
     carried = FittedTree()
-    results = {name: [] for name in ("chain K=4", "calibrated", "FittedTree fresh", "FittedTree carried")}
+    c = cost_ratio(target, draft)
+    results = {name: [] for name in ("chain K=4", "calibrated", "FittedTree fresh", "FittedTree carried",
+                                     "FittedTree, measured costs", f"FittedTree, costs c = {c:.2f}")}
     for i in range(args.prompts):
         prompt = torch.randint(0, target.config.vocab_size, (12,), generator=torch.Generator().manual_seed(i)).tolist()
         options = dict(temperature=args.temperature, generator=None)
         calibration = speculative_sample(target, draft, prompt, 32, lookahead=(8,), trace=True, **options)
         calibrated = best_tree(acceptance_by_rank(calibration.trace, 8), 15, 4)
         policies = {"chain K=4": 4, "calibrated": calibrated, "FittedTree fresh": FittedTree(),
-                    "FittedTree carried": carried}
+                    "FittedTree carried": carried, "FittedTree, measured costs": FittedTree(costs="measured"),
+                    f"FittedTree, costs c = {c:.2f}": FittedTree(costs=c)}
         plain = autoregressive_sample(target, prompt, args.max_new_tokens, **options)
         for name, policy in policies.items():
             torch.manual_seed(i)

@@ -47,8 +47,8 @@ from speculative_gpt2.machine import (DTYPES, dtype_name, hardware_name, native_
                                      resolve_device, resolve_dtype)
 from speculative_gpt2.packing import PackedLinear, lay_out
 from speculative_gpt2.records import Generation
-from speculative_gpt2.report import (EXACT, PLAIN, NGRAM, SPECULATIVE, UNCACHED, acceptance, cost_ratio, k_used,
-                                     parted, why_slower)
+from speculative_gpt2.report import (EXACT, PLAIN, NGRAM, SPECULATIVE, UNCACHED, acceptance, cost_ratio, exact_rows,
+                                     k_used, parted, run_shape, tree_line, why_slower)
 from speculative_gpt2.timing import Timed, cpu_share, middle_half, pace_line, speedup_lines
 from speculative_gpt2.tree_search import FittedTree
 from speculative_gpt2.trees import MAX_NODES, ExpandingTree, TreePolicy, TreeShape
@@ -265,8 +265,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "breadth-first (-1: a first token), as benchmarks/trees.py --best fits one to a pair's "
                         f"measured acceptance. Or auto: that fit made during the run itself (its first {auto.every} "
                         f"rounds try {auto.width} first drafts; then, every {auto.every} rounds, the tree of at most "
-                        f"{auto.budget} nodes and depth {auto.most_depth} that keeps the most at the acceptance "
-                        f"measured so far)")
+                        f"{auto.budget} nodes and depth {auto.most_depth} that decodes the most tokens per unit of "
+                        f"time at the acceptance measured so far: from measured pass times at temperature 0, from "
+                        f"the cost model of --lookahead auto at temperature > 0, so that a seed gives one text)")
     parser.add_argument("--lookahead", "-K", type=_lookahead, default=4, action=_Given,
                         help=f"draft tokens proposed per round (K), from 1 to {MAX_LOOKAHEAD} (and K + 1 within the "
                         "target's context: a round verifies K + 1 tokens in one pass), or auto: chosen every round "
@@ -553,6 +554,8 @@ def _run(args) -> int:
         else args.lookahead
 
     fitted = []  # --tree auto: the last call's FittedTree, whose fit is reported
+    if isinstance(args.tree, FittedTree):  # its costs as K auto's: measured times only where they cannot change a text
+        args.tree.costs = "measured" if args.temperature == 0 else cost_ratio(target, draft)
 
     def lookahead():  # a fresh policy for every call: what one run learned must not steer the next
         if isinstance(args.tree, FittedTree):
@@ -591,11 +594,7 @@ def _run(args) -> int:
         return run_prompts_file(args, file_prompts, enc=enc, device=device, dtype=dtype, decode=decode,
                                 prepare=prepare, options=options, exact=exact, pass_rows=rows,
                                 setup=_setup_lines(args, models, load_seconds, device, dtype))
-    asked = "K=auto" if args.lookahead == "auto" else f"K={args.lookahead}" + (
-        f", a tree {args.tree}" if args.tree else f", trees of {args.matches} lookup matches"
-        if args.matches > 1 else "")
-    if isinstance(args.tree, FittedTree):
-        asked = f"a tree fitted during the run, depth up to {args.tree.most_depth}"
+    asked = run_shape(args.lookahead, args.tree, args.matches)
     titles = {UNCACHED: "Plain decoding without KV cache", PLAIN: "Plain decoding",
               EXACT: f"Plain decoding, exact mode (every pass {rows} rows, as speculative sampling's)",
               SPECULATIVE: f"Speculative sampling ({asked})" + (", exact mode" if exact else "")}
@@ -643,13 +642,15 @@ def _run(args) -> int:
         else:
             print(f"--tree auto: the last run ended with the tree parents={','.join(map(str, tree.parents))} "
                   f"({len(tree.parents)} nodes, depth {tree.max_lookahead}), fitted to the acceptance by sibling rank "
-                  f"{' '.join(f'{a:.2f}' for a in tree.fitted_to)} (measured at {tree.fitted_at} nodes)")
+                  f"{' '.join(f'{a:.2f}' for a in tree.fitted_to)} (measured at {tree.fitted_at} nodes), for the "
+                  f"most tokens per " + ("ms by the passes' measured times" if tree.costs == "measured" else
+                                        f"target pass by the cost model (c = {tree.costs:.3f})"))
     if args.show_acceptance:
         _show_acceptance(args, results.get(SPECULATIVE, [None])[0], enc, prompt)
     if args.trace is not None:
         from speculative_gpt2.render import trace_page
 
-        title = f"{Path(args.target).name} / {Path(args.draft).name}, K={args.lookahead}, temperature {args.temperature}"
+        title = f"{Path(args.target).name} / {Path(args.draft).name}, {asked}, temperature {args.temperature}"
         page = trace_page(results[SPECULATIVE][0], enc, prompt, title=title)
         write_page("--trace", Path(args.trace), page)
         print(f"trace of {len(results[SPECULATIVE][0].trace)} rounds: {printable(args.trace)}", file=sys.stderr)
@@ -875,7 +876,7 @@ def _print_summary(args, results: dict[str, list[Generation]], shares: dict[str,
         print(pace_line(timed[SPECULATIVE if spec is not None else PLAIN]))
     if exact is not None and plain is not None:
         cost = (timed[EXACT].expected / timed[EXACT].tokens) / (timed[PLAIN].expected / timed[PLAIN].tokens)
-        print(f"exact mode (every target pass {rows} rows, so that the texts compare equal in any "
+        print(f"exact mode (every target pass {exact_rows(rows)}; so that the texts compare equal in any "
               f"dtype) cost plain decoding {cost:.2f}x its time (median steps); speedups below are over the fastest "
               f"plain decoding (1-row passes)")
     if spec is not None:
@@ -891,7 +892,7 @@ def _print_summary(args, results: dict[str, list[Generation]], shares: dict[str,
         if uncached is not None:  # its steps grow with the text: no median pace; timed, once
             print(f"speedup over plain decoding without KV cache: "
                   f"{spec.tokens_per_second / uncached.tokens_per_second:.2f}x (timed)")
-        print(acceptance([spec]))
+        print(acceptance([spec], trees=args.tree is not None or args.matches > 1))
         tree = None if args.tree is None else str(args.tree)
         k = k_used([spec], args.lookahead, args.draft == NGRAM, tree=tree)
         print(f"mean tokens per target pass: {spec.tokens_per_target_call:.2f}; {k}" + (
@@ -899,10 +900,7 @@ def _print_summary(args, results: dict[str, list[Generation]], shares: dict[str,
             f"gives the same text)" if args.lookahead == "auto" and args.temperature > 0 and not args.coupled else
             " (from measured times)" if args.lookahead == "auto" else ""))
         if (args.tree is not None or args.matches > 1) and spec.rounds:
-            chain = f"a chain of K = {args.lookahead} scores {args.lookahead}" if isinstance(args.lookahead, int) \
-                and not isinstance(args.tree, FittedTree) else "a chain scores its K"
-            print(f"token trees: {statistics.mean(r.nodes for r in spec.rounds):.1f} drafts scored per target pass "
-                  f"({chain})")
+            print(tree_line([spec]))
         if args.draft == NGRAM:  # a lookup makes no draft pass: count what it proposed
             no_match = sum(k == 0 for k in spec.lookahead_per_round)
             print(f"target passes: {spec.target_calls}, drafted tokens: {spec.draft_calls} by prompt lookup "

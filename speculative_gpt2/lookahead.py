@@ -137,15 +137,15 @@ class AdaptiveLookahead:
         K = round.lookahead
         self.kept = self.decay * self.kept + round.kept
         self.rejected = self.decay * self.rejected + (round.kept < K)
-        self.draft_ms = _average(self.draft_ms, round.draft_ms / K)
-        self.verify_ms[K + 1] = _average(self.verify_ms.get(K + 1), round.verify_ms)
+        self.draft_ms = moving_average(self.draft_ms, round.draft_ms / K)
+        self.verify_ms[K + 1] = moving_average(self.verify_ms.get(K + 1), round.verify_ms)
 
     def __repr__(self) -> str:
         ratio = "" if self.cost_ratio is None else f", cost_ratio={self.cost_ratio:.3g}"
         return f"AdaptiveLookahead(max_lookahead={self.max_lookahead}{ratio})"
 
 
-def _average(old: float | None, new: float, weight: float = 0.3) -> float:
+def moving_average(old: float | None, new: float, weight: float = 0.3) -> float:
     return new if old is None else (1 - weight) * old + weight * new
 
 

@@ -24,7 +24,8 @@ from speculative_gpt2.coupling import MAX_SEED
 from speculative_gpt2.files import open_output, write_page
 from speculative_gpt2.machine import peak_memory
 from speculative_gpt2.records import Generation
-from speculative_gpt2.report import EXACT, PLAIN, NGRAM, SPECULATIVE, acceptance, k_used, why_slower
+from speculative_gpt2.report import (EXACT, PLAIN, NGRAM, SPECULATIVE, acceptance, exact_rows, k_used, run_shape,
+                                     tree_line, why_slower)
 from speculative_gpt2.text import printable
 from speculative_gpt2.timing import Timed, cpu_share, expected_seconds, pace_line, speedup_lines
 
@@ -271,8 +272,9 @@ def _record(prompt: PromptLine, generation: Generation, enc, earlier: dict[str, 
 def _write_batch_trace(args, done: list[tuple[PromptLine, Generation, dict]], enc) -> None:
     from speculative_gpt2.render import batch_trace_page
 
-    title = (f"{Path(args.target).name} / {Path(args.draft).name}, K={args.lookahead}, temperature "
-             f"{args.temperature}: {Path(args.prompts_file).name}")
+    shape = run_shape(args.lookahead, args.tree, args.matches)
+    title = (f"{Path(args.target).name} / {Path(args.draft).name}, {shape}, temperature {args.temperature}: "
+             f"{Path(args.prompts_file).name}")
     page = batch_trace_page([g for _, g, _ in done], enc, [p.tokens for p, _, _ in done],
                             names=[f"line {p.line}" for p, _, _ in done], title=title)
     write_page("--trace", Path(args.trace), page)
@@ -296,9 +298,9 @@ def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], runs: d
                      f"tokens/s over all rows")
     if EXACT in timed and PLAIN in timed:
         cost = (timed[EXACT].expected / timed[EXACT].tokens) / (timed[PLAIN].expected / timed[PLAIN].tokens)
-        lines.append(f"exact mode (every target pass {pass_rows} rows per prompt, so that the texts compare equal in "
-                     f"any dtype) cost plain decoding {cost:.2f}x its time (median steps); the speedup below is over "
-                     f"the fastest plain decoding")
+        lines.append(f"exact mode (every target pass {exact_rows(pass_rows)}, per prompt; so that the texts compare "
+                     f"equal in any dtype) cost plain decoding {cost:.2f}x its time (median steps); the speedup below "
+                     f"is over the fastest plain decoding")
     if SPECULATIVE in timed and PLAIN in timed:
         others = (timed[EXACT],) if EXACT in timed else ()
         trusted, speedup = speedup_lines(timed[SPECULATIVE], timed[PLAIN], "batched plain decoding", others)
@@ -309,11 +311,14 @@ def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], runs: d
         generations = [g for _, g, _ in done]
         rates = [g.acceptance_rate for g in generations if g.acceptance_rate is not None]
         passes = sum(g.target_calls for g in generations)
-        lines.append(f"{acceptance(generations)} over all rows; mean per prompt "
+        trees = args.tree is not None or args.matches > 1
+        lines.append(f"{acceptance(generations, trees=trees)} over all rows; mean per prompt "
                      f"{f'{sum(rates) / len(rates):.2f}' if rates else 'n/a'}")
         tree = None if args.tree is None else str(args.tree)
         lines.append(f"mean tokens per target pass: {sum(len(g.tokens) for g in generations) / max(passes, 1):.2f}; "
                      f"{k_used(generations, args.lookahead, args.draft == NGRAM, tree=tree)}")
+        if trees and any(g.rounds for g in generations):
+            lines.append(tree_line(generations))
         if SPECULATIVE in timed and PLAIN in timed:
             lines += why_slower(runs[SPECULATIVE], runs[PLAIN], trusted, lookahead=args.lookahead,
                                 lookup=args.draft == NGRAM, dtype=dtype, device=device,

@@ -41,11 +41,44 @@ def k_used(runs: list[Generation], asked: int | str, lookup: bool = False, short
     return f"K={asked} ({mean:.2f} per drafting round on average: a round drafts {fewer})"
 
 
-def acceptance(runs: list[Generation]) -> str:
-    """The report's one acceptance figure, defined where it is printed: drafts kept / drafts proposed."""
+def acceptance(runs: list[Generation], trees: bool = False) -> str:
+    """The report's one acceptance figure, defined where it is printed: drafts kept / drafts proposed. A token tree
+    keeps at most one draft per level, so for `trees` (a run of --tree or --matches) it is drafts kept over the trees'
+    depths."""
     kept, proposed = sum(g.accepted for g in runs), sum(g.proposed for g in runs)
     rate = f"{kept / proposed:.2f}" if proposed else "n/a"
+    if trees:
+        return (f"acceptance rate: {rate} (drafts kept / tree depth, summed over rounds: {kept} of {proposed}; a tree "
+                f"keeps at most one draft per level)")
     return f"acceptance rate: {rate} (drafts kept / drafts proposed: {kept} of {proposed})"
+
+
+def tree_line(runs: list[Generation]) -> str | None:
+    """What a tree run's verifications scored: drafts per target pass against the depth of its trees (a chain of
+    that depth would score as many as its depth), or None when no round drafted."""
+    rounds = [r for g in runs for r in g.rounds]
+    if not rounds:
+        return None
+    nodes, depth = statistics.mean(r.nodes for r in rounds), statistics.mean(r.lookahead for r in rounds)
+    return (f"token trees: {nodes:.1f} drafts scored per target pass, in trees of mean depth {depth:.1f} (a chain "
+            f"of that depth scores {depth:.1f})")
+
+
+def run_shape(lookahead: int | str, tree=None, matches: int = 1) -> str:
+    """The drafts a run asked for, as titles name them: K, and the tree (the command line's --tree, a tree policy,
+    or prompt lookup's --matches)."""
+    if str(tree) == "auto":  # tree_search.FittedTree: its depth changes as it fits
+        return f"a tree fitted during the run, depth up to {tree.most_depth}"
+    trees = f", a tree {tree}" if tree is not None else f", trees of {matches} lookup matches" if matches > 1 else ""
+    return f"K={lookahead}{trees}"
+
+
+def exact_rows(rows: int) -> str:
+    """Exact mode's rows per target pass, and why that many."""
+    from speculative_gpt2.exact import PASS_ROW_MULTIPLE
+
+    return (f"{rows} rows: the most a round verifies, its drafts and the pending token, rounded up to a multiple of "
+            f"{PASS_ROW_MULTIPLE}, at which every row of a product rounds alike")
 
 
 def why_slower(spec: list[Generation], plain: list[Generation], speedup: float, *, lookahead: int | str,

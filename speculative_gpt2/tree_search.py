@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from speculative_gpt2.checks import check_integer
+from speculative_gpt2.checks import check_integer, check_real
+from speculative_gpt2.lookahead import interpolate, moving_average
 from speculative_gpt2.trees import MAX_NODES, TreeShape
 
 
@@ -34,6 +35,29 @@ def expected_kept(shape: TreeShape, acceptance: list[float]) -> float:
 def best_tree(acceptance: list[float], nodes: int, depth: int) -> TreeShape:
     """The TreeShape of at most `nodes` nodes and `depth` levels that keeps the most drafts in expectation
     (`expected_kept`); of equal ones, the one with fewer nodes."""
+    root = _search(acceptance, nodes, depth)(depth, nodes, 0)[1]
+    if not root:
+        raise ValueError(f"acceptance {acceptance!r} keeps nothing: no tree keeps more than no drafts")
+    return _shape(root)
+
+
+def best_trees(acceptance: list[float], nodes: int, depth: int) -> list[TreeShape]:
+    """best_tree for every budget up to `nodes` and every depth up to `depth`, each shape once, fewer nodes first:
+    the candidates when a larger tree also costs more (FittedTree with costs)."""
+    split, shapes = _search(acceptance, nodes, depth), {}
+    for n in range(1, nodes + 1):
+        for levels in range(1, min(depth, n) + 1):
+            root = split(levels, n, 0)[1]
+            if root:
+                shape = _shape(root)
+                shapes.setdefault(tuple(shape.parents), shape)
+    if not shapes:
+        raise ValueError(f"acceptance {acceptance!r} keeps nothing: no tree keeps more than no drafts")
+    return sorted(shapes.values(), key=lambda shape: (len(shape.parents), shape.max_lookahead))
+
+
+def _search(acceptance: list[float], nodes: int, depth: int):
+    """Sequoia's dynamic program over (levels left, nodes left, the next child's rank), checked arguments first."""
     a = [float(x) for x in acceptance]
     if not a or not all(0.0 <= x <= 1.0 for x in a) or sum(a) > 1.0 + 1e-6:
         raise ValueError(f"acceptance is the probability that the i-th sibling is the one kept, for i = 1, 2, ...: "
@@ -57,9 +81,11 @@ def best_tree(acceptance: list[float], nodes: int, depth: int) -> TreeShape:
                 best = (value, (children,) + siblings)
         return best
 
-    _, root = split(depth, nodes, 0)
-    if not root:
-        raise ValueError(f"acceptance {acceptance!r} keeps nothing: no tree keeps more than no drafts")
+    return split
+
+
+def _shape(root: tuple) -> TreeShape:
+    """The TreeShape of nested tuples of children (the root's children first), breadth-first."""
     parents, queue = [], [(-1, root)]
     for parent, children in queue:  # breadth-first: parents in order, each one's children in rank order
         for child in children:
@@ -112,15 +138,28 @@ class FittedTree(TreeShape):
     among such nodes with at least i children, how often the i-th was the one kept (whether it is does not depend on the
     siblings drawn after it). Each round's shape is fixed before its drafts are drawn, from earlier rounds only, so the
     tree rule stays exact, as with any adaptive K. A rank that a fit leaves out is not measured again: one never kept
-    while the fan was tried stays out. The object keeps what it measured: a second call starts from the last fit."""
+    while the fan was tried stays out. The object keeps what it measured: a second call starts from the last fit.
 
-    def __init__(self, budget: int = 15, depth: int = 4, width: int | None = None, every: int = 8):
+    `costs` says what a larger tree costs. None: nothing, and each fit is the tree of the most drafts kept within the
+    budget and depth. "measured": each fit is the tree of the most tokens per ms among the best trees of every
+    smaller budget and depth (`best_trees`), a round costing its depth in draft passes and its verification as the
+    rounds measured them (per rows; between measured sizes linear, beyond them along the last slope), for a CPU where
+    extra verification rows are not free. A number c: the paper's cost model, a draft pass costing c target passes
+    and a verification 1 whatever its rows; the fit then depends only on the drafts kept, so at a temperature the
+    same seed gives the same text, which measured times, varying from run to run, do not promise."""
+
+    def __init__(self, budget: int = 15, depth: int = 4, width: int | None = None, every: int = 8,
+                 costs: str | float | None = None):
         self.budget = check_integer("budget (the most nodes)", budget, 1, MAX_NODES)
         self.most_depth = check_integer("depth", depth, 1, self.budget)
         width = min(8, self.budget) if width is None else width  # 8 first drafts, or as many as the budget holds
         self.width = check_integer("width (first drafts tried while measuring, at most the budget)", width, 1,
                                    self.budget)
         self.every = check_integer("every (rounds between fits)", every, 1)
+        if costs is not None and costs != "measured":
+            costs = check_real('costs (None, "measured", or a draft pass\'s cost in target passes)', costs, 0)
+        self.costs = costs
+        self.draft_ms, self.verify_ms = None, {}  # costs="measured": ms per draft pass; rows -> ms per verification
         self.kept, self.tried = [0] * self.width, [0] * self.width  # by sibling rank
         # Rounds since the last fit; the acceptance it was fitted to, and at how many nodes rank 1 was tried then.
         self.rounds, self.fitted_to, self.fitted_at = 0, None, 0
@@ -146,13 +185,31 @@ class FittedTree(TreeShape):
         if self.rounds >= self.every:
             self.rounds, self.fitted_to, self.fitted_at = 0, self.acceptance(), self.tried[0]
             a = self.fitted_to
-            fitted = best_tree(a, self.budget, self.most_depth) if any(a) else TreeShape((self.width,))
+            if not any(a):
+                fitted = TreeShape((self.width,))
+            elif self.costs is None or (self.costs == "measured" and not self.verify_ms):
+                fitted = best_tree(a, self.budget, self.most_depth)
+            else:
+                fitted = max(best_trees(a, self.budget, self.most_depth),
+                             key=lambda shape: (1.0 + expected_kept(shape, a)) / max(self.round_cost(shape), 1e-9))
             self._build(fitted.parents)
         self.rounds += 1
         return self.max_lookahead
 
+    def round_cost(self, shape: TreeShape) -> float:
+        """A round of `shape` in ms (costs="measured") or in target passes (costs=c): its draft passes, one per
+        level, and its verification of 1 + nodes rows."""
+        if self.costs == "measured":
+            rows = len(shape.parents) + 1
+            return shape.max_lookahead * (self.draft_ms or 0.0) + max(interpolate(self.verify_ms, rows, True), 0.0)
+        return shape.max_lookahead * self.costs + 1.0
+
     def update(self, round) -> None:
-        """Counts one row's round: at the root and at each kept node, which of its children (if any) was kept."""
+        """Counts one row's round: at the root and at each kept node, which of its children (if any) was kept; with
+        costs="measured", its times too."""
+        if self.costs == "measured" and round.lookahead > 0 and round.nodes > 0:
+            self.draft_ms = moving_average(self.draft_ms, round.draft_ms / round.lookahead)
+            self.verify_ms[round.nodes + 1] = moving_average(self.verify_ms.get(round.nodes + 1), round.verify_ms)
         for below, child in tried_children(self.parents[: self.ends[round.lookahead]], list(round.path)):
             for rank in range(min(len(below), self.width)):  # the levels this row drafted
                 self.tried[rank] += 1
@@ -160,7 +217,8 @@ class FittedTree(TreeShape):
                 self.kept[self.ranks[child]] += 1
 
     def __repr__(self) -> str:
-        return f"FittedTree(budget={self.budget}, depth={self.most_depth}, width={self.width}, every={self.every})"
+        return (f"FittedTree(budget={self.budget}, depth={self.most_depth}, width={self.width}, every={self.every}"
+                + (f", costs={self.costs!r}" if self.costs is not None else "") + ")")
 
     def __str__(self) -> str:  # as the command line takes it
         return "auto"

@@ -75,7 +75,9 @@ def test_the_report(checkpoints):
                         rf"pass {spread}", lines[5])
     assert re.fullmatch(rf"speculative sampling: prefill \d+ ms, decode [\d.]+ tokens/s; [\d.]+ ms per round {spread}; "
                         r"the parts' own medians: [\d.]+ ms a verification, [\d.]+ ms a draft pass", lines[6])
-    assert re.fullmatch(r"exact mode \(every target pass 8 rows, so that the texts compare equal in any dtype\) cost "
+    assert re.fullmatch(r"exact mode \(every target pass 8 rows: the most a round verifies, its drafts and the pending "
+                        r"token, rounded up to a multiple of 4, at which every row of a product rounds alike; so that "
+                        r"the texts compare equal in any dtype\) cost "
                         r"plain decoding [\d.]+x its time \(median steps\); speedups below are over the fastest plain "
                         r"decoding \(1-row passes\)", lines[7])
     assert re.fullmatch(r"speedup over plain decoding: [\d.]+x.*median steps.*", lines[8])

@@ -196,6 +196,18 @@ def test_plain_mode_and_sampling(checkpoints, tmp_path, capsys):
     assert tokens[0] == tokens[1]  # a seed gives the same rows
 
 
+def test_a_tree_run_over_a_file_says_what_its_trees_scored(checkpoints, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS[:3])
+    status, out, err = run(capsys, *models(checkpoints), "--prompts-file", prompts, "--tree", "3x2",
+                           "--max-new-tokens", 6, "--ignore-eos", "--mode", "speculative")
+    assert status == 0, err
+    summary = err.split("=== Summary ===", 1)[1]
+    scored = re.search(r"token trees: ([\d.]+) drafts scored per target pass, in trees of mean depth ([\d.]+)",
+                       summary)
+    assert scored and 1 <= float(scored.group(1)) <= 9 and float(scored.group(2)) <= 2, summary
+    assert "(drafts kept / tree depth, summed over rounds: " in summary
+
+
 def test_acceptance_marks_and_trace_per_row(checkpoints, tmp_path, capsys):
     prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS[:3])
     page = tmp_path / "trace.html"

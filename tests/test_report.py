@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from speculative import Generation, Origin, Round
 from speculative_gpt2.random_checkpoint import tiny_pair
 from speculative_gpt2.records import Step
-from speculative_gpt2.report import acceptance, k_used, why_slower
+from speculative_gpt2.report import acceptance, exact_rows, k_used, run_shape, tree_line, why_slower
 from speculative_gpt2.timing import BUSY, Timed, expected_seconds, pace_line, speedup_lines
 
 CPU = torch.device("cpu")
@@ -151,6 +151,40 @@ def test_one_acceptance_figure_defined_where_it_is_printed():
     spec = speculative_run([Round(4, 2, 80, 120), Round(4, 4, 80, 120), Round(4, 0, 80, 120)])
     assert acceptance([spec]) == "acceptance rate: 0.50 (drafts kept / drafts proposed: 6 of 12)"
     assert acceptance([Generation()]).startswith("acceptance rate: n/a")
+
+
+def test_a_tree_run_says_its_acceptance_is_over_the_trees_depths():
+    # Trees of 9 nodes, depth 2: a round keeps at most 2 drafts, one per level, whatever its nodes.
+    trees = speculative_run([Round(2, 2, 80, 120, nodes=9), Round(2, 1, 80, 120, nodes=9), Round(2, 0, 80, 120, 9)])
+    assert acceptance([trees], trees=True) == ("acceptance rate: 0.50 (drafts kept / tree depth, summed over rounds: "
+                                               "3 of 6; a tree keeps at most one draft per level)")
+    assert "drafts kept / drafts proposed: 3 of 6" in acceptance([trees])  # a chain's run: drafts proposed
+
+
+def test_the_token_trees_line_compares_with_a_chain_of_the_trees_own_depth():
+    # A lookup that found one continuation (a chain of 4), then two (7 nodes), then nothing.
+    lookup = speculative_run([Round(4, 1, 1, 100, nodes=4), Round(4, 0, 1, 100, nodes=7), Round(0, 0, 1, 100)])
+    assert tree_line([lookup]) == ("token trees: 3.7 drafts scored per target pass, in trees of mean depth 2.7 (a "
+                                   "chain of that depth scores 2.7)")
+    assert tree_line([Generation()]) is None
+
+
+def test_titles_name_the_tree_whatever_k_is():
+    assert run_shape("auto", None, 3) == "K=auto, trees of 3 lookup matches"
+    assert run_shape(4, None, 1) == "K=4"
+    assert run_shape(2, "3x2", 1) == "K=2, a tree 3x2"
+    from speculative_gpt2.tree_search import FittedTree
+    from speculative_gpt2.trees import TreeShape
+
+    assert run_shape(2, TreeShape((3, 2))) == "K=2, a tree 3x2"
+    assert run_shape(4, FittedTree(depth=3)) == "a tree fitted during the run, depth up to 3"
+
+
+def test_exact_modes_rows_say_why_they_are_a_multiple_of_four():
+    from speculative_gpt2.exact import padded_rows
+
+    assert exact_rows(padded_rows(5)).startswith("8 rows: the most a round verifies, its drafts and the pending token, "
+                                                  "rounded up to a multiple of 4")
 
 
 def test_k_used_says_the_k_of_the_rounds():

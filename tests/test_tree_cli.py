@@ -31,6 +31,16 @@ def test_a_tree_run_reports_its_drafts_per_pass_and_compares_the_texts(checkpoin
             "12-row passes)") in out
 
 
+def test_lookup_trees_with_k_auto_keep_their_trees_in_the_title(checkpoints):
+    result = run_cli("--target", str(checkpoints / "target"), "--draft", "ngram", "--matches", "3", "-K", "auto",
+                     "--max-new-tokens", "12", "--prompt", "one two one three one two one", "--ignore-eos",
+                     "--device", "cpu", "--no-stream", "--mode", "speculative")
+    assert result.returncode == 0, result.stderr
+    assert "=== Speculative sampling (K=auto, trees of 3 lookup matches) ===" in result.stdout
+    assert re.search(r"token trees: [\d.]+ drafts scored per target pass, in trees of mean depth [\d.]+ \(a chain of "
+                     r"that depth scores [\d.]+\)", result.stdout), result.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tree", "3x2", "--lookahead", "3"], "--tree drafts a token tree with the draft model and goes without "
      "--lookahead: the tree sets its depth itself (3x2: 2; auto: up to 4)"),
@@ -76,15 +86,20 @@ def test_help_explains_trees():
 
 
 def test_tree_auto_fits_the_tree_during_the_run_and_keeps_the_text(checkpoints):
-    # The target as its own draft: the first sibling is always kept and no other ever is, so the fit is the chain.
+    # The target as its own draft: the first sibling is always kept and no other ever is, so the fit is a chain (its
+    # depth chosen by the measured times of draft passes and verifications).
     result = run_cli("--target", str(checkpoints / "target"), "--draft", str(checkpoints / "target"), "--tree", "auto",
                      "--max-new-tokens", "30", "--prompt", "one two one three", "--ignore-eos", "--device", "cpu",
                      "--no-stream")
     assert result.returncode == 0, result.stderr
     assert "=== Speculative sampling (a tree fitted during the run, depth up to 4), exact mode ===" in result.stdout
     assert "identical outputs: yes" in result.stdout
-    assert ("--tree auto: the last run ended with the tree parents=-1,0,1,2 (4 nodes, depth 4), fitted to the "
-            "acceptance by sibling rank 1.00 0.00 0.00 0.00 0.00 0.00 0.00 0.00") in result.stdout
+    fit = re.search(r"--tree auto: the last run ended with the tree parents=([-\d,]+) \((\d) nodes, depth (\d)\), "
+                    r"fitted to the acceptance by sibling rank 1.00 0.00 0.00 0.00 0.00 0.00 0.00 0.00 \(measured at "
+                    r"\d+ nodes\), for the most tokens per ms by the passes' measured times", result.stdout)
+    assert fit, result.stdout
+    depth = int(fit.group(3))
+    assert fit.group(1) == ",".join(map(str, range(-1, depth - 1))) and fit.group(2) == fit.group(3)
 
 
 def test_tree_auto_in_a_run_too_short_to_fit_says_so(checkpoints, capsys):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from speculative import speculative_sample
 from speculative import autoregressive_sample
 from speculative_gpt2.records import Round
-from speculative_gpt2.tree_search import FittedTree, acceptance_by_rank, best_tree, expected_kept
+from speculative_gpt2.tree_search import FittedTree, acceptance_by_rank, best_tree, best_trees, expected_kept
 from speculative_gpt2.trees import TreeShape
 from test_token_trees import models  # noqa: F401
 
@@ -177,10 +177,60 @@ def test_a_tree_fitted_during_the_call_keeps_the_text_and_fits_a_chain_to_the_ta
     assert itself.acceptance() == [1.0] + [0.0] * 7 and itself.parents == [-1, 0, 1, 2]
 
 
+@pytest.mark.parametrize("acceptance, nodes, depth", [([0.27, 0.08, 0.04, 0.05, 0.04, 0.06, 0.04, 0.02], 15, 4),
+                                                       ([0.9, 0.05], 8, 3), ([0.2, 0.2, 0.2], 6, 2)])
+def test_best_trees_holds_the_best_tree_of_every_smaller_budget_and_depth(acceptance, nodes, depth):
+    shapes = best_trees(acceptance, nodes, depth)
+    values = {tuple(shape.parents): expected_kept(shape, acceptance) for shape in shapes}
+    assert len(values) == len(shapes) and [len(s.parents) for s in shapes] == sorted(len(s.parents) for s in shapes)
+    for n in range(1, nodes + 1):
+        for levels in range(1, min(depth, n) + 1):
+            best = best_tree(acceptance, n, levels)
+            assert tuple(best.parents) in values  # the very shape, not only one as good
+            fitting = [v for s, v in zip(shapes, values.values()) if len(s.parents) <= n and s.max_lookahead <= levels]
+            assert max(fitting) == pytest.approx(expected_kept(best, acceptance))
+
+
+def fitted_with(costs, draft_ms: float, verify_ms, acceptance=(0.3, 0.2, 0.1, 0.1), budget=15, depth=4):
+    """A FittedTree of `costs` after one measuring stretch: its fan's rounds kept rank i + 1 in acceptance[i] of
+    them (20 rounds), their draft passes taking `draft_ms` and their verifications `verify_ms(rows)`; then refit."""
+    tree = FittedTree(budget=budget, depth=depth, width=len(acceptance), every=20, costs=costs)
+    kept = [rank for rank, a in enumerate(acceptance) for _ in range(round(20 * a))]
+    for i in range(20):
+        tree.choose()
+        path = (kept[i],) if i < len(kept) else ()
+        tree.update(Round(1, len(path), draft_ms, verify_ms(len(acceptance) + 1), nodes=len(acceptance), path=path))
+    if costs == "measured":  # as if a verification of the whole budget had been measured too: two sizes, a slope
+        tree.verify_ms[budget + 1] = verify_ms(budget + 1)
+    tree.choose()
+    return tree
+
+
+def test_a_fit_by_costs_trades_kept_drafts_for_cheaper_rounds():
+    a = [0.3, 0.2, 0.1, 0.1]
+    # Free draft passes and rows: the most drafts kept, as without costs.
+    free = fitted_with("measured", 0.0, lambda rows: 100.0)
+    assert expected_kept(free, a) == pytest.approx(expected_kept(best_tree(a, 15, 4), a))
+    dear = fitted_with("measured", 10.0, lambda rows: 100.0 + 20.0 * rows)  # each row a fifth of a pass
+    assert len(dear.parents) < 15 and expected_kept(dear, a) < expected_kept(free, a)
+    # What it chose decodes the most per ms of every candidate, by its own cost model.
+    rate = {tuple(s.parents): (1 + expected_kept(s, a)) / (s.max_lookahead * 10.0 + 100.0 + 20.0 * (len(s.parents) + 1))
+            for s in best_trees(a, 15, 4)}
+    assert rate[tuple(dear.parents)] == pytest.approx(max(rate.values()))
+    # The paper's cost model: a verification costs one pass whatever its rows, so depth is what a fit weighs.
+    free_draft, dear_draft = fitted_with(0.0, 10.0, lambda rows: 0.0), fitted_with(1.0, 10.0, lambda rows: 0.0)
+    assert expected_kept(free_draft, a) == pytest.approx(expected_kept(best_tree(a, 15, 4), a))
+    assert dear_draft.max_lookahead < free_draft.max_lookahead
+    assert fitted_with(None, 10.0, lambda rows: 100.0 + 20.0 * rows).parents == best_tree(a, 15, 4).parents
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: FittedTree(budget=0), r"budget \(the most nodes\) must be an integer from 1 to 64"),
     (lambda: FittedTree(budget=4, depth=5), "depth must be an integer from 1 to 4"),
     (lambda: FittedTree(every=0), r"every \(rounds between fits\)"),
+    (lambda: FittedTree(costs="timed"), r"costs \(None, \"measured\", or a draft pass's cost in target passes\) must "
+                                        r"be a finite number >= 0"),
+    (lambda: FittedTree(costs=-0.5), r"costs .* must be a finite number >= 0"),
     (lambda: FittedTree(budget=6, width=8), r"width \(first drafts tried while measuring, at most the budget\) must be "
                                             r"an integer from 1 to 6"),
     (lambda: speculative_sample(None, None, [1], 4, lookahead=FittedTree), "lookahead is the class FittedTree, not a "
