@@ -151,6 +151,9 @@ def _tree(text: str) -> TreePolicy:
             parents = [int(parent) for parent in text[len("parents="):].split(",")]
         except ValueError:
             parents = None
+        if parents is not None and len(parents) > MAX_TREE_NODES:
+            raise argparse.ArgumentTypeError(f"invalid tree {text!r}: {len(parents)} nodes, more than "
+                                             f"{MAX_TREE_NODES}: list fewer parents")
         try:
             return TreeShape.of_parents(parents)
         except (TypeError, ValueError):
@@ -164,8 +167,8 @@ def _tree(text: str) -> TreePolicy:
     try:
         widths = tuple(int(w) for w in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid tree {text!r}: give the widths per depth joined by x ({example})"
-                                         ) from None
+        raise argparse.ArgumentTypeError(f"invalid tree {text!r}: give the widths per depth joined by x ({example}), "
+                                         f"or parents=P1,P2,..., depth=D,width=W[,expand=E], or auto") from None
     try:
         return TreeShape(widths)
     except ValueError as e:
@@ -229,7 +232,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="continue every prompt of FILE instead (UTF-8): one prompt per line, as written, blank "
                         "lines skipped; or, when its first non-blank line starts with {, JSON lines: every line an "
                         "object with a string \"prompt\". Decoded --batch-size prompts at a time; one JSON line per "
-                        "prompt (line, prompt, text, tokens, acceptance_rate, tokens_per_target_pass, seconds; with "
+                        "prompt (line, prompt, text, tokens, acceptance_rate, tokens_per_target_pass, target_passes, seconds; with "
                         "--mode both also plain_seconds and identical) goes to --output as soon as it finishes; a "
                         "progress bar and a summary go to stderr")
     parser.add_argument("--batch-size", type=_checked(int, check_integer, minimum=1), default=None,
@@ -261,7 +264,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(or sampled) first tokens, then 2 below each, all verified in one target pass; the depth is K "
                         "(leave out --lookahead); at most 64 nodes. Or depth=D,width=W,expand=E: a tree grown where "
                         "the draft is confident (W first tokens, then W below each of the E likeliest paths at each "
-                        "depth), which pays at temperature 0. Or parents=-1,-1,0,...: any tree, each node's parent "
+                        "depth; expand may be left out: 1), which pays at temperature 0. Or parents=-1,-1,0,...: any tree, each node's parent "
                         "breadth-first (-1: a first token), as benchmarks/trees.py --best fits one to a pair's "
                         f"measured acceptance. Or auto: that fit made during the run itself (its first {auto.every} "
                         f"rounds try {auto.width} first drafts; then, every {auto.every} rounds, the tree of at most "
@@ -351,6 +354,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"{flag} sets prompt lookup's n-grams: add --draft {NGRAM}, or leave {flag} out")
     if args.ngram_min > args.ngram_max:
         parser.error(f"--ngram-min {args.ngram_min} is larger than --ngram-max {args.ngram_max}")
+    for flag, given in (("--tree", args.tree is not None), ("--matches", args.matches > 1)):
+        if given and args.mode == "plain":
+            parser.error(f"{flag} makes token trees for speculative sampling, and --mode plain runs none: use --mode "
+                         f"both or --mode speculative, or leave {flag} out")
     if args.tree is not None:
         for flag, given in (("--lookahead", "lookahead" in args.given),
                             (f"--draft {NGRAM}", args.draft == NGRAM),
@@ -591,9 +598,12 @@ def _run(args) -> int:
             _lay_out(args, "target", models["target"], batch * (1 if mode == PLAIN else rows if exact else nodes + 1))
 
     if args.prompts_file is not None:
-        return run_prompts_file(args, file_prompts, enc=enc, device=device, dtype=dtype, decode=decode,
-                                prepare=prepare, options=options, exact=exact, pass_rows=rows,
-                                setup=_setup_lines(args, models, load_seconds, device, dtype))
+        status = run_prompts_file(args, file_prompts, enc=enc, device=device, dtype=dtype, decode=decode,
+                                  prepare=prepare, options=options, exact=exact, pass_rows=rows,
+                                  setup=_setup_lines(args, models, load_seconds, device, dtype))
+        if fitted:  # each batch is a call of its own, fitted afresh
+            print(_fit_line(fitted[-1], "batch"), file=sys.stderr)
+        return status
     asked = run_shape(args.lookahead, args.tree, args.matches)
     titles = {UNCACHED: "Plain decoding without KV cache", PLAIN: "Plain decoding",
               EXACT: f"Plain decoding, exact mode (every pass {rows} rows, as speculative sampling's)",
@@ -632,19 +642,7 @@ def _run(args) -> int:
                                               torch.get_num_threads()))
     _print_summary(args, results, shares, models, load_seconds, warm_up_seconds, device, dtype, rows)
     if fitted:  # --tree auto: where the last speculative run's fit ended
-        tree = fitted[-1]
-        if tree.fitted_to is None:
-            print(f"--tree auto: the last run had {tree.rounds} rounds, and the first {tree.every} try "
-                  f"{tree.width} first drafts before the first fit: it drafted those only")
-        elif not any(tree.fitted_to):
-            print(f"--tree auto: no draft was kept in the last run ({tree.fitted_at} tries), so it stayed on the "
-                  f"{tree.width} first drafts (one draft pass a round); a better-matched draft is what would pay")
-        else:
-            print(f"--tree auto: the last run ended with the tree parents={','.join(map(str, tree.parents))} "
-                  f"({len(tree.parents)} nodes, depth {tree.max_lookahead}), fitted to the acceptance by sibling rank "
-                  f"{' '.join(f'{a:.2f}' for a in tree.fitted_to)} (measured at {tree.fitted_at} nodes), for the "
-                  f"most tokens per " + ("ms by the passes' measured times" if tree.costs == "measured" else
-                                        f"target pass by the cost model (c = {tree.costs:.3f})"))
+        print(_fit_line(fitted[-1], "run"))
     if args.show_acceptance:
         _show_acceptance(args, results.get(SPECULATIVE, [None])[0], enc, prompt)
     if args.trace is not None:
@@ -655,6 +653,22 @@ def _run(args) -> int:
         write_page("--trace", Path(args.trace), page)
         print(f"trace of {len(results[SPECULATIVE][0].trace)} rounds: {printable(args.trace)}", file=sys.stderr)
     return 0
+
+
+def _fit_line(tree: FittedTree, call: str) -> str:
+    """--tree auto: where the last `call` ("run", or a prompts file's "batch") left its fit."""
+    if tree.fitted_to is None:
+        return (f"--tree auto: the last {call} had {tree.rounds} rounds, and the first {tree.every} try {tree.width} "
+                f"first drafts before the first fit: it drafted those only")
+    counted = f"{tree.fitted_at} tries of a first sibling, counted up to its last fit"
+    if not any(tree.fitted_to):
+        return (f"--tree auto: the last {call} kept no draft in {counted}, so it stayed on the {tree.width} first "
+                f"drafts (one draft pass a round); a better-matched draft is what would pay")
+    by = ("ms by the passes' measured times" if tree.costs == "measured" else
+          f"target pass by the cost model (c = {tree.costs:.3f})")
+    return (f"--tree auto: the last {call} ended with the tree parents={','.join(map(str, tree.parents))} "
+            f"({len(tree.parents)} nodes, depth {tree.max_lookahead}), fitted to the acceptance by sibling rank "
+            f"{' '.join(f'{a:.2f}' for a in tree.fitted_to)} ({counted}), for the most tokens per {by}")
 
 
 def _lay_out(args, role: str, model, rows: int) -> None:

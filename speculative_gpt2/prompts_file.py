@@ -289,9 +289,10 @@ def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], runs: d
     lines = [f"warm-up (8 tokens of the first batch each, not timed below): {warm_ups}",
              f"prompts: {len(done)} from {printable(args.prompts_file)}, in {batches} batch{'es' * (batches != 1)} of "
              f"up to {args.batch_size}"]
-    # On a GPU the host waits for the device: its CPU time says nothing of other processes.
-    timed = {mode: Timed(NAMES[mode], tokens, seconds, expected, cpu_share(cpu, seconds, torch.get_num_threads())
-                         if device.type == "cpu" else None)
+    # Named as the single prompt's report names them ("exact mode"); on a GPU the host waits for the device: its CPU
+    # time says nothing of other processes.
+    timed = {mode: Timed("exact mode" if mode == EXACT else NAMES[mode], tokens, seconds, expected,
+                         cpu_share(cpu, seconds, torch.get_num_threads()) if device.type == "cpu" else None)
              for mode, (tokens, seconds, expected, cpu) in totals.items() if seconds > 0 and tokens}
     for mode, (tokens, seconds, *_) in totals.items():
         lines.append(f"{NAMES[mode]}: {tokens} tokens in {seconds:.2f} s, {tokens / seconds if seconds else 0:.2f} "

@@ -196,10 +196,8 @@ def batch_trace_page(generations, tokenizer, prompts, names=None,
                         f'{to_html(generation, tokenizer, prompt)}\n<p class="summary">{_trace_summary(generation)}'
                         f'</p>\n{_trace_rounds_html(generation, tokenizer)}</section>\n')
     rounds = [r for g in generations for r in g.trace]
-    kept, proposed = sum(r.kept for r in rounds), sum(len(r.drafts) for r in rounds)
-    rate = f"{kept / proposed:.2f}" if proposed else "n/a"
-    summary = (f"{len(generations)} prompts, {len(rounds)} rounds, {kept} of {proposed} drafts kept (acceptance "
-               f"{rate}), {sum(len(g.tokens) for g in generations)} new tokens.")
+    summary = (f"{len(generations)} prompts, {len(rounds)} rounds, {_kept(rounds)}, "
+               f"{sum(len(g.tokens) for g in generations)} new tokens.")
     return _page(title, f'<p id="summary">{summary}</p>\n<p id="counted"></p>\n<ol class="contents">'
                         f'{"".join(contents)}</ol>\n{"".join(sections)}')
 
@@ -211,10 +209,31 @@ def _check_traced(generation) -> None:
 
 def _trace_summary(generation) -> str:
     rounds = generation.trace
-    kept, proposed = sum(r.kept for r in rounds), sum(len(r.drafts) for r in rounds)
-    rate = f"{kept / proposed:.2f}" if proposed else "n/a"
-    return (f"{len(rounds)} rounds, {kept} of {proposed} drafts kept (acceptance {rate}), {len(generation.tokens)}\n"
+    return (f"{len(rounds)} rounds, {_kept(rounds)}, {len(generation.tokens)}\n"
             f"new tokens in {generation.seconds:.3f} s.")
+
+
+def _kept(rounds) -> str:
+    """The drafts kept and the acceptance, as the command line's report counts them: of the drafts proposed, or for
+    token trees, which keep at most one draft per level, of their levels (and the drafts they scored beside it)."""
+    kept = sum(r.kept for r in rounds)
+    if all(r.parents is None for r in rounds):
+        proposed = sum(len(r.drafts) for r in rounds)
+        return f"{kept} of {proposed} drafts kept (acceptance {f'{kept / proposed:.2f}' if proposed else 'n/a'})"
+    levels = sum(_levels(r) for r in rounds)
+    rate = f"{kept / levels:.2f}" if levels else "n/a"
+    return (f"{kept} drafts kept over their trees' {levels} levels (acceptance {rate}; "
+            f"{sum(len(r.drafts) for r in rounds)} drafts scored)")
+
+
+def _levels(r) -> int:
+    """A traced round's depth: a chain's drafts, or its tree's deepest node."""
+    if r.parents is None:
+        return len(r.drafts)
+    depths = []
+    for parent in r.parents:  # parents before children
+        depths.append(1 if parent < 0 else depths[parent] + 1)
+    return max(depths, default=0)
 
 
 def _trace_rounds_html(generation, tokenizer) -> str:
@@ -314,7 +333,8 @@ def _trace_round_html(number: int, r, tokenizer, opened: bool) -> str:
     if origin is None:  # a kept EOS ended the output: no token was made after it
         then, next_line = "the last one ends the text", "The last kept draft is the end of text: nothing follows."
     else:
-        source = {Origin.RESAMPLED: "from norm(max(0, q &minus; p))", Origin.BONUS: "from q, all drafts kept",
+        source = {Origin.RESAMPLED: "from norm(max(0, q &minus; p))", Origin.BONUS: "from q, all drafts kept"
+                  if r.parents is None else "from q, the kept path reached a leaf of the tree",
                   Origin.TARGET: "from q, nothing drafted"}[origin]
         if coupled:
             source = {Origin.RESAMPLED: "the target's Gumbel-max", Origin.BONUS: "the target's Gumbel-max, all drafts "

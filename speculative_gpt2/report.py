@@ -31,14 +31,15 @@ def k_used(runs: list[Generation], asked: int | str, lookup: bool = False, short
     fitted during the run) its depth changes as K auto's does."""
     widths = [s.width for g in runs for s in g.steps if s.width > 0]
     mean = sum(widths) / len(widths) if widths else 0.0
-    what = "tree depth" if tree == "auto" else "K"
+    what = "K" if tree is None else "tree depth"  # a tree's K is its depth
     if asked == "auto" or tree == "auto":
         return f"{what} auto (mean {mean:.2f})" if short or not widths else \
             f"{what} auto: mean {mean:.2f}, from {min(widths)} to {max(widths)}"
+    said = f"K={asked}" if tree is None else f"tree depth {asked}"
     if short or min(widths, default=asked) == max(widths, default=asked) == asked:
-        return f"K={asked}"
+        return said
     fewer = "no more than the tokens left" + (" or than a lookup finds" if lookup else "")
-    return f"K={asked} ({mean:.2f} per drafting round on average: a round drafts {fewer})"
+    return f"{said} ({mean:.2f} per drafting round on average: a round drafts {fewer})"
 
 
 def acceptance(runs: list[Generation], trees: bool = False) -> str:
@@ -54,14 +55,14 @@ def acceptance(runs: list[Generation], trees: bool = False) -> str:
 
 
 def tree_line(runs: list[Generation]) -> str | None:
-    """What a tree run's verifications scored: drafts per target pass against the depth of its trees (a chain of
-    that depth would score as many as its depth), or None when no round drafted."""
-    rounds = [r for g in runs for r in g.rounds]
+    """What a tree run's verifications scored, over the rounds that drafted: drafts per round against the depth of
+    its trees (a chain of that depth would score as many as its depth), or None when no round drafted."""
+    rounds = [r for g in runs for r in g.rounds if r.lookahead > 0]
     if not rounds:
         return None
     nodes, depth = statistics.mean(r.nodes for r in rounds), statistics.mean(r.lookahead for r in rounds)
-    return (f"token trees: {nodes:.1f} drafts scored per target pass, in trees of mean depth {depth:.1f} (a chain "
-            f"of that depth scores {depth:.1f})")
+    return (f"token trees: {nodes:.1f} drafts scored per drafting round, in trees of mean depth {depth:.2f} (a chain "
+            f"of that depth scores {depth:.2f})")
 
 
 def run_shape(lookahead: int | str, tree=None, matches: int = 1) -> str:

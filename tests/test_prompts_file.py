@@ -153,8 +153,8 @@ def test_json_lines_one_per_prompt_equal_to_decoding_each_prompt_alone(checkpoin
                     r"plain decoding: 40 tokens in [\d.]+ s, [\d.]+ tokens/s over all rows",
                     r"speedup over batched plain decoding: [\d.]+x",
                     r"acceptance rate: [\d.]+ \(drafts kept / drafts proposed: \d+ of \d+\) over all rows; mean per "
-                    r"prompt [\d.]+", r"timing: .*plain decoding [\d.]+x, plain decoding, exact mode [\d.]+x, "
-                    r"speculative sampling [\d.]+x", r"mean tokens per target pass: [\d.]+; K=4",
+                    r"prompt [\d.]+", r"timing: .*plain decoding [\d.]+x, exact mode [\d.]+x, speculative "
+                    r"sampling [\d.]+x", r"mean tokens per target pass: [\d.]+; K=4",
                     r"plain decoding, exact mode: 40 tokens in", r"exact mode \(every target pass 8 rows",
                     r"identical outputs: 5 of 5 prompts\n", r"output: 5 JSON lines on stdout"):
         assert re.search(pattern, summary), (pattern, summary)
@@ -202,10 +202,15 @@ def test_a_tree_run_over_a_file_says_what_its_trees_scored(checkpoints, tmp_path
                            "--max-new-tokens", 6, "--ignore-eos", "--mode", "speculative")
     assert status == 0, err
     summary = err.split("=== Summary ===", 1)[1]
-    scored = re.search(r"token trees: ([\d.]+) drafts scored per target pass, in trees of mean depth ([\d.]+)",
+    scored = re.search(r"token trees: ([\d.]+) drafts scored per drafting round, in trees of mean depth ([\d.]+)",
                        summary)
     assert scored and 1 <= float(scored.group(1)) <= 9 and float(scored.group(2)) <= 2, summary
     assert "(drafts kept / tree depth, summed over rounds: " in summary
+    # A tree fitted during each batch's call: where the last batch left it, as a single prompt's run says it.
+    status, out, err = run(capsys, *models(checkpoints), "--prompts-file", prompts, "--tree", "auto",
+                           "--max-new-tokens", 12, "--ignore-eos", "--mode", "speculative", "--batch-size", 2)
+    assert status == 0, err
+    assert re.search(r"--tree auto: the last batch (had|kept|ended)", err), err
 
 
 def test_acceptance_marks_and_trace_per_row(checkpoints, tmp_path, capsys):
@@ -317,7 +322,7 @@ def test_help_lists_the_flags():
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     for words in ("--prompts-file FILE", "--batch-size", "(default: 8)", "--output FILE.jsonl", "JSON lines",
-                  "first non-blank line starts with {", "never half a line", "a section per prompt"):
+                  "first non-blank line starts with {", "never half a line", "a section per prompt", *FIELDS):
         assert words in text, words
 
 

@@ -163,9 +163,10 @@ def test_a_tree_run_says_its_acceptance_is_over_the_trees_depths():
 
 def test_the_token_trees_line_compares_with_a_chain_of_the_trees_own_depth():
     # A lookup that found one continuation (a chain of 4), then two (7 nodes), then nothing.
-    lookup = speculative_run([Round(4, 1, 1, 100, nodes=4), Round(4, 0, 1, 100, nodes=7), Round(0, 0, 1, 100)])
-    assert tree_line([lookup]) == ("token trees: 3.7 drafts scored per target pass, in trees of mean depth 2.7 (a "
-                                   "chain of that depth scores 2.7)")
+    lookup = speculative_run([Round(4, 1, 1, 100, nodes=4), Round(3, 0, 1, 100, nodes=7), Round(0, 0, 1, 100)])
+    # Over the rounds that drafted, as "per drafting round" is everywhere in the report.
+    assert tree_line([lookup]) == ("token trees: 5.5 drafts scored per drafting round, in trees of mean depth 3.50 (a "
+                                   "chain of that depth scores 3.50)")
     assert tree_line([Generation()]) is None
 
 

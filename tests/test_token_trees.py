@@ -242,3 +242,9 @@ def test_a_traced_tree_round_shows_its_nodes_and_the_kept_path(models, temperatu
         assert all(0 <= t <= 1 for t in traced.acceptance_probabilities if t is not None)
     page = trace_page(out, load_tokenizer(), [5, 6, 7])
     assert page.count('<details class="round"') == len(out.rounds) and "(a tree, 3 first drafts)" in page
+    # The page counts acceptance as the command line does: over the trees' levels, the drafts scored beside it.
+    levels, scored = sum(r.lookahead for r in out.rounds), sum(len(t.drafts) for t in out.trace)
+    assert (f"{out.accepted} drafts kept over their trees' {levels} levels (acceptance {out.accepted / levels:.2f}; "
+            f"{scored} drafts scored)") in page
+    bonus = any(o == "bonus" for o in map(str, out.origins))
+    assert ("the kept path reached a leaf of the tree" in page) == bonus and "all drafts kept" not in page

@@ -24,8 +24,13 @@ def test_a_tree_run_reports_its_drafts_per_pass_and_compares_the_texts(checkpoin
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert title in out
-    scored = float(re.search(r"token trees: ([\d.]+) drafts scored per target pass", out).group(1))
+    scored = float(re.search(r"token trees: ([\d.]+) drafts scored per drafting round", out).group(1))
     assert 1 <= scored <= most  # a 3x2 tree has 9 nodes, 3 matches of 3 at most 9, the expanding tree 2 + 2 x 4
+    # The trees' mean depth is the K the line above it says the rounds drafted: one figure, said twice alike.
+    k = re.search(r"mean tokens per target pass: [\d.]+; (?:K=|tree depth )(\d+)(?: \(([\d.]+) per drafting round)?",
+                  out)
+    depth = float(re.search(r"in trees of mean depth ([\d.]+)", out).group(1))
+    assert depth == pytest.approx(float(k.group(2) or k.group(1)), abs=0.005)
     # 9 to 11 nodes and the root: every target pass, plain decoding's too, runs as 12 rows.
     assert ("identical outputs: yes (speculative sampling's text against plain decoding's in exact mode, both in "
             "12-row passes)") in out
@@ -37,7 +42,7 @@ def test_lookup_trees_with_k_auto_keep_their_trees_in_the_title(checkpoints):
                      "--device", "cpu", "--no-stream", "--mode", "speculative")
     assert result.returncode == 0, result.stderr
     assert "=== Speculative sampling (K=auto, trees of 3 lookup matches) ===" in result.stdout
-    assert re.search(r"token trees: [\d.]+ drafts scored per target pass, in trees of mean depth [\d.]+ \(a chain of "
+    assert re.search(r"token trees: [\d.]+ drafts scored per drafting round, in trees of mean depth [\d.]+ \(a chain of "
                      r"that depth scores [\d.]+\)", result.stdout), result.stdout
 
 
@@ -50,6 +55,8 @@ def test_lookup_trees_with_k_auto_keep_their_trees_in_the_title(checkpoints):
     (["--tree", "0x2"], "argument --tree: invalid tree '0x2': widths from 1 to 64"),
     (["--tree", "8x8x8"], "argument --tree: invalid tree '8x8x8': the tree 8x8x8 has 584 nodes, more than 64"),
     (["--tree", "three"], "invalid tree 'three': give the widths per depth joined by x"),
+    (["--tree", "3,2"], "or parents=P1,P2,..., depth=D,width=W[,expand=E], or auto"),
+    (["--tree", "parents=" + ",".join(["-1"] * 65)], "65 nodes, more than 64: list fewer parents"),
     (["--tree", "depth=4,width=2,expand=3"], "invalid tree 'depth=4,width=2,expand=3': expand (the nodes given "
      "children at each depth) must be an integer from 1 to 2"),
     (["--tree", "depth=4,size=2"], "invalid tree 'depth=4,size=2': give depth=D,width=W and optionally expand=E"),
@@ -59,6 +66,10 @@ def test_lookup_trees_with_k_auto_keep_their_trees_in_the_title(checkpoints):
     (["--tree", "parent=-1,0"], "give depth=D,width=W and optionally expand=E (e.g. depth=4,width=4,expand=2: 4 "
      "drafts, then 4 below each of the 2 likeliest, at each depth), or parents=P1,P2,..."),
     (["--matches", "2"], "--matches follows earlier matches of prompt lookup: add --draft ngram"),
+    (["--tree", "3x2", "--mode", "plain"], "--tree makes token trees for speculative sampling, and --mode plain runs "
+     "none: use --mode both or --mode speculative, or leave --tree out"),
+    (["--draft", "ngram", "--matches", "2", "--mode", "plain"], "--matches makes token trees for speculative "
+     "sampling, and --mode plain runs none"),
     (["--draft", "ngram", "--matches", "2", "--coupled"], "--matches 2 makes prompt lookup's token trees "
      "and goes without --coupled"),
     (["--draft", "ngram", "--matches", "17"], "argument --matches: invalid value '17'"),
@@ -95,8 +106,9 @@ def test_tree_auto_fits_the_tree_during_the_run_and_keeps_the_text(checkpoints):
     assert "=== Speculative sampling (a tree fitted during the run, depth up to 4), exact mode ===" in result.stdout
     assert "identical outputs: yes" in result.stdout
     fit = re.search(r"--tree auto: the last run ended with the tree parents=([-\d,]+) \((\d) nodes, depth (\d)\), "
-                    r"fitted to the acceptance by sibling rank 1.00 0.00 0.00 0.00 0.00 0.00 0.00 0.00 \(measured at "
-                    r"\d+ nodes\), for the most tokens per ms by the passes' measured times", result.stdout)
+                    r"fitted to the acceptance by sibling rank 1.00 0.00 0.00 0.00 0.00 0.00 0.00 0.00 \(\d+ tries of a "
+                    r"first sibling, counted up to its last fit\), for the most tokens per ms by the passes' measured "
+                    r"times", result.stdout)
     assert fit, result.stdout
     depth = int(fit.group(3))
     assert fit.group(1) == ",".join(map(str, range(-1, depth - 1))) and fit.group(2) == fit.group(3)
@@ -132,8 +144,8 @@ def test_tree_auto_that_kept_no_draft_says_it_stayed_on_the_first_drafts(checkpo
                        "speculative"])
     out, err = capsys.readouterr()
     assert status == 0, err
-    assert re.search(r"--tree auto: no draft was kept in the last run \(\d+ tries\), so it stayed on the 8 first "
-                     r"drafts \(one draft pass a round\)", out)
+    assert re.search(r"--tree auto: the last run kept no draft in \d+ tries of a first sibling, counted up to its last "
+                     r"fit, so it stayed on the 8 first drafts \(one draft pass a round\)", out)
 
 
 def test_each_run_of_tree_auto_fits_afresh_so_a_seed_gives_one_text(checkpoints, capsys, monkeypatch):
