@@ -913,8 +913,8 @@ def _print_summary(args, results: dict[str, list[Generation]], shares: dict[str,
             f" (from the cost model, c = {cost_ratio(models['target'], models.get('draft')):.3f}: the same seed "
             f"gives the same text)" if args.lookahead == "auto" and args.temperature > 0 and not args.coupled else
             " (from measured times)" if args.lookahead == "auto" else ""))
-        if (args.tree is not None or args.matches > 1) and spec.rounds:
-            print(tree_line([spec]))
+        if (args.tree is not None or args.matches > 1) and (line := tree_line([spec])):
+            print(line)
         if args.draft == NGRAM:  # a lookup makes no draft pass: count what it proposed
             no_match = sum(k == 0 for k in spec.lookahead_per_round)
             print(f"target passes: {spec.target_calls}, drafted tokens: {spec.draft_calls} by prompt lookup "

@@ -318,8 +318,8 @@ def _file_summary(args, done: list[tuple[PromptLine, Generation, dict]], runs: d
         tree = None if args.tree is None else str(args.tree)
         lines.append(f"mean tokens per target pass: {sum(len(g.tokens) for g in generations) / max(passes, 1):.2f}; "
                      f"{k_used(generations, args.lookahead, args.draft == NGRAM, tree=tree)}")
-        if trees and any(g.rounds for g in generations):
-            lines.append(tree_line(generations))
+        if trees and (line := tree_line(generations)):
+            lines.append(line)
         if SPECULATIVE in timed and PLAIN in timed:
             lines += why_slower(runs[SPECULATIVE], runs[PLAIN], trusted, lookahead=args.lookahead,
                                 lookup=args.draft == NGRAM, dtype=dtype, device=device,

@@ -227,7 +227,10 @@ def _kept(rounds) -> str:
 
 
 def _levels(r) -> int:
-    """A traced round's depth: a chain's drafts, or its tree's deepest node."""
+    """A traced round's depth: a chain's drafts, or its tree's deepest node; a kept EOS ends it at the drafts kept,
+    as the run's own record counts it."""
+    if r.next_token is None:
+        return r.kept
     if r.parents is None:
         return len(r.drafts)
     depths = []

@@ -58,9 +58,10 @@ def tree_line(runs: list[Generation]) -> str | None:
     """What a tree run's verifications scored, over the rounds that drafted: drafts per round against the depth of
     its trees (a chain of that depth would score as many as its depth), or None when no round drafted."""
     rounds = [r for g in runs for r in g.rounds if r.lookahead > 0]
-    if not rounds:
+    widths = [s.width for g in runs for s in g.steps if s.width > 0]  # the depths k_used says, a batch's pass's
+    if not rounds or not widths:
         return None
-    nodes, depth = statistics.mean(r.nodes for r in rounds), statistics.mean(r.lookahead for r in rounds)
+    nodes, depth = statistics.mean(r.nodes for r in rounds), statistics.mean(widths)
     return (f"token trees: {nodes:.1f} drafts scored per drafting round, in trees of mean depth {depth:.2f} (a chain "
             f"of that depth scores {depth:.2f})")
 

@@ -17,6 +17,7 @@ during a call, between rounds, from the rounds before: each round's shape is sti
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import NamedTuple
 
 from speculative_gpt2.checks import check_integer, check_real
 from speculative_gpt2.lookahead import interpolate, moving_average
@@ -44,16 +45,35 @@ def best_tree(acceptance: list[float], nodes: int, depth: int) -> TreeShape:
 def best_trees(acceptance: list[float], nodes: int, depth: int) -> list[TreeShape]:
     """best_tree for every budget up to `nodes` and every depth up to `depth`, each shape once, fewer nodes first:
     the candidates when a larger tree also costs more (FittedTree with costs)."""
-    split, shapes = _search(acceptance, nodes, depth), {}
+    return [_shape(candidate.root) for candidate in _candidates(acceptance, nodes, depth)]
+
+
+class _Candidate(NamedTuple):
+    kept: float  # drafts kept in expectation (expected_kept)
+    nodes: int
+    depth: int
+    root: tuple  # the root's children, as nested tuples
+
+
+def _candidates(acceptance: list[float], nodes: int, depth: int) -> list[_Candidate]:
+    """best_trees before any TreeShape is built (a fit builds only the one it keeps), fewer nodes first."""
+    split, found = _search(acceptance, nodes, depth), {}
     for n in range(1, nodes + 1):
         for levels in range(1, min(depth, n) + 1):
-            root = split(levels, n, 0)[1]
-            if root:
-                shape = _shape(root)
-                shapes.setdefault(tuple(shape.parents), shape)
-    if not shapes:
+            kept, root = split(levels, n, 0)
+            if root and root not in found:
+                found[root] = _Candidate(kept, _size(root), _depth(root), root)
+    if not found:
         raise ValueError(f"acceptance {acceptance!r} keeps nothing: no tree keeps more than no drafts")
-    return sorted(shapes.values(), key=lambda shape: (len(shape.parents), shape.max_lookahead))
+    return sorted(found.values(), key=lambda candidate: (candidate.nodes, candidate.depth))
+
+
+def _size(children: tuple) -> int:
+    return sum(1 + _size(child) for child in children)
+
+
+def _depth(children: tuple) -> int:
+    return max((1 + _depth(child) for child in children), default=0)
 
 
 def _search(acceptance: list[float], nodes: int, depth: int):
@@ -143,8 +163,8 @@ class FittedTree(TreeShape):
     `costs` says what a larger tree costs. None: nothing, and each fit is the tree of the most drafts kept within the
     budget and depth. "measured": each fit is the tree of the most tokens per ms among the best trees of every
     smaller budget and depth (`best_trees`), a round costing its depth in draft passes and its verification as the
-    rounds measured them (per rows; between measured sizes linear, beyond them along the last slope), for a CPU where
-    extra verification rows are not free. A number c: the paper's cost model, a draft pass costing c target passes
+    rounds measured them (per rows; between measured sizes linear, beyond them along the nearest two's slope but never
+    below half the cheapest), for a CPU where extra verification rows are not free. A number c: the paper's cost model, a draft pass costing c target passes
     and a verification 1 whatever its rows; the fit then depends only on the drafts kept, so at a temperature the
     same seed gives the same text, which measured times, varying from run to run, do not promise."""
 
@@ -190,19 +210,22 @@ class FittedTree(TreeShape):
             elif self.costs is None or (self.costs == "measured" and not self.verify_ms):
                 fitted = best_tree(a, self.budget, self.most_depth)
             else:
-                fitted = max(best_trees(a, self.budget, self.most_depth),
-                             key=lambda shape: (1.0 + expected_kept(shape, a)) / max(self.round_cost(shape), 1e-9))
+                best = max(_candidates(a, self.budget, self.most_depth),
+                           key=lambda c: (1.0 + c.kept) / max(self.round_cost(c.nodes, c.depth), 1e-9))
+                fitted = _shape(best.root)
             self._build(fitted.parents)
         self.rounds += 1
         return self.max_lookahead
 
-    def round_cost(self, shape: TreeShape) -> float:
-        """A round of `shape` in ms (costs="measured") or in target passes (costs=c): its draft passes, one per
-        level, and its verification of 1 + nodes rows."""
+    def round_cost(self, nodes: int, depth: int) -> float:
+        """A round of a tree of `nodes` nodes and `depth` levels in ms (costs="measured") or in target passes
+        (costs=c): its draft passes, one per level, and its verification of 1 + nodes rows."""
         if self.costs == "measured":
-            rows = len(shape.parents) + 1
-            return shape.max_lookahead * (self.draft_ms or 0.0) + max(interpolate(self.verify_ms, rows, True), 0.0)
-        return shape.max_lookahead * self.costs + 1.0
+            # Along the measured sizes' slope beyond them, but never below half the cheapest measured: a slope
+            # extended down from two noisy sizes must not make a small tree look free.
+            verify = max(interpolate(self.verify_ms, nodes + 1, True), 0.5 * min(self.verify_ms.values()))
+            return depth * (self.draft_ms or 0.0) + verify
+        return depth * self.costs + 1.0
 
     def update(self, round) -> None:
         """Counts one row's round: at the root and at each kept node, which of its children (if any) was kept; with

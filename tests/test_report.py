@@ -168,6 +168,7 @@ def test_the_token_trees_line_compares_with_a_chain_of_the_trees_own_depth():
     assert tree_line([lookup]) == ("token trees: 5.5 drafts scored per drafting round, in trees of mean depth 3.50 (a "
                                    "chain of that depth scores 3.50)")
     assert tree_line([Generation()]) is None
+    assert tree_line([speculative_run([Round(0, 0, 0, 5.0)])]) is None  # nothing drafted (one token asked): no line
 
 
 def test_titles_name_the_tree_whatever_k_is():

@@ -206,6 +206,19 @@ def fitted_with(costs, draft_ms: float, verify_ms, acceptance=(0.3, 0.2, 0.1, 0.
     return tree
 
 
+def test_a_fit_by_measured_costs_times_its_rounds_and_extends_them_with_care():
+    tree = FittedTree(budget=15, depth=4, width=4, every=8, costs="measured")
+    tree.choose()
+    tree.update(Round(1, 0, 30.0, 200.0, nodes=4, path=()))  # the fan: one draft pass, 5 rows verified
+    tree.update(Round(0, 0, 0.0, 50.0, nodes=0))  # a row that drafted nothing: no time to learn from
+    assert tree.draft_ms == 30.0 and tree.verify_ms == {5: 200.0}
+    assert tree.round_cost(15, 2) == 2 * 30.0 + 200.0  # one size measured: every size costs it
+    tree.verify_ms[16] = 420.0
+    assert tree.round_cost(20, 3) == pytest.approx(3 * 30.0 + 520.0)  # 21 rows, beyond the sizes: 20 ms a row more
+    tree.verify_ms[5] = 100.0  # a slope steep enough to reach zero below the sizes measured
+    assert tree.round_cost(1, 1) == pytest.approx(30.0 + 0.5 * 100.0)  # held at half the cheapest, not free
+
+
 def test_a_fit_by_costs_trades_kept_drafts_for_cheaper_rounds():
     a = [0.3, 0.2, 0.1, 0.1]
     # Free draft passes and rows: the most drafts kept, as without costs.
