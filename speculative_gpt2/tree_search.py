@@ -163,10 +163,11 @@ class FittedTree(TreeShape):
     `costs` says what a larger tree costs. None: nothing, and each fit is the tree of the most drafts kept within the
     budget and depth. "measured": each fit is the tree of the most tokens per ms among the best trees of every
     smaller budget and depth (`best_trees`), a round costing its depth in draft passes and its verification as the
-    rounds measured them (per rows; between measured sizes linear, beyond them along the nearest two's slope but never
-    below half the cheapest), for a CPU where extra verification rows are not free. A number c: the paper's cost model, a draft pass costing c target passes
-    and a verification 1 whatever its rows; the fit then depends only on the drafts kept, so at a temperature the
-    same seed gives the same text, which measured times, varying from run to run, do not promise."""
+    rounds measured them (per rows; between measured sizes linear, beyond them along the nearest two's slope but
+    never below half the cheapest), for a CPU where extra verification rows are not free. A number c: the paper's
+    cost model, a draft pass costing c target passes and a verification 1 whatever its rows; the fit then depends
+    only on the drafts kept, so at a temperature the same seed gives the same text, which measured times, varying
+    from run to run, do not promise."""
 
     def __init__(self, budget: int = 15, depth: int = 4, width: int | None = None, every: int = 8,
                  costs: str | float | None = None):
