@@ -12,6 +12,10 @@ give: this repository's own files at fixed commits, in GPT-2's tokens and within
 - `code` and `prose`: a stretch of a source file and of docs/design.md after a short prompt (the text repeats only
   itself).
 
+With `--bound`, each text also gets the trie of *every* continuation of the last token's earlier occurrences (every
+n-gram's occurrences are among them): an upper bound on what any tree built from the text's own history keeps at
+depth K, whatever its matches or their order.
+
 It counts target passes, not time: a pass of 1 + N rows costs more than a 1-row pass by what
 `benchmarks/tree_pass_cost.py` measures on the machine. Needs the repository's git history.
 
@@ -30,7 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from speculative_gpt2.drafters import PromptLookupDrafter, Sampling  # noqa: E402
+from speculative_gpt2.drafters import PromptLookupDrafter, Proposal, Sampling, TreeProposal, one_hot  # noqa: E402
 from speculative_gpt2.tokenizer import load_tokenizer  # noqa: E402
 
 V = 50257
@@ -59,6 +63,37 @@ def replay(prompt: list[int], text: list[int], drafter, lookahead: int) -> dict:
         drafter.commit(new)
         done, passes, rows = done + len(new), passes + 1, rows + len(tokens)
     return {"passes": passes, "tokens": done, "drafts_verified": rows}
+
+
+class EveryContinuation:
+    """A drafter for the bound: the K tokens after every earlier occurrence of the last token, merged into one trie
+    (any lookup's continuations are among them, since an n-gram's occurrences end in its last token)."""
+
+    def start(self, prompt, max_len: int, sampling: Sampling) -> None:
+        self.history = prompt.tolist()
+
+    def commit(self, new: list[int]) -> None:
+        self.history += new
+
+    def propose(self, tokens, lookahead: int) -> Proposal:
+        history, children = self.history, {(): []}  # a path of tokens from the root -> its children's paths
+        for start in (i + 1 for i in range(len(history) - 1) if history[i] == history[-1]):
+            copied = []
+            for i in range(lookahead):  # copy forward, reading what was just copied past the end (as the lookup does)
+                j = start + i
+                copied.append(history[j] if j < len(history) else copied[j - len(history)])
+                if tuple(copied) not in children:
+                    children[tuple(copied)] = []
+                    children[tuple(copied[:-1])].append(tuple(copied))
+        ordered = list(children[()])  # breadth-first, siblings together
+        for path in ordered:
+            ordered += children[path]
+        place = {path: i for i, path in enumerate(ordered)}
+        parents = [place[path[:-1]] if len(path) > 1 else -1 for path in ordered]
+        x = torch.tensor([path[-1] for path in ordered], dtype=torch.long)
+        if not ordered:
+            return Proposal(x, one_hot(x, V), None)
+        return TreeProposal(x, one_hot(x, V), None, parents)
 
 
 def git_file(commit: str, path: str) -> str:
@@ -91,6 +126,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lookahead", type=int, nargs="+", default=[4, 8], help="K, the tree's depth")
     parser.add_argument("--matches", type=int, nargs="+", default=[1, 2, 4, 8], help="M; 1 is the chain")
     parser.add_argument("--max-ngram", type=int, default=3)
+    parser.add_argument("--bound", action="store_true",
+                        help="add the trie of every earlier continuation (EveryContinuation): an upper bound")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     results = []
@@ -103,6 +140,12 @@ def main(argv=None) -> None:
                 results.append({"text": name, "prompt_tokens": len(prompt), "lookahead": K, "matches": M, **counts})
                 per_pass = counts["tokens"] / counts["passes"], counts["drafts_verified"] / counts["passes"]
                 row.append(f"{per_pass[0]:.2f}, {per_pass[1]:.1f}")
+            if args.bound:
+                counts = replay(prompt, text, EveryContinuation(), K)
+                results.append({"text": name, "prompt_tokens": len(prompt), "lookahead": K, "matches": "every",
+                                **counts})
+                row.append(f"every: {counts['tokens'] / counts['passes']:.2f}, "
+                           f"{counts['drafts_verified'] / counts['passes']:.1f}")
             print(f"{name:<16} {K:>2}  " + "  ".join(f"{cell:>32}" for cell in row))
     if args.out:
         Path(args.out).write_text(json.dumps({"max_ngram": args.max_ngram, "results": results}, indent=1) + "\n")

@@ -9,6 +9,8 @@ refused in one line. Exact mode: test_exact_trees.py."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gpt2_model import GPT2Config
 from speculative import autoregressive_sample, speculative_sample
@@ -92,6 +94,34 @@ def test_the_replay_benchmark_counts_the_rounds_and_kept_drafts_a_greedy_call_ma
     counts = replay(prompt, out.tokens, PromptLookupDrafter(matches=matches), K)
     assert counts == {"passes": len(out.rounds), "tokens": 40, "drafts_verified": sum(r.nodes for r in out.rounds)}
     assert sum(r.kept for r in out.rounds) > len(out.rounds)  # the lookup found the loop: drafts were kept
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(text=st.lists(st.integers(0, 5), min_size=2, max_size=60), K=st.integers(1, 5))
+def test_the_replay_bound_keeps_at_every_position_what_every_lookup_tree_keeps(text, K):
+    # The trie of every earlier continuation, the bound the docs cite: at every place of any text (a small vocabulary
+    # repeats itself), one round of it keeps at least what prompt lookup keeps there with any number of matches, and
+    # it is a valid tree (each parent an earlier node).
+    from benchmarks.lookup_replay import EveryContinuation
+
+    def kept(drafter, history, following):
+        drafter.start(torch.tensor(history), len(history) + K, Sampling(None, None, 50257, greedy=True))
+        proposal = drafter.propose(None, K)
+        tokens = proposal.tokens.tolist()
+        parents = getattr(proposal, "parents", None) or list(range(-1, len(tokens) - 1))
+        assert all(-1 <= parent < i for i, parent in enumerate(parents))  # parents before children, as proposed
+        count, at = 0, -1
+        while count < len(following):  # down the tree while a child holds the text's next token
+            at = next((i for i, parent in enumerate(parents) if parent == at and tokens[i] == following[count]), None)
+            if at is None:
+                break
+            count += 1
+        return count
+
+    for x in range(1, len(text)):
+        history, following = text[:x], text[x : x + K]
+        bound = kept(EveryContinuation(), history, following)
+        assert all(bound >= kept(PromptLookupDrafter(matches=m), history, following) for m in (1, 2, 4, 16))
 
 
 LOOKUP_PROMPTS = [[1, 2, 1, 3, 1, 4, 1], [6, 5, 6, 7, 6], [3]]  # the last token followed by 3, 2 and 0 others
