@@ -232,9 +232,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="continue every prompt of FILE instead (UTF-8): one prompt per line, as written, blank "
                         "lines skipped; or, when its first non-blank line starts with {, JSON lines: every line an "
                         "object with a string \"prompt\". Decoded --batch-size prompts at a time; one JSON line per "
-                        "prompt (line, prompt, text, tokens, acceptance_rate, tokens_per_target_pass, target_passes, seconds; with "
-                        "--mode both also plain_seconds and identical) goes to --output as soon as it finishes; a "
-                        "progress bar and a summary go to stderr")
+                        "prompt (line, prompt, text, tokens, acceptance_rate, tokens_per_target_pass, target_passes, "
+                        "seconds; with --mode both also plain_seconds and identical) goes to --output as soon as it "
+                        "finishes; a progress bar and a summary go to stderr")
     parser.add_argument("--batch-size", type=_checked(int, check_integer, minimum=1), default=None,
                         help=f"with --prompts-file: prompts decoded together, in the file's order (default: "
                         f"{DEFAULT_BATCH_SIZE})")
@@ -264,9 +264,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(or sampled) first tokens, then 2 below each, all verified in one target pass; the depth is K "
                         "(leave out --lookahead); at most 64 nodes. Or depth=D,width=W,expand=E: a tree grown where "
                         "the draft is confident (W first tokens, then W below each of the E likeliest paths at each "
-                        "depth; expand may be left out: 1), which pays at temperature 0. Or parents=-1,-1,0,...: any tree, each node's parent "
-                        "breadth-first (-1: a first token), as benchmarks/trees.py --best fits one to a pair's "
-                        f"measured acceptance. Or auto: that fit made during the run itself (its first {auto.every} "
+                        "depth; expand may be left out: 1), which pays at temperature 0. Or parents=-1,-1,0,...: "
+                        "any tree, each node's parent breadth-first (-1: a first token), as benchmarks/trees.py "
+                        f"--best fits one to a pair's measured acceptance. Or auto: that fit made during the run "
+                        f"itself (its first {auto.every} "
                         f"rounds try {auto.width} first drafts; then, every {auto.every} rounds, the tree of at most "
                         f"{auto.budget} nodes and depth {auto.most_depth} that decodes the most tokens per unit of "
                         f"time at the acceptance measured so far: from measured pass times at temperature 0, from "
@@ -906,14 +907,15 @@ def _print_summary(args, results: dict[str, list[Generation]], shares: dict[str,
         if uncached is not None:  # its steps grow with the text: no median pace; timed, once
             print(f"speedup over plain decoding without KV cache: "
                   f"{spec.tokens_per_second / uncached.tokens_per_second:.2f}x (timed)")
-        print(acceptance([spec], trees=args.tree is not None or args.matches > 1))
+        trees = args.tree is not None or args.matches > 1  # --tree, or prompt lookup's tries
+        print(acceptance([spec], trees=trees))
         tree = None if args.tree is None else str(args.tree)
         k = k_used([spec], args.lookahead, args.draft == NGRAM, tree=tree)
         print(f"mean tokens per target pass: {spec.tokens_per_target_call:.2f}; {k}" + (
             f" (from the cost model, c = {cost_ratio(models['target'], models.get('draft')):.3f}: the same seed "
             f"gives the same text)" if args.lookahead == "auto" and args.temperature > 0 and not args.coupled else
             " (from measured times)" if args.lookahead == "auto" else ""))
-        if (args.tree is not None or args.matches > 1) and (line := tree_line([spec])):
+        if trees and (line := tree_line([spec])):
             print(line)
         if args.draft == NGRAM:  # a lookup makes no draft pass: count what it proposed
             no_match = sum(k == 0 for k in spec.lookahead_per_round)

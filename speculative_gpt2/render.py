@@ -20,6 +20,7 @@ import html
 from typing import IO
 
 from speculative_gpt2.arguments import token_list
+from speculative_gpt2.drafters import node_depths
 from speculative_gpt2.records import Origin
 from speculative_gpt2.text import printable
 
@@ -231,12 +232,7 @@ def _levels(r) -> int:
     as the run's own record counts it."""
     if r.next_token is None:
         return r.kept
-    if r.parents is None:
-        return len(r.drafts)
-    depths = []
-    for parent in r.parents:  # parents before children
-        depths.append(1 if parent < 0 else depths[parent] + 1)
-    return max(depths, default=0)
+    return len(r.drafts) if r.parents is None else max(node_depths(r.parents), default=0)
 
 
 def _trace_rounds_html(generation, tokenizer) -> str:

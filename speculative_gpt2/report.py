@@ -29,7 +29,7 @@ def k_used(runs: list[Generation], asked: int | str, lookup: bool = False, short
     """The K the rounds drafted with, as the report says it: K=4 (and its mean when rounds drafted fewer); with
     auto, its mean and range. `short`: only K, or auto's mean. `tree`: the command line's --tree; with auto (a tree
     fitted during the run) its depth changes as K auto's does."""
-    widths = [s.width for g in runs for s in g.steps if s.width > 0]
+    widths = _drafted_widths(runs)
     mean = sum(widths) / len(widths) if widths else 0.0
     what = "K" if tree is None else "tree depth"  # a tree's K is its depth
     if asked == "auto" or tree == "auto":
@@ -40,6 +40,11 @@ def k_used(runs: list[Generation], asked: int | str, lookup: bool = False, short
         return said
     fewer = "no more than the tokens left" + (" or than a lookup finds" if lookup else "")
     return f"{said} ({mean:.2f} per drafting round on average: a round drafts {fewer})"
+
+
+def _drafted_widths(runs: list[Generation]) -> list[int]:
+    """The K (a tree's depth) of every step that drafted."""
+    return [s.width for g in runs for s in g.steps if s.width > 0]
 
 
 def acceptance(runs: list[Generation], trees: bool = False) -> str:
@@ -58,7 +63,7 @@ def tree_line(runs: list[Generation]) -> str | None:
     """What a tree run's verifications scored, over the rounds that drafted: drafts per round against the depth of
     its trees (a chain of that depth would score as many as its depth), or None when no round drafted."""
     rounds = [r for g in runs for r in g.rounds if r.lookahead > 0]
-    widths = [s.width for g in runs for s in g.steps if s.width > 0]  # the depths k_used says, a batch's pass's
+    widths = _drafted_widths(runs)  # the depths k_used says (a batch's pass's)
     if not rounds or not widths:
         return None
     nodes, depth = statistics.mean(r.nodes for r in rounds), statistics.mean(widths)
